@@ -1,0 +1,89 @@
+"""The one engine configuration, built once and passed down.
+
+Every knob the engine has lives here; nothing deeper reads environment
+variables or globals. Validation happens at construction so a bad value
+fails before any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SCHEDULING_POLICIES = ("fcfs", "sjf-align")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings. ``model`` is a Hugging Face model directory."""
+
+    model: str
+    tokenizer: Optional[str] = None  # defaults to ``model``
+    dtype: str = "auto"
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    load_format: str = "auto"
+    allow_pickle_weights: bool = False  # .bin weights run pickle code: opt-in only
+    seed: int = 0  # seeds random weights (dummy) and unseeded sampling
+
+    # KV cache
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0  # CPU budget
+    gpu_memory_utilization: float = 0.90  # GPU: fraction of total memory the engine may use
+    num_kv_blocks: Optional[int] = None  # exact override (tests, benchmarks)
+
+    # Scheduler
+    max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    scheduling_policy: str = "fcfs"
+    # sjf-align: a running sequence that has been passed over this many steps
+    # in a row is scheduled regardless of its length (the starvation bound).
+    sjf_max_skipped_steps: int = 8
+
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # GPU: disable CUDA graphs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a path to a Hugging Face model directory")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not (16 <= self.block_size <= 256) or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two between 16 and 256, got {self.block_size}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not (0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.sjf_max_skipped_steps < 0:
+            raise ValueError(f"sjf_max_skipped_steps must be >= 0, got {self.sjf_max_skipped_steps}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
