@@ -1,0 +1,136 @@
+"""The Python API: ``InferenceEngine(model_path=...).generate(...)``."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine
+from .engine.outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = Union[str, list[int]]
+_ids = itertools.count()
+
+
+def _to_params(p: Union[SamplingParams, dict, None], overrides: dict[str, Any]) -> SamplingParams:
+    if p is None:
+        return SamplingParams(**overrides)
+    if isinstance(p, dict):
+        return SamplingParams.from_dict({**p, **overrides})
+    if isinstance(p, SamplingParams):
+        return p.replace(**overrides) if overrides else p
+    raise TypeError(f"sampling_params must be SamplingParams, a dict or a list of them, got {type(p).__name__}")
+
+
+class InferenceEngine:
+    """One model replica with its paged KV cache.
+
+    ``InferenceEngine(model_path)`` loads a Hugging Face directory; any
+    ``EngineConfig`` field can be passed as a keyword (``dtype="bfloat16"``,
+    ``block_size=32``, ``scheduling_policy="sjf-align"``, ...).
+    """
+
+    def __init__(self, model_path: Optional[str] = None, *, config: Optional[EngineConfig] = None, **engine_options):
+        if config is None:
+            if model_path is None:
+                raise ValueError("give model_path (a Hugging Face model directory) or config")
+            config = EngineConfig.from_dict({"model": model_path, **engine_options})
+        elif model_path is not None or engine_options:
+            raise ValueError("give either config or model_path/engine options, not both")
+        self.engine = LLMEngine(config)
+        self.config = config
+        self.tokenizer = self.engine.tokenizer
+
+    # The lower-level loop, for callers that schedule their own requests.
+    def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, **kw) -> None:
+        self.engine.add_request(request_id, prompt, params, **kw)
+
+    def step(self) -> list[RequestOutput]:
+        return self.engine.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.engine.abort_request(request_id)
+
+    def generate(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt]],
+        sampling_params: Union[SamplingParams, dict, Sequence[Union[SamplingParams, dict]], None] = None,
+        *,
+        use_tqdm: bool = False,
+        **sampling_options,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results come back in prompt order.
+
+        ``prompts``: a string, a list of token ids, or a list of either.
+        ``sampling_params``: one for all prompts or one per prompt; keyword
+        options (``max_tokens=100``) override fields of it. All prompts and
+        parameters are checked before any work starts: a ValueError names the
+        prompt index. A request too long for the model or the cache comes back
+        with finish_reason "error" while the others complete.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+            per = list(sampling_params)
+        else:
+            per = [sampling_params] * len(prompts)
+        checked = []
+        for i, (prompt, p) in enumerate(zip(prompts, per)):
+            try:
+                params = _to_params(p, sampling_options)
+                ids = self.engine.validate_prompt(prompt)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            checked.append((ids, params))
+        rid = f"gen-{next(_ids)}-"
+        for i, (ids, params) in enumerate(checked):
+            self.engine.add_request(f"{rid}{i}", ids, params)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(checked), desc="generate", unit="req")
+        while len(results) < len(checked):
+            for out in self.engine.step():
+                if out.finished and out.request_id.startswith(rid):
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[f"{rid}{i}"] for i in range(len(checked))]
+
+    def stream_generate(
+        self, prompt: Prompt, sampling_params: Union[SamplingParams, dict, None] = None, **sampling_options
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (token id, text delta) as each token is generated.
+
+        Deltas never split a multi-byte character; joined, they equal the
+        final text. Runs the engine loop itself, so other queued requests
+        advance too.
+        """
+        params = _to_params(sampling_params, sampling_options)
+        ids = self.engine.validate_prompt(prompt)
+        rid = f"stream-{next(_ids)}"
+        self.engine.add_request(rid, ids, params, stream=True)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.finish_reason == "error":
+                        raise ValueError(out.error)
+                    for token in out.new_token_ids:
+                        yield token, out.new_text
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort_request(rid)  # no-op when finished; frees blocks if the caller stopped early

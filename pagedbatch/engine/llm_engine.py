@@ -1,0 +1,218 @@
+"""LLMEngine: requests in, outputs out, one step at a time.
+
+``step()`` reads top to bottom: the scheduler plans, the model runner
+executes, then each sequence that got a token is checked for its stopping
+conditions. The job runner and the HTTP server drive this loop; the Python
+API (``InferenceEngine``) wraps it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Union
+
+from ..config import EngineConfig
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, decode_output
+from .model_runner import ModelRunner, resolve_device
+from .models.config import ModelArgs
+from .outputs import RequestOutput, TokenLogprob
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+from .tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_args = ModelArgs.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.eos_ids = eos_token_ids(config.model, self.tokenizer, self.model_args.eos_token_id)
+        self.max_model_len = self._max_model_len()
+        self.device = resolve_device(config)
+        self.runner = ModelRunner(config, self.model_args, self.device, self.max_model_len, self.eos_ids)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []  # requests that ended before running (errors)
+        self.num_finished = 0
+
+    def _max_model_len(self) -> int:
+        a = self.model_args
+        limit = a.max_position_embeddings
+        if a.sliding_window:
+            # Our attention has no sliding window; within the window it is
+            # exact, so cap the length there rather than silently diverge.
+            limit = min(limit, a.sliding_window)
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's limit of {limit} tokens")
+        return self.config.max_model_len
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    # -- requests ------------------------------------------------------
+
+    def validate_prompt(self, prompt: Union[str, list[int]]) -> list[int]:
+        """Token ids for a prompt; ValueError for empty prompts or ids outside the vocabulary."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = encode_prompt(self.tokenizer, prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not ids:
+                raise ValueError("prompt token ids are empty")
+            vocab = self.model_args.vocab_size
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt encodes to zero tokens")
+        return ids
+
+    def add_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
+                    *, stream: bool = False, arrival_time: Optional[float] = None) -> None:
+        """Queue a request. Raises ValueError for a duplicate id or an empty/invalid prompt.
+
+        A request that can never fit (prompt + max_tokens beyond
+        max_model_len or the whole KV cache) is not an exception: it comes
+        back from the next ``step()`` with finish_reason "error".
+        """
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        ids = self.validate_prompt(prompt)
+        seq = Sequence(request_id, ids, params, arrival_time if arrival_time is not None else time.perf_counter())
+        seq.stream = stream
+        if stream or params.stop:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop)
+        problem = self._never_fits(seq)
+        if problem:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason, seq.error = "error", problem
+            seq.timings.finished = time.perf_counter()
+            self._pending.append(self._output(seq, [], ""))
+            self.num_finished += 1
+            return
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _never_fits(self, seq: Sequence) -> Optional[str]:
+        n, m = seq.num_prompt_tokens, seq.params.max_tokens
+        if n + m > self.max_model_len:
+            return (f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} exceeds the model's maximum length "
+                    f"of {self.max_model_len} tokens")
+        if n + m > self.cache_capacity_tokens:
+            return (f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} exceeds the whole KV cache "
+                    f"({self.cache_capacity_tokens} tokens); give the cache more memory")
+        return None
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._pending) + self.scheduler.num_unfinished()
+
+    # -- the loop ------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return outputs of requests that finished (and, for streaming ones, progressed)."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty():
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
+            return outputs
+        now = time.perf_counter()
+        for seq in plan.seqs:
+            if seq.timings.first_scheduled is None:
+                seq.timings.first_scheduled = now
+        result = self.runner.execute(plan)
+        now = time.perf_counter()
+        for i, (seq, n) in enumerate(zip(plan.seqs, plan.num_new_tokens)):
+            seq.num_computed_tokens += n
+            token = result.token_ids[i]
+            if token is None:
+                continue
+            self._append_token(seq, token, result.logprobs[i], result.top_logprobs[i], now)
+            if seq.is_finished or seq.stream:
+                outputs.append(self._emit(seq))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob, top, now: float) -> None:
+        seq.token_ids.append(token)
+        if seq.timings.first_token is None:
+            seq.timings.first_token = now
+        if seq.logprobs is not None:
+            seq.logprobs.append(TokenLogprob(token, logprob, top or []))
+        p = seq.params
+        reason = None
+        seq.new_text = ""
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            # The token that ends the request is kept in token_ids but not in the text.
+            reason, seq.stop_reason = "stop", token
+        elif seq.detokenizer is not None:
+            seq.new_text = seq.detokenizer.add_tokens([token])
+            if seq.detokenizer.stop_hit is not None:
+                reason, seq.stop_reason = "stop", seq.detokenizer.stop_hit
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.timings.finished = now
+            self.scheduler.finish(seq)
+            del self._seqs[seq.request_id]
+            self.num_finished += 1
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        new_text = seq.new_text
+        if seq.is_finished:
+            if seq.detokenizer is not None:
+                new_text += seq.detokenizer.finish()
+                text = seq.detokenizer.text
+            else:
+                ids = seq.output_token_ids
+                if seq.finish_reason == "stop" and isinstance(seq.stop_reason, int):
+                    ids = ids[:-1]  # the token that ended it is not part of the text
+                text = decode_output(self.tokenizer, ids, seq.params.skip_special_tokens)
+        else:
+            text = seq.detokenizer.text if seq.detokenizer is not None else ""
+        return self._output(seq, seq.output_token_ids[-1:], new_text, text)
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str, text: str = "") -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            text=text, new_token_ids=new_ids, new_text=new_text, finished=seq.is_finished,
+            finish_reason=seq.finish_reason, timings=seq.timings, error=seq.error, stop_reason=seq.stop_reason,
+            logprobs=seq.logprobs, num_preemptions=seq.num_preemptions)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks,
+            "block_size": bm.block_size,
+            "free_blocks": bm.num_free_blocks,
+            "used_blocks": bm.num_used_blocks,
+            "peak_used_blocks": bm.peak_used_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "finished": self.num_finished,
+            **self.scheduler.stats.as_dict(),
+        }

@@ -1,0 +1,225 @@
+"""Turns a step plan into tensors, runs the model, samples.
+
+The runner owns everything on the device: weights, the KV cache, the rotary
+table, the attention backend and the sampler. It makes no policy: it
+executes exactly the ``SchedulerOutput`` it is given. One host sync per
+step (reading the sampled token ids back) is the only one it makes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import EngineConfig
+from .attention.metadata import AttentionMetadata
+from .models.config import ModelArgs, rope_cos_sin
+from .models.loader import load_model
+from .sampler import Sampler, SamplingBatch
+from .scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(config.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(config: EngineConfig, args: ModelArgs, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32  # CPU bf16 matmuls are slow and inexact; float32 is the CPU default
+    return _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.bfloat16)
+
+
+def make_backend(config: EngineConfig, device: torch.device):
+    from .attention.torch_ref import TorchAttentionBackend
+
+    name = config.attention_backend
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        try:
+            from .attention.triton_backend import TritonAttentionBackend
+        except ImportError as e:
+            if config.attention_backend == "triton":
+                raise ValueError(f"attention_backend 'triton' is not available: {e}") from e
+            return TorchAttentionBackend()
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
+
+
+@dataclass
+class StepResult:
+    """Per scheduled sequence: the sampled token, or None if its chunk did not reach the end."""
+
+    token_ids: list[Optional[int]]
+    logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[list[tuple[int, float]]]]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, args: ModelArgs, device: torch.device, max_model_len: int,
+                 eos_ids: set[int]):
+        self.config = config
+        self.args = args
+        self.device = device
+        self.dtype = resolve_dtype(config, args, device)
+        self.max_model_len = max_model_len
+        self.eos_ids = sorted(eos_ids)
+        self.model = load_model(config.model, args, self.dtype, device, load_format=config.load_format,
+                                allow_pickle=config.allow_pickle_weights, seed=config.seed)
+        self.backend = make_backend(config, device)
+        self.cos_sin = rope_cos_sin(args, max_model_len, device)
+        self.sampler = Sampler(seed=config.seed)
+        self.block_size = config.block_size
+        self.num_blocks = self._decide_num_blocks()
+        shape = (2, args.num_layers, self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
+
+    # -- KV cache size -------------------------------------------------
+
+    def bytes_per_block(self) -> int:
+        a = self.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cpu":
+            return max(1, int(self.config.kv_cache_memory_gb * 2**30) // self.bytes_per_block())
+        return self._profile_gpu_blocks()
+
+    @torch.inference_mode()
+    def _profile_gpu_blocks(self) -> int:
+        # Run the largest step the scheduler may plan, with a throwaway cache,
+        # and give the KV cache what is left of the memory budget.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        a = self.args
+        blocks = -(-n // self.block_size)
+        tmp = torch.zeros((2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim),
+                          dtype=self.dtype, device=self.device)
+        caches = [(tmp[0, i], tmp[1, i]) for i in range(a.num_layers)]
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.arange(n, device=dev), slot_mapping=torch.arange(n, device=dev),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            num_seqs=1, num_tokens=n, max_query_len=n, max_seq_len=n)
+        hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), caches, self.cos_sin, meta, self.backend)
+        rows = min(self.config.max_num_seqs, n)
+        self.model.compute_logits(hidden[:rows]).float().softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - tmp.numel() * tmp.element_size()
+        del tmp, caches, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = total * self.config.gpu_memory_utilization - peak
+        num = int(budget // self.bytes_per_block())
+        if num < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: the model and activations need {peak / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB; raise gpu_memory_utilization or lower max_num_batched_tokens")
+        log.info("KV cache: %d blocks of %d tokens (%.1f GiB); model+activations peak %.1f GiB",
+                 num, self.block_size, num * self.bytes_per_block() / 2**30, peak / 2**30)
+        return num
+
+    # -- one step --------------------------------------------------------
+
+    def _prepare(self, plan: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata, list[int], list[int]]:
+        input_ids: list[int] = []
+        q_lens: list[int] = []
+        ctx_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []  # index into plan.seqs
+        for i, (seq, n) in enumerate(zip(plan.seqs, plan.num_new_tokens)):
+            c = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[c : c + n])
+            q_lens.append(n)
+            ctx_lens.append(c)
+            tables.append(seq.block_table)
+            if c + n == seq.num_tokens:
+                sample_rows.append(i)
+        B, T = len(q_lens), len(input_ids)
+        max_blocks = max(len(t) for t in tables)
+        table_rows = [t + [0] * (max_blocks - len(t)) for t in tables]
+        seq_lens_host = [c + n for c, n in zip(ctx_lens, q_lens)]
+        qsl = [0] * (B + 1)
+        for i, n in enumerate(q_lens):
+            qsl[i + 1] = qsl[i] + n
+        dev = self.device
+        pin = dev.type == "cuda"
+
+        def put(x, dtype):
+            t = torch.tensor(x, dtype=dtype, pin_memory=pin)
+            return t.to(dev, non_blocking=True)
+
+        ids = put(input_ids, torch.int64)
+        q_lens_t = put(q_lens, torch.int64)
+        ctx_t = put(ctx_lens, torch.int64)
+        qsl_t = put(qsl, torch.int32)
+        block_tables = put(table_rows, torch.int32)
+        seq_of_token = torch.repeat_interleave(torch.arange(B, device=dev), q_lens_t, output_size=T)
+        positions = ctx_t[seq_of_token] + torch.arange(T, device=dev) - qsl_t.long()[seq_of_token]
+        bs = self.block_size
+        slot_mapping = block_tables.long()[seq_of_token, positions // bs] * bs + positions % bs
+        meta = AttentionMetadata(
+            positions=positions, slot_mapping=slot_mapping, query_start_loc=qsl_t,
+            seq_lens=put(seq_lens_host, torch.int32), block_tables=block_tables,
+            num_seqs=B, num_tokens=T, max_query_len=max(q_lens), max_seq_len=max(seq_lens_host))
+        logits_index = [qsl[i + 1] - 1 for i in sample_rows]
+        return ids, meta, sample_rows, logits_index
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        ids, meta, sample_rows, logits_index = self._prepare(plan)
+        hidden = self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)
+        n = len(plan.seqs)
+        result = StepResult([None] * n, [None] * n, [None] * n)
+        if not sample_rows:
+            return result
+        idx = torch.tensor(logits_index, dtype=torch.int64).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        seqs = [plan.seqs[i] for i in sample_rows]
+        batch = SamplingBatch.build(
+            [s.params for s in seqs],
+            [s.prompt_token_ids if s.params.has_penalties else [] for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [self._suppressed(s) for s in seqs],
+            logits.shape[-1],
+            self.device,
+        )
+        out = self.sampler(logits, batch)
+        tokens = out.token_ids.tolist()  # the one host sync of the step
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        tops = None
+        if out.top_ids is not None:
+            tops = (out.top_ids.tolist(), out.top_logprobs.tolist())
+        for j, i in enumerate(sample_rows):
+            result.token_ids[i] = tokens[j]
+            if lps is not None and seqs[j].params.logprobs is not None:
+                result.logprobs[i] = lps[j]
+                k = seqs[j].params.logprobs
+                result.top_logprobs[i] = list(zip(tops[0][j][:k], tops[1][j][:k])) if tops and k else []
+        return result
+
+    def _suppressed(self, seq) -> list[int]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        return (self.eos_ids if not p.ignore_eos else []) + p.stop_token_ids

@@ -1,0 +1,137 @@
+"""Model shape read from a Hugging Face ``config.json`` (no transformers needed)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+# architecture name -> (family flags). One module implements them all.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"attention_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+
+
+@dataclass
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
+    torch_dtype: Optional[str] = None
+    eos_token_id: list[int] = field(default_factory=list)
+    bos_token_id: Optional[int] = None
+
+    @classmethod
+    def from_dir(cls, model_dir: str) -> "ModelArgs":
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model directory not found: {model_dir!r}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{model_dir!r} has no config.json: is it a Hugging Face model directory (save_pretrained output)?"
+            )
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        return cls.from_hf_dict(cfg, source=path)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported model architecture {archs or cfg.get('model_type')!r} in {source}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        flags = SUPPORTED_ARCHITECTURES[arch]
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r} in {source}: only 'silu' (SwiGLU) is implemented")
+        num_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        # transformers 5 moved rope settings into rope_parameters; older files use rope_theta/rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or None
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type") or rope.get("type")
+        if rope_type and rope_type != "default":
+            scaling = rope
+        elif scaling and (scaling.get("rope_type") or scaling.get("type")) == "default":
+            scaling = None
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding = cfg.get("sliding_window")
+        if arch != "MistralForCausalLM" and not cfg.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", flags.get("attention_bias", False))),
+            qk_norm=flags.get("qk_norm", False),
+            sliding_window=sliding,
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            eos_token_id=eos,
+            bos_token_id=cfg.get("bos_token_id"),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies, float32, as Hugging Face computes them (default, linear, llama3)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if not s:
+        return inv_freq
+    kind = s.get("rope_type") or s.get("type")
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        factor = s["factor"]
+        low, high = s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rope_cos_sin(args: ModelArgs, max_positions: int, device: torch.device) -> torch.Tensor:
+    """[max_positions, head_dim] float32 table: cos of each frequency, then sin."""
+    inv_freq = rope_inv_freq(args).to(device)
+    pos = torch.arange(max_positions, device=device, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)

@@ -1,0 +1,70 @@
+"""One request's state inside the engine: its tokens, its KV blocks, its progress."""
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional
+
+from ..sampling_params import SamplingParams
+from .outputs import RequestTimings, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request as the scheduler sees it.
+
+    ``token_ids`` holds prompt then output tokens. ``num_computed_tokens`` of
+    them have their K/V in the cache; the scheduler hands out the rest in
+    chunks. After a preemption the count drops to 0 and the whole sequence
+    (prompt and output so far) is prefilled again.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.timings = RequestTimings(arrival=arrival)
+        self.num_preemptions = 0
+        self.skipped_steps = 0  # consecutive steps passed over by sjf-align
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Any = None
+        self.error: Optional[str] = None
+        self.logprobs: Optional[list[TokenLogprob]] = [] if params.logprobs is not None else None
+        # Set by the engine: incremental detokenizer (streaming/stop strings only), streaming flag.
+        self.detokenizer = None
+        self.stream = False
+        self.new_text = ""  # text delta of the latest token (streaming)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,43 @@
+"""Tokenizer loading and the few encode helpers the engine and jobs share."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types; the user needs the path and the cause
+        raise ValueError(f"could not load a tokenizer from {path!r}: {type(e).__name__}: {e}") from e
+
+
+def eos_token_ids(model_dir: str, tokenizer, config_eos: list[int]) -> set[int]:
+    """EOS ids as Hugging Face generate sees them: generation_config first, then config and tokenizer."""
+    ids: set[int] = set(config_eos)
+    gen = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
+
+
+def encode_chat(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    """Render chat messages with the tokenizer's chat template and tokenize them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template, so 'messages' cannot be used; give a 'prompt' instead")
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
