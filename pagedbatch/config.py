@@ -27,6 +27,9 @@ class EngineConfig:
     load_format: str = "auto"
     allow_pickle_weights: bool = False  # .bin weights run pickle code: opt-in only
     seed: int = 0  # seeds random weights (dummy) and unseeded sampling
+    # Benchmarks on config-only model directories: prompts must be token ids
+    # and outputs carry no text.
+    skip_tokenizer_init: bool = False
 
     # KV cache
     block_size: int = 16

@@ -29,7 +29,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_args = ModelArgs.from_dir(config.model)
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         self.eos_ids = eos_token_ids(config.model, self.tokenizer, self.model_args.eos_token_id)
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config)
@@ -62,6 +62,8 @@ class LLMEngine:
     def validate_prompt(self, prompt: Union[str, list[int]]) -> list[int]:
         """Token ids for a prompt; ValueError for empty prompts or ids outside the vocabulary."""
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set): give token ids")
             if not prompt:
                 raise ValueError("prompt is empty")
             ids = encode_prompt(self.tokenizer, prompt)
@@ -93,7 +95,7 @@ class LLMEngine:
         ids = self.validate_prompt(prompt)
         seq = Sequence(request_id, ids, params, arrival_time if arrival_time is not None else time.perf_counter())
         seq.stream = stream
-        if stream or params.stop:
+        if (stream or params.stop) and self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop)
         problem = self._never_fits(seq)
         if problem:
@@ -191,7 +193,7 @@ class LLMEngine:
                 ids = seq.output_token_ids
                 if seq.finish_reason == "stop" and isinstance(seq.stop_reason, int):
                     ids = ids[:-1]  # the token that ended it is not part of the text
-                text = decode_output(self.tokenizer, ids, seq.params.skip_special_tokens)
+                text = decode_output(self.tokenizer, ids, seq.params.skip_special_tokens) if self.tokenizer else ""
         else:
             text = seq.detokenizer.text if seq.detokenizer is not None else ""
         return self._output(seq, seq.output_token_ids[-1:], new_text, text)

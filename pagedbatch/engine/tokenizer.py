@@ -24,7 +24,7 @@ def eos_token_ids(model_dir: str, tokenizer, config_eos: list[int]) -> set[int]:
             eos = json.load(f).get("eos_token_id")
         if eos is not None:
             ids.update([eos] if isinstance(eos, int) else eos)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
 

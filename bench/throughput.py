@@ -1,0 +1,253 @@
+"""Throughput of our engine on a named workload, with the peer and the roofline measured in the same run.
+
+    python bench/throughput.py --workload W1                 # ours + Hugging Face static b64 + generate_batch
+    python bench/throughput.py --workload W-nano --peers none
+    python bench/throughput.py --workload tiny --device cpu --peers none   # smoke test of the script
+
+Model weights are random (load_format=dummy) on the architecture's real
+config (configs/models/); prompts are random token ids; EOS is ignored.
+Prints one table and writes JSON under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from roofline import Shape, roofline_seconds  # noqa: E402
+from workloads import WORKLOADS, Workload  # noqa: E402
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """Device copy bandwidth (bytes read + written) and bf16 matmul rate, CUDA events, median of repeats."""
+    if device.type != "cuda":
+        return {"copy_bw": 20e9, "matmul_rate": 0.5e12, "measured": False}
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+
+    def timed(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    copy_s = timed(lambda: y.copy_(x))
+    mm_s = timed(lambda: a @ b)
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bw": 2 * 2 * 2**30 / copy_s, "matmul_rate": 2 * 8192**3 / mm_s, "measured": True}
+
+
+def model_dir_for(w: Workload, tmp: str) -> str:
+    d = os.path.join(tmp, w.name)
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "configs", "models", w.model_config), os.path.join(d, "config.json"))
+    return d
+
+
+def run_ours(w: Workload, model_dir: str, args) -> dict:
+    from pagedbatch import InferenceEngine, SamplingParams
+
+    t0 = time.perf_counter()
+    eng = InferenceEngine(model_dir, load_format="dummy", skip_tokenizer_init=True, device=args.device,
+                          dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                          attention_backend=args.attention_backend, scheduling_policy=args.policy,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
+    load_s = time.perf_counter() - t0
+    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True, seed=i)
+              for i, m in enumerate(w.max_tokens)]
+    # Warm-up: compile kernels, capture graphs, touch every batch size once.
+    eng.generate(w.prompts[: args.max_num_seqs], [p.replace(max_tokens=4) for p in params[: args.max_num_seqs]])
+    sync(args.device)
+    t0 = time.perf_counter()
+    outs = eng.generate(w.prompts, params)
+    sync(args.device)
+    wall = time.perf_counter() - t0
+    out_tokens = sum(o.output_tokens for o in outs)
+    assert out_tokens == w.output_tokens, (out_tokens, w.output_tokens)
+    stats = eng.engine.stats()
+    res = {"engine": "pagedbatch", "wall_s": wall, "output_tokens": out_tokens, "prompt_tokens": w.prompt_tokens,
+           "load_s": load_s, "stats": stats, "num_blocks": stats["num_blocks"],
+           "host_prepare_ms_mean": getattr(eng.engine.runner, "prepare_ms_mean", None)}
+    del eng
+    free(args.device)
+    return res
+
+
+def run_hf_static(w: Workload, model_dir: str, args, batch: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    n = min(len(w.prompts), args.hf_max_prompts)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if args.dtype != "float32" else torch.float32)
+    model.eval()
+    prompts, outs = w.prompts[:n], w.max_tokens[:n]
+    pad = 0
+    t0 = time.perf_counter()
+    produced = 0
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            chunk = prompts[i : i + batch]
+            m = max(outs[i : i + batch])
+            L = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=args.device)
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=args.device)
+            g = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m,
+                               do_sample=False, pad_token_id=pad, eos_token_id=None)
+            produced += sum(outs[i : i + batch])  # tokens the workload asked for (padding rows excluded)
+            assert g.shape[1] == L + m
+    sync(args.device)
+    wall = time.perf_counter() - t0
+    del model
+    free(args.device)
+    return {"engine": f"hf-static-b{batch}", "wall_s": wall, "output_tokens": produced, "prompts": n,
+            "prompt_tokens": sum(map(len, prompts))}
+
+
+def run_hf_generate_batch(w: Workload, model_dir: str, args) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    n = min(len(w.prompts), args.hf_max_prompts)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg._attn_implementation = "paged|sdpa"
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.eval()
+    m = max(w.max_tokens[:n])
+    gc = GenerationConfig(max_new_tokens=m, min_new_tokens=m, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          num_blocks=4096, block_size=256, max_batch_tokens=8192)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        res = model.generate_batch(inputs=w.prompts[:n], generation_config=gc)
+    sync(args.device)
+    wall = time.perf_counter() - t0
+    produced = sum(len(r.generated_tokens) for r in res.values())
+    del model
+    free(args.device)
+    return {"engine": "hf-generate_batch", "wall_s": wall, "output_tokens": produced, "prompts": n}
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(device):
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    ap.add_argument("--peers", default="hf-static,hf-generate_batch",
+                    help="comma list of hf-static, hf-static-best, hf-generate_batch, or none")
+    ap.add_argument("--hf-max-prompts", type=int, default=128,
+                    help="peer runs take minutes: run them on the first N prompts and compare rates")
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--policy", default="fcfs")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+
+    w = WORKLOADS[args.workload]()
+    device = torch.device(args.device)
+    ceilings = measure_ceilings(device)
+    cfg = json.load(open(os.path.join(ROOT, "configs", "models", w.model_config)))
+    roof = roofline_seconds(Shape.from_hf(cfg), list(map(len, w.prompts)), w.max_tokens, ceilings["copy_bw"],
+                            ceilings["matmul_rate"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = model_dir_for(w, tmp)
+        rows.append(run_ours(w, model_dir, args))
+        peers = [] if args.peers == "none" else args.peers.split(",")
+        for p in peers:
+            try:
+                if p == "hf-static":
+                    rows.append(run_hf_static(w, model_dir, args, args.hf_batch))
+                elif p == "hf-static-best":
+                    rows.append(run_hf_static(w, model_dir, args, 512))
+                elif p == "hf-generate_batch":
+                    rows.append(run_hf_generate_batch(w, model_dir, args))
+                else:
+                    raise SystemExit(f"unknown peer {p!r}")
+            except Exception as e:  # a peer failing must not hide our numbers
+                rows.append({"engine": p, "error": f"{type(e).__name__}: {e}"})
+                free(args.device)
+
+    ours = rows[0]
+    ours_tps = ours["output_tokens"] / ours["wall_s"]
+    roof_tps = w.output_tokens / roof["total_s"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{w.name}: {len(w.prompts)} prompts, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
+          f"{device_name}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['matmul_rate'] / 1e12:.0f} "
+          f"TFLOP/s; roofline {roof['total_s']:.2f} s (prefill {roof['prefill_s']:.2f} + decode {roof['decode_s']:.2f})")
+    print(f"{'engine':<22}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}{'wall s':>10}{'ours/peer':>11}{'SOL%':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['engine']:<22} failed: {r['error']}")
+            continue
+        tps = r["output_tokens"] / r["wall_s"]
+        tot = (r["output_tokens"] + r.get("prompt_tokens", 0)) / r["wall_s"]
+        r["output_tok_s"], r["total_tok_s"] = tps, tot
+        r["sol_pct"] = 100 * tps / roof_tps
+        ratio = ours_tps / tps
+        r["ours_over_this"] = ratio
+        print(f"{r['engine']:<22}{r.get('prompts', len(w.prompts)):>8}{tps:>12.0f}{tot:>13.0f}{r['wall_s']:>10.2f}"
+              f"{ratio:>10.1f}x{r['sol_pct']:>6.1f}%")
+    result = {
+        "workload": w.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
+        "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
+    }
+    try:
+        import transformers, triton  # noqa: E401
+
+        result["transformers"], result["triton"] = transformers.__version__, triton.__version__
+    except ImportError:
+        pass
+    os.makedirs(args.results_dir, exist_ok=True)
+    name = f"{w.name}-{datetime.date.today().isoformat()}-{device_name.replace(' ', '_')}{args.tag}.json"
+    with open(os.path.join(args.results_dir, name), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {os.path.join(args.results_dir, name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Named benchmark workloads: prompts as random token ids, output lengths, EOS ignored."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class Workload:
+    name: str
+    model_config: str  # file under configs/models/
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    temperature: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def w1(n: int = 512) -> Workload:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(0, 150_000) for _ in range(rng.randint(128, 512))] for _ in range(n)]
+    return Workload("W1", "qwen2.5-7b.json", prompts, [256] * n)
+
+
+def w_nano() -> Workload:
+    # nano-vllm's bench.py: random.seed(0), 256 sequences, lengths 100..1024,
+    # token ids 0..10000, temperature 0.6, EOS ignored; same call order.
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+    max_tokens = [rng.randint(100, 1024) for _ in range(256)]
+    return Workload("W-nano", "qwen3-0.6b.json", prompts, max_tokens, temperature=0.6)
+
+
+def tiny() -> Workload:
+    """A CPU-sized smoke workload on a tiny Qwen3 shape (checks the script, not speed)."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(0, 10000) for _ in range(rng.randint(8, 32))] for _ in range(8)]
+    return Workload("tiny", "tiny-qwen3.json", prompts, [8] * 8)
+
+
+WORKLOADS = {"W1": w1, "W-nano": w_nano, "tiny": tiny}

@@ -1,0 +1,207 @@
+"""The Python API: stopping rules, streaming, and clear errors for bad input."""
+import json
+import shutil
+
+import pytest
+
+from model_factory import build_model
+from pagedbatch import InferenceEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model("llama", tmp_path_factory.mktemp("api-llama"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return InferenceEngine(model_dir, device="cpu")
+
+
+GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+def greedy(engine, prompt="Once upon a time", **kw):
+    return engine.generate([prompt], SamplingParams(**{**GREEDY, **kw}))[0]
+
+
+def test_generate_returns_one_result_per_prompt_with_counts_and_timings(engine):
+    outs = engine.generate(["Hello", "AI is", [5, 6, 7]], max_tokens=5, temperature=0)
+    assert len(outs) == 3
+    for o in outs:
+        assert o.finished and o.finish_reason in ("stop", "length")
+        assert 1 <= o.output_tokens <= 5 and o.prompt_tokens == len(o.prompt_token_ids)
+        t = o.timings
+        assert 0 <= t.queue_s <= t.ttft_s <= t.latency_s
+    assert outs[2].prompt_token_ids == [5, 6, 7]
+
+
+def test_max_tokens_ends_with_length(engine):
+    o = greedy(engine, max_tokens=7)
+    assert o.output_tokens == 7 and o.finish_reason == "length"
+
+
+def test_stop_token_id_ends_at_its_first_occurrence(engine):
+    ref = greedy(engine).token_ids
+    stop = ref[5]
+    o = greedy(engine, stop_token_ids=[stop])
+    first = ref.index(stop)
+    assert o.token_ids == ref[: first + 1]
+    assert o.finish_reason == "stop" and o.stop_reason == stop
+
+
+def test_stop_string_is_cut_from_the_text(engine):
+    ref = greedy(engine)
+    text = ref.text
+    needle = text[len(text) // 2 : len(text) // 2 + 3]
+    assert needle
+    o = greedy(engine, stop=[needle])
+    assert o.finish_reason == "stop" and o.stop_reason == needle
+    assert o.text == text[: text.index(needle)]
+    assert needle not in o.text
+
+
+def test_min_tokens_suppresses_stop_tokens_until_reached(engine):
+    ref = greedy(engine).token_ids
+    stop = ref[1]
+    o = greedy(engine, stop_token_ids=[stop], min_tokens=10)
+    assert o.output_tokens >= 10
+    assert stop not in o.token_ids[:10]
+    assert o.finish_reason in ("stop", "length")
+
+
+def test_eos_stops_unless_ignore_eos(model_dir):
+    eng = InferenceEngine(model_dir, device="cpu")
+    ref = greedy(eng).token_ids
+    eos = ref[4]
+    eng.engine.eos_ids = {eos}  # pretend the model's EOS is a token it emits early
+    eng.engine.runner.eos_ids = [eos]
+    stopped = greedy(eng, ignore_eos=False)
+    assert stopped.token_ids == ref[: ref.index(eos) + 1] and stopped.finish_reason == "stop"
+    assert greedy(eng, ignore_eos=True).token_ids == ref
+
+
+def test_penalties_change_greedy_output_and_repetition_is_discouraged(engine):
+    ref = greedy(engine, max_tokens=32).token_ids
+    pen = greedy(engine, max_tokens=32, presence_penalty=2.0, frequency_penalty=2.0).token_ids
+    assert len(set(pen)) >= len(set(ref))
+    rep = greedy(engine, max_tokens=32, repetition_penalty=5.0).token_ids
+    assert rep != ref or len(set(ref)) == len(ref)
+
+
+def test_logprobs_are_returned_for_each_token(engine):
+    o = greedy(engine, max_tokens=4, logprobs=3)
+    assert len(o.logprobs) == 4
+    for lp, tok in zip(o.logprobs, o.token_ids):
+        assert lp.token_id == tok and lp.logprob <= 0
+        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[-1][1]
+        assert lp.top[0][0] == tok  # greedy picks the most likely token
+
+
+def test_stream_generate_chinese_deltas_join_to_final_text(engine):
+    ids, deltas = [], []
+    for tok, delta in engine.stream_generate("AI 的未来是", max_tokens=40, temperature=0, ignore_eos=True):
+        ids.append(tok)
+        deltas.append(delta)
+    final = engine.generate(["AI 的未来是"], max_tokens=40, temperature=0, ignore_eos=True)[0]
+    assert ids == final.token_ids
+    joined = "".join(deltas)
+    assert "\ufffd" not in joined
+    assert joined == final.text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stream_generate_stopped_early_frees_blocks(engine):
+    gen = engine.stream_generate("Hello", max_tokens=50, temperature=0)
+    next(gen)
+    gen.close()
+    s = engine.engine.stats()
+    assert s["free_blocks"] == s["num_blocks"] and not engine.has_unfinished_requests()
+
+
+def test_too_long_request_ends_with_error_and_others_complete(model_dir):
+    eng = InferenceEngine(model_dir, device="cpu", max_model_len=64)
+    outs = eng.generate(["Hello", "x " * 100, "AI is"], max_tokens=8, temperature=0)
+    assert outs[1].finish_reason == "error" and "exceeds the model's maximum length of 64" in outs[1].error
+    assert outs[1].text == "" and outs[1].token_ids == []
+    assert outs[0].finish_reason in ("length", "stop") and outs[2].output_tokens >= 1
+
+
+def test_request_larger_than_whole_cache_ends_with_error(model_dir):
+    eng = InferenceEngine(model_dir, device="cpu", num_kv_blocks=2, block_size=16)
+    outs = eng.generate(["Hello", "Hello"], [SamplingParams(max_tokens=5), SamplingParams(max_tokens=100)])
+    assert outs[0].finish_reason in ("length", "stop")
+    assert outs[1].finish_reason == "error" and "whole KV cache (32 tokens)" in outs[1].error
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(top_p=1.5), "top_p must be in (0, 1]"),
+        (dict(max_tokens=0), "max_tokens must be >= 1"),
+        (dict(top_k=-3), "top_k must be"),
+    ],
+)
+def test_bad_sampling_values_name_the_field(engine, kwargs, message):
+    with pytest.raises(ValueError, match="prompt 0: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        engine.generate(["Hello"], **kwargs)
+
+
+def test_empty_prompt_is_rejected_naming_its_index(engine):
+    with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
+        engine.generate(["Hello", ""], max_tokens=3)
+    assert not engine.has_unfinished_requests()  # nothing was queued
+
+
+def test_out_of_vocab_token_ids_are_rejected(engine):
+    with pytest.raises(ValueError, match=r"prompt 0: prompt token ids must be integers in \[0, "):
+        engine.generate([[1, 2, 10**9]], max_tokens=3)
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        InferenceEngine(str(tmp_path / "nope"))
+
+
+def test_unsupported_architecture_lists_supported_ones(model_dir, tmp_path):
+    d = tmp_path / "gpt2"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unsupported model architecture.*supported: LlamaForCausalLM.*Qwen3ForCausalLM"):
+        InferenceEngine(str(d))
+
+
+def test_pickle_weights_are_refused_unless_allowed(model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    for f in model_dir_files(model_dir):
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, d / f.name)
+    torch.save(load_file(str(next(model_dir_files(model_dir, ".safetensors")))), d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle weights"):
+        InferenceEngine(str(d))
+    eng = InferenceEngine(str(d), allow_pickle_weights=True, device="cpu")
+    ref = InferenceEngine(model_dir, device="cpu")
+    assert greedy(eng).token_ids == greedy(ref).token_ids
+
+
+def model_dir_files(model_dir, suffix=""):
+    from pathlib import Path
+
+    return (p for p in sorted(Path(model_dir).iterdir()) if p.name.endswith(suffix))
+
+
+def test_dummy_load_format_needs_only_config(model_dir, tmp_path):
+    d = tmp_path / "cfg-only"
+    d.mkdir()
+    for f in model_dir_files(model_dir):
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, d / f.name)
+    eng = InferenceEngine(str(d), load_format="dummy", device="cpu")
+    assert eng.generate(["Hello"], max_tokens=3, ignore_eos=True)[0].output_tokens == 3
