@@ -243,6 +243,9 @@ def hf_greedy(model_dir: str | os.PathLike, prompts_token_ids: list[list[int]], 
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
+    # transformers fills unset fields from the model's own generation config,
+    # EOS included: clear it there so EOS never ends the reference early.
+    model.generation_config.eos_token_id = None
     gen_config = GenerationConfig(
         do_sample=False,
         max_new_tokens=max_new_tokens,
