@@ -36,6 +36,8 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0  # CPU budget
     gpu_memory_utilization: float = 0.90  # GPU: fraction of total memory the engine may use
     num_kv_blocks: Optional[int] = None  # exact override (tests, benchmarks)
+    # Reuse the K/V of full blocks shared with earlier prompts (exact; see block_manager.py).
+    enable_prefix_caching: bool = True
 
     # Scheduler
     max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings

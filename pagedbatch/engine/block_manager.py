@@ -1,25 +1,42 @@
-"""Reference-counted allocator of KV-cache blocks.
+"""Reference-counted allocator of KV-cache blocks, with prefix caching.
 
 Pure Python over ints: a block is an index into the per-layer cache tensors
 that the model runner owns. A sequence's ``block_table`` lists its blocks in
 order; token ``p`` lives in ``block_table[p // block_size]``.
+
+Prefix caching: every full block is identified by a chained hash of (the
+previous block's hash, the block's token ids). A new sequence whose prompt
+starts with cached blocks takes them (reference count + 1) instead of
+recomputing them. Freed blocks keep their hash and sit in an LRU free list,
+so a prefix stays reusable until its memory is needed for something else.
+Hits are verified against the stored token ids, so a hash collision can
+never serve wrong K/V.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from typing import Optional
 
 from .sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # Free blocks in eviction order (front = evicted first). An OrderedDict
+        # because a cache hit takes a block out of the middle.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._block_key: list[Optional[tuple[int, tuple[int, ...]]]] = [None] * num_blocks
+        self._block_hash: list[Optional[int]] = [None] * num_blocks
+        self._cached: dict[int, int] = {}  # block hash -> block id
         self.peak_used_blocks = 0
+        self.hit_tokens = 0
+        self.queried_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -29,9 +46,70 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, total - len(seq.block_table))
+
+    # -- prefix cache ----------------------------------------------------
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence with no blocks the cached blocks of its prefix; returns tokens reused.
+
+        At least one token is always left to compute, so the step that
+        admits the sequence still produces its next-token logits.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        parent = 0
+        hits = 0
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash((parent, tokens))
+            block = self._cached.get(h)
+            if block is None or self._block_key[block] != (parent, tokens):
+                break
+            if self.ref_counts[block] == 0:
+                del self._free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+            parent = h
+            hits += 1
+        seq.num_computed_tokens = hits * bs
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        return hits * bs
+
+    def record_admission(self, seq: Sequence) -> None:
+        """Count a first admission's prompt tokens and how many came from the cache."""
+        if seq.num_preemptions == 0:
+            self.queried_tokens += seq.num_prompt_tokens
+            self.hit_tokens += min(seq.num_computed_tokens, seq.num_prompt_tokens)
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks a step has just filled (call after num_computed_tokens moves)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        while len(seq.block_hashes) < full:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash((parent, tokens))
+            block = seq.block_table[i]
+            seq.block_hashes.append(h)
+            if h not in self._cached and self._block_hash[block] is None:
+                self._cached[h] = block
+                self._block_hash[block] = h
+                self._block_key[block] = (parent, tokens)
+
+    # -- allocation --------------------------------------------------------
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give ``seq`` room for ``num_new_tokens`` more tokens; False (and no change) if blocks run out."""
@@ -39,19 +117,25 @@ class BlockManager:
         if needed > len(self._free):
             return False
         for _ in range(needed):
-            block = self._free.popleft()
+            block, _ = self._free.popitem(last=False)
             assert self.ref_counts[block] == 0, f"block {block} on the free list is referenced"
+            h = self._block_hash[block]
+            if h is not None:  # evict its cached prefix: the memory is needed now
+                del self._cached[h]
+                self._block_hash[block] = self._block_key[block] = None
             self.ref_counts[block] = 1
             seq.block_table.append(block)
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return True
 
     def free(self, seq: Sequence) -> None:
-        # Release in reverse so the tail blocks (least likely to be shared) are reused first.
+        # Freed blocks join the back of the eviction order, tail first, so a
+        # shared prefix outlives the suffixes that hang off it.
         for block in reversed(seq.block_table):
             assert self.ref_counts[block] > 0, f"double free of block {block}"
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self._free.append(block)
+                self._free[block] = None
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed_tokens = 0

@@ -34,7 +34,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config)
         self.runner = ModelRunner(config, self.model_args, self.device, self.max_model_len, self.eos_ids)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # requests that ended before running (errors)
@@ -148,8 +148,8 @@ class LLMEngine:
                 seq.timings.first_scheduled = now
         result = self.runner.execute(plan)
         now = time.perf_counter()
-        for i, (seq, n) in enumerate(zip(plan.seqs, plan.num_new_tokens)):
-            seq.num_computed_tokens += n
+        self.scheduler.advance(plan)
+        for i, seq in enumerate(plan.seqs):
             token = result.token_ids[i]
             if token is None:
                 continue
@@ -213,6 +213,9 @@ class LLMEngine:
             "free_blocks": bm.num_free_blocks,
             "used_blocks": bm.num_used_blocks,
             "peak_used_blocks": bm.peak_used_blocks,
+            "prefix_caching": bm.enable_prefix_caching,
+            "prefix_cache_hit_rate": bm.hit_rate,
+            "prefix_cache_hit_tokens": bm.hit_tokens,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "finished": self.num_finished,

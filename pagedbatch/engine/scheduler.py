@@ -97,9 +97,13 @@ class Scheduler:
         # in a step that had to preempt: the cache is already short.
         while self.waiting and budget > 0 and not (out.preempted and out.seqs) and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, n):
+                self.block_manager.free(seq)  # give back the prefix hits; retried next step
                 break
+            self.block_manager.record_admission(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self._insert_running(seq)
@@ -203,6 +207,12 @@ class Scheduler:
             st.padding_free_decode_steps += spread == 0
 
     # -- after the step --------------------------------------------------
+
+    def advance(self, plan: SchedulerOutput) -> None:
+        """Mark the planned tokens computed (their K/V is now in the cache)."""
+        for seq, n in zip(plan.seqs, plan.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""

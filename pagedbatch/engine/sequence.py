@@ -31,6 +31,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks (prefix caching)
         self.timings = RequestTimings(arrival=arrival)
         self.num_preemptions = 0
         self.skipped_steps = 0  # consecutive steps passed over by sjf-align

@@ -91,3 +91,21 @@ def test_seeded_sampling_alone_equals_seeded_in_batch(references):
     assert batch[0].token_ids == alone
     again = eng.generate([prompts[2]], seeded.replace(seed=99))[0].token_ids
     assert again != alone
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_prefix_caching_is_exact_also_across_preemption(references, cache):
+    d, prompts, _ = references("qwen3")
+    shared = prompts[5] * 3  # a common prefix of a few blocks
+    batch = [shared + p for p in prompts]
+    ref = hf_greedy(d, batch, MAX_NEW)
+    eng = InferenceEngine(d, dtype="float32", device="cpu", enable_prefix_caching=cache, block_size=16,
+                          num_kv_blocks=3 * -(-(max(map(len, batch)) + MAX_NEW) // 16), max_num_batched_tokens=64)
+    outs = eng.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True))
+    stats = eng.engine.stats()
+    assert stats["free_blocks"] == stats["num_blocks"]
+    assert [o.token_ids for o in outs] == ref
+    if cache:
+        assert stats["prefix_cache_hit_rate"] > 0.3 and stats["preemptions"] > 0
+    else:
+        assert stats["prefix_cache_hit_rate"] == 0.0

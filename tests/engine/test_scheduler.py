@@ -10,15 +10,16 @@ from pagedbatch.engine.sequence import Sequence, SequenceStatus
 from pagedbatch.sampling_params import SamplingParams
 
 
-def make(policy="fcfs", blocks=64, block_size=16, budget=64, max_seqs=8, skip=8):
+def make(policy="fcfs", blocks=64, block_size=16, budget=64, max_seqs=8, skip=8, cache=False):
     cfg = EngineConfig(model="unused", block_size=block_size, scheduling_policy=policy, max_num_batched_tokens=budget,
-                       max_num_seqs=max_seqs, sjf_max_skipped_steps=skip)
-    bm = BlockManager(blocks, block_size)
+                       max_num_seqs=max_seqs, sjf_max_skipped_steps=skip, enable_prefix_caching=cache)
+    bm = BlockManager(blocks, block_size, enable_prefix_caching=cache)
     return Scheduler(cfg, bm), bm
 
 
-def seq(i, prompt_len, max_tokens, t=None):
-    return Sequence(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, temperature=0),
+def seq(i, prompt_len, max_tokens, t=None, prompt=None):
+    prompt = prompt if prompt is not None else list(range(1, prompt_len + 1))
+    return Sequence(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0),
                     arrival=float(i if t is None else t))
 
 
@@ -38,8 +39,8 @@ def run_fake(sched, bm, seqs, max_steps=100_000, check=None):
             assert len(s.block_table) * bm.block_size >= s.num_computed_tokens + n
         if check:
             check(plan)
+        sched.advance(plan)
         for s, n in zip(plan.seqs, plan.num_new_tokens):
-            s.num_computed_tokens += n
             if s.num_computed_tokens == s.num_tokens:
                 s.token_ids.append(7)
                 if s.num_output_tokens >= s.params.max_tokens:
@@ -74,17 +75,20 @@ def test_chunked_prefill_splits_long_prompt_under_token_budget():
 
 @pytest.mark.parametrize("policy", ["fcfs", "sjf-align"])
 @pytest.mark.parametrize("trial", range(6))
-def test_randomized_tiny_cache_never_leaks_and_always_finishes(policy, trial):
+@pytest.mark.parametrize("cache", [False, True])
+def test_randomized_tiny_cache_never_leaks_and_always_finishes(policy, trial, cache):
     rng = random.Random(trial)
     block_size = rng.choice([16, 32])
     blocks = rng.randint(8, 20)
     sched, bm = make(policy, blocks=blocks, block_size=block_size, budget=rng.choice([8, 32, 100]),
-                     max_seqs=rng.randint(1, 12), skip=rng.randint(0, 4))
+                     max_seqs=rng.randint(1, 12), skip=rng.randint(0, 4), cache=cache)
     cap = blocks * block_size
+    prefixes = [[rng.randrange(1000) for _ in range(rng.randint(0, cap // 3))] for _ in range(3)]
     seqs = []
     for i in range(40):
         p = rng.randint(1, cap // 2)
-        seqs.append(seq(i, p, rng.randint(1, cap - p)))
+        prompt = (rng.choice(prefixes) + [rng.randrange(1000) for _ in range(p)])[:p]
+        seqs.append(seq(i, p, rng.randint(1, cap - p), prompt=prompt))
     run_fake(sched, bm, seqs)
     assert all(s.num_output_tokens == s.params.max_tokens for s in seqs)
     assert bm.num_free_blocks == blocks and all(c == 0 for c in bm.ref_counts)
@@ -135,3 +139,35 @@ def test_sjf_align_starvation_bound_schedules_long_sequence():
     run_fake(sched, bm, short + [long], check=check)
     assert long.num_output_tokens == 5
     assert max(waits) <= 3
+
+
+def test_prefix_cache_reuses_full_blocks_and_leaves_one_token_to_compute():
+    sched, bm = make(blocks=32, cache=True, budget=1000)
+    shared = list(range(100, 148))  # three full blocks of 16
+    a = seq(0, 0, 2, prompt=shared + [1, 2, 3])
+    run_fake(sched, bm, [a])
+    b = seq(1, 0, 2, prompt=shared + [4, 5])
+    c = seq(2, 0, 2, prompt=list(shared))  # entirely cached: the last block is recomputed
+    first_chunks = {}
+    run_fake(sched, bm, [b, c], check=lambda plan: [first_chunks.setdefault(s.request_id, n)
+                                                   for s, n in zip(plan.seqs, plan.num_new_tokens)])
+    assert first_chunks["r1"] == 2  # 48 cached tokens, 2 computed
+    assert first_chunks["r2"] == 16  # 32 cached, the last full block recomputed for its logits
+    assert bm.hit_tokens == 48 + 32 and bm.queried_tokens == 51 + 50 + 48
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_prefix_cache_evicts_least_recently_freed_blocks_first():
+    sched, bm = make(blocks=6, cache=True, budget=1000)
+    p1, p2 = list(range(1, 33)), list(range(200, 232))  # two blocks each
+    run_fake(sched, bm, [seq(0, 0, 1, prompt=p1 + [7])])
+    run_fake(sched, bm, [seq(1, 0, 1, prompt=p2 + [7])])
+    # Filling four fresh blocks must evict p1's blocks (freed earlier) before p2's.
+    run_fake(sched, bm, [seq(2, 0, 1, prompt=list(range(500, 563)))])
+    hit = seq(3, 0, 1, prompt=p2 + [9])
+    run_fake(sched, bm, [hit])
+    miss = seq(4, 0, 1, prompt=p1 + [9])
+    before = bm.hit_tokens
+    run_fake(sched, bm, [miss])
+    assert bm.hit_tokens == before  # p1 was evicted
+    assert bm.hit_tokens >= 32  # p2 survived
