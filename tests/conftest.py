@@ -12,6 +12,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU tensors; the flag must be
+    # set before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:
     # Lets tests in subfolders `import model_factory` without __init__ files.

@@ -51,7 +51,7 @@ def make_backend(config: EngineConfig, device: torch.device):
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         try:
-            from .attention.triton_backend import TritonAttentionBackend
+            from .attention.triton_paged import TritonAttentionBackend
         except ImportError as e:
             if config.attention_backend == "triton":
                 raise ValueError(f"attention_backend 'triton' is not available: {e}") from e

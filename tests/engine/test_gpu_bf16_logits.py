@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 def backends():
     out = [TorchAttentionBackend()]
     try:
-        from pagedbatch.engine.attention.triton_backend import TritonAttentionBackend
+        from pagedbatch.engine.attention.triton_paged import TritonAttentionBackend
 
         out.append(TritonAttentionBackend())
     except ImportError:
