@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -76,10 +77,15 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
                           gpu_memory_utilization=args.gpu_memory_utilization)
     load_s = time.perf_counter() - t0
-    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True, seed=i)
-              for i, m in enumerate(w.max_tokens)]
-    # Warm-up: compile kernels, capture graphs, touch every batch size once.
-    eng.generate(w.prompts[: args.max_num_seqs], [p.replace(max_tokens=4) for p in params[: args.max_num_seqs]])
+    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
+    # Warm-up on other random prompts (the workload's own would sit in the
+    # prefix cache and flatter the timed run): compiles kernels, fills the allocator.
+    rng = random.Random(12345)
+    warm = [[rng.randrange(0, 10000) for _ in range(len(p))] for p in w.prompts[: args.max_num_seqs]]
+    eng.generate(warm, SamplingParams(max_tokens=4, temperature=w.temperature, ignore_eos=True))
+    eng.engine.scheduler.stats = type(eng.engine.scheduler.stats)()
+    bm = eng.engine.block_manager
+    bm.hit_tokens = bm.queried_tokens = bm.peak_used_blocks = 0
     sync(args.device)
     t0 = time.perf_counter()
     outs = eng.generate(w.prompts, params)
@@ -106,6 +112,10 @@ def run_hf_static(w: Workload, model_dir: str, args, batch: int) -> dict:
     model.eval()
     prompts, outs = w.prompts[:n], w.max_tokens[:n]
     pad = 0
+    with torch.no_grad():  # warm-up (cuBLAS handles, allocator) outside the timed region
+        model.generate(input_ids=torch.tensor([prompts[0]], device=args.device), max_new_tokens=2,
+                       do_sample=False, pad_token_id=pad, eos_token_id=None)
+    sync(args.device)
     t0 = time.perf_counter()
     produced = 0
     with torch.no_grad():

@@ -2,9 +2,9 @@
 
 Tolerance: bf16 keeps 8 mantissa bits, and two implementations that round
 at different points drift by a few units of the last place per layer. We
-require max |ours - HF| <= 3% of the largest |logit| and greedy argmax to
-agree on >= 98% of positions, comparing both against an fp32 reference to
-make sure we are not the worse of the two.
+require max |ours - HF| <= 3% of the largest |logit|, and against an fp32
+reference our error and argmax agreement must be no worse than HF bf16's
+(within 1.5x error, 3 points of agreement).
 """
 import pytest
 import torch
@@ -83,4 +83,6 @@ def test_bf16_logits_match_hf_with_chunked_prefill_through_the_cache(tmp_path, k
     err_hf = (ref - ref32).abs().max().item()
     assert (got - ref).abs().max().item() <= 0.03 * scale
     assert err_ours <= max(1.5 * err_hf, 0.01 * scale), (err_ours, err_hf)
-    assert (got.argmax(-1) == ref32.argmax(-1)).float().mean().item() >= 0.98
+    agree_ours = (got.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+    agree_hf = (ref.argmax(-1) == ref32.argmax(-1)).float().mean().item()
+    assert agree_ours >= agree_hf - 0.03, (agree_ours, agree_hf)

@@ -1,0 +1,19 @@
+"""Job input and output: streaming readers, request parsing, crash-safe Parquet results."""
+from .parquet_writer import (
+    PartWriter,
+    check_exactly_once,
+    cleanup_temp_files,
+    committed_indices,
+    read_results,
+    result_schema,
+    write_openai_batch_output,
+)
+from .readers import FORMATS, InputRecord, detect_format, open_records
+from .requests import SAMPLING_FIELDS, FieldNames, ParsedRequest, RowError, parse_record
+
+__all__ = [
+    "FORMATS", "InputRecord", "detect_format", "open_records",
+    "SAMPLING_FIELDS", "FieldNames", "ParsedRequest", "RowError", "parse_record",
+    "result_schema", "PartWriter", "committed_indices", "cleanup_temp_files", "read_results",
+    "check_exactly_once", "write_openai_batch_output",
+]
