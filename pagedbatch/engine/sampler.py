@@ -1,17 +1,27 @@
 """Token selection for a batch, vectorised over rows.
 
-Order of processing, per row, on float32 logits:
-  1. raw log-probabilities (for ``logprobs``), before anything below;
-  2. suppressed ids (EOS / stop tokens under ``min_tokens``) -> -inf;
-  3. repetition penalty (Hugging Face: prompt + output tokens),
-     presence / frequency penalties (OpenAI: output tokens);
-  4. greedy rows take the argmax here;
-  5. temperature, top-k, top-p, min-p;
-  6. sample by an exponential race: argmax(log p - log E), E ~ Exp(1).
+Order of processing, per row, on float32 copies of the logits:
+  1. raw log-probabilities (only if some row asked for ``logprobs``): the
+     chosen token's and the top-K alternatives' are read from the logits as
+     the model gave them, before everything below;
+  2. suppressed ids (EOS and stop tokens while under ``min_tokens``) -> -inf;
+  3. repetition penalty (Hugging Face: ``logit < 0 ? logit * p : logit / p``
+     over tokens present in the prompt or the output);
+  4. presence / frequency penalties (OpenAI: ``logit -= presence * (count > 0)
+     + frequency * count``, counts over output tokens);
+  5. greedy rows take the argmax here (the stages below leave them untouched);
+  6. temperature, then top-k, top-p and min-p, each only on rows that enable it;
+  7. sample by an exponential race: ``argmax(probs / E)``, E ~ Exp(1), done as
+     ``argmax(logits - log E)``; unlike ``torch.multinomial`` it needs no
+     host sync and no normalisation.
 
-Seeded rows draw E from a counter-based hash of (seed, output position,
-token id), so a row's tokens depend only on its own seed and prompt, not on
-its batch-mates, and a preempted sequence resumes the same stream.
+Seeded rows draw E from a counter-based hash of (seed, output position, token
+id), so a row's tokens depend only on its own seed, prompt and settings, not on
+its batch-mates or its row index, and a preempted sequence that is recomputed
+resumes the same stream. Unseeded rows draw from the sampler's generator.
+
+Nothing in ``Sampler.__call__`` reads a tensor value on the host: which stages
+run is decided by Python flags computed in ``SamplingBatch.build``.
 """
 from __future__ import annotations
 
@@ -23,112 +33,211 @@ import torch
 from ..sampling_params import SamplingParams
 
 _M32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
 
 
 @dataclass
 class SamplingBatch:
-    temperature: Optional[torch.Tensor]  # [B] float32, 1.0 for greedy rows (unused there)
-    greedy: Optional[torch.Tensor]  # [B] bool
-    top_k: Optional[torch.Tensor]  # [B] int64, V where disabled
-    top_p: Optional[torch.Tensor]  # [B] float32
-    min_p: Optional[torch.Tensor]  # [B] float32
-    rep_penalty: Optional[torch.Tensor]  # [B, 1]
-    presence: Optional[torch.Tensor]  # [B, 1]
-    frequency: Optional[torch.Tensor]  # [B, 1]
-    prompt_mask: Optional[torch.Tensor]  # [B, V] bool, tokens in the prompt
-    output_counts: Optional[torch.Tensor]  # [B, V] float32
-    suppress: Optional[tuple[torch.Tensor, torch.Tensor]]  # (rows, ids)
-    seeds: Optional[torch.Tensor]  # [B] int64 (0 for unseeded rows)
-    positions: Optional[torch.Tensor]  # [B] int64, output position of the token being sampled
-    seeded: Optional[torch.Tensor]  # [B] bool
+    """Per-step sampling settings of B rows, as tensors on the target device."""
+
+    temperature: torch.Tensor  # [B] float32; greedy rows hold 1.0 (``greedy`` marks them)
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor  # [B] int64; vocab_size where disabled
+    top_p: torch.Tensor  # [B] float32; +inf where disabled, so cumsum rounding never trims
+    min_p: torch.Tensor  # [B] float32; 0 where disabled
+    repetition_penalty: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    prompt_mask: Optional[torch.Tensor]  # [B, V] bool, prompt tokens of rows with a repetition penalty
+    output_counts: Optional[torch.Tensor]  # [B, V] float32, output token counts of rows with penalties
+    suppress: Optional[torch.Tensor]  # [2, N] int64 (row, token id) pairs to mask
+    seeded_rows: Optional[torch.Tensor]  # [S] int64, sampled (non-greedy) rows with a seed
+    seeds: Optional[torch.Tensor]  # [S] int64
+    positions: Optional[torch.Tensor]  # [S] int64, output position of the token being sampled
     all_greedy: bool
-    any_random: bool
+    any_greedy: bool
+    any_penalties: bool
+    any_suppress: bool
+    any_top_k: bool
+    max_top_k: int  # largest enabled top_k (0 if none)
+    any_top_p: bool
+    any_min_p: bool
     any_seeded: bool
-    any_unseeded: bool
-    max_logprobs: int  # -1: no row asked for logprobs
+    any_unseeded: bool  # some sampled row has no seed
+    any_logprobs: bool
+    max_logprobs: int  # K alternatives to return (0 if none asked)
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
               suppress_ids: list[list[int]], vocab_size: int, device: torch.device) -> "SamplingBatch":
-        B = len(params)
+        """Gather the settings of ``params[i]`` for row i.
 
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        ``prompt_ids`` are only read for rows with a repetition penalty and
+        ``output_ids`` for their lengths and for rows with penalties.
+        ``suppress_ids[i]`` are masked for row i this step; ids outside the
+        vocabulary are ignored (the model can never produce them).
+        """
+        B, V = len(params), vocab_size
+        for name, lists in (("prompt_ids", prompt_ids), ("output_ids", output_ids), ("suppress_ids", suppress_ids)):
+            if len(lists) != B:
+                raise ValueError(f"{name} has {len(lists)} rows but params has {B}")
+        device = torch.device(device)
+
+        def put(values, dtype):
+            host = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            return host.to(device, non_blocking=True)
 
         greedy = [p.greedy for p in params]
-        all_greedy = all(greedy)
-        random_rows = [p for p in params if not p.greedy]
-        any_pen = any(p.has_penalties for p in params)
-        prompt_mask = output_counts = rep = pres = freq = None
-        if any_pen:
-            rep = t([[p.repetition_penalty] for p in params], torch.float32)
-            pres = t([[p.presence_penalty] for p in params], torch.float32)
-            freq = t([[p.frequency_penalty] for p in params], torch.float32)
-            prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
-            rows, cols = _flatten([ids if p.repetition_penalty != 1.0 else [] for p, ids in zip(params, prompt_ids)])
-            if cols:
-                prompt_mask[t(rows, torch.int64), t(cols, torch.int64)] = True
-            output_counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
-            rows, cols = _flatten([ids if p.has_penalties else [] for p, ids in zip(params, output_ids)])
-            if cols:
-                output_counts.index_put_((t(rows, torch.int64), t(cols, torch.int64)),
-                                         torch.ones(len(cols), device=device), accumulate=True)
-        rows, cols = _flatten(suppress_ids)
-        suppress = (t(rows, torch.int64), t(cols, torch.int64)) if cols else None
-        any_seeded = any(p.seed is not None for p in random_rows)
+        sampled = [not g for g in greedy]
+        top_k = [min(p.top_k, V) if p.top_k > 0 and s else V for p, s in zip(params, sampled)]
+        top_p = [p.top_p if p.top_p < 1.0 and s else float("inf") for p, s in zip(params, sampled)]
+        min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+        floats = put([
+            [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+            top_p,
+            min_p,
+            [p.repetition_penalty for p in params],
+            [p.presence_penalty for p in params],
+            [p.frequency_penalty for p in params],
+        ], torch.float32)
+        seeded_rows = [i for i, (p, s) in enumerate(zip(params, sampled)) if s and p.seed is not None]
+        S = len(seeded_rows)
+        # One host-to-device copy for all per-row integers, split into views.
+        ints = put(top_k + [int(g) for g in greedy] + seeded_rows + [params[i].seed for i in seeded_rows]
+                   + [len(output_ids[i]) for i in seeded_rows], torch.int64)
+        top_k_t, greedy_t = ints[:B], ints[B:2 * B].bool()
+        seeded_t, seeds_t, positions_t = (ints[2 * B + j * S:2 * B + (j + 1) * S] for j in range(3))
+
+        pen_rows = [p.has_penalties for p in params]
+        any_penalties = any(pen_rows)
+        prompt_mask = output_counts = None
+        if any_penalties:
+            rep_rows = [p.repetition_penalty != 1.0 for p in params]
+            if any(rep_rows):
+                ids = _padded([ids if r else [] for r, ids in zip(rep_rows, prompt_ids)], pad=V)
+                prompt_mask = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+                prompt_mask.scatter_(1, put(ids, torch.int64), True)
+                prompt_mask = prompt_mask[:, :V]
+            ids = put(_padded([ids if r else [] for r, ids in zip(pen_rows, output_ids)], pad=V), torch.int64)
+            # The padding column V collects the pad entries and is dropped.
+            output_counts = torch.zeros(B, V + 1, dtype=torch.float32, device=device)
+            output_counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))
+            output_counts = output_counts[:, :V]
+
+        pairs = [(i, t) for i, ids in enumerate(suppress_ids) for t in ids if 0 <= t < V]
+        suppress = put(pairs, torch.int64).T if pairs else None
+
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        enabled_k = [k for k in top_k if k < V]
         return cls(
-            temperature=None if all_greedy else t([p.temperature if not p.greedy else 1.0 for p in params], torch.float32),
-            greedy=None if all_greedy or not any(greedy) else t(greedy, torch.bool),
-            top_k=t([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
-            if any(p.top_k > 0 for p in random_rows) else None,
-            top_p=t([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in random_rows) else None,
-            min_p=t([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in random_rows) else None,
-            rep_penalty=rep, presence=pres, frequency=freq, prompt_mask=prompt_mask, output_counts=output_counts,
-            suppress=suppress,
-            seeds=t([p.seed or 0 for p in params], torch.int64) if any_seeded else None,
-            positions=t([len(o) for o in output_ids], torch.int64) if any_seeded else None,
-            seeded=t([p.seed is not None for p in params], torch.bool) if any_seeded else None,
-            all_greedy=all_greedy, any_random=bool(random_rows), any_seeded=any_seeded,
-            any_unseeded=any(p.seed is None for p in random_rows),
-            max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            temperature=floats[0], greedy=greedy_t, top_k=top_k_t, top_p=floats[1], min_p=floats[2],
+            repetition_penalty=floats[3], presence_penalty=floats[4], frequency_penalty=floats[5],
+            prompt_mask=prompt_mask, output_counts=output_counts, suppress=suppress,
+            seeded_rows=seeded_t if S else None, seeds=seeds_t if S else None,
+            positions=positions_t if S else None,
+            all_greedy=all(greedy), any_greedy=any(greedy), any_penalties=any_penalties, any_suppress=bool(pairs),
+            any_top_k=bool(enabled_k), max_top_k=max(enabled_k, default=0),
+            any_top_p=any(p < 1.0 for p in top_p), any_min_p=any(m > 0.0 for m in min_p),
+            any_seeded=bool(seeded_rows),
+            any_unseeded=any(s and p.seed is None for p, s in zip(params, sampled)),
+            any_logprobs=bool(asked), max_logprobs=max(asked, default=0),
         )
 
 
-def _flatten(lists: list[list[int]]) -> tuple[list[int], list[int]]:
-    rows, cols = [], []
-    for i, ids in enumerate(lists):
-        rows.extend([i] * len(ids))
-        cols.extend(ids)
-    return rows, cols
+def _padded(lists: list[list[int]], pad: int) -> list[list[int]]:
+    width = max(1, max((len(x) for x in lists), default=0))
+    return [list(x) + [pad] * (width - len(x)) for x in lists]
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
-    logprobs: Optional[torch.Tensor]  # [B] float32, chosen token under the raw distribution
-    top_ids: Optional[torch.Tensor]  # [B, K] int64, best first
+    logprobs: Optional[torch.Tensor]  # [B] float32, chosen token under the raw distribution; None if no row asked
+    top_ids: Optional[torch.Tensor]  # [B, K] int64, best first; None if K == 0
     top_logprobs: Optional[torch.Tensor]  # [B, K] float32
 
 
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for 0 <= x < 2**32, split in 16-bit halves of c so that
+    # no int64 product overflows: the result is exact and identical on every device.
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # A 32-bit integer hash on int64 tensors; products stay below 2**59, so no overflow.
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
+    # A bijective 32-bit avalanche mix (xorshift-multiply, two rounds), on int64 holding 32-bit values.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
 
 
 def hashed_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] Exp(1) noise that depends only on (seed, position, token id)."""
-    key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32))
-    key = _mix32(key ^ _mix32(positions & _M32))
-    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    """[S, V] float32 Exp(1) noise that depends only on (seed, position, token id)."""
+    key = _mix32(((seeds >> 32) & _M32) ^ _GOLDEN32)
+    key = _mix32(((key ^ (seeds & _M32)) + _GOLDEN32) & _M32)
+    key = _mix32(((key ^ (positions & _M32)) + _GOLDEN32) & _M32)
+    vocab = _mul32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64), _GOLDEN32)
     h = _mix32(key[:, None] ^ vocab[None, :])
-    h = _mix32((h + 0x9E3779B9) & _M32)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(u)
+    # u in (0, 1) with 2**-32 resolution near 0, where it decides whether a rare
+    # token wins the race (E = -log1p(-u) ~ u there); near 1 float32 rounds to 1,
+    # so cap it (that only limits E to about 16.6, an event of chance 6e-8).
+    u = ((h.to(torch.float32) + 0.5) * 2.0**-32).clamp_(max=1.0 - 2.0**-24)
+    return torch.log1p(-u).neg_()
+
+
+def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Float32 logits each row's choice is made from (stages 2-6 of the module
+    docstring): greedy rows take their argmax, sampled rows sample their softmax.
+    Masked tokens are -inf. Never modifies ``logits``."""
+    x = logits.float()
+    if b.any_suppress:
+        x = x.index_put((b.suppress[0], b.suppress[1]), torch.tensor(float("-inf"), device=x.device))
+    if b.any_penalties:
+        counts = b.output_counts
+        seen = counts > 0
+        if b.prompt_mask is not None:
+            rep = b.repetition_penalty[:, None]
+            penalised = torch.where(x < 0, x * rep, x / rep)
+            x = torch.where(b.prompt_mask | seen, penalised, x)
+        x = x - b.presence_penalty[:, None] * seen - b.frequency_penalty[:, None] * counts
+    if b.all_greedy:
+        return x
+    x = x / b.temperature[:, None]
+    if b.any_top_k or b.any_top_p:
+        x = x.masked_fill(x < _truncation_threshold(x, b), float("-inf"))
+    if b.any_min_p:
+        # probs < min_p * max_prob  <=>  logit < max_logit + log(min_p); min_p = 0 gives -inf: no-op.
+        limit = x.amax(dim=-1, keepdim=True) + b.min_p[:, None].log()
+        x = x.masked_fill(x < limit, float("-inf"))
+    return x
+
+
+def _truncation_threshold(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    # [B, 1]: the smallest logit that top-k and top-p keep. Kept tokens form a
+    # prefix of the sorted row, so one sort (or a top-k) and a gather are enough.
+    V = x.shape[-1]
+    if b.any_top_p:
+        vals = x.sort(dim=-1, descending=True).values
+        if b.any_top_k:
+            rank = torch.arange(V, device=x.device)
+            vals = vals.masked_fill(rank[None, :] >= b.top_k[:, None], float("-inf"))
+        probs = vals.softmax(dim=-1)
+        mass_above = probs.cumsum(dim=-1) - probs
+        n_keep = (mass_above < b.top_p[:, None]).sum(dim=-1)  # >= 1: the first token has 0 above it
+        n_keep = torch.minimum(n_keep, b.top_k).clamp_(min=1)
+        return vals.gather(1, (n_keep - 1)[:, None])
+    k = min(b.max_top_k, V)
+    vals = x.topk(k, dim=-1).values
+    thr = vals.gather(1, (b.top_k.clamp(max=k) - 1)[:, None])
+    return torch.where(b.top_k[:, None] < V, thr, float("-inf"))
 
 
 class Sampler:
+    """Picks one token per row; see the module docstring for the stages."""
+
     def __init__(self, seed: int = 0):
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
@@ -139,57 +248,35 @@ class Sampler:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
-    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()
-        lp = top_ids = top_lps = None
-        raw_logprobs = None
-        if b.max_logprobs >= 0:
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-            if b.max_logprobs > 0:
-                top_lps, top_ids = raw_logprobs.topk(b.max_logprobs, dim=-1)
-        if b.suppress is not None:
-            logits = logits.index_put((b.suppress[0], b.suppress[1]), torch.tensor(float("-inf"), device=logits.device))
-        if b.output_counts is not None:
-            seen = b.prompt_mask | (b.output_counts > 0)
-            penalised = torch.where(logits < 0, logits * b.rep_penalty, logits / b.rep_penalty)
-            logits = torch.where(seen, penalised, logits)
-            logits = logits - b.presence * (b.output_counts > 0) - b.frequency * b.output_counts
-        greedy_tokens = logits.argmax(dim=-1)
-        if b.all_greedy:
-            tokens = greedy_tokens
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        b = batch
+        if b.all_greedy and not b.any_penalties and not b.any_suppress:
+            tokens = logits.argmax(dim=-1)  # exact in any float dtype: no conversion needed
         else:
-            tokens = self._sample(logits, b)
-            if b.greedy is not None:
-                tokens = torch.where(b.greedy, greedy_tokens, tokens)
-        if raw_logprobs is not None:
-            lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+            x = process_logits(logits, b)
+            if b.all_greedy:
+                tokens = x.argmax(dim=-1)
+            else:
+                tokens = self._race(x, b)
+                if b.any_greedy:
+                    tokens = torch.where(b.greedy, x.argmax(dim=-1), tokens)
+        lp = top_ids = top_lps = None
+        if b.any_logprobs:
+            raw = logits.float()
+            lse = raw.logsumexp(dim=-1, keepdim=True)
+            lp = (raw.gather(1, tokens[:, None]) - lse)[:, 0]
+            if b.max_logprobs > 0:
+                top_vals, top_ids = raw.topk(min(b.max_logprobs, raw.shape[-1]), dim=-1)
+                top_lps = top_vals - lse
         return SamplerOutput(tokens, lp, top_ids, top_lps)
 
-    def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        V = logits.shape[-1]
-        logits = logits / b.temperature[:, None]
-        if b.top_k is not None or b.top_p is not None:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-            if b.top_k is not None:
-                rank = torch.arange(V, device=logits.device)[None, :]
-                remove |= rank >= b.top_k[:, None]
-                sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            if b.top_p is not None:
-                probs = sorted_logits.softmax(dim=-1)
-                before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-                remove |= before >= b.top_p[:, None]  # the first token always stays
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-        if b.min_p is not None:
-            probs = logits.softmax(dim=-1)
-            limit = b.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            logits = logits.masked_fill(probs < limit, float("-inf"))
-        logp = torch.log_softmax(logits, dim=-1)
-        if b.any_seeded:
-            noise = hashed_exponential(b.seeds, b.positions, V)
-            if b.any_unseeded:
-                rand = torch.empty_like(logp).exponential_(generator=self._generator(logp.device))
-                noise = torch.where(b.seeded[:, None], noise, rand)
+    def _race(self, x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        if b.any_unseeded:
+            noise = torch.empty_like(x).exponential_(generator=self._generator(x.device))
         else:
-            noise = torch.empty_like(logp).exponential_(generator=self._generator(logp.device))
-        return (logp - noise.log()).argmax(dim=-1)
+            noise = torch.ones_like(x)
+        if b.any_seeded:
+            noise.index_copy_(0, b.seeded_rows, hashed_exponential(b.seeds, b.positions, x.shape[-1]))
+        # E = 0 would give log E = -inf and turn a masked token's -inf into NaN, which argmax prefers.
+        gumbel = noise.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_()
+        return (x + gumbel).argmax(dim=-1)
