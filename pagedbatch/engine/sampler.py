@@ -194,7 +194,8 @@ def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     Masked tokens are -inf. Never modifies ``logits``."""
     x = logits.float()
     if b.any_suppress:
-        x = x.index_put((b.suppress[0], b.suppress[1]), torch.tensor(float("-inf"), device=x.device))
+        # new_full is a device fill; torch.tensor(-inf, device=cuda) would be a synchronising copy.
+        x = x.index_put((b.suppress[0], b.suppress[1]), x.new_full((), float("-inf")))
     if b.any_penalties:
         counts = b.output_counts
         seen = counts > 0
