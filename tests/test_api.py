@@ -183,11 +183,7 @@ def test_pickle_weights_are_refused_unless_allowed(model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    d = tmp_path / "bin"
-    d.mkdir()
-    for f in model_dir_files(model_dir):
-        if not f.name.endswith(".safetensors"):
-            shutil.copy(f, d / f.name)
+    d = copy_without_weights(model_dir, tmp_path / "bin")
     torch.save(load_file(str(next(model_dir_files(model_dir, ".safetensors")))), d / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pickle weights"):
         InferenceEngine(str(d))
@@ -202,11 +198,16 @@ def model_dir_files(model_dir, suffix=""):
     return (p for p in sorted(Path(model_dir).iterdir()) if p.name.endswith(suffix))
 
 
-def test_dummy_load_format_needs_only_config(model_dir, tmp_path):
-    d = tmp_path / "cfg-only"
-    d.mkdir()
+def copy_without_weights(model_dir, dest):
+    """config, tokenizer and generation config of a model directory, no .safetensors."""
+    dest.mkdir()
     for f in model_dir_files(model_dir):
         if not f.name.endswith(".safetensors"):
-            shutil.copy(f, d / f.name)
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_dummy_load_format_needs_only_config(model_dir, tmp_path):
+    d = copy_without_weights(model_dir, tmp_path / "cfg-only")
     eng = InferenceEngine(str(d), load_format="dummy", device="cpu")
     assert eng.generate(["Hello"], max_tokens=3, ignore_eos=True)[0].output_tokens == 3

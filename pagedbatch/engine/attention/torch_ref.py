@@ -83,12 +83,16 @@ def paged_attention_reference(
     return out[seq_of_token, row_of_token]
 
 
+def rotate_and_cache(q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
+    """Rotary on q and k at each token's position, then k/v into the paged cache; returns rotated q."""
+    cos, sin = rotary_for_positions(cos_sin, meta.positions)
+    write_kv_cache(apply_rotary(k, cos, sin), v, k_cache, v_cache, meta.slot_mapping)
+    return apply_rotary(q, cos, sin)
+
+
 class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        cos, sin = rotary_for_positions(cos_sin, meta.positions)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = rotate_and_cache(q, k, v, k_cache, v_cache, cos_sin, meta)
         return paged_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .metadata import AttentionMetadata
-from .torch_ref import apply_rotary, rotary_for_positions, write_kv_cache
+from .torch_ref import rotate_and_cache
 
 
 @triton.jit
@@ -131,10 +131,7 @@ class TritonAttentionBackend:
     name = "triton"
 
     def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        cos, sin = rotary_for_positions(cos_sin, meta.positions)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = rotate_and_cache(q, k, v, k_cache, v_cache, cos_sin, meta)
         if meta.is_decode_only:
             return paged_decode(q, k_cache, v_cache, meta, scale)
         return paged_prefill(q, k_cache, v_cache, meta, scale)
