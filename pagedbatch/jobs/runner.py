@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, TextIO
 
@@ -117,7 +118,9 @@ class _Job:
             import pyarrow as pa
 
             schema = schema.append(pa.field("is_chat", pa.bool_()))
-        self.run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        # Time and pid alone repeat when a job is rerun within the same second
+        # (e.g. --overwrite right after a run); a random tail keeps part names unique.
+        self.run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.writer = PartWriter(os.path.join(out, RESULTS), schema, shard_index=opts.shard_index, run_id=self.run_id)
         self.log = ProgressLog(out, opts.shard_index, self.run_id)
         self.counters = Counters()
