@@ -1,0 +1,233 @@
+"""JobOptions: everything one batch job needs, merged from a YAML job file and the command line.
+
+Built once at the top (``JobOptions.from_sources``), validated at
+construction, then passed down; the Slurm environment is read here and
+nowhere deeper. Engine fields mirror ``EngineConfig`` and sampling fields
+mirror ``SamplingParams``: ``None`` means "that class's default", so the
+defaults live in one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from ..config import EngineConfig
+from ..sampling_params import SamplingParams
+
+OUTPUT_FORMATS = ("parquet", "jsonl")
+
+# Job option name -> EngineConfig field. The engine's ``seed`` (random
+# weights, unseeded sampling) is ``engine_seed`` here: ``seed`` is the
+# per-request sampling seed, as in the input rows.
+ENGINE_FIELDS = {
+    "model": "model", "tokenizer": "tokenizer", "dtype": "dtype", "device": "device",
+    "load_format": "load_format", "allow_pickle_weights": "allow_pickle_weights", "engine_seed": "seed",
+    "block_size": "block_size", "kv_cache_memory_gb": "kv_cache_memory_gb",
+    "gpu_memory_utilization": "gpu_memory_utilization", "num_kv_blocks": "num_kv_blocks",
+    "enable_prefix_caching": "enable_prefix_caching", "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+    "scheduling_policy": "scheduling_policy", "sjf_max_skipped_steps": "sjf_max_skipped_steps",
+    "attention_backend": "attention_backend", "enforce_eager": "enforce_eager",
+}
+SAMPLING_FIELDS = (
+    "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+    "skip_special_tokens",
+)
+
+
+@dataclass
+class JobOptions:
+    """One batch job's settings. See docs/jobs.md for each option."""
+
+    # Input / output
+    input: str
+    output: Optional[str] = None  # default: out/<input file stem>
+    input_format: Optional[str] = None  # None: follow the file
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    prompt_token_ids_field: str = "prompt_token_ids"
+    id_field: str = "id"
+    output_format: str = "parquet"
+    include_prompt: bool = False
+    include_token_ids: bool = False
+    include_logprobs: bool = False
+    overwrite: bool = False
+
+    # Model and engine (None: EngineConfig's default; model None: the demo model)
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    load_format: Optional[str] = None
+    allow_pickle_weights: Optional[bool] = None
+    engine_seed: Optional[int] = None
+    block_size: Optional[int] = None
+    kv_cache_memory_gb: Optional[float] = None
+    gpu_memory_utilization: Optional[float] = None
+    num_kv_blocks: Optional[int] = None
+    enable_prefix_caching: Optional[bool] = None
+    max_model_len: Optional[int] = None
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    scheduling_policy: Optional[str] = None
+    sjf_max_skipped_steps: Optional[int] = None
+    attention_backend: Optional[str] = None
+    enforce_eager: Optional[bool] = None
+
+    # Default sampling (None: SamplingParams' default); rows may override
+    max_tokens: Optional[int] = None
+    min_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: Optional[bool] = None
+    logprobs: Optional[int] = None
+    skip_special_tokens: Optional[bool] = None
+
+    # Job control
+    max_rows: Optional[int] = None
+    shard_index: Optional[int] = None  # None: from Slurm, else 0
+    num_shards: Optional[int] = None  # None: from Slurm, else 1
+    max_error_rate: Optional[float] = None  # None: never abort for errors
+    error_rate_min_rows: int = 20
+    commit_every: int = 1000  # rows
+    commit_interval_s: float = 60.0
+    max_in_flight: Optional[int] = None  # None: 2 * max_num_seqs
+    read_batch_rows: int = 1024
+    quiet: bool = False
+    log_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input, str) or not self.input:
+            raise ValueError("input is required: a JSONL/Parquet/CSV file, a datasets directory or an OpenAI batch file")
+        if self.output is None:
+            stem = os.path.basename(os.path.normpath(self.input)).split(".")[0] or "job"
+            self.output = os.path.join("out", stem)
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        env_index, env_count = slurm_shard(os.environ)
+        if self.num_shards is None:
+            self.num_shards = env_count if env_count is not None else 1
+        if self.shard_index is None:
+            self.shard_index = env_index if env_index is not None else 0
+        _int_at_least("num_shards", self.num_shards, 1)
+        _int_at_least("shard_index", self.shard_index, 0)
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index must be < num_shards ({self.num_shards}), got {self.shard_index}")
+        if self.max_rows is not None:
+            _int_at_least("max_rows", self.max_rows, 0)
+        if self.max_error_rate is not None and not (0.0 <= self.max_error_rate <= 1.0):
+            raise ValueError(f"max_error_rate must be a fraction in [0, 1], got {self.max_error_rate}")
+        _int_at_least("error_rate_min_rows", self.error_rate_min_rows, 1)
+        _int_at_least("commit_every", self.commit_every, 1)
+        if self.commit_interval_s <= 0:
+            raise ValueError(f"commit_interval_s must be > 0, got {self.commit_interval_s}")
+        if self.max_in_flight is not None:
+            _int_at_least("max_in_flight", self.max_in_flight, 1)
+        _int_at_least("read_batch_rows", self.read_batch_rows, 1)
+        if self.log_interval_s <= 0:
+            raise ValueError(f"log_interval_s must be > 0, got {self.log_interval_s}")
+        # Fail on a bad default now, not on the first row.
+        try:
+            self.default_sampling()
+        except ValueError as e:
+            raise ValueError(f"default sampling: {e}") from None
+
+    # -- building -------------------------------------------------------
+
+    @classmethod
+    def from_sources(cls, cli_values: Mapping[str, Any], job_file: Optional[str] = None) -> "JobOptions":
+        """Merge a YAML job file (optional) with command-line values; the
+        command line wins. ``None`` or an empty tuple on the command line
+        means "not given"."""
+        merged: dict[str, Any] = load_job_file(job_file) if job_file else {}
+        for name, value in cli_values.items():
+            if value is None or (isinstance(value, tuple) and not value):
+                continue
+            merged[name] = list(value) if isinstance(value, tuple) else value
+        unknown = sorted(set(merged) - option_names())
+        if unknown:
+            raise ValueError(f"unknown job option(s): {', '.join(unknown)}")
+        if "input" not in merged:
+            raise ValueError("--input is required (on the command line or as 'input:' in the job file)")
+        return cls(**merged)
+
+    def engine_config(self, model_dir: str) -> EngineConfig:
+        values = {ENGINE_FIELDS[k]: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
+        values["model"] = model_dir
+        return EngineConfig.from_dict(values)
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The job's sampling defaults as given (validated); rows override them."""
+        values = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        SamplingParams.from_dict(values)
+        return values
+
+    @property
+    def effective_max_in_flight(self) -> int:
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        seqs = self.max_num_seqs if self.max_num_seqs is not None else EngineConfig.__dataclass_fields__["max_num_seqs"].default
+        return max(2 * seqs, 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def option_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(JobOptions)}
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """A YAML job file's options (keys as in ``JobOptions``; '-' may stand
+    for '_'). Unknown keys are an error that names them."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"job file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"job file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"job file {path} must be a mapping of option: value, got {type(data).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - option_names())
+    if unknown:
+        raise ValueError(f"job file {path}: unknown option(s) {', '.join(unknown)}; "
+                         "see `pagedbatch run --help` or docs/jobs.md for the names")
+    return values
+
+
+def slurm_shard(env: Mapping[str, str]) -> tuple[Optional[int], Optional[int]]:
+    """(shard index, shard count) from a Slurm job array, else from Slurm tasks, else (None, None)."""
+    for index_var, count_var in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        index, count = env.get(index_var), env.get(count_var)
+        if index is not None and count is not None:
+            try:
+                # --array=1-4 numbers tasks from 1: shards count from the array's minimum.
+                low = int(env.get("SLURM_ARRAY_TASK_MIN", 0)) if index_var == "SLURM_ARRAY_TASK_ID" else 0
+                return int(index) - low, int(count)
+            except ValueError:
+                raise ValueError(f"{index_var}={index!r} / {count_var}={count!r} are not integers") from None
+    return None, None
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,131 @@
+"""Progress: what a person watches (a tqdm bar or periodic log lines) and
+what the report reads later (OUT/progress-SSSSS.jsonl, one event per commit).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, TextIO
+
+
+@dataclass
+class Counters:
+    """This run's totals (rows written by this process)."""
+
+    rows: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        if row.get("finish_reason") == "error":
+            self.errors += 1
+        self.prompt_tokens += row.get("prompt_tokens") or 0
+        self.output_tokens += row.get("output_tokens") or 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rows": self.rows, "errors": self.errors, "prompt_tokens": self.prompt_tokens,
+                "output_tokens": self.output_tokens}
+
+
+class ProgressLog:
+    """Appends one JSON line per event to OUT/progress-{shard:05d}.jsonl.
+
+    Events: "start" (model, device, engine config), "commit" (counters and
+    engine statistics after each committed part), "end" (how the run ended).
+    A line cut off by a kill is skipped on reading.
+    """
+
+    def __init__(self, out: str, shard_index: int, run_id: str):
+        self.path = os.path.join(out, f"progress-{shard_index:05d}.jsonl")
+        self.shard_index = shard_index
+        self.run_id = run_id
+
+    def write(self, event: str, **fields: Any) -> None:
+        line = {"event": event, "t": time.time(), "shard": self.shard_index, "run_id": self.run_id, **fields}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+            f.flush()
+
+
+def read_progress(out: str) -> list[dict[str, Any]]:
+    """Every event of every shard's progress log, in time order."""
+    events = []
+    if not os.path.isdir(out):
+        return events
+    for name in sorted(os.listdir(out)):
+        if name.startswith("progress-") and name.endswith(".jsonl"):
+            events.extend(_read_lines(os.path.join(out, name)))
+    events.sort(key=lambda e: e.get("t", 0.0))
+    return events
+
+
+def _read_lines(path: str) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue  # the half-written last line of a killed run
+            if isinstance(value, dict):
+                yield value
+
+
+class ProgressDisplay:
+    """A tqdm bar on a terminal; a plain line every ``interval_s`` otherwise
+    (Slurm logs, cron mail); nothing when quiet."""
+
+    def __init__(self, quiet: bool, interval_s: float, total: Optional[int], already_done: int,
+                 stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.interval_s = interval_s
+        self.total = total
+        self.already_done = already_done
+        self.start = time.perf_counter()
+        self._last_log = self.start
+        self._bar = None
+        if not quiet and _is_tty(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=already_done, unit="row", desc="rows", file=self.stream,
+                             dynamic_ncols=True)
+        self._shown = 0
+
+    def update(self, c: Counters) -> None:
+        if self.quiet:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        if self._bar is not None:
+            self._bar.update(c.rows - self._shown)
+            self._shown = c.rows
+            self._bar.set_postfix(out_tok_s=f"{c.output_tokens / elapsed:.1f}", errors=c.errors, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self._last_log >= self.interval_s:
+            self._last_log = now
+            self.log_line(c)
+
+    def log_line(self, c: Counters) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        done = self.already_done + c.rows
+        of = f"/{self.total}" if self.total is not None else ""
+        print(f"[pagedbatch] rows {done}{of} ({c.rows} this run), errors {c.errors}, "
+              f"{c.rows / elapsed:.2f} rows/s, {c.output_tokens / elapsed:.1f} output tok/s, "
+              f"elapsed {elapsed:.0f}s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,57 @@
+"""A file full of bad records: every record gets a row; errors name the field; --max-error-rate aborts."""
+from __future__ import annotations
+
+import json
+
+from conftest import FAST, prompts, results, run_cli, write_jsonl
+
+BAD = [
+    {"id": "ok-0", "prompt": "hello there"},
+    '{"id": "broken", "prompt": "no closing brace"',                       # malformed JSON
+    {"id": "no-prompt", "text": "wrong column"},                           # missing prompt
+    {"id": "int-prompt", "prompt": 42},                                    # wrong type
+    {"id": "str-max", "prompt": "hi", "max_tokens": "many"},               # wrong type
+    {"id": "bad-temp", "prompt": "hi", "temperature": -1},                 # invalid value
+    {"id": "too-long", "prompt": "word " * 100},                           # longer than --max-model-len
+    {"id": "empty", "prompt": ""},                                         # empty prompt
+    {"id": "bad-msgs", "messages": []},                                    # empty chat
+    {"id": "bad-ids", "prompt_token_ids": [1, 2, 99999999]},               # outside the vocabulary
+    {"id": "both", "prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+    {"id": "ok-1", "prompt": "goodbye"},
+]
+EXPECT_IN_ERROR = {
+    1: "JSON", 2: "prompt", 3: "'prompt'", 4: "max_tokens", 5: "temperature", 6: "max_tokens",
+    7: "'prompt'", 8: "'messages'", 9: "prompt_token_ids", 10: "exactly one",
+}
+
+
+def test_every_bad_record_becomes_an_error_row_naming_the_problem(tmp_path, llama_dir):
+    src = write_jsonl(tmp_path / "bad.jsonl", BAD)
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--max-model-len", "64", *FAST])
+    assert r.exit_code == 0, r.output
+    rows = results(out)
+    assert [row["index"] for row in rows] == list(range(len(BAD)))
+    for row in rows:
+        if row["index"] in (0, 11):
+            assert row["finish_reason"] in ("stop", "length") and row["error"] is None
+            continue
+        assert row["finish_reason"] == "error" and row["output"] is None, row
+        assert EXPECT_IN_ERROR[row["index"]] in row["error"], row["error"]
+    assert rows[5]["id"] == "bad-temp" and rows[1]["id"] == "1"
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows"]["ok"], report["rows"]["failed"]) == (2, 10)
+    assert "rows failed | 10" in (out / "report.md").read_text()
+
+
+def test_max_error_rate_aborts_with_a_clear_message(tmp_path, llama_dir):
+    rows = prompts(10) + [{"id": f"bad{i}", "prompt": "x", "temperature": -1} for i in range(40)]
+    src = write_jsonl(tmp_path / "mostly-bad.jsonl", rows)
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--max-error-rate", "0.2",
+                 "--error-rate-min-rows", "20", *FAST])
+    assert r.exit_code == 3, r.output
+    assert "aborted" in r.output and "--max-error-rate" in r.output and "temperature" in r.output
+    written = results(out)
+    assert 20 <= len(written) < len(rows)  # stopped early, finished rows kept
+    assert json.loads((out / "report.json").read_text())["status"].startswith("partial")

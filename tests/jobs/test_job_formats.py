@@ -1,0 +1,136 @@
+"""End-to-end `run` on every input format: one row per record, the documented schema."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from conftest import FAST, prompts, results, run_cli, write_jsonl
+
+from pagedbatch.io import check_exactly_once
+
+BASE_COLUMNS = {
+    "index": pa.int64(), "id": pa.string(), "output": pa.string(), "finish_reason": pa.string(),
+    "error": pa.string(), "prompt_tokens": pa.int64(), "output_tokens": pa.int64(), "queue_s": pa.float64(),
+    "ttft_s": pa.float64(), "latency_s": pa.float64(), "tpot_s": pa.float64(),
+}
+
+ROWS = prompts(10) + [
+    {"id": "chat", "messages": [{"role": "user", "content": "Say hello"}]},
+    {"id": "short", "prompt": "The quick brown fox", "max_tokens": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def jsonl_run(tmp_path_factory, llama_dir):
+    tmp = tmp_path_factory.mktemp("jsonl")
+    src = write_jsonl(tmp / "in.jsonl", ROWS)
+    out = tmp / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, *FAST])
+    assert r.exit_code == 0, r.output
+    return out, {row["index"]: row for row in results(out)}
+
+
+def test_jsonl_job_writes_each_record_once_with_the_documented_schema(jsonl_run):
+    out, by_index = jsonl_run
+    schema = ds.dataset(str(out / "results")).schema
+    for name, typ in BASE_COLUMNS.items():
+        assert schema.field(name).type == typ, name
+    assert check_exactly_once(str(out / "results"), range(len(ROWS))) == ([], [])
+    assert sorted(by_index) == list(range(len(ROWS)))
+    for i, row in by_index.items():
+        assert row["id"] == ROWS[i]["id"]
+        assert row["finish_reason"] in ("stop", "length") and row["error"] is None
+        assert isinstance(row["output"], str)
+        assert row["prompt_tokens"] > 0 and 1 <= row["output_tokens"] <= 8
+        assert row["latency_s"] >= row["ttft_s"] >= row["queue_s"] >= 0
+    assert by_index[11]["output_tokens"] <= 3  # the row's own max_tokens wins
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == {"total": 12, "ok": 12, "failed": 0, "finish_reasons": report["rows"]["finish_reasons"]}
+    assert report["status"] == "complete"
+    assert report["latency"]["latency_s"]["p50"] > 0
+    assert report["kv_cache"]["peak_used_blocks"] > 0
+    assert (out / "report.md").read_text().startswith("# pagedbatch job report")
+    assert (out / "report.png").stat().st_size > 1000
+    assert json.loads((out / "job.json").read_text())["settings"]["sampling"]["temperature"] == 0
+
+
+def _write_parquet(tmp, rows):
+    path = tmp / "in.parquet"
+    keys = ["id", "prompt", "messages", "max_tokens"]  # from_pylist takes the columns of the first row only
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), path)
+    return path
+
+
+def _write_csv(tmp, rows):
+    import csv
+
+    path = tmp / "in.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "prompt", "messages", "max_tokens"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"id": r["id"], "prompt": r.get("prompt", ""),
+                        "messages": json.dumps(r["messages"]) if "messages" in r else "",
+                        "max_tokens": r.get("max_tokens", "")})
+    return path
+
+
+def _write_hf_disk(tmp, rows):
+    import datasets
+
+    path = tmp / "hf"
+    keys = ["id", "prompt", "messages", "max_tokens"]
+    datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in rows]).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("writer", [_write_parquet, _write_csv, _write_hf_disk], ids=["parquet", "csv", "hf-disk"])
+def test_other_formats_give_the_same_greedy_rows_as_jsonl(writer, tmp_path, llama_dir, jsonl_run):
+    _, expected = jsonl_run
+    src = writer(tmp_path, ROWS)
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, *FAST])
+    assert r.exit_code == 0, r.output
+    got = results(out)
+    assert [row["index"] for row in got] == list(range(len(ROWS)))
+    for row in got:
+        want = expected[row["index"]]
+        assert (row["id"], row["output"], row["finish_reason"]) == (want["id"], want["output"], want["finish_reason"])
+
+
+def test_openai_batch_file_in_openai_batch_output_out(tmp_path, llama_dir):
+    reqs = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "x", "prompt": "Hello", "max_tokens": 4}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "x", "prompt": "Bye", "temperature": -2}},
+    ]
+    src = write_jsonl(tmp_path / "batch.jsonl", reqs)
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--output-format", "jsonl", *FAST])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (out / "output.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["a", "b", "c"]
+    assert lines[0]["response"]["body"]["object"] == "text_completion"
+    assert lines[0]["response"]["body"]["usage"]["completion_tokens"] <= 4
+    assert lines[1]["response"]["body"]["object"] == "chat.completion"
+    assert lines[2]["response"] is None and "temperature" in lines[2]["error"]["message"]
+
+
+def test_include_options_add_prompt_token_ids_and_logprobs(tmp_path, llama_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(3) + [{"messages": [{"role": "user", "content": "x"}]}])
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--include-prompt", "--include-token-ids",
+                 "--include-logprobs", *FAST])
+    assert r.exit_code == 0, r.output
+    rows = results(out)
+    assert rows[0]["prompt"] == prompts(3)[0]["prompt"]
+    assert json.loads(rows[3]["prompt"]) == [{"role": "user", "content": "x"}]
+    assert rows[3]["id"] == "3"
+    for row in rows:
+        assert len(row["prompt_token_ids"]) == row["prompt_tokens"]
+        assert len(row["output_token_ids"]) == row["output_tokens"] == len(row["logprobs"])
+        assert all(lp <= 0 for lp in row["logprobs"])
