@@ -1,0 +1,284 @@
+"""Triton kernels (fused rotary + cache write, split-K decode, varlen prefill) against the torch reference.
+
+On the CPU the kernels run in the Triton interpreter in float32 at tiny
+shapes; the ``gpu`` class repeats the comparisons at Qwen2.5-7B sizes in bf16.
+Unused cache blocks, the unwritten tail of each sequence's last block and the
+block-table padding are poisoned (NaN, out-of-range ids): any read of them
+shows up as a non-finite output or an out-of-bounds access.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
+triton = pytest.importorskip("triton")
+
+from pagedbatch.engine.attention.metadata import AttentionMetadata  # noqa: E402
+from pagedbatch.engine.attention.torch_ref import (  # noqa: E402
+    TorchAttentionBackend,
+    apply_rotary,
+    rotary_for_positions,
+)
+from pagedbatch.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from pagedbatch.engine.attention.triton_kernels import choose_num_splits, rotary_cache_write  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+PAD_BLOCK_ID = 2**30  # block-table padding: far out of range of every cache
+
+
+@dataclasses.dataclass
+class Batch:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor  # poisoned: NaN everywhere no token has been written
+    v_cache: torch.Tensor
+    cos_sin: torch.Tensor
+    meta: AttentionMetadata
+    expected_slots: torch.Tensor  # [num_blocks * block_size] bool: slots holding a token after the write
+
+
+def make_batch(ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, seed=0, spare_blocks=3) -> Batch:
+    """Random q/k/v for the new tokens; a cache already holding each sequence's context under shuffled block ids."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(q_lens)
+    seq_lens = [c + n for c, n in zip(ctx_lens, q_lens)]
+    need = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(need) + spare_blocks
+    # Block 0 is never assigned: it is where masked lanes of a gather land, so it must be poison too.
+    ids = 1 + torch.randperm(num_blocks - 1, generator=g)
+    width = max(need) + 2
+    table = torch.full((B, width), PAD_BLOCK_ID, dtype=torch.int64)
+    ctx_slots, new_slots, positions = [], [], []
+    start = 0
+    for i, (c, n) in enumerate(zip(ctx_lens, q_lens)):
+        table[i, : need[i]] = ids[start : start + need[i]]
+        start += need[i]
+        pos = torch.arange(c + n)
+        slots = table[i, pos // block_size] * block_size + pos % block_size
+        ctx_slots.append(slots[:c])
+        new_slots.append(slots[c:])
+        positions.append(pos[c:])
+    ctx_slots, new_slots = torch.cat(ctx_slots), torch.cat(new_slots)
+
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for cache in (k_cache, v_cache):
+        values = torch.randn(len(ctx_slots), kv_heads, head_dim, generator=g)
+        cache.view(-1, kv_heads, head_dim)[ctx_slots] = values.to(dtype)
+    expected = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    expected[ctx_slots] = True
+    expected[new_slots] = True
+
+    T = sum(q_lens)
+    qsl = torch.zeros(B + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+    meta = AttentionMetadata(
+        positions=torch.cat(positions).to(DEV), slot_mapping=new_slots.to(DEV), query_start_loc=qsl.to(DEV),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(DEV), block_tables=table.to(torch.int32).to(DEV),
+        num_seqs=B, num_tokens=T, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    q = torch.randn(T, heads, head_dim, generator=g).to(dtype).to(DEV)
+    k = torch.randn(T, kv_heads, head_dim, generator=g).to(dtype).to(DEV)
+    v = torch.randn(T, kv_heads, head_dim, generator=g).to(dtype).to(DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    f = torch.arange(max(seq_lens) + 1).float()[:, None] * inv[None]
+    cos_sin = torch.cat((f.cos(), f.sin()), -1).to(DEV)
+    return Batch(q, k, v, k_cache.to(DEV), v_cache.to(DEV), cos_sin, meta, expected.to(DEV))
+
+
+def reference(b: Batch, scale: float):
+    """Torch reference in float32 on a clean copy: the reference gathers whole padded rows (then masks them),
+    so it gets zeros for unwritten slots and block 0 for table padding."""
+    kc = torch.nan_to_num(b.k_cache.float(), nan=0.0)
+    vc = torch.nan_to_num(b.v_cache.float(), nan=0.0)
+    bt = b.meta.block_tables
+    meta = dataclasses.replace(b.meta, block_tables=torch.where(bt >= kc.shape[0], 0, bt))
+    out = TorchAttentionBackend().forward(b.q.float(), b.k.float(), b.v.float(), kc, vc, b.cos_sin, meta, scale)
+    return out, kc, vc
+
+
+def check(ctx_lens, q_lens, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32, tol=1e-5,
+          cache_tol=1e-6, backend=None, seed=0, meta_max_seq_len=None):
+    b = make_batch(ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, seed=seed)
+    scale = head_dim**-0.5
+    ref, kc_ref, vc_ref = reference(b, scale)
+    assert torch.isfinite(ref).all()
+    meta = b.meta if meta_max_seq_len is None else dataclasses.replace(b.meta, max_seq_len=meta_max_seq_len)
+    backend = backend or TritonAttentionBackend()
+    got = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.cos_sin, meta, scale)
+    assert got.dtype == b.q.dtype and got.shape == b.q.shape
+    got = got.float()
+    assert torch.isfinite(got).all(), "read a poisoned (unused) cache slot"
+
+    # The write landed exactly in the expected slots, with the reference's values.
+    for cache, cache_ref in ((b.k_cache, kc_ref), (b.v_cache, vc_ref)):
+        flat = cache.view(-1, *cache.shape[2:]).float()
+        flat_ref = cache_ref.view(-1, *cache.shape[2:])
+        assert torch.equal(~torch.isnan(flat).any(-1).any(-1), b.expected_slots), "cache write touched other slots"
+        assert (flat[b.expected_slots] - flat_ref[b.expected_slots]).abs().max().item() <= cache_tol
+    err = (got - ref).abs().max().item()
+    assert err <= tol, f"max abs error {err} > {tol}"
+    return backend
+
+
+# ---------------------------------------------------------------- CPU (interpreter), float32
+
+
+def test_rotary_cache_write_matches_reference_for_strided_q_and_skips_negative_slots():
+    T, H, KVH, D, BS = 5, 4, 2, 32, 16
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=1))  # strided views
+    positions = torch.tensor([0, 3, 17, 40, 9])
+    slots = torch.tensor([5, 33, -1, 2, 60])  # -1: padding token, must not be written
+    kc = torch.full((4, BS, KVH, D), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    f = torch.arange(64).float()[:, None] / (10000 ** (torch.arange(0, D, 2).float() / D))[None]
+    cos_sin = torch.cat((f.cos(), f.sin()), -1)
+    q_rot = rotary_cache_write(q, k, v, kc, vc, cos_sin, positions, slots)
+    cos, sin = rotary_for_positions(cos_sin, positions)
+    assert torch.allclose(q_rot, apply_rotary(q, cos, sin), atol=1e-6, rtol=0)
+    k_rot = apply_rotary(k, cos, sin)
+    keep = slots >= 0
+    assert torch.allclose(kc.view(-1, KVH, D)[slots[keep]], k_rot[keep], atol=1e-6, rtol=0)
+    assert torch.equal(vc.view(-1, KVH, D)[slots[keep]], v[keep])
+    written = ~torch.isnan(kc.view(-1, KVH, D)).any(-1).any(-1)
+    assert written.sum().item() == keep.sum().item()
+    # In place: q_out may be q itself.
+    q2 = q.clone()
+    rotary_cache_write(q2, k, v, kc, vc, cos_sin, positions, slots, q_out=q2)
+    assert torch.equal(q2, q_rot)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_contexts_spanning_several_blocks_and_splits(num_splits):
+    # seq_lens 1, 18, 41 with 16-token blocks and 16-key tiles: up to 3 tiles, so 3 splits
+    # leave some splits empty for the short sequences.
+    check(ctx_lens=[0, 17, 40], q_lens=[1, 1, 1],
+          backend=TritonAttentionBackend(num_splits=num_splits, decode_block_n=16))
+
+
+def test_decode_block_size_32_group_4_head_dim_64_four_splits():
+    check(ctx_lens=[5, 70, 129], q_lens=[1, 1, 1], heads=8, kv_heads=2, head_dim=64, block_size=32,
+          backend=TritonAttentionBackend(num_splits=4, decode_block_n=16))
+
+
+def test_decode_tile_spanning_several_small_blocks_with_odd_group():
+    # 64-key tiles over 16-token blocks gather 4 block ids per tile; group of 3 heads padded to 16 rows.
+    check(ctx_lens=[100, 3], q_lens=[1, 1], heads=6, kv_heads=2, block_size=16,
+          backend=TritonAttentionBackend(num_splits=2, decode_block_n=64))
+
+
+def test_decode_with_bucket_upper_bound_for_max_seq_len_gives_same_result():
+    # A CUDA-graph bucket passes a max_seq_len bound; the kernel still uses each sequence's own length.
+    backend = TritonAttentionBackend(decode_block_n=16)
+    assert backend.decode_num_splits(3, 2, 512, "cpu") == 8  # more splits than the real lengths have tiles
+    check(ctx_lens=[9, 33, 60], q_lens=[1, 1, 1], backend=backend, meta_max_seq_len=512)
+
+
+def test_prefill_from_empty_cache():
+    check(ctx_lens=[0, 0, 0], q_lens=[20, 33, 5])
+
+
+def test_chunked_prefill_over_cached_context_block_size_32():
+    check(ctx_lens=[30, 0, 45], q_lens=[18, 9, 40], block_size=32,
+          backend=TritonAttentionBackend(prefill_block_m=32, prefill_block_n=16))
+
+
+def test_mixed_batch_prefill_chunk_and_decode_rows():
+    check(ctx_lens=[50, 7, 33], q_lens=[24, 1, 1],
+          backend=TritonAttentionBackend(prefill_block_m=32, prefill_block_n=32))
+
+
+def test_prefill_group_not_a_power_of_two_head_dim_64():
+    # Group of 3: a 32-row tile holds 10 queries x 3 heads, 2 rows unused.
+    check(ctx_lens=[13, 0], q_lens=[23, 12], heads=6, kv_heads=2, head_dim=64,
+          backend=TritonAttentionBackend(prefill_block_m=32, prefill_block_n=16))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_padding_row_with_zero_length_and_negative_slot_is_inert(num_splits):
+    # A CUDA-graph batch padded past its real sequences: seq_len 0, slot -1, table all padding.
+    b = make_batch([20, 40], [1, 1], 4, 2, 32, 16, torch.float32)
+    scale = 32**-0.5
+    ref, _, _ = reference(b, scale)
+    m = b.meta
+    meta = dataclasses.replace(
+        m, num_seqs=3, num_tokens=3,
+        positions=torch.cat((m.positions, m.positions.new_zeros(1))),
+        slot_mapping=torch.cat((m.slot_mapping, m.slot_mapping.new_full((1,), -1))),
+        query_start_loc=torch.arange(4, dtype=torch.int32, device=DEV),
+        seq_lens=torch.cat((m.seq_lens, m.seq_lens.new_zeros(1))),
+        block_tables=torch.cat((m.block_tables, torch.full_like(m.block_tables[:1], PAD_BLOCK_ID))))
+    extra = lambda x: torch.cat((x, torch.randn_like(x[:1])))  # noqa: E731
+    backend = TritonAttentionBackend(num_splits=num_splits, decode_block_n=16)
+    got = backend.forward(extra(b.q), extra(b.k), extra(b.v), b.k_cache, b.v_cache, b.cos_sin, meta, scale)
+    assert (got[:2] - ref).abs().max().item() <= 1e-5
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    written = ~torch.isnan(b.k_cache.view(-1, 2, 32)).any(-1).any(-1)
+    assert torch.equal(written, b.expected_slots)
+
+
+def test_decode_workspace_is_reused_across_calls():
+    backend = TritonAttentionBackend(num_splits=2, decode_block_n=16)
+    check(ctx_lens=[20, 40], q_lens=[1, 1], backend=backend)
+    ptr = backend._workspace._buf.data_ptr()
+    check(ctx_lens=[3, 50], q_lens=[1, 1], backend=backend, seed=1)
+    assert backend._workspace._buf.data_ptr() == ptr
+
+
+def test_num_splits_choice():
+    assert choose_num_splits(64, 4, 100, 64) == 1  # short context: no split
+    assert choose_num_splits(512, 4, 4096, 64) == 1  # batch alone fills the SMs
+    assert choose_num_splits(1, 4, 4096, 64) == 16  # one long sequence: as many as allowed by length
+    assert 1 < choose_num_splits(64, 4, 4096, 64) <= 4
+    assert choose_num_splits(1, 1, 10**6, 64, max_splits=16) == 16
+
+
+# ---------------------------------------------------------------- GPU, bf16 at real sizes
+
+
+@pytest.mark.gpu
+class TestRealSizesBF16:
+    """Qwen2.5-7B attention shape (28 q / 4 kv heads, head_dim 128); bf16 kernels vs the float32 reference
+    on the same bf16 inputs. Tolerance: max abs error <= 2e-2 (outputs are O(1); bf16 has 8 mantissa bits)."""
+
+    TOL = 2e-2
+    SHAPE = dict(heads=28, kv_heads=4, head_dim=128, dtype=torch.bfloat16, tol=2e-2, cache_tol=2e-2)
+
+    @pytest.mark.parametrize("block_size", [16, 256])
+    def test_decode_batch_64_contexts_up_to_4096(self, block_size):
+        g = torch.Generator().manual_seed(block_size)
+        ctx = torch.randint(0, 4096, (64,), generator=g).tolist()
+        ctx[:3] = [0, 4095, 255]
+        check(ctx_lens=ctx, q_lens=[1] * 64, block_size=block_size, **self.SHAPE)
+        check(ctx_lens=ctx[:4], q_lens=[1] * 4, block_size=block_size,
+              backend=TritonAttentionBackend(num_splits=8), **self.SHAPE)
+
+    @pytest.mark.parametrize("block_size", [16, 256])
+    def test_prefill_and_mixed_batches(self, block_size):
+        check(ctx_lens=[0, 200, 0, 1500, 3000], q_lens=[1024, 300, 77, 1, 1], block_size=block_size, **self.SHAPE)
+        check(ctx_lens=[0] * 8, q_lens=[512] * 8, block_size=block_size, **self.SHAPE)
+
+    def test_decode_replays_under_cuda_graph(self):
+        b = make_batch([100, 2000, 3000, 50], [1] * 4, 28, 4, 128, 16, torch.bfloat16)
+        scale = 128**-0.5
+        backend = TritonAttentionBackend(num_splits=4)
+        meta = b.meta
+        static_q, static_k, static_v = b.q.clone(), b.k.clone(), b.v.clone()
+        backend.forward(static_q, static_k, static_v, b.k_cache, b.v_cache, b.cos_sin, meta, scale)  # warm-up
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = backend.forward(static_q, static_k, static_v, b.k_cache, b.v_cache, b.cos_sin, meta, scale)
+        new_q = torch.randn_like(static_q)
+        static_q.copy_(new_q)
+        graph.replay()
+        torch.cuda.synchronize()
+        b.q = new_q
+        ref, _, _ = reference(b, scale)
+        assert (static_out.float() - ref).abs().max().item() <= self.TOL
