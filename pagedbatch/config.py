@@ -13,7 +13,7 @@ from typing import Any, Optional
 SCHEDULING_POLICIES = ("fcfs", "sjf-align")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-basic")
 
 
 @dataclass

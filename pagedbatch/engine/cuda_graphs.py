@@ -49,6 +49,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        reserve = getattr(self.backend, "reserve", None)
+        if reserve is not None:  # split-K workspace allocated before any graph points at it
+            a = self.model.args
+            for b in self.buckets:
+                reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device)
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile kernels, settle allocations

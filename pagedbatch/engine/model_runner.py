@@ -50,12 +50,15 @@ def make_backend(config: EngineConfig, device: torch.device):
     name = config.attention_backend
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
-    if name == "triton":
+    if name.startswith("triton"):
         try:
-            from .attention.triton_paged import TritonAttentionBackend
+            if name == "triton":
+                from .attention.triton_backend import TritonAttentionBackend
+            else:  # the first, simpler kernels (no split-K, separate rotary), kept for comparison
+                from .attention.triton_paged import TritonAttentionBackend
         except ImportError as e:
-            if config.attention_backend == "triton":
-                raise ValueError(f"attention_backend 'triton' is not available: {e}") from e
+            if config.attention_backend != "auto":
+                raise ValueError(f"attention_backend {name!r} is not available: {e}") from e
             return TorchAttentionBackend()
         return TritonAttentionBackend()
     return TorchAttentionBackend()
@@ -92,7 +95,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
         self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+        if device.type == "cuda" and not config.enforce_eager and self.backend.name.startswith("triton"):
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(

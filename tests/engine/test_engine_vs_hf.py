@@ -111,9 +111,10 @@ def test_prefix_caching_is_exact_also_across_preemption(references, cache):
         assert stats["prefix_cache_hit_rate"] == 0.0
 
 
-def test_triton_backend_engine_matches_hf(references):
+@pytest.mark.parametrize("backend", ["triton", "triton-basic"])
+def test_triton_backend_engine_matches_hf(references, backend):
     """The whole engine on the Triton kernels (interpreted on CPU) stays token-exact."""
     pytest.importorskip("triton")
     d, prompts, ref = references("qwen2")
-    got, _ = run_engine(d, prompts[:4], attention_backend="triton", max_num_batched_tokens=16)
+    got, _ = run_engine(d, prompts[:4], attention_backend=backend, max_num_batched_tokens=16)
     assert got == ref[:4]

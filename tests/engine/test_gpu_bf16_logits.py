@@ -21,9 +21,9 @@ pytestmark = pytest.mark.gpu
 def backends():
     out = [TorchAttentionBackend()]
     try:
-        from pagedbatch.engine.attention.triton_paged import TritonAttentionBackend
+        from pagedbatch.engine.attention import triton_backend, triton_paged
 
-        out.append(TritonAttentionBackend())
+        out += [triton_backend.TritonAttentionBackend(), triton_paged.TritonAttentionBackend()]
     except ImportError:
         pass
     return out

@@ -128,7 +128,7 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
 class TritonAttentionBackend:
     """Rotary and the cache write in torch; attention in Triton, reading K/V through the block table."""
 
-    name = "triton"
+    name = "triton-basic"
 
     def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         q = rotate_and_cache(q, k, v, k_cache, v_cache, cos_sin, meta)

@@ -1,0 +1,129 @@
+"""Where a workload's time goes: host vs GPU per step, prefill vs decode steps, and the top GPU kernels.
+
+    python bench/profile_steps.py --workload W1 --max-num-seqs 512
+    python bench/profile_steps.py --workload tiny --device cpu          # smoke test
+
+Wraps the engine's scheduler and runner with timers (no engine changes), runs
+the whole workload once, then profiles a few steps with torch.profiler. The
+numbers are for finding the next bottleneck; throughput claims come from
+bench/throughput.py.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from throughput import model_dir_for  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+
+class Timers:
+    def __init__(self):
+        self.s = collections.defaultdict(float)
+        self.n = collections.defaultdict(int)
+
+    def wrap(self, obj, name, key):
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.s[key] += time.perf_counter() - t0
+                self.n[key] += 1
+
+        setattr(obj, name, timed)
+
+
+def main(argv=None) -> int:
+    import tempfile
+
+    from pagedbatch import InferenceEngine, SamplingParams
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--profile-steps", type=int, default=4)
+    args = ap.parse_args(argv)
+
+    w = WORKLOADS[args.workload]()
+    tmp = tempfile.mkdtemp()
+    eng = InferenceEngine(model_dir_for(w, tmp), load_format="dummy", skip_tokenizer_init=True, device=args.device,
+                          dtype="bfloat16" if args.device != "cpu" else "float32", block_size=args.block_size,
+                          max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend)
+    e = eng.engine
+    sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
+    rng = random.Random(7)
+    eng.generate([[rng.randrange(10000) for _ in range(len(p))] for p in w.prompts[: args.max_num_seqs]],
+                 SamplingParams(max_tokens=4, ignore_eos=True))
+    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
+
+    t = Timers()
+    t.wrap(e.scheduler, "schedule", "schedule")
+    t.wrap(e.runner, "_prepare", "prepare inputs")
+    t.wrap(e.runner, "execute", "runner.execute (incl. GPU wait)")
+    kinds = collections.Counter()
+    kind_s = collections.defaultdict(float)
+    for i, p in enumerate(w.prompts):
+        eng.add_request(str(i), p, params[i])
+    sync()
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        before = e.scheduler.stats.prefill_tokens
+        s0 = time.perf_counter()
+        e.step()
+        dt = time.perf_counter() - s0
+        k = "with prefill" if e.scheduler.stats.prefill_tokens > before else "decode-only"
+        kinds[k] += 1
+        kind_s[k] += dt
+    sync()
+    wall = time.perf_counter() - t0
+    out_tokens = sum(w.max_tokens)
+    print(f"\n{args.workload}: {wall:.2f} s, {out_tokens / wall:,.0f} output tok/s, {sum(kinds.values())} steps")
+    for k in kinds:
+        print(f"  {k:>14}: {kinds[k]:5d} steps, {kind_s[k]:7.2f} s, {1e3 * kind_s[k] / kinds[k]:7.2f} ms/step")
+    for k in t.s:
+        print(f"  {k:>32}: {t.s[k]:7.3f} s over {t.n[k]} calls, {1e3 * t.s[k] / max(1, t.n[k]):.3f} ms/call")
+    print(f"  engine step outside runner.execute: "
+          f"{wall - t.s['runner.execute (incl. GPU wait)'] - t.s['schedule']:.3f} s (scheduling excluded)")
+
+    if args.device == "cpu":
+        return 0
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, prompts, maxt in (("decode at full batch", w.prompts[: args.max_num_seqs], 64),
+                                 ("prefill", w.prompts[: 64], 1)):
+        for i, p in enumerate(prompts):
+            eng.add_request(f"p{label}{i}", [x + 1 for x in p], SamplingParams(max_tokens=maxt, ignore_eos=True))
+        if label.startswith("decode"):
+            while e.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in e.scheduler.running):
+                e.step()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_steps):
+                if eng.has_unfinished_requests():
+                    e.step()
+            sync()
+        print(f"\n== {label}: {args.profile_steps} steps ==")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+        while eng.has_unfinished_requests():
+            e.step()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
