@@ -11,6 +11,8 @@ The forward pass takes a flat batch of T tokens from many sequences and an
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from torch import nn
 from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
+from .fused_ops import rms_norm, silu_and_mul
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -31,12 +34,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same operation order as Hugging Face so float32 results match bit for bit.
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """``norm(x)``; with a residual, ``(norm(x + residual), x + residual)`` in one pass on the GPU."""
+        y, new_residual = rms_norm(x, self.weight, self.eps, residual)
+        return y if residual is None else (y, new_residual)
 
 
 class Attention(nn.Module):
@@ -75,8 +76,7 @@ class MLP(nn.Module):
         self.down_proj_weight = _param(args.hidden_size, args.intermediate_size)
 
     def forward(self, x):
-        gate, up = F.linear(x, self.gate_up_proj_weight).split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj_weight)
+        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj_weight)), self.down_proj_weight)
 
 
 class DecoderLayer(nn.Module):
@@ -87,9 +87,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, kv_cache, cos_sin, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache, cos_sin, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, kv_cache, cos_sin, meta, backend):
+        # The residual add of each block is folded into the next norm (one pass on the GPU).
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, kv_cache, cos_sin, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -109,10 +115,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden] after the final norm
-        x = F.embedding(input_ids, self.embed_tokens)
+        x, residual = F.embedding(input_ids, self.embed_tokens), None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, kv, cos_sin, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, kv, cos_sin, meta, backend)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)
