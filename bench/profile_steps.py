@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     t = Timers()
     t.wrap(e.scheduler, "schedule", "schedule")
-    t.wrap(e.runner, "_prepare", "prepare inputs")
+    t.wrap(e.runner.inputs, "build", "prepare inputs")
     t.wrap(e.runner, "execute", "runner.execute (incl. GPU wait)")
     kinds = collections.Counter()
     kind_s = collections.defaultdict(float)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     for label, prompts, maxt in (("decode at full batch", w.prompts[: args.max_num_seqs], 64),
                                  ("prefill", w.prompts[: 64], 1)):
         for i, p in enumerate(prompts):
-            eng.add_request(f"p{label}{i}", [x + 1 for x in p], SamplingParams(max_tokens=maxt, ignore_eos=True))
+            eng.add_request(f"p{label}{i}", [x + 1 + label.startswith("prefill") for x in p], SamplingParams(max_tokens=maxt, ignore_eos=True))
         if label.startswith("decode"):
             while e.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in e.scheduler.running):
                 e.step()

@@ -1,0 +1,107 @@
+"""Build one step's device inputs (token ids, attention metadata, logits rows) from the scheduler's plan.
+
+Everything is computed on the host with numpy into one pinned staging buffer
+and reaches the GPU in one copy; the device tensors are views of it. At
+batch 512 the earlier version (a pinned allocation and a handful of small
+GPU indexing kernels per tensor) cost 2.6 ms of host time per step on the
+H100 machine, against a ~20 ms decode step that it delays one for one.
+
+The staging buffer is reused every step. The copy out of it is asynchronous,
+so before refilling it we wait on the event recorded after the last copy;
+that wait is free in the normal loop, where the step's sampled tokens have
+already been read back (a full sync) before the next plan is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from .attention.metadata import AttentionMetadata
+from .scheduler import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_rows: list[int]  # indices into plan.seqs whose last token is computed this step
+    logits_index: torch.Tensor  # [len(sample_rows)] int64, rows of the hidden states to sample from
+
+
+class StepInputBuilder:
+    def __init__(self, device: torch.device, block_size: int):
+        self.device = device
+        self.block_size = block_size
+        self._pin = device.type == "cuda"
+        self._staging = torch.empty(0, dtype=torch.int64)
+        self._copied = None  # CUDA event after the last copy out of the staging buffer
+
+    def _stage(self, n: int) -> np.ndarray:
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._staging.numel() < n:
+            size = max(n, 2 * self._staging.numel())
+            self._staging = torch.empty(size, dtype=torch.int64, pin_memory=self._pin)
+        return self._staging.numpy()[:n]
+
+    def build(self, plan: SchedulerOutput) -> StepInputs:
+        seqs, q_lens_list = plan.seqs, plan.num_new_tokens
+        B = len(seqs)
+        ids: list[int] = []
+        ctx_list: list[int] = []
+        sample_rows: list[int] = []
+        for i, (seq, n) in enumerate(zip(seqs, q_lens_list)):
+            c = seq.num_computed_tokens
+            if n == 1:
+                ids.append(seq.token_ids[c])
+            else:
+                ids.extend(seq.token_ids[c : c + n])
+            ctx_list.append(c)
+            if c + n == seq.num_tokens:
+                sample_rows.append(i)
+        T, S = len(ids), len(sample_rows)
+        q_lens = np.fromiter(q_lens_list, dtype=np.int64, count=B)
+        ctx = np.fromiter(ctx_list, dtype=np.int64, count=B)
+        seq_lens = ctx + q_lens
+        n_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=B)
+        W = max(int(n_blocks.max()), -(-int(seq_lens.max()) // self.block_size))
+
+        # Layout of the staging buffer (int64): ids | positions | slots | logits rows | qsl | seq_lens | table
+        off = np.cumsum([0, T, T, T, S, B + 1, B, B * W])
+        buf = self._stage(int(off[-1]))
+        buf[: off[1]] = ids
+        qsl = buf[off[4] : off[5]]
+        qsl[0] = 0
+        np.cumsum(q_lens, out=qsl[1:])
+        table = buf[off[6] : off[7]].reshape(B, W)
+        table.fill(0)
+        flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=int(n_blocks.sum()))
+        rows = np.repeat(np.arange(B), n_blocks)
+        table[rows, np.arange(flat.size) - np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)] = flat
+        if T == B:  # decode only: one query per sequence
+            positions = buf[off[1] : off[2]]
+            np.subtract(seq_lens, 1, out=positions)
+            seq_of_token = np.arange(B)
+        else:
+            seq_of_token = np.repeat(np.arange(B), q_lens)
+            positions = buf[off[1] : off[2]]
+            np.add(np.arange(T) - qsl[:-1][seq_of_token], ctx[seq_of_token], out=positions)
+        bs = self.block_size
+        buf[off[2] : off[3]] = table[seq_of_token, positions // bs] * bs + positions % bs
+        buf[off[3] : off[4]] = qsl[1:][sample_rows] - 1
+        buf[off[5] : off[6]] = seq_lens
+
+        host = self._staging[: int(off[-1])]
+        dev = host.to(self.device, non_blocking=True) if self._pin else host.clone()
+        if self._pin:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        meta = AttentionMetadata(
+            positions=dev[off[1] : off[2]], slot_mapping=dev[off[2] : off[3]],
+            query_start_loc=dev[off[4] : off[5]].to(torch.int32), seq_lens=dev[off[5] : off[6]].to(torch.int32),
+            block_tables=dev[off[6] : off[7]].view(B, W).to(torch.int32),
+            num_seqs=B, num_tokens=T, max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
+        return StepInputs(dev[: off[1]], meta, sample_rows, dev[off[3] : off[4]])

@@ -1,0 +1,60 @@
+"""A step's inputs, built with numpy in one staging buffer, say what the plan says."""
+import random
+
+import torch
+
+from pagedbatch.engine.scheduler import SchedulerOutput
+from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.step_inputs import StepInputBuilder
+from pagedbatch.sampling_params import SamplingParams
+
+
+def _seq(i, n_tokens, computed, bs, rng):
+    s = Sequence(str(i), [rng.randrange(1000) for _ in range(n_tokens)], SamplingParams(max_tokens=4), 0.0)
+    s.num_computed_tokens = computed
+    s.block_table = rng.sample(range(1000), -(-n_tokens // bs))
+    return s
+
+
+def test_mixed_prefill_chunks_and_decodes_match_a_plain_reference():
+    rng, bs = random.Random(0), 16
+    builder = StepInputBuilder(torch.device("cpu"), bs)
+    for trial in range(20):
+        seqs, news = [], []
+        for i in range(rng.randint(1, 9)):
+            n = rng.randint(1, 70)
+            kind = rng.random()
+            if kind < 0.4:  # decode
+                c, q = n - 1, 1
+            elif kind < 0.7 or n < 2:  # whole prefill, or the last chunk
+                c = rng.randint(0, n - 1)
+                q = n - c
+            else:  # a middle chunk: nothing to sample
+                c = rng.randint(0, n - 2)
+                q = rng.randint(1, n - c - 1)
+            seqs.append(_seq(i, n, c, bs, rng))
+            news.append(q)
+        got = builder.build(SchedulerOutput(seqs=seqs, num_new_tokens=news))
+        ids, pos, slots, rows = [], [], [], []
+        for i, (s, q) in enumerate(zip(seqs, news)):
+            c = s.num_computed_tokens
+            for p in range(c, c + q):
+                ids.append(s.token_ids[p])
+                pos.append(p)
+                slots.append(s.block_table[p // bs] * bs + p % bs)
+            if c + q == s.num_tokens:
+                rows.append(i)
+        m = got.meta
+        assert got.input_ids.tolist() == ids and m.positions.tolist() == pos and m.slot_mapping.tolist() == slots
+        assert got.sample_rows == rows
+        qsl = [0]
+        for q in news:
+            qsl.append(qsl[-1] + q)
+        assert m.query_start_loc.tolist() == qsl and m.query_start_loc.dtype == torch.int32
+        assert got.logits_index.tolist() == [qsl[i + 1] - 1 for i in rows]
+        assert m.seq_lens.tolist() == [s.num_computed_tokens + q for s, q in zip(seqs, news)]
+        for i, s in enumerate(seqs):
+            row = m.block_tables[i].tolist()
+            assert row[: len(s.block_table)] == s.block_table and not any(row[len(s.block_table):])
+        assert (m.num_seqs, m.num_tokens, m.max_query_len) == (len(seqs), len(ids), max(news))
+        assert m.max_seq_len == max(s.num_computed_tokens + q for s, q in zip(seqs, news))
