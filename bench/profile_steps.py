@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     t = Timers()
     t.wrap(e.scheduler, "schedule", "schedule")
     t.wrap(e.runner.inputs, "build", "prepare inputs")
-    t.wrap(e.runner, "execute", "runner.execute (incl. GPU wait)")
+    t.wrap(e.runner, "launch", "runner.launch (host, GPU queued)")
+    t.wrap(e.runner, "collect", "runner.collect (waits for GPU)")
     kinds = collections.Counter()
     kind_s = collections.defaultdict(float)
     for i, p in enumerate(w.prompts):
@@ -98,8 +99,8 @@ def main(argv=None) -> int:
         print(f"  {k:>14}: {kinds[k]:5d} steps, {kind_s[k]:7.2f} s, {1e3 * kind_s[k] / kinds[k]:7.2f} ms/step")
     for k in t.s:
         print(f"  {k:>32}: {t.s[k]:7.3f} s over {t.n[k]} calls, {1e3 * t.s[k] / max(1, t.n[k]):.3f} ms/call")
-    print(f"  engine step outside runner.execute: "
-          f"{wall - t.s['runner.execute (incl. GPU wait)'] - t.s['schedule']:.3f} s (scheduling excluded)")
+    print(f"  engine step outside launch/collect/schedule: "
+          f"{wall - sum(t.s[k] for k in t.s if k != 'prepare inputs'):.3f} s")
 
     if args.device == "cpu":
         return 0

@@ -50,6 +50,8 @@ class EngineConfig:
 
     attention_backend: str = "auto"
     enforce_eager: bool = False  # GPU: disable CUDA graphs
+    # Plan and launch step N+1 while the GPU runs step N (off only to debug).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

@@ -19,7 +19,7 @@ from .model_runner import ModelRunner, resolve_device
 from .models.config import ModelArgs
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import PENDING, Sequence, SequenceStatus
 from .tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # requests that ended before running (errors)
+        self._inflight = None  # the launched step whose tokens are not yet read back
+        self._num_penalty_seqs = 0
         self.num_finished = 0
 
     def _max_model_len(self) -> int:
@@ -106,6 +108,7 @@ class LLMEngine:
             self.num_finished += 1
             return
         self._seqs[request_id] = seq
+        self._num_penalty_seqs += params.has_penalties
         self.scheduler.add(seq)
 
     def _never_fits(self, seq: Sequence) -> Optional[str]:
@@ -123,11 +126,16 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.finish(seq)
+        if PENDING in seq.token_ids:  # tokens still in flight are void
+            del seq.token_ids[seq.token_ids.index(PENDING, seq.num_prompt_tokens):]
+        if seq.params.has_penalties:
+            self._num_penalty_seqs -= 1
         seq.finish_reason = "abort"
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_unfinished()
+        inflight = self._inflight is not None and not all(s.is_finished for s in self._inflight.plan.seqs)
+        return bool(self._pending) or inflight or self.scheduler.has_unfinished()
 
     def num_unfinished_requests(self) -> int:
         return len(self._pending) + self.scheduler.num_unfinished()
@@ -135,10 +143,23 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return outputs of requests that finished (and, for streaming ones, progressed)."""
+        """Run one step; return outputs of requests that finished (and, for streaming ones, progressed).
+
+        Steps overlap: the step planned here is launched on the GPU before
+        the tokens of the previous one are read back, so planning and input
+        building hide behind the GPU's work. A sequence whose newest token is
+        still being sampled is planned with a ``PENDING`` input that the GPU
+        fills in; one that turns out to have stopped wastes one row of one step.
+        """
         outputs, self._pending = self._pending, []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not self._can_overlap():
+            outputs += self._collect(prev)
+            prev = None
         plan = self.scheduler.schedule()
         if plan.is_empty():
+            if prev is not None:
+                return outputs + self._collect(prev)
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
             return outputs
@@ -146,20 +167,46 @@ class LLMEngine:
         for seq in plan.seqs:
             if seq.timings.first_scheduled is None:
                 seq.timings.first_scheduled = now
-        result = self.runner.execute(plan)
-        now = time.perf_counter()
+        step = self.runner.launch(plan, prev)
         self.scheduler.advance(plan)
-        for i, seq in enumerate(plan.seqs):
-            token = result.token_ids[i]
-            if token is None:
-                continue
-            self._append_token(seq, token, result.logprobs[i], result.top_logprobs[i], now)
-            if seq.is_finished or seq.stream:
-                outputs.append(self._emit(seq))
+        for j, i in enumerate(step.sample_rows):
+            seq = plan.seqs[i]
+            seq.token_ids.append(PENDING)
+            seq.pending_row = j
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finishing = True  # its pending token is its last: plan it no more
+        if prev is not None:
+            outputs += self._collect(prev)
+        self._inflight = step
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob, top, now: float) -> None:
-        seq.token_ids.append(token)
+    def _can_overlap(self) -> bool:
+        # Penalties count the output tokens on the device, so they need every token known.
+        return self.config.async_scheduling and self._num_penalty_seqs == 0
+
+    def _collect(self, step) -> list[RequestOutput]:
+        """Read a launched step's tokens back and apply them: stops, text, finished requests."""
+        result = self.runner.collect(step)
+        now = time.perf_counter()
+        outputs = []
+        plan = step.plan
+        filled = []
+        for i, seq in enumerate(plan.seqs):
+            token = result.token_ids[i]
+            if token is None or seq.is_finished:
+                continue  # a chunk that samples nothing, or a request that ended (stopped or aborted) meanwhile
+            # The pending slot of this step is the first PENDING one (a later step may have added another).
+            pos = seq.token_ids.index(PENDING, seq.num_prompt_tokens)
+            seq.token_ids[pos] = token
+            filled.append((seq, pos, token, i))
+        self.scheduler.cache_blocks(plan)
+        for seq, pos, token, i in filled:
+            self._apply_token(seq, pos, token, result.logprobs[i], result.top_logprobs[i], now)
+            if seq.is_finished or seq.stream:
+                outputs.append(self._emit(seq, pos))
+        return outputs
+
+    def _apply_token(self, seq: Sequence, pos: int, token: int, logprob, top, now: float) -> None:
         if seq.timings.first_token is None:
             seq.timings.first_token = now
         if seq.logprobs is not None:
@@ -174,16 +221,22 @@ class LLMEngine:
             seq.new_text = seq.detokenizer.add_tokens([token])
             if seq.detokenizer.stop_hit is not None:
                 reason, seq.stop_reason = "stop", seq.detokenizer.stop_hit
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (pos + 1 - seq.num_prompt_tokens >= p.max_tokens or pos + 1 >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            del seq.token_ids[pos + 1 :]  # a token planned after the stop is void
             seq.finish_reason = reason
             seq.timings.finished = now
-            self.scheduler.finish(seq)
-            del self._seqs[seq.request_id]
-            self.num_finished += 1
+            self._finish(seq)
 
-    def _emit(self, seq: Sequence) -> RequestOutput:
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        del self._seqs[seq.request_id]
+        self.num_finished += 1
+        if seq.params.has_penalties:
+            self._num_penalty_seqs -= 1
+
+    def _emit(self, seq: Sequence, pos: int) -> RequestOutput:
         new_text = seq.new_text
         if seq.is_finished:
             if seq.detokenizer is not None:
@@ -196,11 +249,14 @@ class LLMEngine:
                 text = decode_output(self.tokenizer, ids, seq.params.skip_special_tokens) if self.tokenizer else ""
         else:
             text = seq.detokenizer.text if seq.detokenizer is not None else ""
-        return self._output(seq, seq.output_token_ids[-1:], new_text, text)
+        return self._output(seq, [seq.token_ids[pos]], new_text, text, upto=pos + 1)
 
-    def _output(self, seq: Sequence, new_ids: list[int], new_text: str, text: str = "") -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str, text: str = "",
+                upto: Optional[int] = None) -> RequestOutput:
+        # ``upto``: a streaming output covers the tokens known so far, not one still pending.
+        out_ids = seq.token_ids[seq.num_prompt_tokens : upto]
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=out_ids,
             text=text, new_token_ids=new_ids, new_text=new_text, finished=seq.is_finished,
             finish_reason=seq.finish_reason, timings=seq.timings, error=seq.error, stop_reason=seq.stop_reason,
             logprobs=seq.logprobs, num_preemptions=seq.num_preemptions)

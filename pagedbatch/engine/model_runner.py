@@ -73,6 +73,17 @@ class StepResult:
     top_logprobs: list[Optional[list[tuple[int, float]]]]
 
 
+class InFlightStep:
+    """A launched step: its plan, which rows sample, and (once launched) the sampler's results."""
+
+    def __init__(self, plan: SchedulerOutput, sample_rows: list[int]):
+        self.plan = plan
+        self.sample_rows = sample_rows
+        self.token_ids: Optional[torch.Tensor] = None  # on the device: the next step's inputs read it
+        self.host: list = []  # token ids, logprobs, top ids, top logprobs, copied without a sync
+        self.done = None  # CUDA event after the copies
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, args: ModelArgs, device: torch.device, max_model_len: int,
                  eos_ids: set[int]):
@@ -165,10 +176,20 @@ class ModelRunner:
     def prepare_ms_mean(self) -> float:
         return 1e3 * self.prepare_s / max(1, self.steps)
 
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepResult:
+        """Run one step and wait for its tokens (the synchronous form of launch + collect)."""
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput, prev: Optional["InFlightStep"] = None) -> "InFlightStep":
+        """Queue one step's GPU work and return without waiting for it.
+
+        Decode rows whose input token is still being sampled by ``prev`` (the
+        step in flight) take it from ``prev``'s device tensor, so the host
+        can plan and launch step N+1 while the GPU runs step N.
+        """
         t0 = time.perf_counter()
-        inputs = self.inputs.build(plan)
+        inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
         ids, meta, sample_rows = inputs.input_ids, inputs.meta, inputs.sample_rows
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1
@@ -176,10 +197,9 @@ class ModelRunner:
             hidden = self.graphs.run(ids, meta)
         else:
             hidden = self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)
-        n = len(plan.seqs)
-        result = StepResult([None] * n, [None] * n, [None] * n)
+        step = InFlightStep(plan, sample_rows)
         if not sample_rows:
-            return result
+            return step
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_index))
         seqs = [plan.seqs[i] for i in sample_rows]
         batch = SamplingBatch.build(
@@ -191,16 +211,35 @@ class ModelRunner:
             self.device,
         )
         out = self.sampler(logits, batch)
-        tokens = out.token_ids.tolist()  # the one host sync of the step
-        lps = out.logprobs.tolist() if out.logprobs is not None else None
-        tops = None
-        if out.top_ids is not None:
-            tops = (out.top_ids.tolist(), out.top_logprobs.tolist())
-        for j, i in enumerate(sample_rows):
+        step.token_ids = out.token_ids
+        # Copy the results to the host without waiting; collect() waits on the event alone,
+        # not on whatever step has been queued after this one.
+        cuda = self.device.type == "cuda"
+        step.host = [t.to("cpu", non_blocking=cuda) if t is not None else None
+                     for t in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)]
+        if cuda:
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
+
+    def collect(self, step: "InFlightStep") -> StepResult:
+        """Wait for a launched step's sampled tokens (the one host sync of a step)."""
+        n = len(step.plan.seqs)
+        result = StepResult([None] * n, [None] * n, [None] * n)
+        if not step.sample_rows:
+            return result
+        if step.done is not None:
+            step.done.synchronize()
+        tok_t, lp_t, top_ids_t, top_lp_t = step.host
+        tokens = tok_t.tolist()
+        lps = lp_t.tolist() if lp_t is not None else None
+        tops = (top_ids_t.tolist(), top_lp_t.tolist()) if top_ids_t is not None else None
+        seqs = step.plan.seqs
+        for j, i in enumerate(step.sample_rows):
             result.token_ids[i] = tokens[j]
-            if lps is not None and seqs[j].params.logprobs is not None:
+            k = seqs[i].params.logprobs
+            if lps is not None and k is not None:
                 result.logprobs[i] = lps[j]
-                k = seqs[j].params.logprobs
                 result.top_logprobs[i] = list(zip(tops[0][j][:k], tops[1][j][:k])) if tops and k else []
         return result
 

@@ -119,8 +119,8 @@ class Scheduler:
         for seq in order:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or id(seq) in scheduled:
-                continue  # preempted earlier in this loop, or already planned
+            if seq.status is not SequenceStatus.RUNNING or id(seq) in scheduled or seq.finishing:
+                continue  # preempted earlier in this loop, already planned, or its last token is in flight
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, n):
                 victim = self._pick_victim(exclude=scheduled)
@@ -209,10 +209,19 @@ class Scheduler:
     # -- after the step --------------------------------------------------
 
     def advance(self, plan: SchedulerOutput) -> None:
-        """Mark the planned tokens computed (their K/V is now in the cache)."""
+        """Mark the planned tokens computed once the step is launched (the next plan builds on them)."""
         for seq, n in zip(plan.seqs, plan.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+
+    def cache_blocks(self, plan: SchedulerOutput) -> None:
+        """Offer the blocks a finished step filled to the prefix cache.
+
+        Called when the step's tokens are known: a block is hashed by its
+        token ids, and the newest of them may have been pending until then.
+        """
+        for seq in plan.seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""

@@ -7,6 +7,9 @@ from typing import Any, Optional
 from ..sampling_params import SamplingParams
 from .outputs import RequestTimings, TokenLogprob
 
+# Placeholder in ``Sequence.token_ids`` for a token the GPU is still sampling.
+PENDING = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -43,6 +46,12 @@ class Sequence:
         self.detokenizer = None
         self.stream = False
         self.new_text = ""  # text delta of the latest token (streaming)
+        # Overlapped steps: the last token may be PENDING (being sampled on the
+        # GPU) at row ``pending_row`` of the step in flight; ``finishing`` marks a
+        # sequence whose pending token is its last (length limit), so it is not
+        # scheduled again.
+        self.pending_row = -1
+        self.finishing = False
 
     @property
     def num_tokens(self) -> int:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .attention.metadata import AttentionMetadata
 from .scheduler import SchedulerOutput
+from .sequence import PENDING
 
 
 @dataclass
@@ -47,30 +49,41 @@ class StepInputBuilder:
             self._staging = torch.empty(size, dtype=torch.int64, pin_memory=self._pin)
         return self._staging.numpy()[:n]
 
-    def build(self, plan: SchedulerOutput) -> StepInputs:
+    def build(self, plan: SchedulerOutput, prev_tokens: Optional[torch.Tensor] = None) -> StepInputs:
+        """``prev_tokens``: the device output of the step in flight, for inputs still ``PENDING``."""
         seqs, q_lens_list = plan.seqs, plan.num_new_tokens
         B = len(seqs)
         ids: list[int] = []
         ctx_list: list[int] = []
         sample_rows: list[int] = []
+        pending_at: list[int] = []  # flat token index whose id comes from prev_tokens ...
+        pending_from: list[int] = []  # ... at this row of it
         for i, (seq, n) in enumerate(zip(seqs, q_lens_list)):
             c = seq.num_computed_tokens
             if n == 1:
-                ids.append(seq.token_ids[c])
+                tok = seq.token_ids[c]
+                if tok == PENDING:  # only ever a decode row's input: the token sampled last step
+                    pending_at.append(len(ids))
+                    pending_from.append(seq.pending_row)
+                    tok = 0
+                ids.append(tok)
             else:
                 ids.extend(seq.token_ids[c : c + n])
             ctx_list.append(c)
             if c + n == seq.num_tokens:
                 sample_rows.append(i)
-        T, S = len(ids), len(sample_rows)
+        T, S, P = len(ids), len(sample_rows), len(pending_at)
+        if P and prev_tokens is None:
+            raise RuntimeError("a step input is still being sampled, but no step is in flight")
         q_lens = np.fromiter(q_lens_list, dtype=np.int64, count=B)
         ctx = np.fromiter(ctx_list, dtype=np.int64, count=B)
         seq_lens = ctx + q_lens
         n_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=B)
         W = max(int(n_blocks.max()), -(-int(seq_lens.max()) // self.block_size))
 
-        # Layout of the staging buffer (int64): ids | positions | slots | logits rows | qsl | seq_lens | table
-        off = np.cumsum([0, T, T, T, S, B + 1, B, B * W])
+        # Layout of the staging buffer (int64):
+        # ids | positions | slots | logits rows | qsl | seq_lens | table | pending at | pending from
+        off = np.cumsum([0, T, T, T, S, B + 1, B, B * W, P, P])
         buf = self._stage(int(off[-1]))
         buf[: off[1]] = ids
         qsl = buf[off[4] : off[5]]
@@ -93,6 +106,9 @@ class StepInputBuilder:
         buf[off[2] : off[3]] = table[seq_of_token, positions // bs] * bs + positions % bs
         buf[off[3] : off[4]] = qsl[1:][sample_rows] - 1
         buf[off[5] : off[6]] = seq_lens
+        if P:
+            buf[off[7] : off[8]] = pending_at
+            buf[off[8] : off[9]] = pending_from
 
         host = self._staging[: int(off[-1])]
         dev = host.to(self.device, non_blocking=True) if self._pin else host.clone()
@@ -104,4 +120,7 @@ class StepInputBuilder:
             query_start_loc=dev[off[4] : off[5]].to(torch.int32), seq_lens=dev[off[5] : off[6]].to(torch.int32),
             block_tables=dev[off[6] : off[7]].view(B, W).to(torch.int32),
             num_seqs=B, num_tokens=T, max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
-        return StepInputs(dev[: off[1]], meta, sample_rows, dev[off[3] : off[4]])
+        input_ids = dev[: off[1]]
+        if P:
+            input_ids.index_copy_(0, dev[off[7] : off[8]], prev_tokens.index_select(0, dev[off[8] : off[9]]))
+        return StepInputs(input_ids, meta, sample_rows, dev[off[3] : off[4]])

@@ -40,6 +40,7 @@ def run_fake(sched, bm, seqs, max_steps=100_000, check=None):
         if check:
             check(plan)
         sched.advance(plan)
+        sched.cache_blocks(plan)
         for s, n in zip(plan.seqs, plan.num_new_tokens):
             if s.num_computed_tokens == s.num_tokens:
                 s.token_ids.append(7)
