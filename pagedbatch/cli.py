@@ -121,6 +121,10 @@ _RUN_OPTIONS = [
     _opt(CONTROL, "--commit-every", type=int, help="Commit a results part every N rows [1000]."),
     _opt(CONTROL, "--commit-interval-s", type=float, help="... or every S seconds, whichever first [60]."),
     _opt(CONTROL, "--max-in-flight", type=int, help="Rows admitted to the engine at once [2 x max-num-seqs]."),
+    _opt(CONTROL, "--order", type=click.Choice(["input", "length", "prefix"]),
+         help="Admission order within a window: as read, shortest prompt first, or rows sharing a prefix "
+              "together [input]. Results are keyed by index whatever the order."),
+    _opt(CONTROL, "--order-window", type=int, help="Rows held for --order (bounds memory) [4096]."),
     _opt(CONTROL, "--read-batch-rows", type=int, help="Input rows read per batch [1024]."),
     _flag(CONTROL, "quiet", "No progress bar or periodic log lines."),
     _opt(CONTROL, "--log-interval-s", type=float, help="Seconds between log lines when not on a terminal [10]."),

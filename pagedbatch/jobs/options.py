@@ -103,6 +103,8 @@ class JobOptions:
     commit_every: int = 1000  # rows
     commit_interval_s: float = 60.0
     max_in_flight: Optional[int] = None  # None: 2 * max_num_seqs
+    order: str = "input"  # admission order within a window: input | length | prefix
+    order_window: int = 4096  # rows held for re-ordering (bounds memory)
     read_batch_rows: int = 1024
     quiet: bool = False
     log_interval_s: float = 10.0
@@ -117,6 +119,11 @@ class JobOptions:
             raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        from .ordering import ORDERS
+
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {self.order!r}")
+        _int_at_least("order_window", self.order_window, 1)
         env_index, env_count = slurm_shard(os.environ)
         if self.num_shards is None:
             self.num_shards = env_count if env_count is not None else 1

@@ -25,6 +25,7 @@ from ..io import (
 from ..sampling_params import SamplingParams
 from .manifest import RESULTS, ManifestMismatch, build_manifest, prepare_output_dir
 from .options import JobOptions
+from .ordering import admission_order
 from .progress import Counters, ProgressDisplay, ProgressLog
 from .report import write_report
 from .signals import StopRequest
@@ -53,6 +54,16 @@ class _Pending:
     prompt: Optional[str]
     is_chat: bool
     field: str
+
+
+@dataclass
+class _Prepared:
+    token_ids: list[int]
+    params: SamplingParams
+    pending: _Pending
+
+
+_END = object()
 
 
 def run_job(opts: JobOptions, *, resume_command: str = "the same command", stderr: Optional[TextIO] = None) -> JobResult:
@@ -134,7 +145,8 @@ class _Job:
         opts = self.opts
         self.log.write("start", **self._describe_engine())
         display = ProgressDisplay(opts.quiet, opts.log_interval_s, opts.max_rows, len(self.done), stream=self.err)
-        todo = self._todo(records)
+        todo = admission_order((self._prepare(r) for r in self._todo(records)), opts.order, opts.order_window,
+                               key_ids=lambda p: p.token_ids)
         exhausted = False
         status, message = "complete", ""
         try:
@@ -143,11 +155,12 @@ class _Job:
                     status = "interrupted"
                     break
                 while not exhausted and len(self.in_flight) < opts.effective_max_in_flight:
-                    rec = next(todo, None)
-                    if rec is None:
+                    prep = next(todo, _END)
+                    if prep is _END:
                         exhausted = True
                         break
-                    self._admit(rec)
+                    if prep is not None:
+                        self._submit(prep)
                 if self.engine.has_unfinished_requests():
                     for output in self.engine.step():
                         if output.finished:
@@ -204,11 +217,12 @@ class _Job:
 
     # -- one record in -------------------------------------------------------
 
-    def _admit(self, rec) -> None:
+    def _prepare(self, rec) -> Optional["_Prepared"]:
+        """Parse, validate and tokenize one record; a bad one becomes an error row here (None)."""
         parsed = parse_record(rec, self.fields, self.fmt)
         if isinstance(parsed, RowError):
             self._error_row(parsed.index, parsed.id, parsed.error)
-            return
+            return None
         assert isinstance(parsed, ParsedRequest)
         try:
             params = SamplingParams.from_dict({**self.defaults, **parsed.sampling})
@@ -217,7 +231,7 @@ class _Job:
             name = str(e).split(" ", 1)[0]
             where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ else "sampling"
             self._error_row(parsed.index, parsed.id, f"{where}: invalid value: {e}")
-            return
+            return None
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
         if parsed.messages is not None:
@@ -228,7 +242,7 @@ class _Job:
                 prompt: Any = encode_chat(self.engine.tokenizer, parsed.messages)
             except Exception as e:  # jinja and tokenizer errors: the row is bad, not the job
                 self._error_row(parsed.index, parsed.id, f"field {field_name!r}: cannot render the chat: {e}")
-                return
+                return None
             text = json.dumps(parsed.messages, ensure_ascii=False)
         elif parsed.prompt is not None:
             field_name = self.fields.prompt if self.fmt != "openai" else "body.prompt"
@@ -236,13 +250,22 @@ class _Job:
         else:
             field_name = self.fields.prompt_token_ids if self.fmt != "openai" else "body.prompt"
             prompt, text = parsed.prompt_token_ids, None
-        request_id = str(parsed.index)
         try:
-            self.engine.add_request(request_id, prompt, params)
+            ids = self.engine.validate_prompt(prompt)
         except (ValueError, TypeError) as e:
             self._error_row(parsed.index, parsed.id, f"field {field_name!r}: {e}")
+            return None
+        return _Prepared(ids, params, _Pending(parsed.index, parsed.id, text, parsed.messages is not None, field_name))
+
+    def _submit(self, prep: "_Prepared") -> None:
+        p = prep.pending
+        request_id = str(p.index)
+        try:
+            self.engine.add_request(request_id, prep.token_ids, prep.params)
+        except (ValueError, TypeError) as e:
+            self._error_row(p.index, p.id, f"field {p.field!r}: {e}")
             return
-        self.in_flight[request_id] = _Pending(parsed.index, parsed.id, text, parsed.messages is not None, field_name)
+        self.in_flight[request_id] = p
 
     # -- one result out --------------------------------------------------------
 
