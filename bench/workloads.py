@@ -44,4 +44,30 @@ def tiny() -> Workload:
     return Workload("tiny", "tiny-qwen3.json", prompts, [8] * 8)
 
 
-WORKLOADS = {"W1": w1, "W-nano": w_nano, "tiny": tiny}
+def w2(n: int = 1000) -> Workload:
+    """Shared prefix: one 1,024-token system prompt + a 50-200-token question; outputs 64-512."""
+    rng = random.Random(2)
+    system = [rng.randrange(0, 150_000) for _ in range(1024)]
+    prompts = [system + [rng.randrange(0, 150_000) for _ in range(rng.randint(50, 200))] for _ in range(n)]
+    return Workload("W2", "qwen2.5-7b.json", prompts, [rng.randint(64, 512) for _ in range(n)])
+
+
+def w3(groups: int = 50, per_group: int = 20) -> Workload:
+    """Few-shot groups: 50 distinct 2,000-token prefixes x 20 questions (20-100 tokens), shuffled; outputs 32-128."""
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(0, 150_000) for _ in range(2000)] for _ in range(groups)]
+    prompts = [p + [rng.randrange(0, 150_000) for _ in range(rng.randint(20, 100))]
+               for p in prefixes for _ in range(per_group)]
+    rng.shuffle(prompts)
+    return Workload("W3", "qwen2.5-7b.json", prompts, [rng.randint(32, 128) for _ in prompts])
+
+
+def w4(n: int = 1000) -> Workload:
+    """Skewed outputs: 256-token prompts; outputs mostly 32-128, 5% 2,048."""
+    rng = random.Random(4)
+    prompts = [[rng.randrange(0, 150_000) for _ in range(256)] for _ in range(n)]
+    max_tokens = [2048 if rng.random() < 0.05 else rng.randint(32, 128) for _ in range(n)]
+    return Workload("W4", "qwen2.5-7b.json", prompts, max_tokens)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W-nano": w_nano, "tiny": tiny}
