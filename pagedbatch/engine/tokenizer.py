@@ -7,6 +7,11 @@ from typing import Any
 
 
 def load_tokenizer(path: str):
+    from .qwen_tiktoken import VOCAB_FILE, QwenTiktokenTokenizer
+
+    if os.path.isfile(os.path.join(path, VOCAB_FILE)):
+        # Qwen (v1): transformers would need the directory's own code (trust_remote_code).
+        return QwenTiktokenTokenizer.from_dir(path)
     from transformers import AutoTokenizer
 
     try:
@@ -26,6 +31,8 @@ def eos_token_ids(model_dir: str, tokenizer, config_eos: list[int]) -> set[int]:
             ids.update([eos] if isinstance(eos, int) else eos)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    # Qwen v1's tiktoken tokenizer: <|im_end|> ends a chat turn, but its generation_config names only <|endoftext|>.
+    ids.update(getattr(tokenizer, "end_of_turn_token_ids", ()))
     return ids
 
 

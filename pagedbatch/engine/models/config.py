@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"attention_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "QWenLMHeadModel": {"attention_bias": True},  # Qwen v1: its own config keys, see qwen_v1.py
 }
 
 
@@ -55,6 +56,10 @@ class ModelArgs:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        from .qwen_v1 import is_qwen_v1, qwen_v1_model_args  # imports this module: import here
+
+        if is_qwen_v1(cfg):
+            return qwen_v1_model_args(cfg, source)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:

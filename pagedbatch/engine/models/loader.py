@@ -16,6 +16,7 @@ import torch
 
 from .config import ModelArgs
 from .llama import LlamaForCausalLM
+from .qwen_v1 import ARCHITECTURE as QWEN_V1, rename_tensors as qwen_v1_names
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # checkpoint suffix -> (our parameter path inside the layer, fused slice index)
@@ -130,7 +131,10 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
     kind, files = weight_files(model_dir, load_format, allow_pickle)
     names = {id(p): n for n, p in model.named_parameters()}
     loaded: set[tuple[str, object]] = set()
-    for name, tensor in _iter_tensors(kind, files, "cpu"):
+    tensors = _iter_tensors(kind, files, "cpu")
+    if args.architecture == QWEN_V1:
+        tensors = qwen_v1_names(tensors)
+    for name, tensor in tensors:
         target = _target(model, name)
         if target is None:
             continue
