@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 import pytest
@@ -49,7 +50,7 @@ class Server:
             time.sleep(0.02)
 
 
-def start_server(model_dir: str, **settings) -> tuple[Server, callable]:
+def start_server(model_dir: str, **settings) -> tuple[Server, Callable[[], None]]:
     import uvicorn
 
     engine = LLMEngine(EngineConfig(model=model_dir, **ENGINE))
