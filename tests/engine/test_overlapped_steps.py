@@ -34,15 +34,24 @@ def _run(model_dir, async_scheduling, **engine_kw):
     assert stats["free_blocks"] == stats["num_blocks"] and not eng.has_unfinished_requests()
     for o in outs:
         assert PENDING not in o.token_ids
-    return [(o.token_ids, o.finish_reason, o.text, [(lp.token_id, round(lp.logprob, 5)) for lp in o.logprobs or []])
-            for o in outs]
+    return outs
+
+
+def _same(a, b):
+    # Tokens, reasons and text must be identical. Logprobs may differ in the last float32 bits: overlap
+    # changes which rows share a step, and a matmul over a different batch shape rounds differently.
+    assert [(o.token_ids, o.finish_reason, o.text) for o in a] == [(o.token_ids, o.finish_reason, o.text) for o in b]
+    for x, y in zip(a, b):
+        assert [lp.token_id for lp in x.logprobs or []] == [lp.token_id for lp in y.logprobs or []]
+        assert [lp.logprob for lp in x.logprobs or []] == pytest.approx([lp.logprob for lp in y.logprobs or []],
+                                                                         abs=1e-4)
 
 
 @pytest.mark.parametrize("engine_kw", [{}, {"max_num_batched_tokens": 16, "num_kv_blocks": 12, "block_size": 16}],
                          ids=["roomy", "chunked-and-preempting"])
 def test_overlapped_steps_give_the_same_results_as_synchronous_ones(tiny_model, engine_kw):
     d = tiny_model("llama")
-    assert _run(d, True, **engine_kw) == _run(d, False, **engine_kw)
+    _same(_run(d, True, **engine_kw), _run(d, False, **engine_kw))
 
 
 def test_penalties_turn_overlap_off_and_stay_exact(tiny_model):
