@@ -5,8 +5,8 @@ come from a YAML job file (``--config``); the command line wins, so options
 here default to None ("not given") and the real defaults live in
 ``JobOptions``, ``EngineConfig`` and ``SamplingParams``.
 
-To add a subcommand (e.g. ``serve``), define it in its own module and add
-two lines at the bottom of this file: the import and ``cli.add_command(...)``.
+Subcommands defined elsewhere (``serve``, the HTTP server) are added at the
+bottom of this file; their modules import their heavy dependencies lazily.
 """
 from __future__ import annotations
 
@@ -201,6 +201,9 @@ def report(out: str, no_png: bool) -> None:
                f"wrote {out}/report.json and report.md", err=True)
 
 
+from .server.cli import serve  # noqa: E402  (after run/report so --help lists them first)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="pagedbatch")
 def cli() -> None:
@@ -209,6 +212,7 @@ def cli() -> None:
 
 cli.add_command(run)
 cli.add_command(report)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``serve``: the HTTP server's command (``python api_server.py``; ``pagedbatch serve`` once hooked in).
+"""``serve``: the HTTP server's command (``python api_server.py`` and ``pagedbatch serve``).
 
 Engine options carry the job runner's names; unset ones keep EngineConfig's
 defaults, so the defaults live in one place.

@@ -1,4 +1,4 @@
-"""`python api_server.py` as a user runs it: a process that serves, answers curl-style requests, and
+"""`python api_server.py` (and `pagedbatch serve`) as a user runs it: a process that serves, answers curl-style requests, and
 stops cleanly on Ctrl-C."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,9 +22,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_api_server_script_serves_generate_and_stops_on_ctrl_c(model_dir):
+@pytest.mark.parametrize("entry", ["api_server.py", "pagedbatch serve"])
+def test_api_server_script_serves_generate_and_stops_on_ctrl_c(model_dir, entry):
     port = _free_port()
-    cmd = [sys.executable, str(REPO / "api_server.py"), "--model", model_dir, "--port", str(port),
+    start = [sys.executable, str(REPO / "api_server.py")] if entry == "api_server.py" else \
+        [sys.executable, "-c", "from pagedbatch.cli import main; main()", "serve"]
+    cmd = [*start, "--model", model_dir, "--port", str(port),
            "--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "64", "--served-model-name", "tiny",
            "--max-tokens-cap", "50", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
