@@ -11,6 +11,13 @@ recomputing them. Freed blocks keep their hash and sit in an LRU free list,
 so a prefix stays reusable until its memory is needed for something else.
 Hits are verified against the stored token ids, so a hash collision can
 never serve wrong K/V.
+
+In-flight prefixes: a block that a running sequence is computing for the
+first time is recorded by its hash until it is cached. A waiting sequence
+whose prompt continues into such a block is held back by the scheduler
+(``waits_for_computing_prefix``): admitted in the same step it would compute
+the same K/V again instead of reusing it one step later. This is what makes
+rows that share a few-shot prefix cheap even when they arrive together.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ class BlockManager:
         self._block_key: list[Optional[tuple[int, tuple[int, ...]]]] = [None] * num_blocks
         self._block_hash: list[Optional[int]] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self._computing: dict[int, str] = {}  # block hash -> request id of the running sequence computing it
         self.peak_used_blocks = 0
         self.hit_tokens = 0
         self.queried_tokens = 0
@@ -56,6 +64,33 @@ class BlockManager:
 
     # -- prefix cache ----------------------------------------------------
 
+    def _chain(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The chained hashes of ``seq``'s first ``num_blocks`` full blocks (memoised on the sequence)."""
+        chain, bs = seq.hash_chain, self.block_size
+        while len(chain) < num_blocks:
+            i = len(chain)
+            chain.append(hash((chain[-1] if chain else 0, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+        return chain
+
+    def _key(self, seq: Sequence, i: int) -> tuple[int, tuple[int, ...]]:
+        bs = self.block_size
+        return (seq.hash_chain[i - 1] if i else 0, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+
+    def _is_cached(self, seq: Sequence, i: int) -> Optional[int]:
+        block = self._cached.get(seq.hash_chain[i])
+        return block if block is not None and self._block_key[block] == self._key(seq, i) else None
+
+    def waits_for_computing_prefix(self, seq: Sequence) -> bool:
+        """True if the first uncached full block of ``seq``'s prompt is being computed by a running sequence."""
+        if not self._computing:
+            return False
+        chain = self._chain(seq, (seq.num_tokens - 1) // self.block_size)
+        for i, h in enumerate(chain):
+            if self._is_cached(seq, i) is None:
+                owner = self._computing.get(h)
+                return owner is not None and owner != seq.request_id
+        return False
+
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence with no blocks the cached blocks of its prefix; returns tokens reused.
 
@@ -66,24 +101,30 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        parent = 0
         hits = 0
-        for i in range((seq.num_tokens - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash((parent, tokens))
-            block = self._cached.get(h)
-            if block is None or self._block_key[block] != (parent, tokens):
+        for i, h in enumerate(self._chain(seq, (seq.num_tokens - 1) // bs)):
+            block = self._is_cached(seq, i)
+            if block is None:
                 break
             if self.ref_counts[block] == 0:
                 del self._free[block]
             self.ref_counts[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(h)
-            parent = h
             hits += 1
         seq.num_computed_tokens = hits * bs
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return hits * bs
+
+    def note_computing(self, seq: Sequence) -> None:
+        """Record the full prompt blocks an admitted sequence is about to compute that no one else has."""
+        if not self.enable_prefix_caching:
+            return
+        chain = self._chain(seq, (seq.num_tokens - 1) // self.block_size)
+        for h in chain[len(seq.block_hashes):]:
+            if h not in self._cached and h not in self._computing:
+                self._computing[h] = seq.request_id
+                seq.computing_hashes.append(h)
 
     def record_admission(self, seq: Sequence) -> None:
         """Count a first admission's prompt tokens and how many came from the cache."""
@@ -99,15 +140,15 @@ class BlockManager:
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else 0
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash((parent, tokens))
+            h = self._chain(seq, i + 1)[i]
             block = seq.block_table[i]
             seq.block_hashes.append(h)
+            if self._computing.get(h) == seq.request_id:
+                del self._computing[h]
             if h not in self._cached and self._block_hash[block] is None:
                 self._cached[h] = block
                 self._block_hash[block] = h
-                self._block_key[block] = (parent, tokens)
+                self._block_key[block] = self._key(seq, i)
 
     # -- allocation --------------------------------------------------------
 
@@ -139,3 +180,7 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        for h in seq.computing_hashes:  # blocks it had not finished: others must not wait for them
+            if self._computing.get(h) == seq.request_id:
+                del self._computing[h]
+        seq.computing_hashes = []

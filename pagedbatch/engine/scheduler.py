@@ -94,9 +94,18 @@ class Scheduler:
             budget = self._schedule_running(list(self.running), out, budget)
 
         # Admit waiting sequences, oldest (or just preempted) first, but not
-        # in a step that had to preempt: the cache is already short.
-        while self.waiting and budget > 0 and not (out.preempted and out.seqs) and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # in a step that had to preempt: the cache is already short. One whose
+        # prompt continues into blocks a running sequence is computing waits
+        # until they are cached (then it reuses them); younger ones go first.
+        i, held = 0, 0
+        while (i < len(self.waiting) and budget > 0 and not (out.preempted and out.seqs)
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[i]
+            if self.block_manager.waits_for_computing_prefix(seq):
+                i, held = i + 1, held + 1
+                if held >= self.config.max_num_seqs:
+                    break  # bounds the scan of a long queue of waiting rows
+                continue
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -104,7 +113,8 @@ class Scheduler:
                 self.block_manager.free(seq)  # give back the prefix hits; retried next step
                 break
             self.block_manager.record_admission(seq)
-            self.waiting.popleft()
+            self.block_manager.note_computing(seq)
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self._insert_running(seq)
             out.seqs.append(seq)

@@ -34,7 +34,11 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of the full blocks (prefix caching)
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks in block_table (prefix caching)
+        # Chained hashes of the full blocks of token_ids before the last token, computed once: those
+        # tokens never change (only the last one can be a PENDING placeholder).
+        self.hash_chain: list[int] = []
+        self.computing_hashes: list[int] = []  # prefix blocks this sequence computes for the cache's first time
         self.timings = RequestTimings(arrival=arrival)
         self.num_preemptions = 0
         self.skipped_steps = 0  # consecutive steps passed over by sjf-align

@@ -100,7 +100,7 @@ def test_prefix_caching_is_exact_also_across_preemption(references, cache):
     batch = [shared + p for p in prompts]
     ref = hf_greedy(d, batch, MAX_NEW)
     eng = InferenceEngine(d, dtype="float32", device="cpu", enable_prefix_caching=cache, block_size=16,
-                          num_kv_blocks=3 * -(-(max(map(len, batch)) + MAX_NEW) // 16), max_num_batched_tokens=64)
+                          num_kv_blocks=2 * -(-(max(map(len, batch)) + MAX_NEW) // 16), max_num_batched_tokens=64)
     outs = eng.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True))
     stats = eng.engine.stats()
     assert stats["free_blocks"] == stats["num_blocks"]

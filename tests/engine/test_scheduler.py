@@ -172,3 +172,43 @@ def test_prefix_cache_evicts_least_recently_freed_blocks_first():
     run_fake(sched, bm, [miss])
     assert bm.hit_tokens == before  # p1 was evicted
     assert bm.hit_tokens >= 32  # p2 survived
+
+
+def test_rows_sharing_a_prefix_admitted_together_compute_it_once():
+    # Three rows share a 64-token prefix and arrive together: the first computes it, the other two
+    # wait one step and take its four blocks from the cache instead of computing them again.
+    sched, bm = make(blocks=64, cache=True, budget=1000)
+    shared = list(range(100, 164))
+    rows = [seq(i, 0, 2, prompt=shared + [1 + i, 2, 3]) for i in range(3)] + [seq(3, 0, 2, prompt=list(range(9, 30)))]
+    admitted = []
+    run_fake(sched, bm, rows, check=lambda plan: admitted.append(
+        sorted(s.request_id for s, n in zip(plan.seqs, plan.num_new_tokens) if n > 1)))
+    assert admitted[0] == ["r0", "r3"]  # an unrelated row is not held up
+    assert admitted[1] == ["r1", "r2"]
+    assert bm.hit_tokens == 2 * 64
+    assert bm.num_free_blocks == bm.num_blocks and not bm._computing
+
+
+def test_a_row_waiting_for_a_prefix_goes_ahead_when_its_owner_is_aborted():
+    sched, bm = make(blocks=64, cache=True, budget=16)  # the owner needs 4 steps for its prefix
+    shared = list(range(100, 164))
+    owner, follower = seq(0, 0, 1, prompt=shared + [1]), seq(1, 0, 1, prompt=shared + [2])
+    sched.add(owner)
+    sched.add(follower)
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.seqs] == ["r0"]  # r1 waits for r0's blocks
+    sched.advance(plan)
+    sched.cache_blocks(plan)
+    sched.finish(owner)  # aborted: its unfinished blocks are no longer being computed
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.seqs] == ["r1"]
+    assert bm.hit_tokens == 16  # the one block r0 finished is reused; r1 computes the rest itself
+
+
+def test_a_row_waits_only_for_blocks_it_shares():
+    sched, bm = make(blocks=64, cache=True, budget=1000)
+    a = seq(0, 0, 1, prompt=list(range(100, 164)) + [1])
+    b = seq(1, 0, 1, prompt=list(range(100, 110)) + [5] * 30)  # shares less than one block with a
+    sched.add(a)
+    sched.add(b)
+    assert [s.request_id for s in sched.schedule().seqs] == ["r0", "r1"]
