@@ -2,9 +2,11 @@
 
     python bench/scheduling.py --workload W2 --runs fcfs/cache/input fcfs/nocache/input fcfs/cache/prefix
     python bench/scheduling.py --workload W1 --runs fcfs/cache/input/bs64      # block size 64
+    python bench/scheduling.py --workload W3 --runs fcfs/cache/input/kv3000 fcfs/cache/prefix/kv3000
     python bench/scheduling.py --workload tiny --device cpu --runs fcfs/cache/input sjf-align/nocache/length
 
-A run is policy/cache|nocache/order[/bsN]. Requests are added in the chosen
+A run is policy/cache|nocache/order[/bsN][/kvN] (block size N; a KV cache of
+exactly N blocks, to see what an order does when the cache is short). Requests are added in the chosen
 order (the job runner's ``admission_order`` over the whole workload) and the
 engine runs them to the end. Prints one table (output tok/s, p50/p99 latency,
 prefix-cache hit rate, padding-free decode steps, preemptions) and appends
@@ -33,10 +35,12 @@ from workloads import WORKLOADS  # noqa: E402
 
 def parse_run(spec: str) -> dict:
     parts = spec.split("/")
-    if len(parts) not in (3, 4) or parts[1] not in ("cache", "nocache") or (len(parts) == 4 and not parts[3].startswith("bs")):
-        raise SystemExit(f"bad run {spec!r}: want policy/cache|nocache/order[/bsN]")
+    extra = {p[:2]: p[2:] for p in parts[3:]}
+    if (len(parts) < 3 or parts[1] not in ("cache", "nocache") or len(extra) != len(parts) - 3
+            or not set(extra) <= {"bs", "kv"} or not all(v.isdigit() for v in extra.values())):
+        raise SystemExit(f"bad run {spec!r}: want policy/cache|nocache/order[/bsN][/kvN]")
     return {"policy": parts[0], "cache": parts[1] == "cache", "order": parts[2],
-            "block_size": int(parts[3][2:]) if len(parts) == 4 else 16}
+            "block_size": int(extra.get("bs", 16)), "num_kv_blocks": int(extra["kv"]) if "kv" in extra else None}
 
 
 def pct(xs, q):
@@ -52,7 +56,8 @@ def run_one(w, model_dir, spec, args) -> dict:
     eng = InferenceEngine(model_dir, load_format="dummy", skip_tokenizer_init=True, device=args.device,
                           dtype="bfloat16" if args.device != "cpu" else "float32", block_size=r["block_size"],
                           max_num_seqs=args.max_num_seqs, scheduling_policy=r["policy"],
-                          enable_prefix_caching=r["cache"], gpu_memory_utilization=0.9)
+                          enable_prefix_caching=r["cache"], gpu_memory_utilization=0.9,
+                          num_kv_blocks=r["num_kv_blocks"])
     rng = random.Random(99)  # warm-up on other prompts: compile, fill the allocator
     eng.generate([[rng.randrange(10000) for _ in range(200)] for _ in range(64)],
                  SamplingParams(max_tokens=4, ignore_eos=True))

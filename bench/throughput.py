@@ -2,6 +2,8 @@
 
     python bench/throughput.py --workload W1                 # ours + Hugging Face static b64 + generate_batch
     python bench/throughput.py --workload W-nano --peers none
+    python bench/throughput.py --workload single --peers hf-static --hf-batch 1    # one stream, 256 tokens
+    python bench/throughput.py --workload prefill --peers hf-static --hf-batch 16  # 16 x 2,048-token prefills
     python bench/throughput.py --workload tiny --device cpu --peers none   # smoke test of the script
 
 Model weights are random (load_format=dummy) on the architecture's real
@@ -226,7 +228,9 @@ def main(argv=None) -> int:
     print(f"\n{w.name}: {len(w.prompts)} prompts, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
           f"{device_name}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['matmul_rate'] / 1e12:.0f} "
           f"TFLOP/s; roofline {roof['total_s']:.2f} s (prefill {roof['prefill_s']:.2f} + decode {roof['decode_s']:.2f})")
-    print(f"{'engine':<22}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}{'wall s':>10}{'ours/peer':>11}{'SOL%':>7}")
+    prefill_only = max(w.max_tokens) == 1  # then the roofline is the matmul rate: SOL% = share of it reached
+    print(f"{'engine':<22}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}{'wall s':>10}{'ours/peer':>11}{'SOL%':>7}"
+          + (f"{'TFLOP/s':>9}" if prefill_only else ""))
     for r in rows:
         if "error" in r:
             print(f"{r['engine']:<22} failed: {r['error']}")
@@ -237,8 +241,13 @@ def main(argv=None) -> int:
         r["sol_pct"] = 100 * tps / roof_tps
         ratio = ours_tps / tps
         r["ours_over_this"] = ratio
+        extra = ""
+        if prefill_only:
+            share = r.get("prompt_tokens", w.prompt_tokens) / w.prompt_tokens  # a peer may run fewer prompts
+            r["prefill_tflop_s"] = roof["prefill_tflop"] * share / r["wall_s"]
+            extra = f"{r['prefill_tflop_s']:>9.0f}"
         print(f"{r['engine']:<22}{r.get('prompts', len(w.prompts)):>8}{tps:>12.0f}{tot:>13.0f}{r['wall_s']:>10.2f}"
-              f"{ratio:>10.1f}x{r['sol_pct']:>6.1f}%")
+              f"{ratio:>10.1f}x{r['sol_pct']:>6.1f}%{extra}")
     result = {
         "workload": w.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -70,4 +70,18 @@ def w4(n: int = 1000) -> Workload:
     return Workload("W4", "qwen2.5-7b.json", prompts, max_tokens)
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W-nano": w_nano, "tiny": tiny}
+def single() -> Workload:
+    """Single stream: one 128-token prompt, 256 new tokens, Qwen2.5-7B shape (bound by reading the weights)."""
+    rng = random.Random(5)
+    return Workload("single", "qwen2.5-7b.json", [[rng.randrange(0, 150_000) for _ in range(128)]], [256])
+
+
+def prefill() -> Workload:
+    """Prefill: 16 prompts of 2,048 tokens, 1 output token each, Qwen2.5-7B shape (bound by the matmul rate)."""
+    rng = random.Random(6)
+    return Workload("prefill", "qwen2.5-7b.json", [[rng.randrange(0, 150_000) for _ in range(2048)] for _ in range(16)],
+                    [1] * 16)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W-nano": w_nano, "single": single, "prefill": prefill,
+             "tiny": tiny}

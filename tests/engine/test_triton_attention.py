@@ -239,6 +239,18 @@ def test_num_splits_choice():
     assert choose_num_splits(1, 1, 10**6, 64, max_splits=16) == 16
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_gqa_groups_head_dims_and_block_sizes_in_one_mixed_batch(head_dim, group, block_size):
+    # One batch mixing a prefill from scratch, a chunk over cached context and decode rows from
+    # 1 to a few hundred tokens of context (the interpreter is slow: the GPU class goes to 8,192).
+    check(ctx_lens=[0, 37, 0, 1, 300], q_lens=[19, 12, 1, 1, 1], heads=2 * group, kv_heads=2, head_dim=head_dim,
+          block_size=block_size, tol=2e-5, seed=group,
+          backend=TritonAttentionBackend(num_splits=2 if group % 2 else None, decode_block_n=32,
+                                         prefill_block_m=32, prefill_block_n=32))
+
+
 # ---------------------------------------------------------------- GPU, bf16 at real sizes
 
 
@@ -282,3 +294,23 @@ class TestRealSizesBF16:
         b.q = new_q
         ref, _, _ = reference(b, scale)
         assert (static_out.float() - ref).abs().max().item() <= self.TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_gpu_matrix_contexts_1_to_8192_mixed_in_one_batch(dtype, head_dim, group, block_size):
+    """Every combination the kernels must serve, at full context lengths. Tolerance (max abs error against
+    the float32 reference on the same inputs): 1e-4 in float32 (IEEE dots, different summation order),
+    2e-2 in bf16 (8 mantissa bits; outputs are O(1))."""
+    g = torch.Generator().manual_seed(head_dim * group + block_size)
+    decode_ctx = [0, 1, 8191, 4096, 255, 16] + torch.randint(2, 8192, (10,), generator=g).tolist()
+    ctx = [0, 1000, 7000] + decode_ctx
+    q = [700, 96, 33] + [1] * len(decode_ctx)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    check(ctx_lens=ctx, q_lens=q, heads=4 * group, kv_heads=4, head_dim=head_dim, block_size=block_size,
+          dtype=dtype, tol=tol, cache_tol=1e-5 if dtype == torch.float32 else 2e-2)
+    check(ctx_lens=decode_ctx, q_lens=[1] * len(decode_ctx), heads=4 * group, kv_heads=4, head_dim=head_dim,
+          block_size=block_size, dtype=dtype, tol=tol, cache_tol=1e-5 if dtype == torch.float32 else 2e-2)
