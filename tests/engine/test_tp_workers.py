@@ -4,10 +4,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagedbatch import InferenceEngine, SamplingParams
 from pagedbatch.engine.distributed import WorkerDiedError
@@ -33,15 +35,27 @@ def wait_gone(pids, timeout=10.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def test_killing_a_worker_makes_rank0_fail_within_seconds_naming_it(tiny_model):
-    engine = InferenceEngine(tiny_model("llama"), **SMALL)
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                    reason="needs 2 CUDA GPUs")]),
+])
+def test_killing_a_worker_mid_generation_makes_rank0_fail_within_seconds_naming_it(tiny_model, device):
+    engine = InferenceEngine(tiny_model("llama"), **{**SMALL, "device": device, "num_kv_blocks": 64})
     engine.generate([[3, 4, 5]], GREEDY)
     pid = engine.engine.tp.workers.pids[0]
-    os.kill(pid, signal.SIGKILL)
-    t0 = time.monotonic()
+    killed = []
+
+    def kill_soon():
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    threading.Thread(target=kill_soon).start()
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)  # runs well past the kill
     with pytest.raises(WorkerDiedError, match=rf"rank 1 \(pid {pid}\) was killed by signal 9"):
-        engine.generate([[3, 4, 5]], GREEDY)
-    assert time.monotonic() - t0 < 5.0
+        engine.generate([[3, 4, 5], [6, 7, 8]], long)
+    assert killed and time.monotonic() - killed[0] < 5.0
     with pytest.raises(WorkerDiedError):  # and it stays failed, without waiting on anything
         engine.generate([[3, 4, 5]], GREEDY)
     engine.shutdown()
