@@ -37,6 +37,12 @@ def w_nano() -> Workload:
     return Workload("W-nano", "qwen3-0.6b.json", prompts, max_tokens, temperature=0.6)
 
 
+def single() -> Workload:
+    """Single-stream decode: one 128-token prompt, 512 output tokens, Qwen2.5-7B shape (latency-bound)."""
+    rng = random.Random(5)
+    return Workload("single", "qwen2.5-7b.json", [[rng.randrange(0, 150_000) for _ in range(128)]], [512])
+
+
 def tiny() -> Workload:
     """A CPU-sized smoke workload on a tiny Qwen3 shape (checks the script, not speed)."""
     rng = random.Random(0)
@@ -70,4 +76,4 @@ def w4(n: int = 1000) -> Workload:
     return Workload("W4", "qwen2.5-7b.json", prompts, max_tokens)
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W-nano": w_nano, "tiny": tiny}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W-nano": w_nano, "single": single, "tiny": tiny}
