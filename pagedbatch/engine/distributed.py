@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .step_inputs import packed_length
+
 HEADER_LEN = 7  # StepInputs.header
 # Collectives never time out: a worker legitimately waits for hours for a
 # step of an idle server, and a timed-out gloo or NCCL operation cannot be
@@ -71,6 +73,7 @@ class TPGroup:
         self._gather.rootRank = 0
         self._header = torch.empty(HEADER_LEN, dtype=torch.int64)
         self.failure: Optional[WorkerDiedError] = None
+        self.closed = False
         # Interpreter exit or a forgotten engine: stop the workers and tear the
         # groups down (a gloo group destroyed at exit with a dead peer aborts the process).
         self._finalizer = weakref.finalize(self, _teardown, self.control, self.data, workers)
@@ -105,8 +108,6 @@ class TPGroup:
         """The next step's (header, packed inputs); waits as long as rank 0 has no work."""
         self._wait(self.control.broadcast([self._header], self._root))
         header = self._header.tolist()
-        from .step_inputs import packed_length
-
         packed = torch.empty(packed_length(header), dtype=torch.int64, device=self.device)
         self._wait(self.data.broadcast([packed], self._root))
         return tuple(header), packed
@@ -133,6 +134,8 @@ class TPGroup:
         """Rank 0: raise WorkerDiedError if a worker has exited (a non-blocking poll)."""
         if self.failure is not None:
             raise self.failure
+        if self.closed:
+            raise RuntimeError("this engine was shut down: its tensor-parallel workers are gone")
         if self.workers is not None:
             dead = self.workers.dead()
             if dead:
@@ -183,6 +186,14 @@ class TPGroup:
         failed setup, a step in flight), and a message it does not expect
         would block. Closing its stdin ends it wherever it is (tp_workers).
         """
+        if self.closed:
+            return
+        if self.failure is None:
+            try:
+                self.synchronize()  # no collective of an overlapped step may be left waiting on a worker we end
+            except WorkerDiedError:
+                pass
+        self.closed = True
         self._finalizer()
 
 

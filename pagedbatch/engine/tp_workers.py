@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -36,10 +37,15 @@ _STOP_GRACE_S = 5.0
 
 
 class WorkerProcesses:
-    """Rank 0's handle on ranks 1..N-1: their processes, polled for deaths, stopped on close."""
+    """Rank 0's handle on ranks 1..N-1: their processes, polled for deaths, stopped on close.
 
-    def __init__(self, procs: list[subprocess.Popen]):
+    ``threads_before``: rank 0's torch thread count before it shared the CPU
+    cores with its workers; ``stop`` gives it back.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen], threads_before: Optional[int] = None):
         self.procs = procs  # procs[i] is rank i + 1
+        self.threads_before = threads_before
 
     @property
     def pids(self) -> list[int]:
@@ -70,6 +76,9 @@ class WorkerProcesses:
             except subprocess.TimeoutExpired:
                 p.kill()  # workers ignore SIGTERM (see main)
                 p.wait()
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
 
 
 def cpu_threads_per_rank(size: int) -> int:
@@ -84,11 +93,14 @@ def cpu_threads_per_rank(size: int) -> int:
 def start_tensor_parallel(config: EngineConfig, device: torch.device, max_model_len: int) -> TPGroup:
     """Rank 0: start the workers of a ``config.tensor_parallel_size``-way engine and join them in a group."""
     size = config.tensor_parallel_size
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:0; graphs and events use the current device
     store = torch.distributed.TCPStore(_HOST, 0, size, True, timeout=timedelta(seconds=_START_TIMEOUT_S),
                                        wait_for_workers=False)
     threads = cpu_threads_per_rank(size) if device.type == "cpu" else None
+    threads_before = torch.get_num_threads()
     if threads is not None:
-        torch.set_num_threads(min(torch.get_num_threads(), threads))
+        torch.set_num_threads(min(threads_before, threads))
     spec = {"config": config.to_dict(), "size": size, "port": store.port, "max_model_len": max_model_len,
             "threads": threads}
     env = dict(os.environ)
@@ -96,7 +108,7 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device, max_model_
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     procs = []
-    workers = WorkerProcesses(procs)
+    workers = WorkerProcesses(procs, threads_before if threads is not None else None)
     try:
         for rank in range(1, size):
             p = subprocess.Popen([sys.executable, "-m", "pagedbatch.engine.tp_workers"], stdin=subprocess.PIPE,

@@ -146,7 +146,8 @@ def test_shards_are_slices_of_the_whole_model_also_for_dummy_weights(case, kind)
             kv_rows = slice(0, kv * hd) if kv == 1 else slice(rank * kv * hd // 2, (rank + 1) * kv * hd // 2)
             want = torch.cat([qkv[:q][heads], qkv[q : q + kv * hd][kv_rows], qkv[q + kv * hd :][kv_rows]])
             assert torch.equal(p["layers.1.self_attn.qkv_proj_weight"], want)
-            assert torch.equal(p["layers.1.self_attn.o_proj_weight"], whole["layers.1.self_attn.o_proj_weight"][:, heads])
+            o_proj = whole["layers.1.self_attn.o_proj_weight"]
+            assert torch.equal(p["layers.1.self_attn.o_proj_weight"], o_proj[:, heads])
             start, count, local = split(args.intermediate_size, TPShard(rank, 2))
             down = p["layers.0.mlp.down_proj_weight"]
             assert torch.equal(down[:, :count], whole["layers.0.mlp.down_proj_weight"][:, start : start + count])

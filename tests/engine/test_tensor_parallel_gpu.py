@@ -57,7 +57,8 @@ def test_tp2_bf16_logprobs_are_as_close_to_float32_as_tp1(tmp_path, kind):
     d = _realistic(build_model(kind, tmp_path / kind, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                                num_key_value_heads=2, num_hidden_layers=4))
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 360, (int(n),), generator=g).tolist() for n in torch.randint(16, 300, (16,), generator=g)]
+    lengths = torch.randint(16, 300, (16,), generator=g).tolist()
+    prompts = [torch.randint(0, 360, (n,), generator=g).tolist() for n in lengths]
     runs = {}
     for name, kw in (("fp32", dict(dtype="float32")), ("tp1", dict(dtype="bfloat16")),
                      ("tp2", dict(dtype="bfloat16", tensor_parallel_size=2))):
