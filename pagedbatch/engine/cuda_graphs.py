@@ -28,7 +28,7 @@ def graph_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, kv_caches, cos_sin, backend, *, max_batch: int, max_blocks_per_seq: int,
                  max_model_len: int, scratch_block: int, block_size: int, hidden_size: int, dtype, device,
-                 synchronize=torch.cuda.synchronize):
+                 synchronize=torch.cuda.synchronize, capture_error_mode: str = "global"):
         self.model, self.kv_caches, self.cos_sin, self.backend = model, kv_caches, cos_sin, backend
         self.buckets = graph_buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self._synchronize = synchronize  # the runner's: with TP it fails instead of hanging on a dead worker
+        self._capture_error_mode = capture_error_mode
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -66,7 +67,7 @@ class DecodeGraphs:
                 self.out[:b] = self.model(self.ids[:b], self.kv_caches, self.cos_sin, meta, self.backend)
             self._synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
                 self.out[:b] = self.model(self.ids[:b], self.kv_caches, self.cos_sin, meta, self.backend)
             if self.pool is None:
                 self.pool = g.pool()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Optional
 
@@ -72,7 +73,7 @@ class TPGroup:
         self._gather = dist.GatherOptions()
         self._gather.rootRank = 0
         self._header = torch.empty(HEADER_LEN, dtype=torch.int64)
-        self.failure: Optional[WorkerDiedError] = None
+        self.failure: Optional[RuntimeError] = None  # a WorkerDiedError, or rank 0's own failure mid-step
         self.closed = False
         # Interpreter exit or a forgotten engine: stop the workers and tear the
         # groups down (a gloo group destroyed at exit with a dead peer aborts the process).
@@ -140,6 +141,24 @@ class TPGroup:
             dead = self.workers.dead()
             if dead:
                 self._fail(dead)
+
+    @contextmanager
+    def in_step(self):
+        """Rank 0: the span of a step in which the workers run the same collectives.
+
+        Leaving it by an exception (an out-of-memory error, a KeyboardInterrupt)
+        leaves the workers inside collectives rank 0 will never join; the
+        group cannot be used again, so it is torn down and later calls raise.
+        """
+        try:
+            yield
+        except BaseException as e:
+            if self.failure is None:
+                self.failure = RuntimeError(
+                    f"the tensor-parallel engine stopped in the middle of a step ({type(e).__name__}: {e}); "
+                    "its workers were stopped and it cannot continue")
+                self._finalizer()
+            raise
 
     def wait_event(self, event) -> None:
         """Wait for a CUDA event without ever blocking on a dead worker's collective."""

@@ -139,11 +139,13 @@ class ModelRunner:
             from .cuda_graphs import DecodeGraphs
 
             # With TP the graphs hold the NCCL all-reduces too; every rank captures the same buckets in order.
+            # NCCL's watchdog thread queries CUDA events meanwhile, which a "global" capture forbids.
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.cos_sin, self.backend, max_batch=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len,
                 scratch_block=self.num_blocks, block_size=self.block_size, hidden_size=args.hidden_size,
-                dtype=self.dtype, device=device, synchronize=self._synchronize)
+                dtype=self.dtype, device=device, synchronize=self._synchronize,
+                capture_error_mode="thread_local" if tp is not None else "global")
             self.graphs.capture()
         self.inputs = StepInputBuilder(device, self.block_size)
         self.prepare_s = 0.0  # host time spent building step inputs (reported by benchmarks)
@@ -235,15 +237,17 @@ class ModelRunner:
             self.tp.check_workers()
         inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
         sample_rows = inputs.sample_rows
-        if self.tp is not None:
-            self.tp.send_step(inputs.header, inputs.packed)
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1
-        hidden = self._forward(inputs)
+        if self.tp is None:
+            logits = self._run_step(inputs)
+        else:
+            with self.tp.in_step():  # the workers run the same collectives from here to the logits gather
+                self.tp.send_step(inputs.header, inputs.packed)
+                logits = self._run_step(inputs)
         step = InFlightStep(plan, sample_rows)
         if not sample_rows:
             return step
-        logits = self._logits(hidden.index_select(0, inputs.logits_index))
         seqs = [plan.seqs[i] for i in sample_rows]
         batch = SamplingBatch.build(
             [s.params for s in seqs],
@@ -289,6 +293,13 @@ class ModelRunner:
                 result.top_logprobs[i] = list(zip(tops[0][j][:k], tops[1][j][:k])) if tops and k else []
         return result
 
+    def _run_step(self, inputs) -> Optional[torch.Tensor]:
+        """The step's forward pass and, if any row samples, its logits (None on workers, or with nothing to sample)."""
+        hidden = self._forward(inputs)
+        if not inputs.logits_index.numel():
+            return None
+        return self._logits(hidden.index_select(0, inputs.logits_index))
+
     def _forward(self, inputs) -> torch.Tensor:
         ids, meta = inputs.input_ids, inputs.meta
         # Every rank takes the same branch: it depends only on the broadcast header.
@@ -308,10 +319,7 @@ class ModelRunner:
         """A worker rank's loop: run each step rank 0 broadcasts, for as long as the process lives."""
         while True:
             header, packed = self.tp.recv_step()
-            inputs = unpack(packed, header)
-            hidden = self._forward(inputs)
-            if inputs.logits_index.numel():
-                self._logits(hidden.index_select(0, inputs.logits_index))
+            self._run_step(unpack(packed, header))
 
     def _suppressed(self, seq) -> list[int]:
         p = seq.params

@@ -75,6 +75,24 @@ def test_two_engines_side_by_side_then_shutdown_leaves_no_workers(tiny_model):
         b.generate([[8, 9]], GREEDY)
     assert wait_gone(pids) == []
     a.shutdown()  # idempotent
+    with pytest.raises(RuntimeError, match="shut down"):
+        a.generate([[3, 4, 5]], GREEDY)
+
+
+def test_rank0_failing_mid_step_stops_the_workers_instead_of_leaving_them_in_a_collective(tiny_model, monkeypatch):
+    engine = InferenceEngine(tiny_model("llama"), **SMALL)
+    engine.generate([[3, 4, 5]], GREEDY)
+
+    def out_of_memory(hidden):
+        raise MemoryError("no memory for the logits")
+
+    monkeypatch.setattr(engine.engine.runner.model, "compute_logits", out_of_memory)
+    with pytest.raises(MemoryError):
+        engine.generate([[3, 4, 5]], GREEDY)
+    assert wait_gone(engine.engine.tp.workers.pids) == []
+    with pytest.raises(RuntimeError, match="stopped in the middle of a step .MemoryError"):
+        engine.generate([[3, 4, 5]], GREEDY)
+    engine.shutdown()
 
 
 _RANK0 = """
