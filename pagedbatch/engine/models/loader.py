@@ -213,7 +213,9 @@ def _dummy_init(model: LlamaForCausalLM, seed: int) -> None:
     # its part, so each rank holds exactly its slice of the model one process
     # would build: TP results can be compared with TP 1 on dummy weights too.
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    full = dict(_build(model.args, torch.float32, "meta", TPShard(), None).named_parameters())
+    full = {}  # the unsharded shapes (a model on the meta device: no memory)
+    if model.shard.size > 1:
+        full = dict(_build(model.args, torch.float32, "meta", TPShard(), None).named_parameters())
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
