@@ -5,9 +5,15 @@
     python bench/throughput.py --workload single --peers hf-static --hf-batch 1    # one stream, 256 tokens
     python bench/throughput.py --workload prefill --peers hf-static --hf-batch 16  # 16 x 2,048-token prefills
     python bench/throughput.py --workload tiny --device cpu --peers none   # smoke test of the script
+    python bench/throughput.py --workload single --peers none --tensor-parallel-size 2   # TP 2 (GPUs 0, 1)
+    python bench/throughput.py --workload W1 --model-config llama3-70b.json --peers none --tensor-parallel-size 4
 
 Model weights are random (load_format=dummy) on the architecture's real
 config (configs/models/); prompts are random token ids; EOS is ignored.
+``--model-config`` runs a workload's prompts on another shape (ids are
+taken modulo its vocabulary). With ``--tensor-parallel-size N`` the roofline
+is that of N GPUs (N times the measured bandwidth and matmul rate, see
+roofline.py); the peers still run on one GPU.
 Prints one table and writes JSON under bench/results/.
 """
 from __future__ import annotations
@@ -69,6 +75,13 @@ def model_dir_for(w: Workload, tmp: str) -> str:
     return d
 
 
+def on_model(w: Workload, model_config: str) -> Workload:
+    """The workload on another model shape: its prompts' ids folded into that vocabulary."""
+    vocab = json.load(open(os.path.join(ROOT, "configs", "models", model_config)))["vocab_size"]
+    prompts = [[t % vocab for t in p] for p in w.prompts]
+    return Workload(w.name, model_config, prompts, w.max_tokens, w.temperature)
+
+
 def run_ours(w: Workload, model_dir: str, args) -> dict:
     from pagedbatch import InferenceEngine, SamplingParams
 
@@ -77,7 +90,8 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          tensor_parallel_size=args.tensor_parallel_size)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
     # Warm-up on other random prompts (the workload's own would sit in the
@@ -98,7 +112,9 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
     stats = eng.engine.stats()
     res = {"engine": "pagedbatch", "wall_s": wall, "output_tokens": out_tokens, "prompt_tokens": w.prompt_tokens,
            "load_s": load_s, "stats": stats, "num_blocks": stats["num_blocks"],
-           "host_prepare_ms_mean": getattr(eng.engine.runner, "prepare_ms_mean", None)}
+           "host_prepare_ms_mean": getattr(eng.engine.runner, "prepare_ms_mean", None),
+           "tensor_parallel_size": args.tensor_parallel_size}
+    eng.shutdown()
     del eng
     free(args.device)
     return res
@@ -192,16 +208,22 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--policy", default="fcfs")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="split our engine over N GPUs (cuda:0..N-1)")
+    ap.add_argument("--model-config", default=None,
+                    help="a file under configs/models/ to run the workload on instead of its own model shape")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
 
     w = WORKLOADS[args.workload]()
+    if args.model_config:
+        w = on_model(w, args.model_config)
     device = torch.device(args.device)
     ceilings = measure_ceilings(device)
     cfg = json.load(open(os.path.join(ROOT, "configs", "models", w.model_config)))
+    tp = args.tensor_parallel_size
     roof = roofline_seconds(Shape.from_hf(cfg), list(map(len, w.prompts)), w.max_tokens, ceilings["copy_bw"],
-                            ceilings["matmul_rate"])
+                            ceilings["matmul_rate"], num_gpus=tp)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model_dir_for(w, tmp)
@@ -225,8 +247,10 @@ def main(argv=None) -> int:
     ours_tps = ours["output_tokens"] / ours["wall_s"]
     roof_tps = w.output_tokens / roof["total_s"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\n{w.name}: {len(w.prompts)} prompts, {w.prompt_tokens} prompt / {w.output_tokens} output tokens, "
-          f"{device_name}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['matmul_rate'] / 1e12:.0f} "
+    gpus = f" x {tp} (tensor parallel; roofline of {tp} GPUs)" if tp > 1 else ""
+    print(f"\n{w.name} on {w.model_config}: {len(w.prompts)} prompts, {w.prompt_tokens} prompt / {w.output_tokens} "
+          f"output tokens, {device_name}{gpus}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul "
+          f"{ceilings['matmul_rate'] / 1e12:.0f} "
           f"TFLOP/s; roofline {roof['total_s']:.2f} s (prefill {roof['prefill_s']:.2f} + decode {roof['decode_s']:.2f})")
     prefill_only = max(w.max_tokens) == 1  # then the roofline is the matmul rate: SOL% = share of it reached
     print(f"{'engine':<22}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}{'wall s':>10}{'ours/peer':>11}{'SOL%':>7}"
@@ -249,7 +273,8 @@ def main(argv=None) -> int:
         print(f"{r['engine']:<22}{r.get('prompts', len(w.prompts)):>8}{tps:>12.0f}{tot:>13.0f}{r['wall_s']:>10.2f}"
               f"{ratio:>10.1f}x{r['sol_pct']:>6.1f}%{extra}")
     result = {
-        "workload": w.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "workload": w.name, "model_config": w.model_config, "tensor_parallel_size": tp,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
@@ -261,7 +286,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     os.makedirs(args.results_dir, exist_ok=True)
-    name = f"{w.name}-{datetime.date.today().isoformat()}-{device_name.replace(' ', '_')}{args.tag}.json"
+    name = (f"{w.name}-{datetime.date.today().isoformat()}-{device_name.replace(' ', '_')}"
+            f"{f'-x{tp}' if tp > 1 else ''}{args.tag}.json")
     with open(os.path.join(args.results_dir, name), "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {os.path.join(args.results_dir, name)}")

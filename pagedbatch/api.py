@@ -28,7 +28,10 @@ class InferenceEngine:
 
     ``InferenceEngine(model_path)`` loads a Hugging Face directory; any
     ``EngineConfig`` field can be passed as a keyword (``dtype="bfloat16"``,
-    ``block_size=32``, ``scheduling_policy="sjf-align"``, ...).
+    ``block_size=32``, ``scheduling_policy="sjf-align"``,
+    ``tensor_parallel_size=2``, ...). With tensor parallelism, ``shutdown()``
+    (or ``with InferenceEngine(...) as engine:``) ends the worker processes;
+    they also end when this process exits.
     """
 
     def __init__(self, model_path: Optional[str] = None, *, config: Optional[EngineConfig] = None, **engine_options):
@@ -41,6 +44,16 @@ class InferenceEngine:
         self.engine = LLMEngine(config)
         self.config = config
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Release the engine's worker processes (tensor parallel); idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "InferenceEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # The lower-level loop, for callers that schedule their own requests.
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None, **kw) -> None:

@@ -95,6 +95,8 @@ _RUN_OPTIONS = [
     _opt(ENGINE, "--sjf-max-skipped-steps", type=int, help="sjf-align starvation bound in steps [8]."),
     _opt(ENGINE, "--attention-backend", type=click.Choice(ATTENTION_BACKENDS), help="Attention backend [auto]."),
     _flag(ENGINE, "enforce-eager", "GPU: disable CUDA graphs."),
+    _opt(ENGINE, "--tensor-parallel-size", type=int, help="Split the model over N GPUs (cuda:0..N-1) or N CPU "
+         "processes; N must divide the attention heads [1]."),
     # Sampling defaults
     _opt(SAMPLING, "--max-tokens", type=int, help="Most output tokens per row [256]."),
     _opt(SAMPLING, "--min-tokens", type=int, help="Fewest output tokens before EOS may stop [0]."),

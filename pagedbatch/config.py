@@ -50,6 +50,9 @@ class EngineConfig:
 
     attention_backend: str = "auto"
     enforce_eager: bool = False  # GPU: disable CUDA graphs
+    # Split the model over this many processes (GPUs cuda:0..N-1, or CPU ranks
+    # over gloo); must divide the attention heads. See docs/parallel.md.
+    tensor_parallel_size: int = 1
     # Plan and launch step N+1 while the GPU runs step N (off only to debug).
     async_scheduling: bool = True
 
@@ -76,6 +79,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.sjf_max_skipped_steps < 0:
             raise ValueError(f"sjf_max_skipped_steps must be >= 0, got {self.sjf_max_skipped_steps}")
 

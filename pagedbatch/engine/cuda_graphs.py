@@ -8,6 +8,10 @@ block that no sequence owns and attend to it alone.
 
 The attention backend must size its launches from host ints that are fixed
 per bucket: the graphs are captured with ``max_seq_len = max_model_len``.
+
+Tensor parallel: the model's NCCL all-reduces are captured into the graphs
+(NCCL kernels are capturable), so every rank captures the same buckets in
+the same order and later replays the same bucket for the same step.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, cos_sin, backend, *, max_batch: int, max_blocks_per_seq: int,
-                 max_model_len: int, scratch_block: int, block_size: int, hidden_size: int, dtype, device):
+                 max_model_len: int, scratch_block: int, block_size: int, hidden_size: int, dtype, device,
+                 synchronize=torch.cuda.synchronize, capture_error_mode: str = "global"):
         self.model, self.kv_caches, self.cos_sin, self.backend = model, kv_caches, cos_sin, backend
         self.buckets = graph_buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -40,6 +45,8 @@ class DecodeGraphs:
         self.out = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self._synchronize = synchronize  # the runner's: with TP it fails instead of hanging on a dead worker
+        self._capture_error_mode = capture_error_mode
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -51,21 +58,21 @@ class DecodeGraphs:
     def capture(self) -> None:
         reserve = getattr(self.backend, "reserve", None)
         if reserve is not None:  # split-K workspace allocated before any graph points at it
-            a = self.model.args
+            a = self.model.local_args  # this rank's heads
             for b in self.buckets:
                 reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device)
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile kernels, settle allocations
                 self.out[:b] = self.model(self.ids[:b], self.kv_caches, self.cos_sin, meta, self.backend)
-            torch.cuda.synchronize()
+            self._synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
                 self.out[:b] = self.model(self.ids[:b], self.kv_caches, self.cos_sin, meta, self.backend)
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[b] = g
-        torch.cuda.synchronize()
+        self._synchronize()
 
     def bucket_for(self, b: int) -> int:
         for size in self.buckets:

@@ -4,6 +4,11 @@
 executes, then each sequence that got a token is checked for its stopping
 conditions. The job runner and the HTTP server drive this loop; the Python
 API (``InferenceEngine``) wraps it.
+
+With ``tensor_parallel_size`` N > 1 this process is rank 0: it starts N - 1
+worker processes that each hold a shard of the model, and everything here
+(scheduling, blocks, sampling, text) still runs once, in this process.
+``shutdown()`` ends the workers (so does this process's exit).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_output
 from .model_runner import ModelRunner, resolve_device
 from .models.config import ModelArgs
+from .models.sharding import check_tensor_parallel
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, SequenceStatus
@@ -33,7 +39,18 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(config.model, self.tokenizer, self.model_args.eos_token_id)
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config)
-        self.runner = ModelRunner(config, self.model_args, self.device, self.max_model_len, self.eos_ids)
+        self.tp = None
+        if config.tensor_parallel_size > 1:
+            from .tp_workers import start_tensor_parallel
+
+            check_tensor_parallel(self.model_args, config.tensor_parallel_size)
+            self.tp = start_tensor_parallel(config, self.device, self.max_model_len)
+        try:
+            self.runner = ModelRunner(config, self.model_args, self.device, self.max_model_len, self.eos_ids,
+                                      tp=self.tp)
+        except BaseException:
+            self.shutdown()
+            raise
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self._seqs: dict[str, Sequence] = {}
@@ -260,6 +277,11 @@ class LLMEngine:
             text=text, new_token_ids=new_ids, new_text=new_text, finished=seq.is_finished,
             finish_reason=seq.finish_reason, timings=seq.timings, error=seq.error, stop_reason=seq.stop_reason,
             logprobs=seq.logprobs, num_preemptions=seq.num_preemptions)
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel worker processes (waits for them). Idempotent; a no-op without workers."""
+        if self.tp is not None:
+            self.tp.close()
 
     def stats(self) -> dict:
         bm = self.block_manager

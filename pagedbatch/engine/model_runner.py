@@ -4,6 +4,14 @@ The runner owns everything on the device: weights, the KV cache, the rotary
 table, the attention backend and the sampler. It makes no policy: it
 executes exactly the ``SchedulerOutput`` it is given. One host sync per
 step (reading the sampled token ids back) is the only one it makes.
+
+Tensor parallel (``tp`` given): every rank has a runner over its shard of
+the model and its own KV heads. Rank 0's runner is the engine's: it builds
+the step inputs, broadcasts them, runs its shard and samples from the
+logits gathered to it. The other ranks' runners live in worker processes
+and loop in ``serve``: receive a step, run the shard, send the logits.
+Setup (profiling, graph capture) runs the same collectives on every rank
+in the same order.
 """
 from __future__ import annotations
 
@@ -18,21 +26,32 @@ from ..config import EngineConfig
 from .attention.metadata import AttentionMetadata
 from .models.config import ModelArgs, rope_cos_sin
 from .models.loader import load_model
+from .models.sharding import TPShard
 from .sampler import Sampler, SamplingBatch
 from .scheduler import SchedulerOutput
-from .step_inputs import StepInputBuilder
+from .step_inputs import StepInputBuilder, unpack
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
+def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank ``rank``: with several ranks on GPUs, rank r uses cuda:r."""
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(config.device)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(config.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
+    tp = config.tensor_parallel_size
+    if dev.type == "cuda" and tp > 1:
+        if dev.index not in (None, 0):
+            raise ValueError(f"with tensor_parallel_size {tp} the ranks use cuda:0..cuda:{tp - 1}; device "
+                             f"{config.device!r} cannot be honoured (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        if torch.cuda.device_count() < tp:
+            raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; {torch.cuda.device_count()} visible")
+        dev = torch.device("cuda", rank)
     return dev
 
 
@@ -85,35 +104,48 @@ class InFlightStep:
 
 
 class ModelRunner:
+    """``tp``: this rank's ``TPGroup`` when the model is split over several processes."""
+
     def __init__(self, config: EngineConfig, args: ModelArgs, device: torch.device, max_model_len: int,
-                 eos_ids: set[int]):
+                 eos_ids: set[int], tp=None):
         self.config = config
         self.args = args
         self.device = device
+        self.tp = tp
         self.dtype = resolve_dtype(config, args, device)
         self.max_model_len = max_model_len
         self.eos_ids = sorted(eos_ids)
+        shard = TPShard(tp.rank, tp.size) if tp is not None else TPShard()
         self.model = load_model(config.model, args, self.dtype, device, load_format=config.load_format,
-                                allow_pickle=config.allow_pickle_weights, seed=config.seed)
+                                allow_pickle=config.allow_pickle_weights, seed=config.seed, shard=shard, comm=tp)
+        if tp is not None:
+            # Every rank has loaded before any rank profiles (NCCL) a model it could not wait for.
+            self.bytes_read_per_rank = tp.all_ints(self.model.checkpoint_bytes_read)
+        local = self.model.local_args  # this rank's heads (and KV heads): the KV cache holds only those
         self.backend = make_backend(config, device)
         self.cos_sin = rope_cos_sin(args, max_model_len, device)
         self.sampler = Sampler(seed=config.seed)
         self.block_size = config.block_size
         self.num_blocks = self._decide_num_blocks()
+        if tp is not None:
+            self.num_blocks = tp.min_int(self.num_blocks)  # the block manager's ids must exist on every rank
         # One extra block past those the block manager hands out: the scratch
         # block that CUDA-graph padding rows write into.
-        shape = (2, args.num_layers, self.num_blocks + 1, self.block_size, args.num_kv_heads, args.head_dim)
+        shape = (2, args.num_layers, self.num_blocks + 1, self.block_size, local.num_kv_heads, args.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and self.backend.name.startswith("triton"):
             from .cuda_graphs import DecodeGraphs
 
+            # With TP the graphs hold the NCCL all-reduces too; every rank captures the same buckets in order.
+            # NCCL's watchdog thread queries CUDA events meanwhile, which a "global" capture forbids.
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.cos_sin, self.backend, max_batch=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len,
                 scratch_block=self.num_blocks, block_size=self.block_size, hidden_size=args.hidden_size,
-                dtype=self.dtype, device=device)
+                dtype=self.dtype, device=device, synchronize=self._synchronize,
+                capture_error_mode="thread_local" if tp is not None else "global")
             self.graphs.capture()
         self.inputs = StepInputBuilder(device, self.block_size)
         self.prepare_s = 0.0  # host time spent building step inputs (reported by benchmarks)
@@ -122,8 +154,10 @@ class ModelRunner:
     # -- KV cache size -------------------------------------------------
 
     def bytes_per_block(self) -> int:
+        """KV bytes of one block on this rank (its own KV heads)."""
         a = self.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        kv_heads = self.model.local_args.num_kv_heads
+        return 2 * a.num_layers * self.block_size * kv_heads * a.head_dim * self.dtype.itemsize
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -132,17 +166,25 @@ class ModelRunner:
             return max(1, int(self.config.kv_cache_memory_gb * 2**30) // self.bytes_per_block())
         return self._profile_gpu_blocks()
 
+    def _synchronize(self) -> None:
+        # With workers, a plain device sync would hang forever on a dead worker's collective.
+        if self.tp is not None:
+            self.tp.synchronize()
+        else:
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def _profile_gpu_blocks(self) -> int:
         # Run the largest step the scheduler may plan, with a throwaway cache,
         # and give the KV cache what is left of the memory budget.
-        torch.cuda.synchronize(self.device)
+        self._synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         a = self.args
         blocks = -(-n // self.block_size)
-        tmp = torch.zeros((2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim),
+        kv_heads = self.model.local_args.num_kv_heads
+        tmp = torch.zeros((2, a.num_layers, blocks, self.block_size, kv_heads, a.head_dim),
                           dtype=self.dtype, device=self.device)
         caches = [(tmp[0, i], tmp[1, i]) for i in range(a.num_layers)]
         dev = self.device
@@ -154,10 +196,12 @@ class ModelRunner:
             num_seqs=1, num_tokens=n, max_query_len=n, max_seq_len=n)
         hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), caches, self.cos_sin, meta, self.backend)
         rows = min(self.config.max_num_seqs, n)
-        self.model.compute_logits(hidden[:rows]).float().softmax(-1)
-        torch.cuda.synchronize(self.device)
+        logits = self._logits(hidden[:rows])
+        if logits is not None:  # rank 0 holds the gathered logits and samples from them
+            logits.float().softmax(-1)
+        self._synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - tmp.numel() * tmp.element_size()
-        del tmp, caches, hidden
+        del tmp, caches, hidden, logits
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = total * self.config.gpu_memory_utilization - peak
@@ -189,18 +233,21 @@ class ModelRunner:
         can plan and launch step N+1 while the GPU runs step N.
         """
         t0 = time.perf_counter()
+        if self.tp is not None:
+            self.tp.check_workers()
         inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
-        ids, meta, sample_rows = inputs.input_ids, inputs.meta, inputs.sample_rows
+        sample_rows = inputs.sample_rows
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1
-        if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(ids, meta)
+        if self.tp is None:
+            logits = self._run_step(inputs)
         else:
-            hidden = self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)
+            with self.tp.in_step():  # the workers run the same collectives from here to the logits gather
+                self.tp.send_step(inputs.header, inputs.packed)
+                logits = self._run_step(inputs)
         step = InFlightStep(plan, sample_rows)
         if not sample_rows:
             return step
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_index))
         seqs = [plan.seqs[i] for i in sample_rows]
         batch = SamplingBatch.build(
             [s.params for s in seqs],
@@ -229,7 +276,10 @@ class ModelRunner:
         if not step.sample_rows:
             return result
         if step.done is not None:
-            step.done.synchronize()
+            if self.tp is not None:
+                self.tp.wait_event(step.done)
+            else:
+                step.done.synchronize()
         tok_t, lp_t, top_ids_t, top_lp_t = step.host
         tokens = tok_t.tolist()
         lps = lp_t.tolist() if lp_t is not None else None
@@ -242,6 +292,34 @@ class ModelRunner:
                 result.logprobs[i] = lps[j]
                 result.top_logprobs[i] = list(zip(tops[0][j][:k], tops[1][j][:k])) if tops and k else []
         return result
+
+    def _run_step(self, inputs) -> Optional[torch.Tensor]:
+        """The step's forward pass and, if any row samples, its logits (None on workers, or with nothing to sample)."""
+        hidden = self._forward(inputs)
+        if not inputs.logits_index.numel():
+            return None
+        return self._logits(hidden.index_select(0, inputs.logits_index))
+
+    def _forward(self, inputs) -> torch.Tensor:
+        ids, meta = inputs.input_ids, inputs.meta
+        # Every rank takes the same branch: it depends only on the broadcast header.
+        if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(ids, meta)
+        return self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)
+
+    def _logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Full-vocabulary logits on rank 0 (gathered from every rank's slice); None on the other ranks."""
+        logits = self.model.compute_logits(hidden)
+        if self.tp is None:
+            return logits
+        return self.tp.gather_logits(logits, self.args.vocab_size)
+
+    @torch.inference_mode()
+    def serve(self) -> None:
+        """A worker rank's loop: run each step rank 0 broadcasts, for as long as the process lives."""
+        while True:
+            header, packed = self.tp.recv_step()
+            self._run_step(unpack(packed, header))
 
     def _suppressed(self, seq) -> list[int]:
         p = seq.params

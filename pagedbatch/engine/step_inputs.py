@@ -10,6 +10,10 @@ The staging buffer is reused every step. The copy out of it is asynchronous,
 so before refilling it we wait on the event recorded after the last copy;
 that wait is free in the normal loop, where the step's sampled tokens have
 already been read back (a full sync) before the next plan is built.
+
+Tensor parallel: the device buffer (``StepInputs.packed``) and seven host
+ints (``StepInputs.header``) are the whole step; rank 0 broadcasts them and
+the other ranks rebuild the same views with ``unpack``.
 """
 from __future__ import annotations
 
@@ -29,8 +33,32 @@ from .sequence import PENDING
 class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     meta: AttentionMetadata
-    sample_rows: list[int]  # indices into plan.seqs whose last token is computed this step
-    logits_index: torch.Tensor  # [len(sample_rows)] int64, rows of the hidden states to sample from
+    sample_rows: Optional[list[int]]  # indices into plan.seqs whose last token is computed (None: unpacked)
+    logits_index: torch.Tensor  # [S] int64, rows of the hidden states to sample from
+    packed: torch.Tensor  # the one int64 device buffer all the tensors above are views of
+    header: tuple[int, ...]  # (B, T, S, W, P, max_query_len, max_seq_len): what unpacking ``packed`` needs
+
+
+def _offsets(B: int, T: int, S: int, W: int, P: int) -> np.ndarray:
+    # Layout of the buffer (int64):
+    # ids | positions | slots | logits rows | qsl | seq_lens | table | pending at | pending from
+    return np.cumsum([0, T, T, T, S, B + 1, B, B * W, P, P])
+
+
+def packed_length(header) -> int:
+    return int(_offsets(*header[:5])[-1])
+
+
+def unpack(packed: torch.Tensor, header) -> StepInputs:
+    """The step's tensors as views of ``packed`` (``sample_rows`` is None: the plan is rank 0's)."""
+    B, T, S, W, P, max_q, max_seq = header
+    off = _offsets(B, T, S, W, P)
+    meta = AttentionMetadata(
+        positions=packed[off[1] : off[2]], slot_mapping=packed[off[2] : off[3]],
+        query_start_loc=packed[off[4] : off[5]].to(torch.int32), seq_lens=packed[off[5] : off[6]].to(torch.int32),
+        block_tables=packed[off[6] : off[7]].view(B, W).to(torch.int32),
+        num_seqs=B, num_tokens=T, max_query_len=max_q, max_seq_len=max_seq)
+    return StepInputs(packed[: off[1]], meta, None, packed[off[3] : off[4]], packed, tuple(header))
 
 
 class StepInputBuilder:
@@ -81,9 +109,7 @@ class StepInputBuilder:
         n_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=B)
         W = max(int(n_blocks.max()), -(-int(seq_lens.max()) // self.block_size))
 
-        # Layout of the staging buffer (int64):
-        # ids | positions | slots | logits rows | qsl | seq_lens | table | pending at | pending from
-        off = np.cumsum([0, T, T, T, S, B + 1, B, B * W, P, P])
+        off = _offsets(B, T, S, W, P)
         buf = self._stage(int(off[-1]))
         buf[: off[1]] = ids
         qsl = buf[off[4] : off[5]]
@@ -115,12 +141,8 @@ class StepInputBuilder:
         if self._pin:
             self._copied = torch.cuda.Event()
             self._copied.record()
-        meta = AttentionMetadata(
-            positions=dev[off[1] : off[2]], slot_mapping=dev[off[2] : off[3]],
-            query_start_loc=dev[off[4] : off[5]].to(torch.int32), seq_lens=dev[off[5] : off[6]].to(torch.int32),
-            block_tables=dev[off[6] : off[7]].view(B, W).to(torch.int32),
-            num_seqs=B, num_tokens=T, max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()))
-        input_ids = dev[: off[1]]
+        inputs = unpack(dev, (B, T, S, W, P, int(q_lens.max()), int(seq_lens.max())))
+        inputs.sample_rows = sample_rows
         if P:
-            input_ids.index_copy_(0, dev[off[7] : off[8]], prev_tokens.index_select(0, dev[off[8] : off[9]]))
-        return StepInputs(input_ids, meta, sample_rows, dev[off[3] : off[4]])
+            inputs.input_ids.index_copy_(0, dev[off[7] : off[8]], prev_tokens.index_select(0, dev[off[8] : off[9]]))
+        return inputs

@@ -30,6 +30,7 @@ ENGINE_FIELDS = {
     "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
     "scheduling_policy": "scheduling_policy", "sjf_max_skipped_steps": "sjf_max_skipped_steps",
     "attention_backend": "attention_backend", "enforce_eager": "enforce_eager",
+    "tensor_parallel_size": "tensor_parallel_size",
 }
 SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -76,6 +77,7 @@ class JobOptions:
     sjf_max_skipped_steps: Optional[int] = None
     attention_backend: Optional[str] = None
     enforce_eager: Optional[bool] = None
+    tensor_parallel_size: Optional[int] = None
 
     # Default sampling (None: SamplingParams' default); rows may override
     max_tokens: Optional[int] = None

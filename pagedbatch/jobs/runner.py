@@ -96,9 +96,12 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
         engine = LLMEngine(engine_config)
     except Exception as e:  # loader errors come in many types; the user needs the path and the cause
         raise JobError(f"could not load the model from {model_dir}: {type(e).__name__}: {e}") from e
-    job = _Job(opts, engine, fmt, out, done, err)
-    with StopRequest() as stop:
-        return job.run(records, stop, resume_command)
+    try:
+        job = _Job(opts, engine, fmt, out, done, err)
+        with StopRequest() as stop:
+            return job.run(records, stop, resume_command)
+    finally:
+        engine.shutdown()  # tensor-parallel workers end with the job
 
 
 def _model_dir(opts: JobOptions, err: TextIO) -> str:

@@ -23,7 +23,7 @@ _ENGINE_FIELDS = {
     "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens", "scheduling_policy": "scheduling_policy",
     "sjf_max_skipped_steps": "sjf_max_skipped_steps", "attention_backend": "attention_backend",
-    "enforce_eager": "enforce_eager",
+    "enforce_eager": "enforce_eager", "tensor_parallel_size": "tensor_parallel_size",
 }
 
 _OPTIONS = [
@@ -52,6 +52,8 @@ _OPTIONS = [
     click.option("--sjf-max-skipped-steps", type=int, default=None, help="sjf-align starvation bound [8]."),
     click.option("--attention-backend", type=click.Choice(ATTENTION_BACKENDS), default=None, help="[auto]"),
     click.option("--enforce-eager/--no-enforce-eager", default=None, help="GPU: disable CUDA graphs."),
+    click.option("--tensor-parallel-size", type=int, default=None,
+                 help="Split the model over N GPUs (cuda:0..N-1) or N CPU processes [1]."),
     click.option("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, show_default=True,
                  help="Largest request body accepted (larger: 413)."),
     click.option("--max-tokens-cap", type=int, default=None,

@@ -8,6 +8,12 @@ splits checkpoint tensors into the fused weights.
 The forward pass takes a flat batch of T tokens from many sequences and an
 ``AttentionMetadata`` describing them; the KV cache is passed in, one
 (k, v) pair per layer, owned by the model runner.
+
+Tensor parallel (``sharding.py`` says how the weights are cut): the modules
+are built at this rank's shape (``local_args``), and ``comm.all_reduce``
+sums the row-parallel outputs: once after attention, once after the MLP,
+and once after the vocab-parallel embedding lookup. Every rank then holds
+the same full hidden states, so norms and residuals need no communication.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
 from .fused_ops import rms_norm, silu_and_mul
+from .sharding import TPShard, local_args, vocab_range
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -41,8 +48,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, comm=None):
         super().__init__()
+        self.comm = comm
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -65,27 +73,30 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale)
-        return F.linear(o.reshape(-1, self.q_size), self.o_proj_weight)
+        out = F.linear(o.reshape(-1, self.q_size), self.o_proj_weight)
+        return out if self.comm is None else self.comm.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, comm=None):
         super().__init__()
+        self.comm = comm
         self.inter = args.intermediate_size
         self.gate_up_proj_weight = _param(2 * args.intermediate_size, args.hidden_size)
         self.down_proj_weight = _param(args.hidden_size, args.intermediate_size)
 
     def forward(self, x):
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj_weight)), self.down_proj_weight)
+        out = F.linear(silu_and_mul(F.linear(x, self.gate_up_proj_weight)), self.down_proj_weight)
+        return out if self.comm is None else self.comm.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, comm=None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, comm)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, comm)
 
     def forward(self, x, residual, kv_cache, cos_sin, meta, backend):
         # The residual add of each block is folded into the next norm (one pass on the GPU).
@@ -99,13 +110,23 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """``args``: the whole model (config.json); ``shard``/``comm``: this rank's place and its collectives
+    (``comm`` None when running alone)."""
+
+    def __init__(self, args: ModelArgs, shard: TPShard = TPShard(), comm=None):
         super().__init__()
+        if (shard.size > 1) != (comm is not None):
+            raise ValueError("a tensor-parallel shard needs its communicator, and only it")
         self.args = args
-        self.embed_tokens = _param(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.shard = shard
+        self.comm = comm
+        self.local_args = local = local_args(args, shard)
+        self.vocab_start, self.vocab_end = vocab_range(args, shard)
+        self.embed_tokens = _param(local.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(local, comm) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = self.embed_tokens if args.tie_word_embeddings else _param(args.vocab_size, args.hidden_size)
+        self.lm_head = self.embed_tokens if args.tie_word_embeddings else _param(local.vocab_size, args.hidden_size)
+        self.checkpoint_bytes_read = 0  # set by the loader: what this rank read from the weight files
 
     def forward(
         self,
@@ -115,10 +136,21 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden] after the final norm
-        x, residual = F.embedding(input_ids, self.embed_tokens), None
+        x, residual = self._embed(input_ids), None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, kv, cos_sin, meta, backend)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm is None:
+            return F.embedding(input_ids, self.embed_tokens)
+        # Vocab-parallel: each rank looks up the ids in its range, zeros the
+        # rest, and the all-reduce adds one non-zero row to zeros (exact).
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local = (input_ids - self.vocab_start).masked_fill_(outside, 0)
+        x = F.embedding(local, self.embed_tokens).masked_fill_(outside[:, None], 0.0)
+        return self.comm.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over this rank's vocabulary rows (all of them when alone; see ``comm.gather_logits``)."""
         return F.linear(hidden, self.lm_head)

@@ -3,6 +3,11 @@
 Checkpoint tensors keep Hugging Face names; fused parameters (q/k/v,
 gate/up) are filled slice by slice. Pickle ``.bin`` checkpoints run
 arbitrary code when loaded, so they are refused unless explicitly allowed.
+
+Tensor parallel: each rank reads only its rows or columns of each tensor
+(``safe_open(...).get_slice``), so no rank ever holds a whole 70B layer;
+``sharding.param_parts`` says which. Pickle checkpoints are loaded whole
+(pickle cannot read part of a tensor) and then cut.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from .config import ModelArgs
 from .llama import LlamaForCausalLM
 from .qwen_v1 import ARCHITECTURE as QWEN_V1, rename_tensors as qwen_v1_names
+from .sharding import Part, TPShard, param_parts
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # checkpoint suffix -> (our parameter path inside the layer, fused slice index)
@@ -68,18 +74,45 @@ def weight_files(model_dir: str, load_format: str, allow_pickle: bool) -> tuple[
     raise FileNotFoundError(f"no model weights (*.safetensors) found in {model_dir!r}")
 
 
-def _iter_tensors(kind: str, files: list[str], device: str) -> Iterator[tuple[str, torch.Tensor]]:
+class TensorSource:
+    """A checkpoint tensor not read yet: ``shape``, and ``read(part)`` reads only the part's rows/columns.
+
+    ``rows`` restricts it to a window of rows (Qwen v1's fused c_attn holds
+    q, k and v one after the other).
+    """
+
+    def __init__(self, tensor_or_slice, shape: tuple[int, ...], row_offset: int = 0):
+        self._src = tensor_or_slice  # a torch.Tensor, or a safetensors slice (read on indexing)
+        self.shape = shape
+        self._row_offset = row_offset
+
+    def rows(self, start: int, count: int) -> "TensorSource":
+        return TensorSource(self._src, (count, *self.shape[1:]), self._row_offset + start)
+
+    def read(self, part: Part) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[0] = slice(self._row_offset, self._row_offset + self.shape[0])
+        if part.dim is not None:
+            lo = part.src_start + (self._row_offset if part.dim == 0 else 0)
+            index[part.dim] = slice(lo, lo + part.count)
+        return self._src[tuple(index)]
+
+
+def _iter_tensors(kind: str, files: list[str]) -> Iterator[tuple[str, TensorSource]]:
+    # Each source must be read before the next one is asked for: the file closes behind it.
     if kind == "safetensors":
         from safetensors import safe_open
 
         for path in files:
-            with safe_open(path, framework="pt", device=device) as f:
+            with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    sl = f.get_slice(name)
+                    yield name, TensorSource(sl, tuple(sl.get_shape()))
     else:
         for path in files:
-            state = torch.load(path, map_location=device, weights_only=True)
-            yield from state.items()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for name, t in state.items():
+                yield name, TensorSource(t, tuple(t.shape))
 
 
 def _target(model: LlamaForCausalLM, name: str):
@@ -106,24 +139,41 @@ def _target(model: LlamaForCausalLM, name: str):
     return None
 
 
-def _fused_slices(model: LlamaForCausalLM, param_name: str) -> list[int]:
-    a = model.args
-    if "qkv" in param_name:
-        return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
-    return [a.intermediate_size, a.intermediate_size]
+def _fill(param: torch.Tensor, part: Part, source: TensorSource, name: str) -> int:
+    """Copy this rank's part of a checkpoint tensor into ``param``; return the bytes read."""
+    dest = param if part.dim is None else param.narrow(part.dim, part.dst_start, part.dst_len)
+    want = list(dest.shape)
+    if part.dim is not None:
+        want[part.dim] = part.full_len
+    if tuple(source.shape) != tuple(want):
+        raise ValueError(f"weight {name!r} has shape {tuple(source.shape)}, expected {tuple(want)} from config.json")
+    tensor = source.read(part)
+    if part.dim is None:
+        dest.copy_(tensor)
+    else:
+        dest.narrow(part.dim, 0, part.count).copy_(tensor)
+        dest.narrow(part.dim, part.count, part.dst_len - part.count).zero_()  # padding rows of the last shard
+    return tensor.numel() * tensor.element_size()
 
 
-def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torch.device, *,
-               load_format: str = "auto", allow_pickle: bool = False, seed: int = 0) -> LlamaForCausalLM:
+def _build(args: ModelArgs, dtype: torch.dtype, device, shard: TPShard, comm) -> LlamaForCausalLM:
     # Build directly in the target dtype and device: a float32 staging copy of
     # a 7B model would not fit beside the bf16 one.
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(args)
+            return LlamaForCausalLM(args, shard, comm)
     finally:
         torch.set_default_dtype(old)
+
+
+@torch.no_grad()
+def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torch.device, *,
+               load_format: str = "auto", allow_pickle: bool = False, seed: int = 0,
+               shard: TPShard = TPShard(), comm=None) -> LlamaForCausalLM:
+    """The model (this rank's shard of it) with its weights; ``model.checkpoint_bytes_read`` says what was read."""
+    model = _build(args, dtype, device, shard, comm)
     if load_format == "dummy":
         _dummy_init(model, seed)
         return model.eval()
@@ -131,30 +181,23 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
     kind, files = weight_files(model_dir, load_format, allow_pickle)
     names = {id(p): n for n, p in model.named_parameters()}
     loaded: set[tuple[str, object]] = set()
-    tensors = _iter_tensors(kind, files, "cpu")
+    tensors = _iter_tensors(kind, files)
     if args.architecture == QWEN_V1:
         tensors = qwen_v1_names(tensors)
-    for name, tensor in tensors:
+    for name, source in tensors:
         target = _target(model, name)
         if target is None:
             continue
         param, idx = target
         pname = names[id(param)]
-        if idx is None:
-            dest = param.data
-        else:
-            sizes = _fused_slices(model, pname)
-            start = sum(sizes[:idx])
-            dest = param.data.narrow(0, start, sizes[idx])
-        if tuple(dest.shape) != tuple(tensor.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} from config.json")
-        dest.copy_(tensor)
+        part = param_parts(args, shard, pname)[idx or 0]
+        model.checkpoint_bytes_read += _fill(param.data, part, source, name)
         loaded.add((pname, idx))
 
     expected = set()
     for pname, p in model.named_parameters():
         if "qkv_proj" in pname or "gate_up_proj" in pname:
-            expected.update((pname, i) for i in range(len(_fused_slices(model, pname))))
+            expected.update((pname, i) for i in range(len(param_parts(args, shard, pname))))
         else:
             expected.add((pname, None))
     missing = sorted(f"{n}[{i}]" if i is not None else n for n, i in expected - loaded)
@@ -166,9 +209,24 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
 
 @torch.no_grad()
 def _dummy_init(model: LlamaForCausalLM, seed: int) -> None:
+    # A shard draws every full tensor in the unsharded model's order and keeps
+    # its part, so each rank holds exactly its slice of the model one process
+    # would build: TP results can be compared with TP 1 on dummy weights too.
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    full = {}  # the unsharded shapes (a model on the meta device: no memory)
+    if model.shard.size > 1:
+        full = dict(_build(model.args, torch.float32, "meta", TPShard(), None).named_parameters())
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
-        else:
+            continue
+        parts = param_parts(model.args, model.shard, name)
+        if model.shard.size == 1 or parts[0].dim is None:
             p.normal_(0.0, 0.02, generator=g)
+            continue
+        whole = torch.empty(full[name].shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=g)
+        offset = 0  # fused parameters: part i of the whole tensor starts after parts 0..i-1
+        for part in parts:
+            rows = whole.narrow(0, offset, part.full_len) if len(parts) > 1 else whole
+            _fill(p, part, TensorSource(rows, tuple(rows.shape)), name)
+            offset += part.full_len

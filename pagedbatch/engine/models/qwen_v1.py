@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
-import torch
-
 from .config import ModelArgs
 
 ARCHITECTURE = "QWenLMHeadModel"
@@ -93,11 +91,12 @@ def _dtype_from_flags(cfg: dict[str, Any]):
     return None
 
 
-def rename_tensors(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Qwen v1 checkpoint tensors under the Llama/Qwen2 names ``loader`` maps.
+def rename_tensors(tensors: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Qwen v1 checkpoint tensors (the loader's unread ``TensorSource``s) under the Llama/Qwen2 names it maps.
 
-    ``c_attn`` is split into q, k and v thirds (views, no copy). Names with
-    no counterpart (rotary buffers) pass through and the loader ignores them.
+    ``c_attn`` is split into q, k and v thirds (row windows, nothing read), so
+    a tensor-parallel rank reads only its heads of each. Names with no
+    counterpart (rotary buffers) pass through and the loader ignores them.
     """
     for name, tensor in tensors:
         if name in _TOP_NAMES:
@@ -112,7 +111,8 @@ def rename_tensors(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tupl
             kind = suffix.rsplit(".", 1)[1]
             if tensor.shape[0] % 3:
                 raise ValueError(f"{name} has {tensor.shape[0]} rows, not three equal q/k/v parts")
-            q, k, v = tensor.chunk(3, dim=0)
+            n = tensor.shape[0] // 3
+            q, k, v = (tensor.rows(i * n, n) for i in range(3))
             yield prefix + f"self_attn.q_proj.{kind}", q
             yield prefix + f"self_attn.k_proj.{kind}", k
             yield prefix + f"self_attn.v_proj.{kind}", v

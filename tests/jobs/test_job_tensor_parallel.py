@@ -1,0 +1,24 @@
+"""``run_batch.py --tensor-parallel-size 2``: the job's rows equal those of one process."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
+
+
+@pytest.mark.slow
+def test_tp2_job_gives_the_same_greedy_rows_as_tp1(tmp_path, llama_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(12))
+    common = ["--input", src, "--model", llama_dir, "--include-token-ids", *FAST]
+    r = run_cli([*common, "--output", tmp_path / "tp1"])
+    assert r.exit_code == 0, r.output
+    proc = subprocess.run(run_batch_cmd([*common, "--output", tmp_path / "tp2", "--tensor-parallel-size", "2"]),
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+    def rows(out):
+        return sorted((r["id"], r["output_token_ids"], r["output"], r["finish_reason"]) for r in results(out))
+
+    assert rows(tmp_path / "tp2") == rows(tmp_path / "tp1")
+    assert len(rows(tmp_path / "tp2")) == 12
