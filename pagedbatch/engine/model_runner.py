@@ -15,6 +15,7 @@ in the same order.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ class ModelRunner:
                 self.model, self.kv_caches, self.cos_sin, self.backend, max_batch=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len,
                 scratch_block=self.num_blocks, block_size=self.block_size, hidden_size=args.hidden_size,
-                dtype=self.dtype, device=device, synchronize=self._synchronize,
+                # Not the bound self._synchronize: graphs -> runner would be a reference cycle, and a
+                # dropped engine's KV cache would stay allocated on the GPU until the next gc pass.
+                dtype=self.dtype, device=device,
+                synchronize=tp.synchronize if tp is not None else functools.partial(torch.cuda.synchronize, device),
                 capture_error_mode="thread_local" if tp is not None else "global")
             self.graphs.capture()
         self.inputs = StepInputBuilder(device, self.block_size)

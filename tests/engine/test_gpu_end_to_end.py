@@ -13,6 +13,9 @@ prefill, Triton attention, CUDA-graph decode, overlapped steps):
 - The tiny test models in float32: greedy token ids identical to
   transformers' ``generate`` on the GPU (IEEE float32 dots in our kernels).
 """
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -20,6 +23,14 @@ from model_factory import KINDS, build_model
 from pagedbatch import InferenceEngine, SamplingParams
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    # Each test sizes its KV cache from the memory free at its start: none of an earlier test's may linger.
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -113,3 +124,17 @@ def test_tiny_models_float32_on_the_gpu_give_hf_greedy_tokens(tmp_path, kind):
     eng = InferenceEngine(d, dtype="float32", device="cuda", max_num_batched_tokens=64, gpu_memory_utilization=0.3)
     got = [o.token_ids for o in eng.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
     assert got == ref
+
+
+def test_a_dropped_engine_frees_its_kv_cache_without_waiting_for_the_garbage_collector(tmp_path):
+    d = build_model("llama", tmp_path / "llama")
+    eng = InferenceEngine(d, dtype="float32", device="cuda", gpu_memory_utilization=0.3)
+    assert eng.engine.runner.graphs is not None  # the CUDA-graph path, where a cycle once kept the cache alive
+    eng.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
+    cache = weakref.ref(eng.engine.runner.kv_cache)
+    gc.disable()
+    try:
+        del eng
+        assert cache() is None
+    finally:
+        gc.enable()
