@@ -9,6 +9,7 @@ every committed index.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -61,6 +62,7 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     model_dir = _model_dir(opts, err)
     try:
         engine_config = opts.engine_config(model_dir)
+        slots = _worker_slots(opts, engine_config)
         state = prepare_output_dir(out, build_manifest(opts, fmt, model_dir), opts.overwrite)
     except ManifestMismatch as e:
         raise JobError(str(e)) from None
@@ -71,6 +73,8 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     done = committed_indices(results_dir)
     if state == "resume" and not opts.quiet:
         print(f"[pagedbatch] resuming in {out}: {len(done)} rows already committed are skipped", file=err, flush=True)
+    if len(slots) > 1:
+        return _run_data_parallel(opts, slots, fmt, engine_config, records, done, err, resume_command)
 
     from ..engine.llm_engine import LLMEngine
 
@@ -81,6 +85,54 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     job = _Job(opts, engine, fmt, out, done, err)
     with StopRequest() as stop:
         return job.run(records, stop, resume_command)
+
+
+def _worker_slots(opts: JobOptions, engine_config) -> list:
+    """Data-parallel worker slots; one slot means the engine runs in this process."""
+    if opts.data_parallel_size == 1:
+        return [None]
+    from .data_parallel import cpu_count, cuda_device_count, plan_workers, visible_gpus
+
+    # The other branch's tensor parallelism lives in EngineConfig; before it, every engine is one GPU.
+    tp = getattr(engine_config, "tensor_parallel_size", 1)
+    gpus = visible_gpus(os.environ, cuda_device_count(opts.device))
+    return plan_workers(opts.data_parallel_size, tp, opts.device, gpus, cpu_count())
+
+
+def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, records: Iterator, done: set[int],
+                       err: TextIO, resume_command: str) -> JobResult:
+    from ..engine.models.config import ModelArgs
+    from ..engine.tokenizer import load_tokenizer, prompt_token_ids
+    from .data_parallel import DataParallelJob
+
+    model_dir = engine_config.model
+    run_id = new_run_id()
+    log = ProgressLog(opts.output, opts.shard_index, run_id)
+    job = DataParallelJob(opts, slots, model_dir=model_dir, input_format=fmt, run_id=run_id,
+                          already_committed=len(done), log=log, err=err)
+    with StopRequest() as stop:
+        try:
+            job.start()  # the workers load the model while this process loads the tokenizer
+            try:
+                # This process prepares rows (tokenizes, validates) with the tokenizer alone.
+                tokenizer = load_tokenizer(engine_config.tokenizer or model_dir)
+                vocab_size = ModelArgs.from_dir(model_dir).vocab_size
+            except Exception as e:  # as for the model: the user needs the path and the cause
+                raise JobError(f"could not load the tokenizer or config of {model_dir}: "
+                               f"{type(e).__name__}: {e}") from e
+            preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size))
+            status = job.run(todo_items(opts, records, done, preparer), stop)
+        except BaseException as e:  # a second Ctrl-C, or a bug: the workers are killed below
+            if job.dealing:
+                log.write("end", status="failed", error=f"{type(e).__name__}: {e}", counters=job.counters.as_dict())
+            raise
+        finally:
+            job.close()
+    if status == "failed" and not job.dealing:
+        raise JobError(job.failure)  # no worker started work: like a model that fails to load
+    log.write("end", status=status, error=job.failure or None, counters=job.counters.as_dict())
+    return finish_job(opts, opts.output, status, job.counters, len(done), first_errors=job.first_errors,
+                      dropped=job.dropped, stop=stop, resume_command=resume_command, failure=job.failure)
 
 
 def _model_dir(opts: JobOptions, err: TextIO) -> str:
