@@ -19,7 +19,8 @@ Design
 * Rows are dealt in small chunks on demand, never split up front: a worker
   asks ("want") whenever its engine holds fewer than ``max_in_flight`` plus
   one chunk of rows, and the parent answers with the next chunk of the one
-  prepared stream. A slow worker (a long tail, a slower GPU) simply asks less
+  prepared stream. A worker's chunks grow 1, 2, 4, ... rows up to the
+  chunk size, so a small job spreads over every worker too. A slow worker (a long tail, a slower GPU) simply asks less
   often, and holds at most ``max_in_flight + chunk`` rows at any moment.
   Dealing starts only once every worker has loaded its model, so the first
   one ready cannot take a small job's every row. Memory stays bounded: the
@@ -160,6 +161,9 @@ class _WorkerProcess:
         self.stats: Optional[dict] = None
         self.dropped = 0
         self.wants = False  # asked for rows before dealing began
+        # Chunks grow 1, 2, 4, ... up to the job's chunk size, so that a job of a
+        # few rows still spreads over every worker instead of filling the first to ask.
+        self.next_chunk = 1
         self.stopped_at: Optional[float] = None
 
     def _forward(self, err: TextIO) -> None:
@@ -359,7 +363,7 @@ class DataParallelJob:
         if self.stopping:
             return  # it was sent "stop" and will not ask again
         try:
-            items = [] if self.exhausted else list(itertools.islice(self.todo, self.chunk))
+            items = [] if self.exhausted else list(itertools.islice(self.todo, w.next_chunk))
         except Exception as e:  # e.g. a CSV file malformed halfway: workers still commit what they finished
             self._fail(f"reading the input failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
             return
@@ -368,6 +372,7 @@ class DataParallelJob:
             w.send("end")
             return
         w.send("rows", items)
+        w.next_chunk = min(2 * w.next_chunk, self.chunk)
 
     def _fail(self, message: str) -> None:
         # The first failure is the cause (it outranks an interrupt or an abort);
