@@ -295,8 +295,21 @@ class DataParallelJob:
             self._kill_overdue()
         return self.stopping or "complete"
 
-    def close(self) -> None:
-        """Reap every worker (killing any still running) and close the display."""
+    def close(self, grace_s: float = 0.0) -> None:
+        """Reap every worker and close the display. Workers still running are
+        first asked to stop and given ``grace_s`` to commit their finished
+        rows, then killed."""
+        running = [w for w in self.workers if w.proc.poll() is None]
+        if grace_s and running:
+            for w in running:
+                if w.stopped_at is None:
+                    w.send("stop")
+            deadline = time.monotonic() + grace_s
+            for w in running:
+                try:
+                    w.proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                except subprocess.TimeoutExpired:
+                    pass
         for w in self.workers:
             w.close()
         if self.display is not None:

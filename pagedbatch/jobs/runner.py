@@ -122,7 +122,8 @@ def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, r
                                f"{type(e).__name__}: {e}") from e
             preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size))
             status = job.run(todo_items(opts, records, done, preparer), stop)
-        except BaseException as e:  # a second Ctrl-C, or a bug: the workers are killed below
+        except BaseException as e:  # a second Ctrl-C, or a bug: quit soon, keeping what workers finished
+            job.close(grace_s=5.0)
             if job.dealing:
                 log.write("end", status="failed", error=f"{type(e).__name__}: {e}", counters=job.counters.as_dict())
             raise
