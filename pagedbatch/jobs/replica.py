@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from ..io import PartWriter, RowError, result_schema
 from .options import JobOptions
@@ -124,6 +124,31 @@ class Replica:
             self.engine.abort_request(request_id)
         self.in_flight.clear()
         return n
+
+
+_END = object()
+
+
+def drive(rep: Replica, todo: Iterator[Union[Prepared, RowError]], max_in_flight: int,
+          between_steps: Callable[[], bool] = lambda: True) -> bool:
+    """Admit rows from ``todo`` while fewer than ``max_in_flight`` are in the
+    engine, and step it, until ``todo`` runs out and every request finished
+    (returns True) or ``between_steps()``, called after each step, returns
+    False (returns False; requests still in flight are the caller's)."""
+    exhausted = False
+    while True:
+        while not exhausted and len(rep.in_flight) < max_in_flight:
+            item = next(todo, _END)
+            if item is _END:
+                exhausted = True
+                break
+            rep.add(item)
+        if rep.engine.has_unfinished_requests():
+            rep.step()
+        elif exhausted:
+            return True
+        if not between_steps():
+            return False
 
 
 def error_rate_exceeded(opts: JobOptions, c: Counters) -> bool:

@@ -24,7 +24,7 @@ from .options import JobOptions
 from .ordering import admission_order
 from .prepare import Prepared, RowPreparer
 from .progress import Counters, ProgressDisplay, ProgressLog
-from .replica import Replica, describe_engine, error_rate_exceeded, job_result_schema
+from .replica import Replica, describe_engine, drive, error_rate_exceeded, job_result_schema
 from .report import write_report
 from .signals import StopRequest
 
@@ -45,8 +45,6 @@ class JobResult:
     message: str
     report: dict = field(default_factory=dict)
 
-
-_END = object()
 
 
 def run_job(opts: JobOptions, *, resume_command: str = "the same command", stderr: Optional[TextIO] = None) -> JobResult:
@@ -174,28 +172,22 @@ class _Job:
         self.log.write("start", **describe_engine(self.engine, self.fmt, len(self.done)))
         display = ProgressDisplay(opts.quiet, opts.log_interval_s, opts.max_rows, len(self.done), stream=self.err)
         todo = todo_items(opts, records, self.done, self.preparer)
-        exhausted = False
         status = "complete"
+
+        def between_steps() -> bool:
+            nonlocal status
+            display.update(rep.counters)
+            if error_rate_exceeded(opts, rep.counters):
+                status = "aborted"
+                return False
+            rep.maybe_commit()
+            if stop.requested:
+                status = "interrupted"
+                return False
+            return True
+
         try:
-            while True:
-                if stop.requested:
-                    status = "interrupted"
-                    break
-                while not exhausted and len(rep.in_flight) < opts.effective_max_in_flight:
-                    item = next(todo, _END)
-                    if item is _END:
-                        exhausted = True
-                        break
-                    rep.add(item)
-                if self.engine.has_unfinished_requests():
-                    rep.step()
-                elif exhausted:
-                    break
-                display.update(rep.counters)
-                if error_rate_exceeded(opts, rep.counters):
-                    status = "aborted"
-                    break
-                rep.maybe_commit()
+            drive(rep, todo, opts.effective_max_in_flight, between_steps)
         except BaseException as e:
             # Rows already finished are valid: keep them, then let the error surface.
             rep.abort_in_flight()
