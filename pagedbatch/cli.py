@@ -132,7 +132,12 @@ _RUN_OPTIONS = [
     # Parallelism
     _opt(PARALLEL, "--data-parallel-size", help="Engine worker processes, each on its own GPU (or tensor-parallel "
          "group of GPUs) and fed rows on demand; 'auto' = every visible GPU (1 on a CPU machine). On the CPU, N "
-         "workers share the cores [1: the engine runs in this process]."),
+         "workers share the cores [1: the engine runs in this process]. With --executor ray: engine actors."),
+    _opt(PARALLEL, "--executor", type=click.Choice(["local", "ray"]),
+         help="local: this machine; ray: Ray Data on a Ray cluster, one engine actor per GPU (pip install "
+              "\"pagedbatch[ray]\") [local]."),
+    _opt(PARALLEL, "--ray-address", help="Ray cluster to join with --executor ray (e.g. auto, ray://host:10001) "
+         "[start a local one]."),
 ]
 
 

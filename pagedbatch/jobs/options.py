@@ -17,6 +17,7 @@ from ..config import EngineConfig
 from ..sampling_params import SamplingParams
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
+EXECUTORS = ("local", "ray")
 
 # Job option name -> EngineConfig field. The engine's ``seed`` (random
 # weights, unseeded sampling) is ``engine_seed`` here: ``seed`` is the
@@ -113,6 +114,10 @@ class JobOptions:
     # Engine worker processes, one per GPU (or tensor-parallel group); "auto":
     # every visible GPU, or 1 without a GPU. 1 runs the engine in this process.
     data_parallel_size: Union[int, str] = 1
+    # local: this machine (in this process, or N worker processes); ray: Ray Data on a
+    # Ray cluster (ray_address; None: start a local one), one engine actor per GPU.
+    executor: str = "local"
+    ray_address: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.input, str) or not self.input:
@@ -152,6 +157,10 @@ class JobOptions:
         if self.log_interval_s <= 0:
             raise ValueError(f"log_interval_s must be > 0, got {self.log_interval_s}")
         self.data_parallel_size = parse_data_parallel_size(self.data_parallel_size)
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor (--executor) must be one of {', '.join(EXECUTORS)}; got {self.executor!r}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address (--ray-address) needs executor 'ray' (--executor ray)")
         if self.data_parallel_size != 1 and self.device is not None and self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} names one GPU, but data_parallel_size is "
                              f"{self.data_parallel_size!r}: each worker is given its own GPUs through "

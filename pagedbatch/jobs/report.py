@@ -206,14 +206,15 @@ def _workers(events: list[dict]) -> list[dict[str, Any]]:
     last: dict[tuple, dict] = {}
     for e in events:
         key = (e.get("shard"), e.get("run_id"))
-        if e.get("event") == "start" and e.get("workers"):
+        if e.get("event") == "start":
             starts[key] = e
         elif e.get("worker") is not None and e.get("worker_counters"):
             last[(*key, e["worker"])] = e
     rows = []
     for (shard, run_id, worker), e in last.items():
         start = starts.get((shard, run_id), {})
-        info = next((w for w in start.get("workers", []) if w.get("worker") == worker), {})
+        # Local workers are listed when the run starts; Ray actors name their device in their own events.
+        info = next((w for w in start.get("workers", []) if w.get("worker") == worker), None) or e
         c = e["worker_counters"]
         wall = e["t"] - start["t"] if start else None
         rows.append({
@@ -225,7 +226,7 @@ def _workers(events: list[dict]) -> list[dict[str, Any]]:
             "output_tokens_per_s": _rate(c.get("output_tokens", 0), wall or 0.0),
             "_t0": start.get("t", 0.0),
         })
-    rows.sort(key=lambda r: (r.pop("_t0"), str(r["shard"]), r["worker"]))
+    rows.sort(key=lambda r: (r.pop("_t0"), str(r["shard"]), str(r["worker"])))
     return rows
 
 

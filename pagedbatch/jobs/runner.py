@@ -60,7 +60,7 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     model_dir = _model_dir(opts, err)
     try:
         engine_config = opts.engine_config(model_dir)
-        slots = _worker_slots(opts, engine_config)
+        slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
         state = prepare_output_dir(out, build_manifest(opts, fmt, model_dir), opts.overwrite)
     except ManifestMismatch as e:
         raise JobError(str(e)) from None
@@ -71,6 +71,13 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     done = committed_indices(results_dir)
     if state == "resume" and not opts.quiet:
         print(f"[pagedbatch] resuming in {out}: {len(done)} rows already committed are skipped", file=err, flush=True)
+    if opts.executor == "ray":
+        from .ray_executor import run_ray_job
+
+        try:
+            return run_ray_job(opts, fmt, model_dir, engine_config, done, err, resume_command)
+        except (ImportError, ValueError) as e:
+            raise JobError(str(e)) from None
     if len(slots) > 1:
         return _run_data_parallel(opts, slots, fmt, engine_config, records, done, err, resume_command)
 
@@ -227,12 +234,14 @@ def todo_items(opts: JobOptions, records: Iterator, done: set[int],
 
 
 def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_before: int, *,
-               first_errors: list[str], dropped: int, stop: StopRequest, resume_command: str,
+               first_errors: list[str], dropped: Optional[int], stop: StopRequest, resume_command: str,
                failure: str = "") -> JobResult:
     """Write the report (and output.jsonl) and say how the run ended: complete,
-    interrupted, aborted (error rate) or failed (a data-parallel worker died)."""
+    interrupted, aborted (error rate) or failed (a worker or the Ray pipeline
+    failed). ``dropped``: requests abandoned unfinished, None when unknown (Ray)."""
     report = write_report(out)
     results = os.path.join(out, RESULTS)
+    unfinished = "unfinished requests were" if dropped is None else f"{dropped} in-flight requests were"
     if status == "complete":
         if opts.output_format == "jsonl" and opts.num_shards == 1:
             write_openai_batch_output(results, os.path.join(out, "output.jsonl"))
@@ -242,13 +251,13 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
             message += f"; shard {opts.shard_index} of {opts.num_shards} is done, others may still be running"
         return JobResult(status, 0, out, c, message, report)
     if status == "interrupted":
-        message = (f"interrupted by {stop.name}: {c.rows} rows committed this run; {dropped} in-flight requests "
-                   f"were dropped and will be redone. Partial report in {os.path.join(out, 'report.md')}. "
+        message = (f"interrupted by {stop.name}: {c.rows} rows committed this run; {unfinished} "
+                   f"dropped and will be redone. Partial report in {os.path.join(out, 'report.md')}. "
                    f"To resume, run the same command again:\n  {resume_command}")
         return JobResult(status, stop.exit_code, out, c, message, report)
     if status == "failed":
         message = (f"failed: {failure}\n{c.rows} finished rows of this run were committed ({results}); "
-                   f"{dropped} unfinished requests will be redone. Fix the cause, then resume with the same "
+                   f"{unfinished} dropped and will be redone. Fix the cause, then resume with the same "
                    f"command:\n  {resume_command}")
         return JobResult(status, EXIT_FAILED, out, c, message, report)
     rate = c.errors / max(c.rows, 1)
