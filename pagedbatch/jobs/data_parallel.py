@@ -215,17 +215,21 @@ class _WorkerProcess:
         return f"worker {self.index} (pid {self.proc.pid}, {self.slot.label})"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        # A worker that said "done" is exiting (a tensor-parallel engine stops its ranks
+        # first): let it; any other is killed at once.
+        try:
+            self.proc.wait(timeout=10 if self.state == "done" else 0)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-        self.proc.wait()
+            self.proc.wait()
         self._reader.join(timeout=2)
         self.conn.close()
 
 
 class DataParallelJob:
-    """Run one shard of a job over N worker processes. ``run`` returns the
-    final status ("complete", "interrupted", "aborted" or "failed") and,
-    for "failed", what failed."""
+    """Run one shard of a job over N worker processes: ``start``, ``run``
+    (returns "complete", "interrupted", "aborted" or "failed"; ``failure``
+    then says what failed), ``close``."""
 
     def __init__(self, opts: JobOptions, slots: list[WorkerSlot], *, model_dir: str, input_format: str,
                  run_id: str, already_committed: int, log: ProgressLog, err: TextIO,

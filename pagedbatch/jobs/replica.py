@@ -4,8 +4,9 @@ A ``Replica`` admits ``Prepared`` requests to one ``LLMEngine``, steps it,
 turns finished outputs (and ``RowError`` rows) into result rows and commits
 them as parts every N rows or T seconds. The single-process job drives one
 replica; each data-parallel worker process drives its own, writing parts
-under its own name into the same results directory. Where rows come from and
-when to stop is the caller's business.
+under its own name into the same results directory; a Ray actor drives one
+over a batch and hands the rows back to the job's driver. Where rows come
+from and when to stop is the caller's business.
 """
 from __future__ import annotations
 

@@ -117,9 +117,9 @@ class _Worker:
         from .replica import describe_engine
 
         self.replica = replica
-        self.link.send("ready", {"pid": os.getpid(),
-                                 **describe_engine(replica.engine, spec.input_format, spec.already_committed)})
         try:
+            self.link.send("ready", {"pid": os.getpid(),
+                                     **describe_engine(replica.engine, spec.input_format, spec.already_committed)})
             return self._loop()
         except _ParentGone:
             raise
@@ -135,6 +135,11 @@ class _Worker:
             self.link.send("failed", {"error": f"{type(e).__name__}: {e}", "dropped": dropped,
                                       "traceback": traceback.format_exc(limit=8), **self._progress()})
             return 1
+        finally:
+            # A tensor-parallel engine's ranks end with it (engines without ranks have no shutdown).
+            shutdown = getattr(replica.engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
 
     def _load(self):
         spec, opts = self.spec, self.spec.opts
