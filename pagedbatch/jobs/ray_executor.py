@@ -43,7 +43,7 @@ from ..ray import EngineActor, require_ray
 from .manifest import RESULTS
 from .options import JobOptions
 from .progress import Counters, ProgressDisplay, ProgressLog
-from .replica import error_rate_exceeded, job_result_schema
+from .replica import commit_due, error_rate_exceeded, job_result_schema
 from .signals import StopRequest
 
 RAY_FORMATS = ("jsonl", "openai", "parquet", "csv")
@@ -303,8 +303,7 @@ class _Driver:
                                        stream=self.err)
 
     def _maybe_commit(self) -> None:
-        n = self.writer.pending()
-        if n >= self.opts.commit_every or (n and time.monotonic() - self.last_commit >= self.opts.commit_interval_s):
+        if commit_due(self.opts, self.writer.pending(), self.last_commit):
             self._commit()
 
     def _commit(self) -> None:

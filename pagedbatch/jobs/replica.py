@@ -108,8 +108,7 @@ class Replica:
     # -- commits and stopping ------------------------------------------------
 
     def maybe_commit(self) -> None:
-        n = self.writer.pending()
-        if n >= self.opts.commit_every or (n and time.monotonic() - self.last_commit >= self.opts.commit_interval_s):
+        if commit_due(self.opts, self.writer.pending(), self.last_commit):
             self.commit()
 
     def commit(self) -> None:
@@ -128,6 +127,12 @@ class Replica:
 
 
 _END = object()
+
+
+def commit_due(opts: JobOptions, pending: int, last_commit: float) -> bool:
+    """Whether buffered rows are due for a commit: every --commit-every rows or
+    --commit-interval-s seconds (``last_commit`` on the monotonic clock), whichever first."""
+    return pending >= opts.commit_every or (pending > 0 and time.monotonic() - last_commit >= opts.commit_interval_s)
 
 
 def drive(rep: Replica, todo: Iterator[Union[Prepared, RowError]], max_in_flight: int,
