@@ -22,7 +22,8 @@ from .config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, SCHEDULING_POLICIE
 INPUT_FORMATS = ("jsonl", "parquet", "csv", "hf-disk", "hf", "openai")  # pagedbatch.io.FORMATS, without importing pyarrow
 
 IO, MODEL, ENGINE, SAMPLING, CONTROL = "Input/Output", "Model", "Engine", "Sampling defaults (rows may override)", "Job control"
-_SECTIONS = (IO, MODEL, ENGINE, SAMPLING, CONTROL)
+PARALLEL = "Parallelism"
+_SECTIONS = (IO, MODEL, ENGINE, SAMPLING, CONTROL, PARALLEL)
 
 
 class _Option(click.Option):
@@ -130,6 +131,15 @@ _RUN_OPTIONS = [
     _opt(CONTROL, "--read-batch-rows", type=int, help="Input rows read per batch [1024]."),
     _flag(CONTROL, "quiet", "No progress bar or periodic log lines."),
     _opt(CONTROL, "--log-interval-s", type=float, help="Seconds between log lines when not on a terminal [10]."),
+    # Parallelism
+    _opt(PARALLEL, "--data-parallel-size", help="Engine worker processes, each on its own GPU (or tensor-parallel "
+         "group of GPUs) and fed rows on demand; 'auto' = every visible GPU (1 on a CPU machine). On the CPU, N "
+         "workers share the cores [1: the engine runs in this process]. With --executor ray: engine actors."),
+    _opt(PARALLEL, "--executor", type=click.Choice(["local", "ray"]),
+         help="local: this machine; ray: Ray Data on a Ray cluster, one engine actor per GPU (pip install "
+              "\"pagedbatch[ray]\") [local]."),
+    _opt(PARALLEL, "--ray-address", help="Ray cluster to join with --executor ray (e.g. auto, ray://host:10001) "
+         "[start a local one]."),
 ]
 
 

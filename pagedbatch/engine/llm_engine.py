@@ -26,7 +26,7 @@ from .models.sharding import check_tensor_parallel
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, SequenceStatus
-from .tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+from .tokenizer import eos_token_ids, load_tokenizer, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +80,7 @@ class LLMEngine:
 
     def validate_prompt(self, prompt: Union[str, list[int]]) -> list[int]:
         """Token ids for a prompt; ValueError for empty prompts or ids outside the vocabulary."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set): give token ids")
-            if not prompt:
-                raise ValueError("prompt is empty")
-            ids = encode_prompt(self.tokenizer, prompt)
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            if not ids:
-                raise ValueError("prompt token ids are empty")
-            vocab = self.model_args.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt encodes to zero tokens")
-        return ids
+        return prompt_token_ids(self.tokenizer, self.model_args.vocab_size, prompt)
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
                     *, stream: bool = False, arrival_time: Optional[float] = None) -> None:

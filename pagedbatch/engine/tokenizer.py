@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Union
 
 
 def load_tokenizer(path: str):
@@ -33,6 +33,30 @@ def eos_token_ids(model_dir: str, tokenizer, config_eos: list[int]) -> set[int]:
         ids.add(tokenizer.eos_token_id)
     # Qwen v1's tiktoken tokenizer: <|im_end|> ends a chat turn, but its generation_config names only <|endoftext|>.
     ids.update(getattr(tokenizer, "end_of_turn_token_ids", ()))
+    return ids
+
+
+def prompt_token_ids(tokenizer, vocab_size: int, prompt: Union[str, list[int]]) -> list[int]:
+    """Token ids for a prompt (text, or ids checked against the vocabulary);
+    ValueError for an empty one. Needs no model, so a job's data-parallel
+    parent validates rows with the tokenizer alone."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set): give token ids")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        ids = encode_prompt(tokenizer, prompt)
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt token ids are empty")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+    else:
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt encodes to zero tokens")
     return ids
 
 

@@ -8,11 +8,11 @@ from .parquet_writer import (
     result_schema,
     write_openai_batch_output,
 )
-from .readers import FORMATS, InputRecord, detect_format, open_records
+from .readers import FORMATS, InputRecord, detect_format, file_records, open_records, parquet_files
 from .requests import SAMPLING_FIELDS, FieldNames, ParsedRequest, RowError, parse_record
 
 __all__ = [
-    "FORMATS", "InputRecord", "detect_format", "open_records",
+    "FORMATS", "InputRecord", "detect_format", "open_records", "file_records", "parquet_files",
     "SAMPLING_FIELDS", "FieldNames", "ParsedRequest", "RowError", "parse_record",
     "result_schema", "PartWriter", "committed_indices", "cleanup_temp_files", "read_results",
     "check_exactly_once", "write_openai_batch_output",

@@ -9,10 +9,11 @@ report them and indices stay stable when a bad row is fixed and the job rerun.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 FORMATS = ("jsonl", "parquet", "csv", "hf-disk", "hf", "openai")
 
@@ -118,6 +119,41 @@ def open_records(path: str, fmt: Optional[str] = None, *, batch_rows: int = 1024
     return _hf_records(path)
 
 
+def file_records(path: str, fmt: str, opener: Callable[[], Any], *, batch_rows: int = 1024) -> Iterator[InputRecord]:
+    """The records of one file of a jsonl, openai, parquet or csv input,
+    numbered from 0 within the file, read from the random-access files that
+    ``opener()`` returns (``path`` only names it in messages). For callers
+    that open files through their own filesystem layer (Ray Data's read
+    tasks); records, bad rows and their positions are those ``open_records``
+    gives for a single file."""
+    if fmt in ("jsonl", "openai"):
+        return _jsonl_records(io.BufferedReader(_RawReader(opener())))
+    if fmt == "parquet":
+        return _parquet_iter([opener()], batch_rows)
+    if fmt == "csv":
+        return _csv_records(path, batch_rows, opener)
+    raise ValueError(f"file_records reads jsonl, openai, parquet and csv files, not {fmt!r}")
+
+
+class _RawReader(io.RawIOBase):
+    """Line iteration over a file object that has ``read(n)`` only (pyarrow's files)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 # --- JSON Lines -------------------------------------------------------------
 
 
@@ -184,6 +220,11 @@ def _parquet_iter(files: list[str], batch_rows: int) -> Iterator[InputRecord]:
                     index += 1
 
 
+def parquet_files(path: str) -> list[str]:
+    """The data files of a Parquet input (a file, or a folder's files in the order their rows are numbered)."""
+    return [path] if os.path.isfile(path) else _parquet_files(path)
+
+
 def _parquet_files(directory: str) -> list[str]:
     # Files in sorted path order (nested folders too), so indices are stable
     # across runs; dot- and underscore-files (_SUCCESS, temporaries) are not data.
@@ -199,7 +240,7 @@ def _parquet_files(directory: str) -> list[str]:
 # --- CSV --------------------------------------------------------------------
 
 
-def _csv_records(path: str, batch_rows: int) -> Iterator[InputRecord]:
+def _csv_records(path: str, batch_rows: int, opener: Optional[Callable[[], Any]] = None) -> Iterator[InputRecord]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -220,13 +261,14 @@ def _csv_records(path: str, batch_rows: int) -> Iterator[InputRecord]:
         # on a later block that disagrees; parse_record decodes the values.
         # The probe, only for the column names, gets its own (ignoring) handler.
         probe_parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip")
-        names = pacsv.open_csv(path, read_options=read_options, parse_options=probe_parse).schema.names
+        source = opener or (lambda: path)  # the file is opened twice: once for the column names
+        names = pacsv.open_csv(source(), read_options=read_options, parse_options=probe_parse).schema.names
         convert_options = pacsv.ConvertOptions(
             column_types={name: pa.string() for name in names},
             null_values=[""],  # not pyarrow's default list, which would turn a prompt "NA" into null
             strings_can_be_null=True,
         )
-        reader = pacsv.open_csv(path, read_options=read_options, parse_options=parse_options,
+        reader = pacsv.open_csv(source(), read_options=read_options, parse_options=parse_options,
                                 convert_options=convert_options)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read CSV file {path}: {e}") from e
@@ -368,4 +410,4 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-__all__ = ["FORMATS", "InputRecord", "detect_format", "open_records"]
+__all__ = ["FORMATS", "InputRecord", "detect_format", "open_records", "file_records", "parquet_files"]

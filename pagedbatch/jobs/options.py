@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
+EXECUTORS = ("local", "ray")
 
 # Job option name -> EngineConfig field. The engine's ``seed`` (random
 # weights, unseeded sampling) is ``engine_seed`` here: ``seed`` is the
@@ -111,6 +112,15 @@ class JobOptions:
     quiet: bool = False
     log_interval_s: float = 10.0
 
+    # Parallelism
+    # Engine worker processes, one per GPU (or tensor-parallel group); "auto":
+    # every visible GPU, or 1 without a GPU. 1 runs the engine in this process.
+    data_parallel_size: Union[int, str] = 1
+    # local: this machine (in this process, or N worker processes); ray: Ray Data on a
+    # Ray cluster (ray_address; None: start a local one), one engine actor per GPU.
+    executor: str = "local"
+    ray_address: Optional[str] = None
+
     def __post_init__(self) -> None:
         if not isinstance(self.input, str) or not self.input:
             raise ValueError("input is required: a JSONL/Parquet/CSV file, a datasets directory or an OpenAI batch file")
@@ -148,6 +158,16 @@ class JobOptions:
         _int_at_least("read_batch_rows", self.read_batch_rows, 1)
         if self.log_interval_s <= 0:
             raise ValueError(f"log_interval_s must be > 0, got {self.log_interval_s}")
+        self.data_parallel_size = parse_data_parallel_size(self.data_parallel_size)
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor (--executor) must be one of {', '.join(EXECUTORS)}; got {self.executor!r}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address (--ray-address) needs executor 'ray' (--executor ray)")
+        if self.data_parallel_size != 1 and self.device is not None and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} names one GPU, but data_parallel_size is "
+                             f"{self.data_parallel_size!r}: each worker is given its own GPUs through "
+                             "CUDA_VISIBLE_DEVICES; use --device cuda (or auto) and set CUDA_VISIBLE_DEVICES "
+                             "to choose the GPUs")
         # Fail on a bad default now, not on the first row.
         try:
             self.default_sampling()
@@ -221,6 +241,19 @@ def load_job_file(path: str) -> dict[str, Any]:
         raise ValueError(f"job file {path}: unknown option(s) {', '.join(unknown)}; "
                          "see `pagedbatch run --help` or docs/jobs.md for the names")
     return values
+
+
+def parse_data_parallel_size(value: Any) -> Union[int, str]:
+    """An integer >= 1, or "auto" (every visible GPU); digits given as text become an int."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"data_parallel_size (--data-parallel-size) must be an integer >= 1 or 'auto', got {value!r}")
+    return value
 
 
 def slurm_shard(env: Mapping[str, str]) -> tuple[Optional[int], Optional[int]]:

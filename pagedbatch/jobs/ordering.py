@@ -18,9 +18,11 @@ ORDERS = ("input", "length", "prefix")
 
 
 def admission_order(items: Iterable[Optional[T]], order: str, window: int,
-                    key_ids: Callable[[T], list[int]]) -> Iterator[Optional[T]]:
-    """Yield ``items`` re-ordered window by window. ``None`` items (rows that
-    became errors while being prepared) pass straight through, never held."""
+                    key_ids: Callable[[T], list[int]],
+                    hold: Callable[[Optional[T]], bool] = lambda it: it is not None) -> Iterator[Optional[T]]:
+    """Yield ``items`` re-ordered window by window. Items ``hold`` rejects
+    (rows that became errors while being prepared; by default ``None``)
+    pass straight through, never held."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if window < 1:
@@ -31,8 +33,8 @@ def admission_order(items: Iterable[Optional[T]], order: str, window: int,
     key = (lambda it: len(key_ids(it))) if order == "length" else key_ids
     held: list[T] = []
     for it in items:
-        if it is None:
-            yield None
+        if not hold(it):
+            yield it
             continue
         held.append(it)
         if len(held) >= window:

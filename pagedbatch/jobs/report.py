@@ -9,6 +9,7 @@ missing those read "n/a".
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,7 @@ def build_report(out: str) -> dict[str, Any]:
         "device_name": start.get("device_name"),
         "engine_config": start.get("engine_config"),
         "job_options": manifest.get("options"),
+        "workers": _workers(events),
         "throughput_timeline": _timeline(events),
     }
     return report
@@ -127,13 +129,14 @@ def _runs(events: list[dict]) -> dict[tuple, dict]:
     runs: dict[tuple, dict] = {}
     for e in events:
         key = (e.get("shard"), e.get("run_id"))
-        r = runs.setdefault(key, {"start": e["t"], "end": e["t"], "start_event": None, "last_stats": None,
+        r = runs.setdefault(key, {"start": e["t"], "end": e["t"], "start_event": None, "last_stats": {},
                                   "end_event": None})
         r["start"], r["end"] = min(r["start"], e["t"]), max(r["end"], e["t"])
         if e.get("event") == "start":
             r["start_event"] = e
         if e.get("stats"):
-            r["last_stats"] = e["stats"]
+            # Each data-parallel worker has its own engine (worker None: the single-process job's).
+            r["last_stats"][e.get("worker")] = e["stats"]
         if e.get("event") == "end":
             r["end_event"] = e
     return runs
@@ -157,7 +160,7 @@ def _status(runs: dict[tuple, dict], num_shards: int) -> str:
 
 
 def _engine_metrics(runs: dict[tuple, dict]) -> dict[str, Any]:
-    stats = [r["last_stats"] for r in runs.values() if r.get("last_stats")]
+    stats = [s for r in runs.values() for s in r["last_stats"].values()]
     if not stats:
         return {"kv_cache": {"peak_used_blocks": None, "num_blocks": None, "peak_fraction": None},
                 "preemptions": None, "prefix_cache_hit_rate": "n/a", "batching": None}
@@ -194,6 +197,37 @@ def _engine_metrics(runs: dict[tuple, dict]) -> dict[str, Any]:
             "mean_length_spread": weighted("mean_length_spread"),
         },
     }
+
+
+def _workers(events: list[dict]) -> list[dict[str, Any]]:
+    """A row per data-parallel worker of each run: its device and, from its
+    last event, its rows, tokens and output rate since the run started."""
+    starts: dict[tuple, dict] = {}
+    last: dict[tuple, dict] = {}
+    for e in events:
+        key = (e.get("shard"), e.get("run_id"))
+        if e.get("event") == "start":
+            starts[key] = e
+        elif e.get("worker") is not None and e.get("worker_counters"):
+            last[(*key, e["worker"])] = e
+    rows = []
+    for (shard, run_id, worker), e in last.items():
+        start = starts.get((shard, run_id), {})
+        # Local workers are listed when the run starts; Ray actors name their device in their own events.
+        info = next((w for w in start.get("workers", []) if w.get("worker") == worker), None) or e
+        c = e["worker_counters"]
+        wall = e["t"] - start["t"] if start else None
+        rows.append({
+            "shard": shard, "run_id": run_id, "worker": worker, "device": info.get("device"),
+            "device_name": info.get("device_name"), "placement": info.get("placement"),
+            "status": e.get("status") if e.get("event") == "worker_end" else "running or killed",
+            "rows": c.get("rows", 0), "errors": c.get("errors", 0), "prompt_tokens": c.get("prompt_tokens", 0),
+            "output_tokens": c.get("output_tokens", 0), "wall_s": wall,
+            "output_tokens_per_s": _rate(c.get("output_tokens", 0), wall or 0.0),
+            "_t0": start.get("t", 0.0),
+        })
+    rows.sort(key=lambda r: (r.pop("_t0"), str(r["shard"]), str(r["worker"])))
+    return rows
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -288,6 +322,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| mean decode batch | {_fmt(b.get('mean_decode_batch'))} |",
         f"| padding-free decode steps | {_pct(b.get('padding_free_fraction'))} |",
         f"| mean length spread in a decode batch | {_fmt(b.get('mean_length_spread'))} |",
+    ]
+    lines += _render_workers(r.get("workers") or [])
+    lines += [
         "",
         "## Configuration",
         "",
@@ -297,6 +334,26 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _render_workers(workers: list[dict]) -> list[str]:
+    if not workers:
+        return []
+    lines = ["", "## Data-parallel workers", "",
+             "| run | worker | device | rows | errors | output tokens | wall (s) | output tok/s | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (_, run_id), group in itertools.groupby(workers, key=lambda w: (w["shard"], w["run_id"])):
+        group = list(group)
+        for w in group:
+            lines.append(f"| {run_id} | {w['worker']} | {w['device']} ({w['placement']}) | {w['rows']} | "
+                         f"{w['errors']} | {w['output_tokens']} | {_fmt(w['wall_s'])} | "
+                         f"{_fmt(w['output_tokens_per_s'])} | {w['status']} |")
+        walls = [w["wall_s"] for w in group if w["wall_s"] is not None]
+        wall, tokens = (max(walls) if walls else None), sum(w["output_tokens"] for w in group)
+        lines.append(f"| {run_id} | all {len(group)} | | {sum(w['rows'] for w in group)} | "
+                     f"{sum(w['errors'] for w in group)} | {tokens} | {_fmt(wall)} | "
+                     f"{_fmt(_rate(tokens, wall or 0.0))} | |")
+    return lines
 
 
 def write_png(report: dict[str, Any], out: str) -> None:

@@ -9,27 +9,26 @@ every committed index.
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
-import platform
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, TextIO
+from typing import Iterator, Optional, TextIO, Union
 
-from ..io import (
-    FieldNames, ParsedRequest, PartWriter, RowError, cleanup_temp_files, committed_indices, detect_format,
-    open_records, parse_record, result_schema, write_openai_batch_output,
-)
-from ..sampling_params import SamplingParams
+from ..io import PartWriter, RowError, cleanup_temp_files, committed_indices, detect_format, open_records
+from ..io import write_openai_batch_output
 from .manifest import RESULTS, ManifestMismatch, build_manifest, prepare_output_dir
 from .options import JobOptions
 from .ordering import admission_order
+from .prepare import Prepared, RowPreparer
 from .progress import Counters, ProgressDisplay, ProgressLog
+from .replica import Replica, describe_engine, drive, error_rate_exceeded, job_result_schema
 from .report import write_report
 from .signals import StopRequest
 
+EXIT_FAILED = 1
 EXIT_ERROR_RATE = 3
 
 
@@ -39,31 +38,13 @@ class JobError(Exception):
 
 @dataclass
 class JobResult:
-    status: str  # complete | interrupted | aborted
+    status: str  # complete | interrupted | aborted | failed
     exit_code: int
     out: str
     counters: Counters
     message: str
     report: dict = field(default_factory=dict)
 
-
-@dataclass
-class _Pending:
-    index: int
-    id: str
-    prompt: Optional[str]
-    is_chat: bool
-    field: str
-
-
-@dataclass
-class _Prepared:
-    token_ids: list[int]
-    params: SamplingParams
-    pending: _Pending
-
-
-_END = object()
 
 
 def run_job(opts: JobOptions, *, resume_command: str = "the same command", stderr: Optional[TextIO] = None) -> JobResult:
@@ -79,6 +60,7 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     model_dir = _model_dir(opts, err)
     try:
         engine_config = opts.engine_config(model_dir)
+        slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
         state = prepare_output_dir(out, build_manifest(opts, fmt, model_dir), opts.overwrite)
     except ManifestMismatch as e:
         raise JobError(str(e)) from None
@@ -89,6 +71,15 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     done = committed_indices(results_dir)
     if state == "resume" and not opts.quiet:
         print(f"[pagedbatch] resuming in {out}: {len(done)} rows already committed are skipped", file=err, flush=True)
+    if opts.executor == "ray":
+        from .ray_executor import run_ray_job
+
+        try:
+            return run_ray_job(opts, fmt, model_dir, engine_config, done, err, resume_command)
+        except (ImportError, ValueError) as e:
+            raise JobError(str(e)) from None
+    if len(slots) > 1:
+        return _run_data_parallel(opts, slots, fmt, engine_config, records, done, err, resume_command)
 
     from ..engine.llm_engine import LLMEngine
 
@@ -102,6 +93,55 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
             return job.run(records, stop, resume_command)
     finally:
         engine.shutdown()  # tensor-parallel workers end with the job
+
+
+def _worker_slots(opts: JobOptions, engine_config) -> list:
+    """Data-parallel worker slots; one slot means the engine runs in this process."""
+    if opts.data_parallel_size == 1:
+        return [None]
+    from .data_parallel import cpu_count, cuda_device_count, plan_workers, visible_gpus
+
+    # The other branch's tensor parallelism lives in EngineConfig; before it, every engine is one GPU.
+    tp = getattr(engine_config, "tensor_parallel_size", 1)
+    gpus = visible_gpus(os.environ, cuda_device_count(opts.device))
+    return plan_workers(opts.data_parallel_size, tp, opts.device, gpus, cpu_count())
+
+
+def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, records: Iterator, done: set[int],
+                       err: TextIO, resume_command: str) -> JobResult:
+    from ..engine.models.config import ModelArgs
+    from ..engine.tokenizer import load_tokenizer, prompt_token_ids
+    from .data_parallel import DataParallelJob
+
+    model_dir = engine_config.model
+    run_id = new_run_id()
+    log = ProgressLog(opts.output, opts.shard_index, run_id)
+    job = DataParallelJob(opts, slots, model_dir=model_dir, input_format=fmt, run_id=run_id,
+                          already_committed=len(done), log=log, err=err)
+    with StopRequest() as stop:
+        try:
+            job.start()  # the workers load the model while this process loads the tokenizer
+            try:
+                # This process prepares rows (tokenizes, validates) with the tokenizer alone.
+                tokenizer = load_tokenizer(engine_config.tokenizer or model_dir)
+                vocab_size = ModelArgs.from_dir(model_dir).vocab_size
+            except Exception as e:  # as for the model: the user needs the path and the cause
+                raise JobError(f"could not load the tokenizer or config of {model_dir}: "
+                               f"{type(e).__name__}: {e}") from e
+            preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size))
+            status = job.run(todo_items(opts, records, done, preparer), stop)
+        except BaseException as e:  # a second Ctrl-C, or a bug: quit soon, keeping what workers finished
+            job.close(grace_s=5.0)
+            if job.dealing:
+                log.write("end", status="failed", error=f"{type(e).__name__}: {e}", counters=job.counters.as_dict())
+            raise
+        finally:
+            job.close()
+    if status == "failed" and not job.dealing:
+        raise JobError(job.failure)  # no worker started work: like a model that fails to load
+    log.write("end", status=status, error=job.failure or None, counters=job.counters.as_dict())
+    return finish_job(opts, opts.output, status, job.counters, len(done), first_errors=job.first_errors,
+                      dropped=job.dropped, stop=stop, resume_command=resume_command, failure=job.failure)
 
 
 def _model_dir(opts: JobOptions, err: TextIO) -> str:
@@ -118,6 +158,8 @@ def _model_dir(opts: JobOptions, err: TextIO) -> str:
 
 
 class _Job:
+    """The single-process job: one replica fed straight from the record stream."""
+
     def __init__(self, opts: JobOptions, engine, fmt: str, out: str, done: set[int], err: TextIO):
         self.opts = opts
         self.engine = engine
@@ -125,240 +167,105 @@ class _Job:
         self.out = out
         self.done = done
         self.err = err
-        self.fields = FieldNames(opts.prompt_field, opts.messages_field, opts.prompt_token_ids_field, opts.id_field)
-        self.defaults = opts.default_sampling()
-        schema = result_schema(opts.include_prompt, opts.include_token_ids, opts.include_logprobs)
-        if opts.output_format == "jsonl":
-            import pyarrow as pa
-
-            schema = schema.append(pa.field("is_chat", pa.bool_()))
-        # Time and pid alone repeat when a job is rerun within the same second
-        # (e.g. --overwrite right after a run); a random tail keeps part names unique.
-        self.run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.writer = PartWriter(os.path.join(out, RESULTS), schema, shard_index=opts.shard_index, run_id=self.run_id)
+        self.run_id = new_run_id()
         self.log = ProgressLog(out, opts.shard_index, self.run_id)
-        self.counters = Counters()
-        self.in_flight: dict[str, _Pending] = {}
-        self.first_errors: list[str] = []
-        self.last_commit = time.monotonic()
+        writer = PartWriter(os.path.join(out, RESULTS), job_result_schema(opts), shard_index=opts.shard_index,
+                            run_id=self.run_id)
+        self.replica = Replica(opts, engine, writer, self._on_commit)
+        self.preparer = RowPreparer(opts, fmt, engine.tokenizer, engine.validate_prompt)
 
-    # -- the loop ----------------------------------------------------------
+    def _on_commit(self, part: str, counters: Counters, stats: dict) -> None:
+        self.log.write("commit", part=part, counters=counters.as_dict(), stats=stats)
 
     def run(self, records: Iterator, stop: StopRequest, resume_command: str) -> JobResult:
-        opts = self.opts
-        self.log.write("start", **self._describe_engine())
+        opts, rep = self.opts, self.replica
+        self.log.write("start", **describe_engine(self.engine, self.fmt, len(self.done)))
         display = ProgressDisplay(opts.quiet, opts.log_interval_s, opts.max_rows, len(self.done), stream=self.err)
-        todo = admission_order((self._prepare(r) for r in self._todo(records)), opts.order, opts.order_window,
-                               key_ids=lambda p: p.token_ids)
-        exhausted = False
-        status, message = "complete", ""
+        todo = todo_items(opts, records, self.done, self.preparer)
+        status = "complete"
+
+        def between_steps() -> bool:
+            nonlocal status
+            display.update(rep.counters)
+            if error_rate_exceeded(opts, rep.counters):
+                status = "aborted"
+                return False
+            rep.maybe_commit()
+            if stop.requested:
+                status = "interrupted"
+                return False
+            return True
+
         try:
-            while True:
-                if stop.requested:
-                    status = "interrupted"
-                    break
-                while not exhausted and len(self.in_flight) < opts.effective_max_in_flight:
-                    prep = next(todo, _END)
-                    if prep is _END:
-                        exhausted = True
-                        break
-                    if prep is not None:
-                        self._submit(prep)
-                if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        if output.finished:
-                            self._finish(output)
-                elif exhausted:
-                    break
-                display.update(self.counters)
-                if self._error_rate_exceeded():
-                    status = "aborted"
-                    break
-                self._maybe_commit()
+            drive(rep, todo, opts.effective_max_in_flight, between_steps)
         except BaseException as e:
             # Rows already finished are valid: keep them, then let the error surface.
-            self._abort_in_flight()
-            self._commit()
-            self.log.write("end", status="failed", error=f"{type(e).__name__}: {e}", counters=self.counters.as_dict(),
+            rep.abort_in_flight()
+            rep.commit()
+            self.log.write("end", status="failed", error=f"{type(e).__name__}: {e}", counters=rep.counters.as_dict(),
                            stats=self.engine.stats())
             display.close()
             raise
-        dropped = self._abort_in_flight()
-        self._commit()
+        dropped = rep.abort_in_flight()
+        rep.commit()
         display.close()
-        self.log.write("end", status=status, counters=self.counters.as_dict(), stats=self.engine.stats())
-        report = write_report(self.out)
-        c = self.counters
-        if status == "complete":
-            if opts.output_format == "jsonl" and opts.num_shards == 1:
-                write_openai_batch_output(os.path.join(self.out, RESULTS), os.path.join(self.out, "output.jsonl"))
-            message = (f"done: {c.rows} rows this run ({c.errors} errors, {len(self.done)} committed earlier); "
-                       f"results in {os.path.join(self.out, RESULTS)}, report in {os.path.join(self.out, 'report.md')}")
-            if report.get("status") != "complete" and opts.num_shards > 1:
-                message += f"; shard {opts.shard_index} of {opts.num_shards} is done, others may still be running"
-            return JobResult(status, 0, self.out, c, message, report)
-        if status == "interrupted":
-            message = (f"interrupted by {stop.name}: {c.rows} rows committed this run; {dropped} in-flight requests "
-                       f"were dropped and will be redone. Partial report in {os.path.join(self.out, 'report.md')}. "
-                       f"To resume, run the same command again:\n  {resume_command}")
-            return JobResult(status, stop.exit_code, self.out, c, message, report)
-        rate = c.errors / max(c.rows, 1)
-        message = (f"aborted: {c.errors} of {c.rows} rows failed ({rate:.1%}), above --max-error-rate "
-                   f"{opts.max_error_rate:g}. First errors:\n  " + "\n  ".join(self.first_errors) +
-                   f"\nFinished rows were committed ({os.path.join(self.out, RESULTS)}). Fix the input and rerun "
-                   "with --overwrite, or raise --max-error-rate.")
-        return JobResult(status, EXIT_ERROR_RATE, self.out, c, message, report)
+        self.log.write("end", status=status, counters=rep.counters.as_dict(), stats=self.engine.stats())
+        return finish_job(opts, self.out, status, rep.counters, len(self.done), first_errors=rep.first_errors,
+                          dropped=dropped, stop=stop, resume_command=resume_command)
 
-    def _todo(self, records: Iterator) -> Iterator:
-        opts = self.opts
+
+def new_run_id() -> str:
+    # Time and pid alone repeat when a job is rerun within the same second
+    # (e.g. --overwrite right after a run); a random tail keeps part names unique.
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def todo_items(opts: JobOptions, records: Iterator, done: set[int],
+               preparer: RowPreparer) -> Iterator[Union[Prepared, RowError]]:
+    """This shard's uncommitted records (up to --max-rows), prepared, in admission order."""
+
+    def todo() -> Iterator:
         for rec in records:
             if opts.max_rows is not None and rec.index >= opts.max_rows:
                 return
-            if rec.index % opts.num_shards != opts.shard_index or rec.index in self.done:
+            if rec.index % opts.num_shards != opts.shard_index or rec.index in done:
                 continue
             yield rec
 
-    # -- one record in -------------------------------------------------------
-
-    def _prepare(self, rec) -> Optional["_Prepared"]:
-        """Parse, validate and tokenize one record; a bad one becomes an error row here (None)."""
-        parsed = parse_record(rec, self.fields, self.fmt)
-        if isinstance(parsed, RowError):
-            self._error_row(parsed.index, parsed.id, parsed.error)
-            return None
-        assert isinstance(parsed, ParsedRequest)
-        try:
-            params = SamplingParams.from_dict({**self.defaults, **parsed.sampling})
-        except ValueError as e:
-            # SamplingParams' messages start with the field's name.
-            name = str(e).split(" ", 1)[0]
-            where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ else "sampling"
-            self._error_row(parsed.index, parsed.id, f"{where}: invalid value: {e}")
-            return None
-        if self.opts.include_logprobs and params.logprobs is None:
-            params = params.replace(logprobs=0)
-        if parsed.messages is not None:
-            field_name = self.fields.messages if self.fmt != "openai" else "body.messages"
-            try:
-                from ..engine.tokenizer import encode_chat
-
-                prompt: Any = encode_chat(self.engine.tokenizer, parsed.messages)
-            except Exception as e:  # jinja and tokenizer errors: the row is bad, not the job
-                self._error_row(parsed.index, parsed.id, f"field {field_name!r}: cannot render the chat: {e}")
-                return None
-            text = json.dumps(parsed.messages, ensure_ascii=False)
-        elif parsed.prompt is not None:
-            field_name = self.fields.prompt if self.fmt != "openai" else "body.prompt"
-            prompt = text = parsed.prompt
-        else:
-            field_name = self.fields.prompt_token_ids if self.fmt != "openai" else "body.prompt"
-            prompt, text = parsed.prompt_token_ids, None
-        try:
-            ids = self.engine.validate_prompt(prompt)
-        except (ValueError, TypeError) as e:
-            self._error_row(parsed.index, parsed.id, f"field {field_name!r}: {e}")
-            return None
-        return _Prepared(ids, params, _Pending(parsed.index, parsed.id, text, parsed.messages is not None, field_name))
-
-    def _submit(self, prep: "_Prepared") -> None:
-        p = prep.pending
-        request_id = str(p.index)
-        try:
-            self.engine.add_request(request_id, prep.token_ids, prep.params)
-        except (ValueError, TypeError) as e:
-            self._error_row(p.index, p.id, f"field {p.field!r}: {e}")
-            return
-        self.in_flight[request_id] = p
-
-    # -- one result out --------------------------------------------------------
-
-    def _finish(self, output) -> None:
-        pending = self.in_flight.pop(output.request_id)
-        t = output.timings
-        ok = output.finish_reason != "error"
-        row = {
-            "index": pending.index, "id": pending.id,
-            "output": output.text if ok else None,
-            "finish_reason": output.finish_reason, "error": output.error,
-            "prompt_tokens": output.prompt_tokens, "output_tokens": output.output_tokens,
-            "queue_s": t.queue_s, "ttft_s": t.ttft_s, "latency_s": t.latency_s, "tpot_s": output.tpot_s,
-            "num_preemptions": output.num_preemptions,
-        }
-        if self.opts.include_prompt:
-            row["prompt"] = pending.prompt
-        if self.opts.include_token_ids:
-            row["prompt_token_ids"] = list(output.prompt_token_ids)
-            row["output_token_ids"] = list(output.token_ids)
-        if self.opts.include_logprobs:
-            row["logprobs"] = [lp.logprob for lp in output.logprobs] if output.logprobs else None
-        if self.opts.output_format == "jsonl":
-            row["is_chat"] = pending.is_chat
-        if not ok:
-            row["error"] = f"field {pending.field!r}: {output.error}"
-            self._note_error(pending.index, row["error"])
-        self._add(row)
-
-    def _error_row(self, index: int, row_id: str, error: str) -> None:
-        row: dict[str, Any] = {"index": index, "id": row_id, "output": None, "finish_reason": "error",
-                               "error": error, "output_tokens": 0}
-        self._note_error(index, error)
-        self._add(row)
-
-    def _note_error(self, index: int, error: Optional[str]) -> None:
-        if len(self.first_errors) < 5:
-            self.first_errors.append(f"row {index}: {error}")
-
-    def _add(self, row: dict) -> None:
-        self.writer.add(row)
-        self.counters.add(row)
-
-    # -- commits, errors, stopping ---------------------------------------------
-
-    def _maybe_commit(self) -> None:
-        n = self.writer.pending()
-        if n >= self.opts.commit_every or (n and time.monotonic() - self.last_commit >= self.opts.commit_interval_s):
-            self._commit()
-
-    def _commit(self) -> None:
-        path = self.writer.commit()
-        self.last_commit = time.monotonic()
-        if path is not None:
-            self.log.write("commit", part=os.path.basename(path), counters=self.counters.as_dict(),
-                           stats=self.engine.stats())
-
-    def _error_rate_exceeded(self) -> bool:
-        limit, c = self.opts.max_error_rate, self.counters
-        return limit is not None and c.rows >= self.opts.error_rate_min_rows and c.errors / c.rows > limit
-
-    def _abort_in_flight(self) -> int:
-        # Aborted requests are not written, so a resume redoes them from scratch.
-        n = len(self.in_flight)
-        for request_id in list(self.in_flight):
-            self.engine.abort_request(request_id)
-        self.in_flight.clear()
-        return n
-
-    def _describe_engine(self) -> dict[str, Any]:
-        runner = self.engine.runner
-        device = str(getattr(runner, "device", "unknown"))
-        return {
-            "model": self.engine.config.model,
-            "dtype": str(getattr(runner, "dtype", "unknown")).replace("torch.", ""),
-            "device": device,
-            "device_name": _device_name(device),
-            "engine_config": self.engine.config.to_dict(),
-            "max_model_len": self.engine.max_model_len,
-            "input_format": self.fmt,
-            "already_committed": len(self.done),
-        }
+    return admission_order((preparer.prepare(r) for r in todo()), opts.order, opts.order_window,
+                           key_ids=lambda p: p.token_ids, hold=lambda it: isinstance(it, Prepared))
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            return torch.cuda.get_device_name(torch.device(device))
-        except Exception:  # a name is only for the report
-            return "cuda"
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_before: int, *,
+               first_errors: list[str], dropped: Optional[int], stop: StopRequest, resume_command: str,
+               failure: str = "") -> JobResult:
+    """Write the report (and output.jsonl) and say how the run ended: complete,
+    interrupted, aborted (error rate) or failed (a worker or the Ray pipeline
+    failed). ``dropped``: requests abandoned unfinished, None when unknown (Ray)."""
+    report = write_report(out)
+    results = os.path.join(out, RESULTS)
+    unfinished = "unfinished requests were" if dropped is None else f"{dropped} in-flight requests were"
+    if status == "complete":
+        if opts.output_format == "jsonl" and opts.num_shards == 1:
+            write_openai_batch_output(results, os.path.join(out, "output.jsonl"))
+        message = (f"done: {c.rows} rows this run ({c.errors} errors, {committed_before} committed earlier); "
+                   f"results in {results}, report in {os.path.join(out, 'report.md')}")
+        if report.get("status") != "complete" and opts.num_shards > 1:
+            message += f"; shard {opts.shard_index} of {opts.num_shards} is done, others may still be running"
+        return JobResult(status, 0, out, c, message, report)
+    if status == "interrupted":
+        message = (f"interrupted by {stop.name}: {c.rows} rows committed this run; {unfinished} "
+                   f"dropped and will be redone. Partial report in {os.path.join(out, 'report.md')}. "
+                   f"To resume, run the same command again:\n  {resume_command}")
+        return JobResult(status, stop.exit_code, out, c, message, report)
+    if status == "failed":
+        message = (f"failed: {failure}\n{c.rows} finished rows of this run were committed ({results}); "
+                   f"{unfinished} dropped and will be redone. Fix the cause, then resume with the same "
+                   f"command:\n  {resume_command}")
+        return JobResult(status, EXIT_FAILED, out, c, message, report)
+    rate = c.errors / max(c.rows, 1)
+    message = (f"aborted: {c.errors} of {c.rows} rows failed ({rate:.1%}), above --max-error-rate "
+               f"{opts.max_error_rate:g}. First errors:\n  " + "\n  ".join(first_errors) +
+               f"\nFinished rows were committed ({results}). Fix the input and rerun "
+               "with --overwrite, or raise --max-error-rate.")
+    return JobResult(status, EXIT_ERROR_RATE, out, c, message, report)

@@ -311,3 +311,22 @@ def test_million_row_jsonl_streams_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert count == n and last_index == n - 1
     assert peak < 50 * 2**20, f"peak traced memory {peak / 2**20:.1f} MiB while streaming"
+
+
+def test_file_records_through_an_opener_equal_open_records_for_each_file_format(tmp_path):
+    import pyarrow.fs as pafs
+
+    from pagedbatch.io import file_records
+
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a"}\n\n{"prompt": \n  \n{"prompt": "c"}\n[1]\n{"prompt": "cut')
+    csv = tmp_path / "in.csv"
+    csv.write_text('id,prompt\n1,"multi\nline"\n2,x,extra\n3,NA\n')
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS * 5), parquet, row_group_size=4)
+    fs = pafs.LocalFileSystem()
+    for path, fmt in ((jsonl, "jsonl"), (csv, "csv"), (parquet, "parquet")):
+        expected = list(open_records(str(path), fmt, batch_rows=3))
+        got = list(file_records(str(path), fmt, lambda: fs.open_input_file(str(path)), batch_rows=3))
+        assert got == expected, fmt
+        assert [r.index for r in got] == list(range(len(got))) and len(got) >= 3

@@ -1,0 +1,189 @@
+"""One engine's share of a job: prepared rows in, committed Parquet parts out.
+
+A ``Replica`` admits ``Prepared`` requests to one ``LLMEngine``, steps it,
+turns finished outputs (and ``RowError`` rows) into result rows and commits
+them as parts every N rows or T seconds. The single-process job drives one
+replica; each data-parallel worker process drives its own, writing parts
+under its own name into the same results directory; a Ray actor drives one
+over a batch and hands the rows back to the job's driver. Where rows come
+from and when to stop is the caller's business.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any, Callable, Iterator, Optional, Union
+
+from ..io import PartWriter, RowError, result_schema
+from .options import JobOptions
+from .prepare import Pending, Prepared
+from .progress import Counters
+
+# (part file name, this replica's counters, the engine's statistics) after each commit.
+OnCommit = Callable[[str, Counters, dict], None]
+
+
+def job_result_schema(opts: JobOptions):
+    schema = result_schema(opts.include_prompt, opts.include_token_ids, opts.include_logprobs)
+    if opts.output_format == "jsonl":
+        import pyarrow as pa
+
+        schema = schema.append(pa.field("is_chat", pa.bool_()))
+    return schema
+
+
+class Replica:
+    def __init__(self, opts: JobOptions, engine, writer: PartWriter, on_commit: OnCommit):
+        self.opts = opts
+        self.engine = engine
+        self.writer = writer
+        self.on_commit = on_commit
+        self.counters = Counters()
+        self.in_flight: dict[str, Pending] = {}
+        self.first_errors: list[str] = []
+        self.last_commit = time.monotonic()
+
+    def add(self, item: Union[Prepared, RowError]) -> None:
+        """Admit a prepared request to the engine, or write an error row."""
+        if isinstance(item, RowError):
+            self._error_row(item.index, item.id, item.error)
+            return
+        p = item.pending
+        request_id = str(p.index)
+        try:
+            self.engine.add_request(request_id, item.token_ids, item.params)
+        except (ValueError, TypeError) as e:
+            self._error_row(p.index, p.id, f"field {p.field!r}: {e}")
+            return
+        self.in_flight[request_id] = p
+
+    def step(self) -> None:
+        for output in self.engine.step():
+            if output.finished:
+                self._finish(output)
+
+    # -- rows --------------------------------------------------------------
+
+    def _finish(self, output) -> None:
+        pending = self.in_flight.pop(output.request_id)
+        t = output.timings
+        ok = output.finish_reason != "error"
+        row = {
+            "index": pending.index, "id": pending.id,
+            "output": output.text if ok else None,
+            "finish_reason": output.finish_reason, "error": output.error,
+            "prompt_tokens": output.prompt_tokens, "output_tokens": output.output_tokens,
+            "queue_s": t.queue_s, "ttft_s": t.ttft_s, "latency_s": t.latency_s, "tpot_s": output.tpot_s,
+            "num_preemptions": output.num_preemptions,
+        }
+        if self.opts.include_prompt:
+            row["prompt"] = pending.prompt
+        if self.opts.include_token_ids:
+            row["prompt_token_ids"] = list(output.prompt_token_ids)
+            row["output_token_ids"] = list(output.token_ids)
+        if self.opts.include_logprobs:
+            row["logprobs"] = [lp.logprob for lp in output.logprobs] if output.logprobs else None
+        if self.opts.output_format == "jsonl":
+            row["is_chat"] = pending.is_chat
+        if not ok:
+            row["error"] = f"field {pending.field!r}: {output.error}"
+            self._note_error(pending.index, row["error"])
+        self._add(row)
+
+    def _error_row(self, index: int, row_id: str, error: str) -> None:
+        row: dict[str, Any] = {"index": index, "id": row_id, "output": None, "finish_reason": "error",
+                               "error": error, "output_tokens": 0}
+        self._note_error(index, error)
+        self._add(row)
+
+    def _note_error(self, index: int, error: Optional[str]) -> None:
+        if len(self.first_errors) < 5:
+            self.first_errors.append(f"row {index}: {error}")
+
+    def _add(self, row: dict) -> None:
+        self.writer.add(row)
+        self.counters.add(row)
+
+    # -- commits and stopping ------------------------------------------------
+
+    def maybe_commit(self) -> None:
+        if commit_due(self.opts, self.writer.pending(), self.last_commit):
+            self.commit()
+
+    def commit(self) -> None:
+        path = self.writer.commit()
+        self.last_commit = time.monotonic()
+        if path is not None:
+            self.on_commit(os.path.basename(path), self.counters, self.engine.stats())
+
+    def abort_in_flight(self) -> int:
+        # Aborted requests are not written, so a resume redoes them from scratch.
+        n = len(self.in_flight)
+        for request_id in list(self.in_flight):
+            self.engine.abort_request(request_id)
+        self.in_flight.clear()
+        return n
+
+
+_END = object()
+
+
+def commit_due(opts: JobOptions, pending: int, last_commit: float) -> bool:
+    """Whether buffered rows are due for a commit: every --commit-every rows or
+    --commit-interval-s seconds (``last_commit`` on the monotonic clock), whichever first."""
+    return pending >= opts.commit_every or (pending > 0 and time.monotonic() - last_commit >= opts.commit_interval_s)
+
+
+def drive(rep: Replica, todo: Iterator[Union[Prepared, RowError]], max_in_flight: int,
+          between_steps: Callable[[], bool] = lambda: True) -> bool:
+    """Admit rows from ``todo`` while fewer than ``max_in_flight`` are in the
+    engine, and step it, until ``todo`` runs out and every request finished
+    (returns True) or ``between_steps()``, called after each step, returns
+    False (returns False; requests still in flight are the caller's)."""
+    exhausted = False
+    while True:
+        while not exhausted and len(rep.in_flight) < max_in_flight:
+            item = next(todo, _END)
+            if item is _END:
+                exhausted = True
+                break
+            rep.add(item)
+        if rep.engine.has_unfinished_requests():
+            rep.step()
+        elif exhausted:
+            return True
+        if not between_steps():
+            return False
+
+
+def error_rate_exceeded(opts: JobOptions, c: Counters) -> bool:
+    limit = opts.max_error_rate
+    return limit is not None and c.rows >= opts.error_rate_min_rows and c.errors / c.rows > limit
+
+
+def describe_engine(engine, input_format: str, already_committed: int) -> dict[str, Any]:
+    """What the progress log's "start" event records of an engine (the report's header)."""
+    runner = engine.runner
+    device = str(getattr(runner, "device", "unknown"))
+    return {
+        "model": engine.config.model,
+        "dtype": str(getattr(runner, "dtype", "unknown")).replace("torch.", ""),
+        "device": device,
+        "device_name": device_name(device),
+        "engine_config": engine.config.to_dict(),
+        "max_model_len": engine.max_model_len,
+        "input_format": input_format,
+        "already_committed": already_committed,
+    }
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(torch.device(device))
+        except Exception:  # a name is only for the report
+            return "cuda"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"

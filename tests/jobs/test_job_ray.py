@@ -1,0 +1,213 @@
+"""--executor ray and pagedbatch.ray.Generate on a local CPU Ray cluster: the local job's rows, exactly once."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import FAST, prompts, results, run_cli, write_jsonl
+
+from pagedbatch.io import check_exactly_once
+
+N = 40
+# Eight rows per actor batch, so the rows spread over batches (and actors).
+RAY = ["--executor", "ray", "--data-parallel-size", "2", "--max-in-flight", "8"]
+
+
+def _rows():
+    rows = prompts(N)
+    rows[3] = {"id": "bad-temp", "prompt": "hi", "temperature": -1}
+    rows[17] = '{"id": "broken", "prompt": '
+    rows[25] = {"id": "chat", "messages": [{"role": "user", "content": "Say hello"}]}
+    return rows
+
+
+def _by_index(rows):
+    return {row["index"]: (row["id"], row["output"], row["finish_reason"], row["error"], row["output_tokens"])
+            for row in rows}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason='the Ray tests need ray: pip install "pagedbatch[ray]"')
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, llama_dir):
+    """The JSONL input, the common arguments and the single-process job's rows."""
+    tmp = tmp_path_factory.mktemp("ray")
+    src = write_jsonl(tmp / "in.jsonl", _rows())
+    base = ["--model", llama_dir, *FAST, "--max-tokens", "12"]
+    r = run_cli(["--input", src, "--output", tmp / "ref", *base])
+    assert r.exit_code == 0, r.output
+    return src, base, _by_index(results(tmp / "ref"))
+
+
+@pytest.mark.slow
+def test_ray_executor_writes_the_single_process_rows_each_index_once(tmp_path, ray_cluster, job):
+    src, base, reference = job
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, *base, *RAY])
+    assert r.exit_code == 0, r.output
+    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
+    assert _by_index(results(out)) == reference  # bad records are the same error rows
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["rows"]["total"] == N and report["rows"]["failed"] == 2
+    assert report["device_name"].startswith("Ray: 2 actor(s)")
+    workers = report["workers"]
+    assert workers and sum(w["rows"] for w in workers) == N
+    assert all(w["worker"].startswith("actor-") and w["device"] == "cpu" and w["status"] == "done" for w in workers)
+    assert report["batching"]["steps"] > 0
+
+
+@pytest.mark.slow
+def test_ray_reads_parquet_folders_and_csv_with_the_local_jobs_indices(tmp_path, ray_cluster, job):
+    _, base, reference = job
+    rows = prompts(12)  # row i is the reference input's row i, but for the reference's bad row 3
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    # Two files: the second file's rows are numbered after the first's, as the local job does.
+    pq.write_table(pa.Table.from_pylist(rows[:5]), folder / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[5:]), folder / "b.parquet")
+    table = tmp_path / "in.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "prompt"])
+        w.writeheader()
+        w.writerows(rows)
+        f.write("bad,row,with too many cells\n")  # an error row at index 12
+    for src, n in ((folder, 12), (table, 13)):
+        out = tmp_path / f"{src.name}-out"
+        r = run_cli(["--input", src, "--output", out, *base, *RAY, "--commit-every", "5"])
+        assert r.exit_code == 0, r.output
+        assert check_exactly_once(str(out / "results"), range(n)) == ([], [])
+        got = _by_index(results(out))
+        assert {i: got[i] for i in range(12) if i != 3} == {i: reference[i] for i in range(12) if i != 3}
+    assert got[12][2] == "error" and "columns" in got[12][3]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_ray_job_at_a_batch_and_the_resume_skips_every_committed_index(tmp_path, ray_cluster, job):
+    src, base, reference = job
+    out = tmp_path / "out"
+    slow = [*RAY, "--max-in-flight", "2", "--max-num-seqs", "2", "--commit-every", "2"]
+
+    def sigterm_after_the_first_commit():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / "results").is_dir() and any(p.startswith("part-") for p in os.listdir(out / "results")):
+                os.kill(os.getpid(), signal.SIGTERM)  # the driver's handler runs in this (the main) thread
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=sigterm_after_the_first_commit, daemon=True).start()
+    r = run_cli(["--input", src, "--output", out, *base, *slow])
+    assert r.exit_code == 143, r.output
+    assert "interrupted by SIGTERM" in r.output and "To resume, run the same command again" in r.output
+    partial = results(out)
+    assert 0 < len(partial) < N and all(reference[i] == got for i, got in _by_index(partial).items())
+    assert json.loads((out / "report.json").read_text())["status"] == "partial (shard 0: interrupted)"
+
+    r = run_cli(["--input", src, "--output", out, *base, *RAY])
+    assert r.exit_code == 0, r.output
+    assert f"{N - len(partial)} rows this run" in r.output and f"{len(partial)} committed earlier" in r.output
+    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
+    assert _by_index(results(out)) == reference
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"MapBatches(JobActor)" in f.read():
+                    pids.append(int(pid))
+        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_job_is_retried_by_ray_and_every_row_is_committed_once(tmp_path, ray_cluster, job):
+    src, base, reference = job
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_one_actor_after_the_first_commit():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            parts = os.listdir(out / "results") if (out / "results").is_dir() else []
+            pids = _actor_pids()
+            if any(p.startswith("part-") for p in parts) and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(len(results(out)))  # rows committed when it died
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_actor_after_the_first_commit, daemon=True)
+    killer.start()
+    # Slow rows (two in flight, 2 per batch, a commit per batch) leave time to kill an actor mid-job.
+    r = run_cli(["--input", src, "--output", out, *base, *RAY, "--max-in-flight", "2", "--max-num-seqs", "2",
+                 "--max-tokens", "12", "--commit-every", "2"])
+    killer.join(timeout=5)
+    assert killed, "no actor was killed: the job ended before its first commit could be seen"
+    assert killed[0] < N  # it died mid-job: Ray restarted it and reran its batch
+    assert r.exit_code == 0, r.output
+    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
+    assert _by_index(results(out)) == reference
+
+
+@pytest.mark.slow
+def test_generate_in_a_user_pipeline_adds_the_output_columns_to_each_row(ray_cluster, job, llama_dir):
+    import pagedbatch.ray
+
+    _, _, reference = job
+    items = [{"prompt": prompts(N)[i]["prompt"], "keep": i} for i in (0, 1, 2, 5, 8)] + [{"prompt": "", "keep": -1}]
+    ds = ray_cluster.data.from_items(items)
+    ds = ds.map_batches(pagedbatch.ray.Generate,
+                        fn_constructor_kwargs={"model": llama_dir, "device": "cpu", "kv_cache_memory_gb": 0.05,
+                                               "temperature": 0, "max_tokens": 12, "include_token_ids": True},
+                        batch_size=4, batch_format="pyarrow", concurrency=1)
+    out = sorted(ds.take_all(), key=lambda row: row["keep"])
+    assert [row["keep"] for row in out] == [-1, 0, 1, 2, 5, 8]
+    bad, good = out[0], out[1:]
+    assert bad["finish_reason"] == "error" and "empty" in bad["error"] and bad["output"] is None
+    for row in good:
+        ref = reference[row["keep"]]
+        assert (row["output"], row["finish_reason"], row["output_tokens"]) == (ref[1], ref[2], ref[4])
+        assert len(row["output_token_ids"]) == row["output_tokens"] and row["prompt_tokens"] > 0
+
+
+def test_generate_refuses_job_only_options_naming_them():
+    from pagedbatch.ray import Generate
+
+    with pytest.raises(ValueError, match="unknown option.*max_rows"):
+        Generate(None, max_rows=3)
+    with pytest.raises(ValueError, match="temperature"):
+        Generate(None, temperature=-1.0)
+
+
+def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch, llama_dir):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    r = run_cli(["--input", src, "--output", tmp_path / "out", "--model", llama_dir, *FAST, "--executor", "ray"])
+    assert r.exit_code == 1 and 'pip install "pagedbatch[ray]"' in r.output
+
+
+def test_ray_executor_refuses_inputs_it_cannot_read_and_ray_address_without_it(tmp_path, llama_dir):
+    import datasets
+
+    d = tmp_path / "ds"
+    datasets.Dataset.from_list(prompts(2)).save_to_disk(str(d))
+    r = run_cli(["--input", d, "--output", tmp_path / "out", "--model", llama_dir, *FAST, "--executor", "ray"])
+    assert r.exit_code == 1 and "--executor ray reads jsonl, openai, parquet, csv" in r.output
+    r = run_cli(["--input", d, "--ray-address", "auto"])
+    assert r.exit_code == 2 and "--executor ray" in r.output
