@@ -101,8 +101,7 @@ def _worker_slots(opts: JobOptions, engine_config) -> list:
         return [None]
     from .data_parallel import cpu_count, cuda_device_count, plan_workers, visible_gpus
 
-    # The other branch's tensor parallelism lives in EngineConfig; before it, every engine is one GPU.
-    tp = getattr(engine_config, "tensor_parallel_size", 1)
+    tp = engine_config.tensor_parallel_size  # each worker's engine spans this many GPUs
     gpus = visible_gpus(os.environ, cuda_device_count(opts.device))
     return plan_workers(opts.data_parallel_size, tp, opts.device, gpus, cpu_count())
 

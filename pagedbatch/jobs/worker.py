@@ -136,10 +136,7 @@ class _Worker:
                                       "traceback": traceback.format_exc(limit=8), **self._progress()})
             return 1
         finally:
-            # A tensor-parallel engine's ranks end with it (engines without ranks have no shutdown).
-            shutdown = getattr(replica.engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            replica.engine.shutdown()  # a tensor-parallel engine's ranks end with it
 
     def _load(self):
         spec, opts = self.spec, self.spec.opts
