@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import FAST, prompts, results, run_cli, write_jsonl
+from job_helpers import FAST, prompts, results, run_cli, write_jsonl
 
 BAD = [
     {"id": "ok-0", "prompt": "hello there"},

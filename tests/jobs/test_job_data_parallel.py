@@ -11,7 +11,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
+from job_helpers import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
 
 from pagedbatch.io import check_exactly_once
 from pagedbatch.jobs.data_parallel import plan_workers, visible_gpus

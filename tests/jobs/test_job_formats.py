@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, prompts, results, run_cli, write_jsonl
+from job_helpers import FAST, prompts, results, run_cli, write_jsonl
 
 from pagedbatch.io import check_exactly_once
 

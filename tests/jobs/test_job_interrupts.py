@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
+from job_helpers import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
 
 from pagedbatch.io import check_exactly_once
 

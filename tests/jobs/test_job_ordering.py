@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import FAST, results, run_cli, write_jsonl
+from job_helpers import FAST, results, run_cli, write_jsonl
 
 from pagedbatch.jobs.ordering import admission_order
 

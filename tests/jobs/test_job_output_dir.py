@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import FAST, prompts, results, run_cli, write_jsonl
+from job_helpers import FAST, prompts, results, run_cli, write_jsonl
 
 from pagedbatch.jobs.options import JobOptions, load_job_file, slurm_shard
 

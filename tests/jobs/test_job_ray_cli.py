@@ -8,7 +8,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
+from job_helpers import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
 
 from pagedbatch.io import check_exactly_once
 

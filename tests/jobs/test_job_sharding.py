@@ -5,7 +5,7 @@ import json
 import os
 
 from click.testing import CliRunner
-from conftest import FAST, prompts, results, run_cli, write_jsonl
+from job_helpers import FAST, prompts, results, run_cli, write_jsonl
 
 from pagedbatch.cli import cli
 from pagedbatch.io import check_exactly_once

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
+from job_helpers import FAST, REPO, prompts, results, run_batch_cmd, run_cli, subprocess_env, write_jsonl
 
 
 @pytest.mark.slow
