@@ -84,9 +84,10 @@ class BlockManager:
         """True if the first uncached full block of ``seq``'s prompt is being computed by a running sequence."""
         if not self._computing:
             return False
-        chain = self._chain(seq, (seq.num_tokens - 1) // self.block_size)
-        for i, h in enumerate(chain):
-            if self._is_cached(seq, i) is None:
+        # Hash lookups alone: this only decides whether to wait a step (match_prefix verifies every hit),
+        # and it runs for each held row at every step.
+        for h in self._chain(seq, (seq.num_tokens - 1) // self.block_size):
+            if h not in self._cached:
                 owner = self._computing.get(h)
                 return owner is not None and owner != seq.request_id
         return False

@@ -69,6 +69,13 @@ def _wait_for(what, cond, timeout=60.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _completes_every_row_once_like_one_process(args, out, reference):
+    r = run_cli([*args, "--output", out])
+    assert r.exit_code == 0, r.output
+    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
+    assert _by_index(results(out)) == reference  # greedy: the same tokens whichever engine ran a row
+
+
 def _start(args):
     return subprocess.Popen(run_batch_cmd(args), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -139,10 +146,7 @@ def test_two_workers_write_the_single_process_rows_each_index_once_with_a_row_pe
         tmp_path, job):
     base, reference = job
     out = tmp_path / "out"
-    r = run_cli([*base, *DP2, "--output", out])
-    assert r.exit_code == 0, r.output
-    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
-    assert _by_index(results(out)) == reference  # greedy: the same tokens whichever engine ran a row
+    _completes_every_row_once_like_one_process([*base, *DP2], out, reference)
     by_worker = _committed_by_worker(out)
     assert set(by_worker) == {0, 1} and sum(by_worker.values()) == N
     report = json.loads((out / "report.json").read_text())
@@ -194,10 +198,8 @@ def test_parent_sigkill_takes_the_workers_with_it_and_the_rerun_finishes_every_r
     assert committed < N
     time.sleep(0.5)
     assert sum(_committed_by_worker(out).values()) == committed  # nothing lands after the kill
-    r = run_cli([*base, *FULL_SPEED, "--output", out])  # a resume may change --data-parallel-size too
-    assert r.exit_code == 0, r.output
-    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
-    assert _by_index(results(out)) == reference
+    # A resume may change --data-parallel-size too.
+    _completes_every_row_once_like_one_process([*base, *FULL_SPEED], out, reference)
 
 
 @pytest.mark.slow
@@ -220,10 +222,7 @@ def test_a_killed_worker_fails_the_job_within_seconds_with_its_signal_and_the_re
     assert {w["worker"]: w["status"] for w in report["workers"]} == {0: "done", 1: "died"}
     assert _gone(pids[0])
 
-    r = run_cli([*base, *DP2, *FULL_SPEED, "--output", out])
-    assert r.exit_code == 0, r.output
-    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
-    assert _by_index(results(out)) == reference
+    _completes_every_row_once_like_one_process([*base, *DP2, *FULL_SPEED], out, reference)
 
 
 @pytest.mark.slow
