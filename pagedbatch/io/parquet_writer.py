@@ -316,6 +316,6 @@ def _corrupt(path: str, cause: Exception) -> ValueError:
 
 
 __all__ = [
-    "RESERVED_COLUMNS", "DiskFull", "is_disk_full", "result_schema", "PartWriter", "committed_indices", "cleanup_temp_files", "read_results",
-    "check_exactly_once", "write_openai_batch_output",
+    "RESERVED_COLUMNS", "DiskFull", "is_disk_full", "result_schema", "PartWriter", "committed_indices",
+    "cleanup_temp_files", "read_results", "check_exactly_once", "write_openai_batch_output",
 ]

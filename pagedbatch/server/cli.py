@@ -78,13 +78,12 @@ def _serve(host: str, port: int, model: Optional[str], revision: Optional[str], 
 
     from ..config import EngineConfig
     from ..engine.llm_engine import LLMEngine
+    from ..hub import ModelNotFound, resolve_model
     from .app import create_app
     from .engine_loop import EngineLoop
     from .settings import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..hub import ModelNotFound, resolve_model
-
     values = {_ENGINE_FIELDS[k]: v for k, v in engine_values.items() if v is not None}
     if model is None:
         if revision is not None:
@@ -104,7 +103,8 @@ def _serve(host: str, port: int, model: Optional[str], revision: Optional[str], 
         config = EngineConfig.from_dict({"model": model_dir, **values})
         # A Hub id is its own name; a directory is named by its last component.
         name = model if model_dir != model else _default_name(model)
-        settings = ServerSettings(model_name=served_model_name or name, aliases=tuple(dict.fromkeys((model, model_dir))),
+        settings = ServerSettings(model_name=served_model_name or name,
+                                  aliases=tuple(dict.fromkeys((model, model_dir))),
                                   max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

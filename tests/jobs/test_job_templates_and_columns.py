@@ -143,7 +143,8 @@ def test_options_that_cannot_apply_are_refused_before_any_work_naming_the_option
     openai = write_jsonl(tmp_path / "batch.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
                                                     "body": {"prompt": "hi"}}])
     r = run_cli(["--input", openai, "--output", tmp_path / "o1", "--prompt-template", "{{ body }}"])
-    assert r.exit_code == 1 and "prompt_template (--prompt-template) does not apply to an OpenAI batch input" in r.output
+    assert r.exit_code == 1
+    assert "prompt_template (--prompt-template) does not apply to an OpenAI batch input" in r.output
     r = run_cli(["--input", openai, "--output", tmp_path / "o2", "--prompt-template", "{{ body "])
     assert r.exit_code == 2 and "prompt_template (--prompt-template): the Jinja2 template does not parse" in r.output
     r = run_cli(["--input", openai, "--output", tmp_path / "o3", "--prompt-template-file", tmp_path / "none.j2"])
