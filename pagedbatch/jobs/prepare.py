@@ -1,6 +1,7 @@
 """One input record -> a request ready for an engine, or an error row.
 
-Parsing, sampling validation, chat rendering and tokenization all happen
+Parsing (with the prompt template and system prompt), the carried columns'
+values, sampling validation, chat rendering and tokenization all happen
 here, before admission: ``--order`` sorts by token ids, and a bad record
 becomes an error row without ever reaching an engine. Only a tokenizer and
 the vocabulary size are needed, not a loaded model, so a data-parallel

@@ -170,3 +170,22 @@ def test_two_data_parallel_workers_write_the_single_process_rows_with_template_a
 def _timings(row: dict) -> dict:
     # Only the timings of a row may differ between runs.
     return {k: row[k] for k in ("queue_s", "ttft_s", "latency_s", "tpot_s", "num_preemptions")}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prompt_template": "a", "prompt_template_file": "t.j2"}, "give one of prompt_template (--prompt-template) and"),
+    ({"prompt_template": "{% if %}"}, "prompt_template (--prompt-template): the Jinja2 template does not parse"),
+    ({"keep_columns": "all,id"}, "keep_columns (--keep-columns): 'all' cannot be combined"),
+    ({"keep_columns": ["a", "a"]}, "keep_columns (--keep-columns) names a column twice"),
+    ({"keep_columns": 3}, "keep_columns (--keep-columns) must be 'all' or a list"),
+    ({"revision": "v2"}, "revision (--revision) needs model (--model)"),
+    ({"tokenizer_revision": "v2"}, "tokenizer_revision (--tokenizer-revision) needs tokenizer"),
+    ({"system_prompt": 3}, "system_prompt (--system-prompt) must be a string"),
+])
+def test_the_new_options_are_checked_when_job_options_are_built_naming_the_option(options, message):
+    from pagedbatch.jobs.options import JobOptions
+
+    with pytest.raises(ValueError) as e:
+        JobOptions(input="in.jsonl", **options)
+    assert message in str(e.value)
+    assert JobOptions(input="in.jsonl", keep_columns=" a, b").keep_columns == ["a", "b"]
