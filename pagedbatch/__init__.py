@@ -4,13 +4,14 @@ Names are imported lazily so that ``import pagedbatch.config`` (the CLI,
 the job runner's argument parsing) does not pay for torch and transformers.
 """
 __version__ = "0.1.0"
-__all__ = ["InferenceEngine", "EngineConfig", "SamplingParams", "RequestOutput"]
+__all__ = ["InferenceEngine", "EngineConfig", "SamplingParams", "RequestOutput", "generate_dataset"]
 
 _WHERE = {
     "InferenceEngine": ".api",
     "EngineConfig": ".config",
     "SamplingParams": ".sampling_params",
     "RequestOutput": ".engine.outputs",
+    "generate_dataset": ".jobs.dataset_api",
 }
 
 

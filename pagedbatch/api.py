@@ -26,7 +26,9 @@ def _to_params(p: Union[SamplingParams, dict, None], overrides: dict[str, Any]) 
 class InferenceEngine:
     """One model replica with its paged KV cache.
 
-    ``InferenceEngine(model_path)`` loads a Hugging Face directory; any
+    ``InferenceEngine(model_path)`` loads a Hugging Face directory, or a Hub
+    id (``"Qwen/Qwen2.5-0.5B-Instruct"``, at ``revision``) from the Hugging
+    Face cache, downloading it unless ``HF_HUB_OFFLINE=1``; any
     ``EngineConfig`` field can be passed as a keyword (``dtype="bfloat16"``,
     ``block_size=32``, ``scheduling_policy="sjf-align"``,
     ``tensor_parallel_size=2``, ...). With tensor parallelism, ``shutdown()``
@@ -34,12 +36,19 @@ class InferenceEngine:
     they also end when this process exits.
     """
 
-    def __init__(self, model_path: Optional[str] = None, *, config: Optional[EngineConfig] = None, **engine_options):
+    def __init__(self, model_path: Optional[str] = None, *, revision: Optional[str] = None,
+                 config: Optional[EngineConfig] = None, **engine_options):
         if config is None:
             if model_path is None:
-                raise ValueError("give model_path (a Hugging Face model directory) or config")
+                raise ValueError("give model_path (a Hugging Face model directory or Hub id) or config")
+            from .hub import resolve_model
+
+            model_path = resolve_model(model_path, revision, option="model_path").path
+            if engine_options.get("tokenizer") is not None:
+                engine_options["tokenizer"] = resolve_model(engine_options["tokenizer"], what="tokenizer",
+                                                            option="tokenizer").path
             config = EngineConfig.from_dict({"model": model_path, **engine_options})
-        elif model_path is not None or engine_options:
+        elif model_path is not None or engine_options or revision is not None:
             raise ValueError("give either config or model_path/engine options, not both")
         self.engine = LLMEngine(config)
         self.config = config

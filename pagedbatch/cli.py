@@ -68,6 +68,15 @@ _RUN_OPTIONS = [
     _opt(IO, "--messages-field", help="Column holding chat messages [messages]."),
     _opt(IO, "--prompt-token-ids-field", help="Column holding prompt token ids [prompt_token_ids]."),
     _opt(IO, "--id-field", help="Column holding the row id [id]; default id: the row's index."),
+    _opt(IO, "--prompt-template", help="Jinja2 template over each record's fields that makes its prompt, e.g. "
+         "'Summarise: {{ article }}'; a record lacking a field it uses (or null there) becomes an error row. "
+         "Multi-line: --prompt-template-file, a YAML job file, or bash $'...\\n...'."),
+    _opt(IO, "--prompt-template-file", type=click.Path(dir_okay=False),
+         help="The same, read from a file (e.g. prompts/summarise.j2)."),
+    _opt(IO, "--system-prompt", help="Make each text prompt a chat [system, user] rendered with the model's chat "
+         "template; chat messages get it first unless they start with a system message."),
+    _opt(IO, "--keep-columns", help="Input columns to copy into the result rows with their types: a,b or all. "
+         "Names that are result columns (id, output, ...) become input_<name>."),
     _opt(IO, "--output-format", type=click.Choice(("parquet", "jsonl")),
          help="parquet (always written) or jsonl: also OUT/output.jsonl in the OpenAI batch output format."),
     _flag(IO, "include-prompt", "Add the prompt (text, or chat messages as JSON) to each result row."),
@@ -75,9 +84,12 @@ _RUN_OPTIONS = [
     _flag(IO, "include-logprobs", "Add the chosen tokens' log-probabilities."),
     _flag(IO, "overwrite", "Delete OUT's previous results, manifest and reports, and start over."),
     # Model
-    _opt(MODEL, "--model", "-m", help="Hugging Face model directory. Without it: the built-in demo model "
-         "(random weights, meaningless text)."),
-    _opt(MODEL, "--tokenizer", help="Tokenizer directory [the model's]."),
+    _opt(MODEL, "--model", "-m", help="Hugging Face model directory, or a Hub id (Qwen/Qwen2.5-7B-Instruct) resolved "
+         "through the Hugging Face cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1: the cache only). Without it: "
+         "the built-in demo model (random weights, meaningless text)."),
+    _opt(MODEL, "--revision", help="Hub revision of --model: a branch, tag or commit [main]."),
+    _opt(MODEL, "--tokenizer", help="Tokenizer directory or Hub id [the model's]."),
+    _opt(MODEL, "--tokenizer-revision", help="Hub revision of --tokenizer [main]."),
     _opt(MODEL, "--dtype", type=click.Choice(DTYPES), help="Weights and compute dtype [auto]."),
     _opt(MODEL, "--device", help="auto, cpu, cuda or cuda:N [auto]."),
     _opt(MODEL, "--load-format", type=click.Choice(LOAD_FORMATS), help="Weights format [auto]."),

@@ -18,7 +18,8 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-basic")
 
 @dataclass
 class EngineConfig:
-    """Engine settings. ``model`` is a Hugging Face model directory."""
+    """Engine settings. ``model`` is a Hugging Face model directory (Hub ids are
+    resolved to one before: ``pagedbatch.hub.resolve_model``)."""
 
     model: str
     tokenizer: Optional[str] = None  # defaults to ``model``

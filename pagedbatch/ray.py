@@ -23,10 +23,11 @@ others complete. Rows may carry their own sampling fields (``max_tokens``,
 
 The constructor takes the job runner's options about the model, the engine,
 sampling defaults and columns, with the same names (``docs/jobs.md``):
-``model`` (a Hugging Face model directory; None: the demo model),
+``model`` (a Hugging Face model directory or Hub id; None: the demo model),
 ``dtype``, ``max_num_seqs``, ``max_tokens``, ``temperature``, ...,
 ``prompt_field``, ``messages_field``, ``prompt_token_ids_field``,
-``include_token_ids``, ``include_logprobs``, ``order``, ``max_in_flight``.
+``include_token_ids``, ``include_logprobs``, ``order``, ``max_in_flight``,
+``prompt_template``, ``system_prompt``, ``revision``.
 Each actor loads the model once and runs each batch to completion through
 its engine (continuous batching within the batch), so a ``batch_size`` of a
 few times ``max_num_seqs`` keeps the engine full. Ray gives each actor its
@@ -50,6 +51,7 @@ import time
 from typing import Any, Optional
 
 from .io import InputRecord, result_schema
+from .io.carried import CarriedColumns
 from .jobs.options import ENGINE_FIELDS, SAMPLING_FIELDS, JobOptions
 from .jobs.ordering import admission_order
 from .jobs.prepare import Prepared, RowPreparer
@@ -60,7 +62,7 @@ INSTALL_HINT = 'Ray is not installed: pip install "pagedbatch[ray]" (or: pip ins
 # The job options Generate takes; the rest (input, output, resume, ...) belong to a job.
 GENERATE_OPTIONS = frozenset(ENGINE_FIELDS) | frozenset(SAMPLING_FIELDS) | {
     "prompt_field", "messages_field", "prompt_token_ids_field", "include_token_ids", "include_logprobs",
-    "order", "max_in_flight"}
+    "order", "max_in_flight", "prompt_template", "system_prompt", "revision", "tokenizer_revision"}
 _BASE_OUTPUT_COLUMNS = ("output", "finish_reason", "error", "prompt_tokens", "output_tokens", "queue_s", "ttft_s",
                         "latency_s", "tpot_s", "num_preemptions")
 
@@ -93,15 +95,16 @@ class _Rows:
 
 
 class EngineActor:
-    """One engine replica: records in, result rows (one per record) out."""
+    """One engine replica: records in, result rows (one per record) out.
+    ``engine_config`` has its model and tokenizer resolved to local directories."""
 
-    def __init__(self, opts: JobOptions, model_dir: str, input_format: str):
+    def __init__(self, opts: JobOptions, engine_config, input_format: str, carried: CarriedColumns = CarriedColumns()):
         from .engine.llm_engine import LLMEngine
 
         self.opts = opts
         self.input_format = input_format
-        self.engine = LLMEngine(opts.engine_config(model_dir))
-        self.preparer = RowPreparer(opts, input_format, self.engine.tokenizer, self.engine.validate_prompt)
+        self.engine = LLMEngine(engine_config)
+        self.preparer = RowPreparer(opts, input_format, self.engine.tokenizer, self.engine.validate_prompt, carried)
         self.ready_t = time.time()
 
     def results(self, records: list[InputRecord]) -> list[dict]:
@@ -129,8 +132,14 @@ class Generate(EngineActor):
         if model is None:
             from .demo import demo_model_dir
 
-            model = demo_model_dir()
-        super().__init__(opts, model, "jsonl")
+            model_dir, tokenizer_dir = demo_model_dir(), None
+        else:  # a Hub id is resolved on each actor's node (its own cache)
+            from .hub import resolve_model
+
+            model_dir = resolve_model(model, opts.revision).path
+            tokenizer_dir = None if opts.tokenizer is None else \
+                resolve_model(opts.tokenizer, opts.tokenizer_revision, what="tokenizer").path
+        super().__init__(opts, opts.engine_config(model_dir, tokenizer_dir), "jsonl")
         self.columns = list(_BASE_OUTPUT_COLUMNS)
         if opts.include_token_ids:
             self.columns += ["prompt_token_ids", "output_token_ids"]

@@ -10,6 +10,7 @@ debris a kill can leave is a ``.tmp-*`` file, which readers skip and
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -40,6 +41,12 @@ _BASE_FIELDS = [
     pa.field("shard", pa.int64()),
 ]
 
+# Every column a result row can have, whatever the options: carried input
+# columns with these names are renamed (io/carried.py). "sample_index" is
+# kept free for n samples per prompt.
+RESERVED_COLUMNS = frozenset([f.name for f in _BASE_FIELDS] + [
+    "prompt", "prompt_token_ids", "output_token_ids", "logprobs", "is_chat", "sample_index"])
+
 
 def result_schema(include_prompt: bool = False, include_token_ids: bool = False, include_logprobs: bool = False) -> pa.Schema:
     """The schema of result parts. ``output`` is null on error rows;
@@ -53,6 +60,25 @@ def result_schema(include_prompt: bool = False, include_token_ids: bool = False,
     if include_logprobs:
         fields.append(pa.field("logprobs", pa.list_(pa.float64())))
     return pa.schema(fields)
+
+
+class DiskFull(OSError):
+    """A part could not be written because the disk (or the quota) holding the
+    output directory is full. Nothing half-written is left; committed parts are intact."""
+
+    @classmethod
+    def committing(cls, out: str, rows: int, cause: OSError) -> "DiskFull":
+        return cls(cause.errno, (
+            f"the disk holding the output directory {out} is full ({cause.strerror or cause}): {rows} finished "
+            f"rows could not be committed and will be redone. Every committed row is intact. Free some space "
+            f"on that disk, then rerun the same command to resume"))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class PartWriter:
@@ -101,7 +127,8 @@ class PartWriter:
     def commit(self) -> Optional[str]:
         """Write the buffered rows as one new part file, atomically and durably;
         returns its path, or None when nothing was buffered. On failure the
-        rows stay buffered and no part appears."""
+        rows stay buffered and no part appears; a full disk raises DiskFull,
+        naming the directory above ``results_dir`` (the job's OUT)."""
         if not self._rows:
             return None
         table = pa.Table.from_pylist(self._rows, schema=self.schema)
@@ -111,7 +138,12 @@ class PartWriter:
         def write(f) -> None:
             pq.write_table(table, f, compression="zstd")
 
-        _atomic_write(path, write)
+        try:
+            _atomic_write(path, write)
+        except OSError as e:
+            if is_disk_full(e) and not isinstance(e, DiskFull):
+                raise DiskFull.committing(os.path.dirname(os.path.abspath(self.results_dir)), len(self._rows), e) from e
+            raise
         self._rows = []
         self._seq += 1
         return path
@@ -284,6 +316,6 @@ def _corrupt(path: str, cause: Exception) -> ValueError:
 
 
 __all__ = [
-    "result_schema", "PartWriter", "committed_indices", "cleanup_temp_files", "read_results",
-    "check_exactly_once", "write_openai_batch_output",
+    "RESERVED_COLUMNS", "DiskFull", "is_disk_full", "result_schema", "PartWriter", "committed_indices",
+    "cleanup_temp_files", "read_results", "check_exactly_once", "write_openai_batch_output",
 ]

@@ -119,6 +119,36 @@ def open_records(path: str, fmt: Optional[str] = None, *, batch_rows: int = 1024
     return _hf_records(path)
 
 
+def input_schema(path: str, fmt: str):
+    """The Arrow schema of an input whose columns are known without reading its
+    rows (Parquet: the files' schemas unified; a datasets.save_to_disk folder:
+    its features; CSV: the header, every column a string), else None (JSON
+    Lines, OpenAI batch files and files read through ``datasets``). Raises
+    ValueError when the Parquet files' schemas conflict."""
+    import pyarrow as pa
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        schemas = [pq.read_schema(f) for f in parquet_files(path)]
+        try:
+            return pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ValueError(f"the Parquet files of {path} have conflicting schemas: {e}") from None
+    if fmt == "hf-disk":
+        return _load_hf_disk(path).features.arrow_schema
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        probe = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip")
+        try:
+            names = pacsv.open_csv(path, parse_options=probe).schema.names
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read CSV file {path}: {e}") from e
+        return pa.schema([(name, pa.string()) for name in names])
+    return None
+
+
 def file_records(path: str, fmt: str, opener: Callable[[], Any], *, batch_rows: int = 1024) -> Iterator[InputRecord]:
     """The records of one file of a jsonl, openai, parquet or csv input,
     numbered from 0 within the file, read from the random-access files that
@@ -311,6 +341,10 @@ def _csv_iter(path: str, reader, invalid: list) -> Iterator[InputRecord]:
 
 
 def _hf_disk_records(path: str, batch_rows: int) -> Iterator[InputRecord]:
+    return _hf_disk_iter(_load_hf_disk(path).with_format(None), batch_rows)
+
+
+def _load_hf_disk(path: str):
     import datasets
 
     try:
@@ -325,7 +359,7 @@ def _hf_disk_records(path: str, batch_rows: int) -> Iterator[InputRecord]:
                 f"(e.g. {os.path.join(path, splits[0]) if splits else path})"
             )
         ds = ds[splits[0]]
-    return _hf_disk_iter(ds.with_format(None), batch_rows)
+    return ds
 
 
 def _hf_disk_iter(ds, batch_rows: int) -> Iterator[InputRecord]:
@@ -410,4 +444,4 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-__all__ = ["FORMATS", "InputRecord", "detect_format", "open_records", "file_records", "parquet_files"]
+__all__ = ["FORMATS", "InputRecord", "detect_format", "open_records", "file_records", "parquet_files", "input_schema"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .readers import InputRecord
+
+if TYPE_CHECKING:
+    from .templates import PromptTemplate
 
 SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
@@ -35,7 +38,8 @@ class FieldNames:
 @dataclass
 class ParsedRequest:
     """A valid request: exactly one of ``prompt``, ``messages`` and
-    ``prompt_token_ids`` is set; ``sampling`` holds per-row overrides."""
+    ``prompt_token_ids`` is set; ``sampling`` holds per-row overrides;
+    ``source``: the input field the prompt came from, or "template"."""
 
     index: int
     id: str
@@ -43,26 +47,36 @@ class ParsedRequest:
     messages: Optional[list[dict]]
     prompt_token_ids: Optional[list[int]]
     sampling: dict
+    source: str = "prompt"
 
 
 @dataclass
 class RowError:
-    """A row that cannot run, with a message naming the field and the problem."""
+    """A row that cannot run, with a message naming the field and the problem.
+    ``carried``: the input columns its result row keeps (--keep-columns)."""
 
     index: int
     id: str
     error: str
+    carried: Optional[dict] = None
 
 
 class _Bad(Exception):
     """A row problem; becomes a RowError."""
 
 
-def parse_record(rec: InputRecord, fields: FieldNames = FieldNames(), fmt: str = "jsonl") -> Union[ParsedRequest, RowError]:
+def parse_record(rec: InputRecord, fields: FieldNames = FieldNames(), fmt: str = "jsonl", *,
+                 template: Optional[PromptTemplate] = None,
+                 system_prompt: Optional[str] = None) -> Union[ParsedRequest, RowError]:
     """Validate one record and turn it into a ``ParsedRequest``, or a
     ``RowError`` naming the field and the problem. ``fmt`` is the input format
     (``"openai"`` reads an OpenAI batch request; ``"csv"`` decodes the string
-    cells: numbers, booleans and JSON lists)."""
+    cells: numbers, booleans and JSON lists).
+
+    ``template``: the prompt is rendered from the record's fields (its prompt
+    columns are not read). ``system_prompt``: a text prompt becomes chat
+    messages [system, user]; chat messages get it first unless they already
+    start with a system message. Neither applies to OpenAI batch requests."""
     default_id = str(rec.index)
     if rec.error is not None or rec.data is None:
         return RowError(rec.index, default_id, rec.error or "the row could not be read")
@@ -75,11 +89,16 @@ def parse_record(rec: InputRecord, fields: FieldNames = FieldNames(), fmt: str =
         return RowError(rec.index, default_id, str(e))
     try:
         csv = fmt == "csv"
-        kind, value = _pick_prompt(
-            data,
-            {"prompt": fields.prompt, "messages": fields.messages, "prompt_token_ids": fields.prompt_token_ids},
-        )
-        request = _make_request(rec.index, row_id, kind, value, getattr(fields, kind))
+        if template is not None:
+            request = ParsedRequest(rec.index, row_id, _render(template, data), None, None, {}, "template")
+        else:
+            kind, value = _pick_prompt(
+                data,
+                {"prompt": fields.prompt, "messages": fields.messages, "prompt_token_ids": fields.prompt_token_ids},
+            )
+            request = _make_request(rec.index, row_id, kind, value, getattr(fields, kind))
+        if system_prompt is not None:
+            _add_system_prompt(request, system_prompt, fields.prompt_token_ids)
         for name in SAMPLING_FIELDS:
             if not _absent(data.get(name)):
                 request.sampling[name] = _check_sampling(name, data[name], name, csv)
@@ -111,7 +130,29 @@ def _make_request(index: int, row_id: str, kind: str, value: Any, field: str) ->
         messages = _check_messages(_maybe_json(value, field), field)
     else:
         token_ids = _check_token_ids(_maybe_json(value, field), field)
-    return ParsedRequest(index, row_id, prompt, messages, token_ids, {})
+    return ParsedRequest(index, row_id, prompt, messages, token_ids, {}, field)
+
+
+def _render(template: PromptTemplate, data: dict) -> str:
+    from .templates import TemplateFieldError
+
+    try:
+        text = template.render(data)
+    except TemplateFieldError as e:
+        raise _Bad(f"template: {e}") from None
+    if not text.strip():
+        raise _Bad("template: the rendered prompt is empty")
+    return text
+
+
+def _add_system_prompt(request: ParsedRequest, system_prompt: str, token_ids_field: str) -> None:
+    if request.prompt_token_ids is not None:
+        raise _Bad(f"field {token_ids_field!r}: --system-prompt needs a text prompt or chat messages, not token ids")
+    if request.prompt is not None:
+        request.messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": request.prompt}]
+        request.prompt = None
+    elif request.messages[0]["role"] != "system":
+        request.messages = [{"role": "system", "content": system_prompt}, *request.messages]
 
 
 def _check_prompt(value: Any, field: str) -> str:
@@ -265,7 +306,8 @@ def _openai_prompt(index: int, row_id: str, url: str, body: dict) -> ParsedReque
             raise _Bad(f"field 'body.prompt' is not accepted by {url}; use 'body.messages'")
         if _absent(body.get("messages")):
             raise _Bad(f"missing prompt: {url} needs 'body.messages'")
-        return ParsedRequest(index, row_id, None, _check_messages(body["messages"], "body.messages"), None, {})
+        return ParsedRequest(index, row_id, None, _check_messages(body["messages"], "body.messages"), None, {},
+                             "body.messages")
     if "messages" in body:
         raise _Bad(f"field 'body.messages' is not accepted by {url}; use 'body.prompt' or /v1/chat/completions")
     prompt = body.get("prompt")
@@ -275,11 +317,11 @@ def _openai_prompt(index: int, row_id: str, url: str, body: dict) -> ParsedReque
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return ParsedRequest(index, row_id, None, None, _check_token_ids(prompt, "body.prompt"), {})
+        return ParsedRequest(index, row_id, None, None, _check_token_ids(prompt, "body.prompt"), {}, "body.prompt")
     if isinstance(prompt, list):
         raise _Bad(f"field 'body.prompt' must be one string or one list of token ids (one prompt per request), "
                    f"got {_describe(prompt)}")
-    return ParsedRequest(index, row_id, _check_prompt(prompt, "body.prompt"), None, None, {})
+    return ParsedRequest(index, row_id, _check_prompt(prompt, "body.prompt"), None, None, {}, "body.prompt")
 
 
 def _openai_sampling(body: dict, chat: bool) -> dict:

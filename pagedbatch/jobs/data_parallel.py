@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Iterator, Mapping, Optional, TextIO
 
+from ..io.carried import CarriedColumns
 from .options import JobOptions
 from .progress import Counters, ProgressDisplay, ProgressLog
 from .replica import error_rate_exceeded
@@ -231,12 +232,13 @@ class DataParallelJob:
     (returns "complete", "interrupted", "aborted" or "failed"; ``failure``
     then says what failed), ``close``."""
 
-    def __init__(self, opts: JobOptions, slots: list[WorkerSlot], *, model_dir: str, input_format: str,
-                 run_id: str, already_committed: int, log: ProgressLog, err: TextIO,
+    def __init__(self, opts: JobOptions, slots: list[WorkerSlot], *, engine_config, carried: CarriedColumns,
+                 input_format: str, run_id: str, already_committed: int, log: ProgressLog, err: TextIO,
                  env: Optional[Mapping[str, str]] = None):
         self.opts = opts
         self.slots = slots
-        self.model_dir = model_dir
+        self.engine_config = engine_config  # model and tokenizer already resolved to local directories
+        self.carried = carried
         self.input_format = input_format
         self.run_id = run_id
         self.already_committed = already_committed
@@ -278,7 +280,8 @@ class DataParallelJob:
             self.workers.append(_WorkerProcess(slot, self.env, self.err))
         for w in self.workers:
             w.send("start", WorkerSpec(
-                index=w.index, opts=self.opts, model_dir=self.model_dir, input_format=self.input_format,
+                index=w.index, opts=self.opts, engine_config=self.engine_config, carried=self.carried,
+                input_format=self.input_format,
                 run_id=self.run_id, chunk_rows=self.chunk, already_committed=self.already_committed,
                 torch_threads=w.slot.torch_threads))
 
@@ -346,7 +349,7 @@ class DataParallelJob:
         elif kind == "failed":
             w.state, w.dropped = "failed", payload.get("dropped", 0)
             error = payload["error"]
-            if payload.get("traceback"):
+            if payload.get("traceback"):  # none for a full disk: its message says all
                 error += "\n" + payload["traceback"].rstrip()
             self._fail(f"{w.name()} failed: {error}")
             self._log_worker_end(w, "failed", error=payload["error"])

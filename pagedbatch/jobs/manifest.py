@@ -4,6 +4,8 @@ Resuming is only safe when the rerun would produce the same rows, so a run
 whose input content or output-changing settings differ from the manifest
 stops before any work. Performance settings (block size, memory, batch
 sizes, commit cadence, max_rows) may change between runs of one job.
+The prompt template and system prompt are compared by their text, the
+carried columns by their names and decided types.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import shutil
 import time
 from typing import Any, Optional
 
+from ..hub import ResolvedModel
+from ..io.carried import CarriedColumns
 from .options import JobOptions
 
 MANIFEST = "job.json"
@@ -56,14 +60,20 @@ def input_fingerprint(path: str) -> dict[str, Any]:
             "sha256_head": hashlib.sha256(_head(path, _HEAD_BYTES)).hexdigest()}
 
 
-def output_settings(opts: JobOptions, input_format: str, model_dir: str) -> dict[str, Any]:
-    """The settings that change result rows (or their schema)."""
-    return {
+def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
+                    tokenizer: Optional[ResolvedModel] = None,
+                    carried: CarriedColumns = CarriedColumns()) -> dict[str, Any]:
+    """The settings that change result rows (or their schema). A Hub model is
+    recorded by id and snapshot commit (so a new upstream commit is another
+    job), a local one by its absolute path."""
+    settings = {
         "input_format": input_format,
         "fields": {"prompt": opts.prompt_field, "messages": opts.messages_field,
                    "prompt_token_ids": opts.prompt_token_ids_field, "id": opts.id_field},
-        "model": os.path.abspath(model_dir),
-        "tokenizer": os.path.abspath(opts.tokenizer) if opts.tokenizer else None,
+        "model": model.identity["name"],
+        "model_revision": model.identity["revision"],
+        "tokenizer": tokenizer.identity["name"] if tokenizer else None,
+        "tokenizer_revision": tokenizer.identity["revision"] if tokenizer else None,
         "dtype": opts.dtype or "auto",
         "load_format": opts.load_format or "auto",
         "engine_seed": opts.engine_seed or 0,
@@ -74,6 +84,14 @@ def output_settings(opts: JobOptions, input_format: str, model_dir: str) -> dict
         "output_format": opts.output_format,
         "num_shards": opts.num_shards,
     }
+    # Only when used, so that the manifests of jobs without them stay as they were.
+    if opts.template_text is not None:
+        settings["prompt_template"] = opts.template_text
+    if opts.system_prompt is not None:
+        settings["system_prompt"] = opts.system_prompt
+    if carried:
+        settings["carried_columns"] = carried.describe()
+    return settings
 
 
 def prepare_output_dir(out: str, manifest: dict[str, Any], overwrite: bool) -> str:
@@ -117,14 +135,18 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return problems
 
 
-def build_manifest(opts: JobOptions, input_format: str, model_dir: str) -> dict[str, Any]:
-    return {
+def build_manifest(opts: JobOptions, input_format: str, model: ResolvedModel, tokenizer: Optional[ResolvedModel] = None,
+                   carried: CarriedColumns = CarriedColumns()) -> dict[str, Any]:
+    manifest = {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": input_fingerprint(opts.input),
-        "settings": output_settings(opts, input_format, model_dir),
+        "settings": output_settings(opts, input_format, model, tokenizer, carried),
         "options": opts.to_dict(),
     }
+    if model.repo_id is not None:
+        manifest["model_snapshot"] = model.path  # where this run found it (not compared)
+    return manifest
 
 
 def read_manifest(out: str) -> Optional[dict[str, Any]]:

@@ -52,15 +52,25 @@ class JobOptions:
     messages_field: str = "messages"
     prompt_token_ids_field: str = "prompt_token_ids"
     id_field: str = "id"
+    # A Jinja2 template over the record's fields that makes the prompt (text, or
+    # a file holding it); with system_prompt the prompt becomes chat messages.
+    prompt_template: Optional[str] = None
+    prompt_template_file: Optional[str] = None
+    system_prompt: Optional[str] = None
+    # Input columns copied into the result rows with their Arrow types: names, or "all".
+    keep_columns: Union[list[str], str, None] = None
     output_format: str = "parquet"
     include_prompt: bool = False
     include_token_ids: bool = False
     include_logprobs: bool = False
     overwrite: bool = False
 
-    # Model and engine (None: EngineConfig's default; model None: the demo model)
+    # Model and engine (None: EngineConfig's default; model None: the demo model).
+    # model / tokenizer: a local directory or a Hugging Face Hub id (pagedbatch.hub).
     model: Optional[str] = None
+    revision: Optional[str] = None  # the Hub revision of model (branch, tag or commit)
     tokenizer: Optional[str] = None
+    tokenizer_revision: Optional[str] = None
     dtype: Optional[str] = None
     device: Optional[str] = None
     load_format: Optional[str] = None
@@ -127,6 +137,9 @@ class JobOptions:
         if self.output is None:
             stem = os.path.basename(os.path.normpath(self.input)).split(".")[0] or "job"
             self.output = os.path.join("out", stem)
+        self._check_model_options()
+        self._check_prompt_options()
+        self.keep_columns = parse_keep_columns(self.keep_columns)
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}")
         if isinstance(self.stop, str):
@@ -174,6 +187,46 @@ class JobOptions:
         except ValueError as e:
             raise ValueError(f"default sampling: {e}") from None
 
+    def _check_model_options(self) -> None:
+        for name, value in (("model", self.model), ("revision", self.revision), ("tokenizer", self.tokenizer),
+                            ("tokenizer_revision", self.tokenizer_revision)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a non-empty string, got {value!r}")
+        if self.revision is not None and self.model is None:
+            raise ValueError("revision (--revision) needs model (--model), a Hugging Face Hub id")
+        if self.tokenizer_revision is not None and self.tokenizer is None:
+            raise ValueError("tokenizer_revision (--tokenizer-revision) needs tokenizer (--tokenizer), a Hub id")
+
+    def _check_prompt_options(self) -> None:
+        if self.prompt_template is not None and self.prompt_template_file is not None:
+            raise ValueError("give one of prompt_template (--prompt-template) and prompt_template_file "
+                             "(--prompt-template-file), not both")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"system_prompt (--system-prompt) must be a string, got {self.system_prompt!r}")
+        # Read and compiled once here: a template that does not parse fails before any work,
+        # and the text travels with these options (Ray actors may not see the file).
+        self._template_text: Optional[str] = None
+        if self.prompt_template_file is not None:
+            try:
+                with open(self.prompt_template_file, encoding="utf-8") as f:
+                    self._template_text = f.read()
+            except OSError as e:
+                raise ValueError(f"prompt_template_file (--prompt-template-file): cannot read "
+                                 f"{self.prompt_template_file}: {e.strerror or e}") from None
+            option = f"prompt_template_file (--prompt-template-file {self.prompt_template_file})"
+        elif self.prompt_template is not None:
+            self._template_text = self.prompt_template
+            option = "prompt_template (--prompt-template)"
+        if self._template_text is not None:
+            from ..io.templates import PromptTemplate
+
+            PromptTemplate(self._template_text, option)
+
+    @property
+    def template_text(self) -> Optional[str]:
+        """The prompt template's source (from --prompt-template or the file), or None."""
+        return self._template_text
+
     # -- building -------------------------------------------------------
 
     @classmethod
@@ -193,9 +246,12 @@ class JobOptions:
             raise ValueError("--input is required (on the command line or as 'input:' in the job file)")
         return cls(**merged)
 
-    def engine_config(self, model_dir: str) -> EngineConfig:
+    def engine_config(self, model_dir: str, tokenizer_dir: Optional[str] = None) -> EngineConfig:
+        """The engine's config, with ``model`` (and ``tokenizer``) resolved to local directories."""
         values = {ENGINE_FIELDS[k]: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
         values["model"] = model_dir
+        if tokenizer_dir is not None:
+            values["tokenizer"] = tokenizer_dir
         return EngineConfig.from_dict(values)
 
     def default_sampling(self) -> dict[str, Any]:
@@ -254,6 +310,23 @@ def parse_data_parallel_size(value: Any) -> Union[int, str]:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"data_parallel_size (--data-parallel-size) must be an integer >= 1 or 'auto', got {value!r}")
     return value
+
+
+def parse_keep_columns(value: Any) -> Union[list[str], str, None]:
+    """None, "all", or a list of column names (a comma-separated string, as on the command line, works too)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip() == "all":
+            return "all"
+        value = [name.strip() for name in value.split(",")]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"keep_columns (--keep-columns) must be 'all' or a list of column names (a,b), got {value!r}")
+    if "all" in value and len(value) > 1:
+        raise ValueError("keep_columns (--keep-columns): 'all' cannot be combined with column names")
+    if len(set(value)) != len(value):
+        raise ValueError(f"keep_columns (--keep-columns) names a column twice: {value!r}")
+    return "all" if list(value) == ["all"] else list(value)
 
 
 def slurm_shard(env: Mapping[str, str]) -> tuple[Optional[int], Optional[int]]:

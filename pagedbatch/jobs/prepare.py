@@ -1,6 +1,7 @@
 """One input record -> a request ready for an engine, or an error row.
 
-Parsing, sampling validation, chat rendering and tokenization all happen
+Parsing (with the prompt template and system prompt), the carried columns'
+values, sampling validation, chat rendering and tokenization all happen
 here, before admission: ``--order`` sorts by token ids, and a bad record
 becomes an error row without ever reaching an engine. Only a tokenizer and
 the vocabulary size are needed, not a loaded model, so a data-parallel
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from ..io import FieldNames, ParsedRequest, RowError, parse_record
+from ..io.carried import CarriedColumns
 from ..sampling_params import SamplingParams
 from .options import JobOptions
 
@@ -25,7 +27,8 @@ class Pending:
     id: str
     prompt: Optional[str]  # the text (chat messages as JSON) for --include-prompt; None for token ids
     is_chat: bool
-    field: str  # the input field the prompt came from, for error messages
+    where: str  # where the prompt came from, for error messages: "field 'prompt'", "template"
+    carried: Optional[dict] = None  # --keep-columns: result column -> value
 
 
 @dataclass
@@ -43,16 +46,35 @@ class RowPreparer:
     ``engine.tokenizer.prompt_token_ids`` bound to a tokenizer)."""
 
     def __init__(self, opts: JobOptions, fmt: str, tokenizer: Any,
-                 check_prompt: Callable[[Union[str, list[int]]], list[int]]):
+                 check_prompt: Callable[[Union[str, list[int]]], list[int]],
+                 carried: CarriedColumns = CarriedColumns()):
         self.opts = opts
         self.fmt = fmt
         self.tokenizer = tokenizer
         self.check_prompt = check_prompt
         self.fields = FieldNames(opts.prompt_field, opts.messages_field, opts.prompt_token_ids_field, opts.id_field)
         self.defaults = opts.default_sampling()
+        self.carried = carried
+        self.template = None
+        if opts.template_text is not None:
+            from ..io.templates import PromptTemplate
+
+            self.template = PromptTemplate(opts.template_text)
 
     def prepare(self, rec) -> Union[Prepared, RowError]:
-        parsed = parse_record(rec, self.fields, self.fmt)
+        item = self._prepare(rec)
+        if self.carried:
+            carried, problem = self.carried.values(rec.data)
+            if problem is not None and isinstance(item, Prepared):
+                item = RowError(item.pending.index, item.pending.id, problem)
+            if isinstance(item, RowError):
+                item.carried = carried
+            else:
+                item.pending.carried = carried
+        return item
+
+    def _prepare(self, rec) -> Union[Prepared, RowError]:
+        parsed = parse_record(rec, self.fields, self.fmt, template=self.template, system_prompt=self.opts.system_prompt)
         if isinstance(parsed, RowError):
             return parsed
         assert isinstance(parsed, ParsedRequest)
@@ -65,24 +87,22 @@ class RowPreparer:
             return RowError(parsed.index, parsed.id, f"{where}: invalid value: {e}")
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
-        openai = self.fmt == "openai"
+        where = "template" if parsed.source == "template" else f"field {parsed.source!r}"
         if parsed.messages is not None:
-            field_name = "body.messages" if openai else self.fields.messages
             try:
                 from ..engine.tokenizer import encode_chat
 
                 prompt: Any = encode_chat(self.tokenizer, parsed.messages)
             except Exception as e:  # jinja and tokenizer errors: the row is bad, not the job
-                return RowError(parsed.index, parsed.id, f"field {field_name!r}: cannot render the chat: {e}")
+                return RowError(parsed.index, parsed.id, f"{where}: cannot render the chat: {e}")
             text = json.dumps(parsed.messages, ensure_ascii=False)
         elif parsed.prompt is not None:
-            field_name = "body.prompt" if openai else self.fields.prompt
             prompt = text = parsed.prompt
         else:
-            field_name = "body.prompt" if openai else self.fields.prompt_token_ids
             prompt, text = parsed.prompt_token_ids, None
         try:
             ids = self.check_prompt(prompt)
         except (ValueError, TypeError) as e:
-            return RowError(parsed.index, parsed.id, f"field {field_name!r}: {e}")
-        return Prepared(ids, params, Pending(parsed.index, parsed.id, text, parsed.messages is not None, field_name))
+            return RowError(parsed.index, parsed.id, f"{where}: {e}")
+        return Prepared(ids, params, Pending(parsed.index, parsed.id, text, parsed.messages is not None, where))
+

@@ -44,12 +44,32 @@ class ProgressLog:
         self.path = os.path.join(out, f"progress-{shard_index:05d}.jsonl")
         self.shard_index = shard_index
         self.run_id = run_id
+        # A line cut off by a kill or a full disk must not swallow the next event.
+        self._cut = _ends_mid_line(self.path)
 
     def write(self, event: str, **fields: Any) -> None:
         line = {"event": event, "t": time.time(), "shard": self.shard_index, "run_id": self.run_id, **fields}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=str) + "\n")
-            f.flush()
+        text = ("\n" if self._cut else "") + json.dumps(line, default=str) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+        except OSError:
+            self._cut = True  # part of the line may be there
+            raise
+        self._cut = False
+
+
+def _ends_mid_line(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def read_progress(out: str) -> list[dict[str, Any]]:

@@ -38,7 +38,8 @@ import time
 import warnings
 from typing import Any, Iterator, Optional, TextIO
 
-from ..io import PartWriter, file_records, parquet_files
+from ..io import PartWriter, file_records, is_disk_full, parquet_files
+from ..io.carried import CarriedColumns
 from ..ray import EngineActor, require_ray
 from .manifest import RESULTS
 from .options import JobOptions
@@ -117,8 +118,8 @@ class JobActor(EngineActor):
     the job's result rows out, plus which actor ran them and its engine's
     statistics (on the last row)."""
 
-    def __init__(self, opts: JobOptions, model_dir: str, input_format: str):
-        super().__init__(opts, model_dir, input_format)
+    def __init__(self, opts: JobOptions, engine_config, input_format: str, carried: CarriedColumns):
+        super().__init__(opts, engine_config, input_format, carried)
         import pyarrow as pa
         import ray
 
@@ -129,7 +130,8 @@ class JobActor(EngineActor):
         gpus = ray.get_gpu_ids()
         self.placement = f"node {ctx.get_node_id()[:8]}" + (f", GPU {','.join(map(str, gpus))}" if gpus else ", cpu")
         self.describe = describe_engine(self.engine, input_format, 0)
-        self.schema = job_result_schema(opts).append(pa.field(_WORKER, pa.string())).append(pa.field(_META, pa.string()))
+        self.schema = job_result_schema(opts, carried).append(pa.field(_WORKER, pa.string())).append(
+            pa.field(_META, pa.string()))
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -146,7 +148,7 @@ class JobActor(EngineActor):
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 
-def run_ray_job(opts: JobOptions, fmt: str, model_dir: str, engine_config, done: set[int], err: TextIO,
+def run_ray_job(opts: JobOptions, fmt: str, engine_config, carried: CarriedColumns, done: set[int], err: TextIO,
                 resume_command: str):
     """Run (or resume) one shard of the job through Ray Data; returns its JobResult.
     Raises ImportError without Ray and ValueError for an input or size it cannot run."""
@@ -171,12 +173,12 @@ def run_ray_job(opts: JobOptions, fmt: str, model_dir: str, engine_config, done:
             # Bounded retries have no named parameter yet (Ray 2.60 deprecates the generic
             # remote arguments that carry them); without them Ray retries for ever.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = ds.map_batches(JobActor, fn_constructor_kwargs={"opts": opts, "model_dir": model_dir,
-                                                                 "input_format": fmt},
+            ds = ds.map_batches(JobActor, fn_constructor_kwargs={"opts": opts, "engine_config": engine_config,
+                                                                 "input_format": fmt, "carried": carried},
                                 batch_size=opts.effective_max_in_flight, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
                                 max_restarts=_ACTOR_RETRIES, max_task_retries=_ACTOR_RETRIES)
-        driver = _Driver(opts, fmt, done, err, new_run_id(), actors)
+        driver = _Driver(opts, fmt, carried, done, err, new_run_id(), actors)
         with StopRequest() as stop:
             status = driver.run(ds, stop)
     finally:
@@ -212,9 +214,10 @@ def _actors(ray, opts: JobOptions, tensor_parallel_size: int) -> tuple[int, floa
 class _Driver:
     """Takes result batches from the pipeline, drops repeats, commits parts, logs progress."""
 
-    def __init__(self, opts: JobOptions, fmt: str, done: set[int], err: TextIO, run_id: str, actors: int):
+    def __init__(self, opts: JobOptions, fmt: str, carried: CarriedColumns, done: set[int], err: TextIO, run_id: str,
+                 actors: int):
         self.opts, self.fmt, self.done, self.err, self.actors = opts, fmt, done, err, actors
-        self.writer = PartWriter(os.path.join(opts.output, RESULTS), job_result_schema(opts),
+        self.writer = PartWriter(os.path.join(opts.output, RESULTS), job_result_schema(opts, carried),
                                  shard_index=opts.shard_index, run_id=run_id)
         self.log = ProgressLog(opts.output, opts.shard_index, run_id)
         self.counters = Counters()
@@ -241,14 +244,20 @@ class _Driver:
                     status = "interrupted"
                     break
         except Exception as e:  # Ray surfaces actor and task failures (after its retries) here
-            status = "interrupted" if stop.requested else "failed"
-            self.failure = f"the Ray pipeline failed: {_first_lines(f'{type(e).__name__}: {e}')}"
+            status = "interrupted" if stop.requested and not is_disk_full(e) else "failed"
+            self.failure = str(e) if is_disk_full(e) else \
+                f"the Ray pipeline failed: {_first_lines(f'{type(e).__name__}: {e}')}"
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()  # stops the pipeline and its actors when we leave early
         self._start()  # a run with nothing left to do still gets its start event
-        self._commit()
+        try:
+            self._commit()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            status, self.failure = "failed", self.failure or str(e)
         for label, w in self.workers.items():
             self.log.write("worker_end", worker=label, status="done" if status == "complete" else status,
                            worker_counters=w["counters"].as_dict(), stats=w.get("stats"),
@@ -262,15 +271,18 @@ class _Driver:
 
     def _take(self, batch) -> None:
         meta = None
+        fresh: set[int] = set()  # a record's rows (one per sample, with n) arrive in one batch
         for row in batch.to_pylist():
             label, m = row.pop(_WORKER), row.pop(_META)
             if m is not None:
                 meta = (label, json.loads(m))
             index = row["index"]
-            if index in self.seen or index in self.done:
-                self.repeats += 1  # a retried batch or read: the first copy was taken
-                continue
-            self.seen.add(index)
+            if index not in fresh:
+                if index in self.seen or index in self.done:
+                    self.repeats += 1  # a retried batch or read: the first copy was taken
+                    continue
+                fresh.add(index)
+                self.seen.add(index)
             self.writer.add(row)
             self.counters.add(row)
             self._worker(label)["counters"].add(row)

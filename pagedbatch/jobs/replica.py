@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Iterator, Optional, Union
 
 from ..io import PartWriter, RowError, result_schema
+from ..io.carried import CarriedColumns
 from .options import JobOptions
 from .prepare import Pending, Prepared
 from .progress import Counters
@@ -24,12 +25,17 @@ from .progress import Counters
 OnCommit = Callable[[str, Counters, dict], None]
 
 
-def job_result_schema(opts: JobOptions):
+def job_result_schema(opts: JobOptions, carried: CarriedColumns = CarriedColumns()):
+    """The job's result parts' schema: the result columns its options ask for,
+    then the carried input columns (decided once per job, so every part,
+    worker and resumed run writes the same schema)."""
     schema = result_schema(opts.include_prompt, opts.include_token_ids, opts.include_logprobs)
     if opts.output_format == "jsonl":
         import pyarrow as pa
 
         schema = schema.append(pa.field("is_chat", pa.bool_()))
+    for f in carried.fields:
+        schema = schema.append(f)
     return schema
 
 
@@ -47,14 +53,14 @@ class Replica:
     def add(self, item: Union[Prepared, RowError]) -> None:
         """Admit a prepared request to the engine, or write an error row."""
         if isinstance(item, RowError):
-            self._error_row(item.index, item.id, item.error)
+            self._error_row(item.index, item.id, item.error, item.carried)
             return
         p = item.pending
         request_id = str(p.index)
         try:
             self.engine.add_request(request_id, item.token_ids, item.params)
         except (ValueError, TypeError) as e:
-            self._error_row(p.index, p.id, f"field {p.field!r}: {e}")
+            self._error_row(p.index, p.id, f"{p.where}: {e}", p.carried)
             return
         self.in_flight[request_id] = p
 
@@ -66,7 +72,12 @@ class Replica:
     # -- rows --------------------------------------------------------------
 
     def _finish(self, output) -> None:
+        # A record's rows go to the writer together (_add_record), so a part never
+        # splits a record: with n samples per prompt its n rows will be one group.
         pending = self.in_flight.pop(output.request_id)
+        self._add_record([self._result_row(pending, output)])
+
+    def _result_row(self, pending: Pending, output) -> dict:
         t = output.timings
         ok = output.finish_reason != "error"
         row = {
@@ -86,24 +97,28 @@ class Replica:
             row["logprobs"] = [lp.logprob for lp in output.logprobs] if output.logprobs else None
         if self.opts.output_format == "jsonl":
             row["is_chat"] = pending.is_chat
+        if pending.carried:
+            row.update(pending.carried)
         if not ok:
-            row["error"] = f"field {pending.field!r}: {output.error}"
+            row["error"] = f"{pending.where}: {output.error}"
             self._note_error(pending.index, row["error"])
-        self._add(row)
+        return row
 
-    def _error_row(self, index: int, row_id: str, error: str) -> None:
+    def _error_row(self, index: int, row_id: str, error: str, carried: Optional[dict] = None) -> None:
         row: dict[str, Any] = {"index": index, "id": row_id, "output": None, "finish_reason": "error",
-                               "error": error, "output_tokens": 0}
+                               "error": error, "output_tokens": 0, **(carried or {})}
         self._note_error(index, error)
-        self._add(row)
+        self._add_record([row])
 
     def _note_error(self, index: int, error: Optional[str]) -> None:
         if len(self.first_errors) < 5:
             self.first_errors.append(f"row {index}: {error}")
 
-    def _add(self, row: dict) -> None:
-        self.writer.add(row)
-        self.counters.add(row)
+    def _add_record(self, rows: list[dict]) -> None:
+        # Commits happen between calls, never inside one: a record's rows share a part.
+        for row in rows:
+            self.writer.add(row)
+            self.counters.add(row)
 
     # -- commits and stopping ------------------------------------------------
 

@@ -414,6 +414,13 @@ def _pct(v: Any) -> str:
 def _write_text(path: str, text: str) -> None:
     # Shards finishing together each rebuild the report: private temporaries, atomic rename.
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)  # a full disk must not leave it behind
+        except FileNotFoundError:
+            pass
+        raise

@@ -17,8 +17,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, TextIO, Union
 
-from ..io import PartWriter, RowError, cleanup_temp_files, committed_indices, detect_format, open_records
-from ..io import write_openai_batch_output
+from ..hub import ModelNotFound, ResolvedModel, resolve_model
+from ..io import DiskFull, PartWriter, RowError, cleanup_temp_files, committed_indices, detect_format, open_records
+from ..io import is_disk_full, write_openai_batch_output
+from ..io.carried import CarriedColumns, decide_carried_columns
 from .manifest import RESULTS, ManifestMismatch, build_manifest, prepare_output_dir
 from .options import JobOptions
 from .ordering import admission_order
@@ -57,11 +59,18 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
         records = open_records(opts.input, fmt, batch_rows=opts.read_batch_rows)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise JobError(f"cannot read the input: {e}") from None
-    model_dir = _model_dir(opts, err)
     try:
-        engine_config = opts.engine_config(model_dir)
+        check_input_options(opts, fmt)
+        carried, warnings = decide_carried_columns(opts.input, fmt, opts.keep_columns)
+    except (ValueError, OSError) as e:
+        raise JobError(str(e)) from None
+    for warning in warnings:
+        print(f"[pagedbatch] {warning}", file=err, flush=True)
+    model, tokenizer = _resolve_models(opts, err)
+    try:
+        engine_config = opts.engine_config(model.path, tokenizer.path if tokenizer else None)
         slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
-        state = prepare_output_dir(out, build_manifest(opts, fmt, model_dir), opts.overwrite)
+        state = prepare_output_dir(out, build_manifest(opts, fmt, model, tokenizer, carried), opts.overwrite)
     except ManifestMismatch as e:
         raise JobError(str(e)) from None
     except (ValueError, OSError) as e:
@@ -75,24 +84,33 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
         from .ray_executor import run_ray_job
 
         try:
-            return run_ray_job(opts, fmt, model_dir, engine_config, done, err, resume_command)
+            return run_ray_job(opts, fmt, engine_config, carried, done, err, resume_command)
         except (ImportError, ValueError) as e:
             raise JobError(str(e)) from None
     if len(slots) > 1:
-        return _run_data_parallel(opts, slots, fmt, engine_config, records, done, err, resume_command)
+        return _run_data_parallel(opts, slots, fmt, engine_config, carried, records, done, err, resume_command)
 
     from ..engine.llm_engine import LLMEngine
 
     try:
         engine = LLMEngine(engine_config)
     except Exception as e:  # loader errors come in many types; the user needs the path and the cause
-        raise JobError(f"could not load the model from {model_dir}: {type(e).__name__}: {e}") from e
+        raise JobError(f"could not load the model from {model.path}: {type(e).__name__}: {e}") from e
     try:
-        job = _Job(opts, engine, fmt, out, done, err)
+        job = _Job(opts, engine, fmt, carried, out, done, err)
         with StopRequest() as stop:
             return job.run(records, stop, resume_command)
     finally:
         engine.shutdown()  # tensor-parallel workers end with the job
+
+
+def check_input_options(opts: JobOptions, fmt: str) -> None:
+    """Options that cannot apply to this input format (ValueError naming them)."""
+    if fmt == "openai":
+        for name, value in (("prompt_template", opts.template_text), ("system_prompt", opts.system_prompt)):
+            if value is not None:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) does not apply to an OpenAI batch input: "
+                                 "each request carries its own prompt or messages")
 
 
 def _worker_slots(opts: JobOptions, engine_config) -> list:
@@ -106,8 +124,8 @@ def _worker_slots(opts: JobOptions, engine_config) -> list:
     return plan_workers(opts.data_parallel_size, tp, opts.device, gpus, cpu_count())
 
 
-def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, records: Iterator, done: set[int],
-                       err: TextIO, resume_command: str) -> JobResult:
+def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, carried: CarriedColumns,
+                       records: Iterator, done: set[int], err: TextIO, resume_command: str) -> JobResult:
     from ..engine.models.config import ModelArgs
     from ..engine.tokenizer import load_tokenizer, prompt_token_ids
     from .data_parallel import DataParallelJob
@@ -115,7 +133,7 @@ def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, r
     model_dir = engine_config.model
     run_id = new_run_id()
     log = ProgressLog(opts.output, opts.shard_index, run_id)
-    job = DataParallelJob(opts, slots, model_dir=model_dir, input_format=fmt, run_id=run_id,
+    job = DataParallelJob(opts, slots, engine_config=engine_config, carried=carried, input_format=fmt, run_id=run_id,
                           already_committed=len(done), log=log, err=err)
     with StopRequest() as stop:
         try:
@@ -127,7 +145,8 @@ def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, r
             except Exception as e:  # as for the model: the user needs the path and the cause
                 raise JobError(f"could not load the tokenizer or config of {model_dir}: "
                                f"{type(e).__name__}: {e}") from e
-            preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size))
+            preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size),
+                                   carried)
             status = job.run(todo_items(opts, records, done, preparer), stop)
         except BaseException as e:  # a second Ctrl-C, or a bug: quit soon, keeping what workers finished
             job.close(grace_s=5.0)
@@ -138,28 +157,40 @@ def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, r
             job.close()
     if status == "failed" and not job.dealing:
         raise JobError(job.failure)  # no worker started work: like a model that fails to load
-    log.write("end", status=status, error=job.failure or None, counters=job.counters.as_dict())
+    log_end(log, status=status, error=job.failure or None, counters=job.counters.as_dict())
     return finish_job(opts, opts.output, status, job.counters, len(done), first_errors=job.first_errors,
                       dropped=job.dropped, stop=stop, resume_command=resume_command, failure=job.failure)
 
 
-def _model_dir(opts: JobOptions, err: TextIO) -> str:
+def _resolve_models(opts: JobOptions, err: TextIO) -> tuple[ResolvedModel, Optional[ResolvedModel]]:
+    """The model (and a separate tokenizer) as local directories: a directory as given, or a
+    Hugging Face Hub id's snapshot; the demo model without --model."""
     if opts.model is None:
         from ..demo import DEMO_NOTICE, demo_model_dir
 
         print(f"[pagedbatch] {DEMO_NOTICE}", file=err, flush=True)
-        return demo_model_dir()
-    if not os.path.isdir(opts.model):
-        raise JobError(f"model directory not found: {opts.model} (give --model a local Hugging Face model directory)")
-    if not os.path.isfile(os.path.join(opts.model, "config.json")):
-        raise JobError(f"{opts.model} is not a Hugging Face model directory: it has no config.json")
-    return opts.model
+        model = ResolvedModel(demo_model_dir())
+    else:
+        model = _resolve(opts.model, opts.revision, "model")
+        if not os.path.isfile(os.path.join(model.path, "config.json")):
+            raise JobError(f"{opts.model} is not a Hugging Face model directory: it has no config.json"
+                           + (f" ({model.path})" if model.repo_id else ""))
+    tokenizer = None if opts.tokenizer is None else _resolve(opts.tokenizer, opts.tokenizer_revision, "tokenizer")
+    return model, tokenizer
+
+
+def _resolve(name: str, revision: Optional[str], what: str) -> ResolvedModel:
+    try:
+        return resolve_model(name, revision, what=what)
+    except (ModelNotFound, ValueError) as e:
+        raise JobError(str(e)) from None
 
 
 class _Job:
     """The single-process job: one replica fed straight from the record stream."""
 
-    def __init__(self, opts: JobOptions, engine, fmt: str, out: str, done: set[int], err: TextIO):
+    def __init__(self, opts: JobOptions, engine, fmt: str, carried: CarriedColumns, out: str, done: set[int],
+                 err: TextIO):
         self.opts = opts
         self.engine = engine
         self.fmt = fmt
@@ -168,10 +199,10 @@ class _Job:
         self.err = err
         self.run_id = new_run_id()
         self.log = ProgressLog(out, opts.shard_index, self.run_id)
-        writer = PartWriter(os.path.join(out, RESULTS), job_result_schema(opts), shard_index=opts.shard_index,
+        writer = PartWriter(os.path.join(out, RESULTS), job_result_schema(opts, carried), shard_index=opts.shard_index,
                             run_id=self.run_id)
         self.replica = Replica(opts, engine, writer, self._on_commit)
-        self.preparer = RowPreparer(opts, fmt, engine.tokenizer, engine.validate_prompt)
+        self.preparer = RowPreparer(opts, fmt, engine.tokenizer, engine.validate_prompt, carried)
 
     def _on_commit(self, part: str, counters: Counters, stats: dict) -> None:
         self.log.write("commit", part=part, counters=counters.as_dict(), stats=stats)
@@ -195,8 +226,15 @@ class _Job:
                 return False
             return True
 
+        failure = ""
         try:
             drive(rep, todo, opts.effective_max_in_flight, between_steps)
+            dropped = rep.abort_in_flight()
+            rep.commit()
+        except DiskFull as e:
+            # Committing again would fail the same way: stop with the one message that says what to do.
+            dropped = rep.abort_in_flight()  # the message counts the finished rows it could not commit
+            status, failure = "failed", str(e)
         except BaseException as e:
             # Rows already finished are valid: keep them, then let the error surface.
             rep.abort_in_flight()
@@ -205,12 +243,21 @@ class _Job:
                            stats=self.engine.stats())
             display.close()
             raise
-        dropped = rep.abort_in_flight()
-        rep.commit()
         display.close()
-        self.log.write("end", status=status, counters=rep.counters.as_dict(), stats=self.engine.stats())
+        log_end(self.log, status=status, error=failure or None, counters=rep.counters.as_dict(),
+                stats=self.engine.stats())
         return finish_job(opts, self.out, status, rep.counters, len(self.done), first_errors=rep.first_errors,
-                          dropped=dropped, stop=stop, resume_command=resume_command)
+                          dropped=dropped, stop=stop, resume_command=resume_command, failure=failure)
+
+
+def log_end(log: ProgressLog, **fields) -> None:
+    """The progress log's "end" event; on a full disk the run ends without it (the
+    report then shows the run as killed, and the rerun's events follow intact)."""
+    try:
+        log.write("end", **fields)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
 
 
 def new_run_id() -> str:
@@ -241,8 +288,13 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
     """Write the report (and output.jsonl) and say how the run ended: complete,
     interrupted, aborted (error rate) or failed (a worker or the Ray pipeline
     failed). ``dropped``: requests abandoned unfinished, None when unknown (Ray)."""
-    report = write_report(out)
     results = os.path.join(out, RESULTS)
+    try:
+        report = write_report(out)
+    except OSError as e:
+        if status != "failed" or not is_disk_full(e):
+            raise
+        report = {}  # the disk is full: `pagedbatch report OUT` rebuilds it later
     unfinished = "unfinished requests were" if dropped is None else f"{dropped} in-flight requests were"
     if status == "complete":
         if opts.output_format == "jsonl" and opts.num_shards == 1:
@@ -258,9 +310,11 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
                    f"To resume, run the same command again:\n  {resume_command}")
         return JobResult(status, stop.exit_code, out, c, message, report)
     if status == "failed":
-        message = (f"failed: {failure}\n{c.rows} finished rows of this run were committed ({results}); "
-                   f"{unfinished} dropped and will be redone. Fix the cause, then resume with the same "
-                   f"command:\n  {resume_command}")
+        # The counters include rows a failed commit lost: the parts are the truth.
+        committed = report.get("rows", {}).get("total")
+        kept = f"{committed} rows are committed in all" if committed is not None else "committed rows are kept"
+        message = (f"failed: {failure}\n{kept} ({results}); {unfinished} dropped and will be redone. Fix the "
+                   f"cause, then resume with the same command:\n  {resume_command}")
         return JobResult(status, EXIT_FAILED, out, c, message, report)
     rate = c.errors / max(c.rows, 1)
     message = (f"aborted: {c.errors} of {c.rows} rows failed ({rate:.1%}), above --max-error-rate "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Optional
 
+from ..io.parquet_writer import is_disk_full
 from .options import JobOptions
 
 # A worker whose parent is gone exits at once with this code, committing nothing.
@@ -43,7 +44,8 @@ class WorkerSpec:
 
     index: int
     opts: JobOptions
-    model_dir: str
+    engine_config: Any  # EngineConfig, its model and tokenizer resolved to local directories
+    carried: Any  # CarriedColumns: the result schema's carried input columns
     input_format: str
     run_id: str  # the parent's; this worker's parts are named with f"{run_id}-w{index}"
     chunk_rows: int  # rows the parent deals per request
@@ -111,7 +113,7 @@ class _Worker:
         try:
             replica = self._load()
         except Exception as e:  # the parent reports it as the job's error
-            self.link.send("failed", {"error": f"could not load the model from {spec.model_dir}: "
+            self.link.send("failed", {"error": f"could not load the model from {spec.engine_config.model}: "
                                                f"{type(e).__name__}: {e}", "at_load": True})
             return 1
         from .replica import describe_engine
@@ -126,13 +128,18 @@ class _Worker:
         except BaseException as e:
             # Finished rows are valid: commit them, then report the error (the parent fails the job).
             dropped = replica.abort_in_flight() + len(self.backlog)
+            if is_disk_full(e):  # committing again would fail the same way; the message says all
+                self.link.send("failed", {"error": str(e), "dropped": dropped, **self._progress()})
+                return 1
+            error = f"{type(e).__name__}: {e}"
             try:
                 replica.commit()
             except Exception as commit_error:
                 dropped += replica.writer.pending()
-                e = RuntimeError(f"{type(e).__name__}: {e}; committing the finished rows also failed: "
-                                 f"{type(commit_error).__name__}: {commit_error}")
-            self.link.send("failed", {"error": f"{type(e).__name__}: {e}", "dropped": dropped,
+                cause = commit_error if is_disk_full(commit_error) else \
+                    f"{type(commit_error).__name__}: {commit_error}"
+                error += f"; committing the finished rows also failed: {cause}"
+            self.link.send("failed", {"error": error, "dropped": dropped,
                                       "traceback": traceback.format_exc(limit=8), **self._progress()})
             return 1
         finally:
@@ -149,9 +156,9 @@ class _Worker:
         from .manifest import RESULTS
         from .replica import Replica, job_result_schema
 
-        engine = LLMEngine(opts.engine_config(spec.model_dir))
-        writer = PartWriter(os.path.join(opts.output, RESULTS), job_result_schema(opts), shard_index=opts.shard_index,
-                            run_id=f"{spec.run_id}-w{spec.index}")
+        engine = LLMEngine(spec.engine_config)
+        writer = PartWriter(os.path.join(opts.output, RESULTS), job_result_schema(opts, spec.carried),
+                            shard_index=opts.shard_index, run_id=f"{spec.run_id}-w{spec.index}")
         return Replica(opts, engine, writer, self._on_commit)
 
     def _on_commit(self, part: str, counters, stats: dict) -> None:

@@ -29,10 +29,13 @@ _ENGINE_FIELDS = {
 _OPTIONS = [
     click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: all interfaces)."),
     click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port."),
-    click.option("--model", "-m", default=None, help="Hugging Face model directory (Qwen v1 too). Without it: the "
-                 "built-in demo model (random weights, meaningless text)."),
-    click.option("--served-model-name", default=None, help="Name clients pass as \"model\" [the directory's name]."),
-    click.option("--tokenizer", default=None, help="Tokenizer directory [the model's]."),
+    click.option("--model", "-m", default=None, help="Hugging Face model directory (Qwen v1 too), or a Hub id "
+                 "(Qwen/Qwen2.5-7B-Instruct) resolved through the Hugging Face cache (HF_HOME, HF_HUB_CACHE; "
+                 "HF_HUB_OFFLINE=1: the cache only). Without it: the built-in demo model (random weights)."),
+    click.option("--revision", default=None, help="Hub revision of --model: a branch, tag or commit [main]."),
+    click.option("--served-model-name", default=None, help="Name clients pass as \"model\" [the Hub id, or the "
+                 "directory's name]."),
+    click.option("--tokenizer", default=None, help="Tokenizer directory or Hub id [the model's]."),
     click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weights and compute dtype [auto]."),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [auto]."),
     click.option("--load-format", type=click.Choice(LOAD_FORMATS), default=None, help="Weights format [auto]."),
@@ -63,8 +66,8 @@ _OPTIONS = [
 ]
 
 
-def _serve(host: str, port: int, model: Optional[str], served_model_name: Optional[str], max_body_bytes: int,
-           max_tokens_cap: Optional[int], log_level: str, **engine_values: Any) -> None:
+def _serve(host: str, port: int, model: Optional[str], revision: Optional[str], served_model_name: Optional[str],
+           max_body_bytes: int, max_tokens_cap: Optional[int], log_level: str, **engine_values: Any) -> None:
     """Serve one model over HTTP: /generate, /generate_stream, /health and OpenAI's /v1 routes.
 
     All clients share one engine (continuous batching). See docs/server.md.
@@ -75,24 +78,37 @@ def _serve(host: str, port: int, model: Optional[str], served_model_name: Option
 
     from ..config import EngineConfig
     from ..engine.llm_engine import LLMEngine
+    from ..hub import ModelNotFound, resolve_model
     from .app import create_app
     from .engine_loop import EngineLoop
     from .settings import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = {_ENGINE_FIELDS[k]: v for k, v in engine_values.items() if v is not None}
     if model is None:
+        if revision is not None:
+            raise click.UsageError("--revision needs --model (a Hugging Face Hub id)")
         from ..demo import DEMO_NOTICE, demo_model_dir
 
         click.echo(f"[pagedbatch] {DEMO_NOTICE}", err=True)
-        model = demo_model_dir()
-    values = {_ENGINE_FIELDS[k]: v for k, v in engine_values.items() if v is not None}
+        model = model_dir = demo_model_dir()
+    else:
+        try:
+            model_dir = resolve_model(model, revision).path
+            if values.get("tokenizer") is not None:
+                values["tokenizer"] = resolve_model(values["tokenizer"], what="tokenizer").path
+        except (ModelNotFound, ValueError) as e:
+            raise click.ClickException(str(e)) from None
     try:
-        config = EngineConfig.from_dict({"model": model, **values})
-        settings = ServerSettings(model_name=served_model_name or _default_name(model), aliases=(model,),
+        config = EngineConfig.from_dict({"model": model_dir, **values})
+        # A Hub id is its own name; a directory is named by its last component.
+        name = model if model_dir != model else _default_name(model)
+        settings = ServerSettings(model_name=served_model_name or name,
+                                  aliases=tuple(dict.fromkeys((model, model_dir))),
                                   max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    click.echo(f"[pagedbatch] loading {model} ...", err=True)
+    click.echo(f"[pagedbatch] loading {model}" + (f" ({model_dir})" if model_dir != model else "") + " ...", err=True)
     try:
         engine = LLMEngine(config)
     except (ValueError, FileNotFoundError) as e:

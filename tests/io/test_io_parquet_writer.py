@@ -92,6 +92,33 @@ def test_failed_commit_keeps_rows_and_leaves_nothing(tmp_path):
     assert w.pending() == 1 and os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_mid_write_raises_disk_full_naming_the_output_dir_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from pagedbatch.io import DiskFull
+
+    results = tmp_path / "out" / "results"
+    w = PartWriter(str(results), result_schema(), shard_index=0, run_id="r")
+    w.add(ok_row(0))
+    first = w.commit()
+
+    def write_half_then_enospc(table, where, **kw):
+        where.write(b"PAR1 half a part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", write_half_then_enospc)
+    w.add(ok_row(1))
+    with pytest.raises(DiskFull) as e:
+        w.commit()
+    assert e.value.errno == errno.ENOSPC
+    assert f"the disk holding the output directory {tmp_path / 'out'} is full" in str(e.value)
+    assert "1 finished rows could not be committed" in str(e.value)
+    assert os.listdir(results) == [os.path.basename(first)] and w.pending() == 1
+    monkeypatch.undo()
+    w.commit()  # space freed: the buffered row commits
+    assert committed_indices(str(results)) == {0, 1}
+
+
 def test_bad_writer_arguments(tmp_path):
     with pytest.raises(ValueError, match="run_id"):
         PartWriter(str(tmp_path), result_schema(), shard_index=0, run_id="../x")

@@ -110,9 +110,10 @@ def test_csv_strings_are_decoded(tmp_path):
     assert outs[0] == ParsedRequest(0, "a", "Hello", None, None, {
         "max_tokens": 12, "temperature": 0.5, "stop": ["\n", "END"], "stop_token_ids": [2], "ignore_eos": True})
     assert outs[1] == ParsedRequest(1, "b", None, [{"role": "user", "content": "Hi, there"}], None,
-                                    {"stop": "plain", "seed": 7})
+                                    {"stop": "plain", "seed": 7}, source="messages")
     assert outs[2] == ParsedRequest(2, "c", None, None, [1, 2, 3],
-                                    {"max_tokens": 3, "stop": "[not json", "ignore_eos": False})
+                                    {"max_tokens": 3, "stop": "[not json", "ignore_eos": False},
+                                    source="prompt_token_ids")
 
 
 def test_csv_bad_number_names_the_field():
@@ -220,7 +221,7 @@ def test_openai_completion_request():
                         "stop": ["x"], "presence_penalty": 0.1, "frequency_penalty": 0.2, "logprobs": 2}), "openai")
     assert out == ParsedRequest(4, "req-1", "Hi", None, None, {
         "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "seed": 1, "stop": ["x"],
-        "presence_penalty": 0.1, "frequency_penalty": 0.2, "logprobs": 2})
+        "presence_penalty": 0.1, "frequency_penalty": 0.2, "logprobs": 2}, source="body.prompt")
 
 
 def test_openai_chat_request_maps_max_completion_tokens_and_top_logprobs():

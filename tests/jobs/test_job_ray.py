@@ -211,3 +211,23 @@ def test_ray_executor_refuses_inputs_it_cannot_read_and_ray_address_without_it(t
     assert r.exit_code == 1 and "--executor ray reads jsonl, openai, parquet, csv" in r.output
     r = run_cli(["--input", d, "--ray-address", "auto"])
     assert r.exit_code == 2 and "--executor ray" in r.output
+
+
+@pytest.mark.slow
+def test_ray_renders_templates_in_its_actors_and_carries_columns_with_the_local_jobs_schema(
+        tmp_path, ray_cluster, llama_dir):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"topic": ["cats", None, "owls"], "n": pa.array([1, 2, 3], pa.int32()),
+                             "meta": [{"a": [1]}, {"a": []}, {"a": [3]}]}), src)
+    base = ["--input", src, "--model", llama_dir, *FAST, "--prompt-template", "{{ n }} facts on {{ topic }}",
+            "--keep-columns", "n,meta"]
+    r = run_cli([*base, "--output", tmp_path / "local"])
+    assert r.exit_code == 0, r.output
+    r = run_cli([*base, "--output", tmp_path / "ray", "--executor", "ray"])
+    assert r.exit_code == 0, r.output
+    local, ray_rows = results(tmp_path / "local"), results(tmp_path / "ray")
+    keep = ("index", "output", "error", "n", "meta")
+    assert [{k: row[k] for k in keep} for row in ray_rows] == [{k: row[k] for k in keep} for row in local]
+    assert ray_rows[1]["error"] == "template: field 'topic' is null"
+    schema = pq.read_schema(next((tmp_path / "ray" / "results").glob("part-*.parquet")))
+    assert schema == pq.read_schema(next((tmp_path / "local" / "results").glob("part-*.parquet")))

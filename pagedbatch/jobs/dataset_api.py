@@ -1,0 +1,105 @@
+"""``pagedbatch.generate_dataset``: a batch job over a ``datasets.Dataset``, from Python.
+
+A thin layer over the job runner: the dataset is written once as
+``OUT/input.parquet`` (the job's input, so the run is resumable like any
+job: calling again with the same dataset and ``output_dir`` continues where
+a crash stopped), the job runs with ``JobOptions`` built from the keyword
+arguments (the job options' names, ``docs/jobs.md``), and the committed
+results come back as a ``datasets.Dataset`` in input order. With the
+default ``keep_columns="all"`` every input column is carried into the
+results (input columns named like result columns become ``input_<name>``),
+so the returned rows are the input rows joined with their generations.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+from typing import Any, Optional, Sequence, Union
+
+from ..io import RESERVED_COLUMNS, read_results
+from .manifest import RESULTS
+from .options import JobOptions
+from .runner import JobError, run_job
+
+INPUT_FILE = "input.parquet"
+
+
+def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, prompt_template: Optional[str] = None,
+                     system_prompt: Optional[str] = None, keep_columns: Union[str, Sequence[str], None] = "all",
+                     **options: Any):
+    """Run a batch job over ``dataset`` and return its results as a ``datasets.Dataset``.
+
+    ``dataset``: a ``datasets.Dataset`` whose rows are records as in a job's
+    input (a ``prompt``, ``messages`` or ``prompt_token_ids`` column, or any
+    columns with ``prompt_template``; optional ``id`` and per-row sampling
+    columns). ``output_dir``: the job's OUT (results, report, manifest and
+    the input copy). ``model``: a model directory or Hub id (None: the demo
+    model). ``options``: any other job option (``max_tokens=256``,
+    ``temperature=0.7``, ``data_parallel_size="auto"``, ``overwrite=True``,
+    ...).
+
+    Returns one row per input record, in input order, with the result
+    columns (``output``, ``finish_reason``, ``error``, token counts, timings)
+    and the carried input columns; a record that failed is a row with
+    ``finish_reason="error"`` and its ``error``. Raises ValueError for a bad
+    option, JobError when the job cannot start, or when it does not complete
+    (interrupted, aborted by ``max_error_rate``, a failed worker): the
+    message says why; committed rows are kept and the same call resumes.
+    """
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise TypeError(f"generate_dataset takes one split, not a {type(dataset).__name__} with splits "
+                        f"{list(dataset)}; pass e.g. dataset[{next(iter(dataset), 'train')!r}]")
+    if isinstance(dataset, datasets.IterableDataset):
+        raise TypeError("generate_dataset takes a datasets.Dataset; an IterableDataset cannot be resumed "
+                        "(materialise it with datasets.Dataset.from_generator, or write it to Parquet and "
+                        "run `pagedbatch run --input ...`)")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"generate_dataset takes a datasets.Dataset, got {type(dataset).__name__}")
+    for name in ("input", "output"):
+        if name in options:
+            raise TypeError(f"generate_dataset sets the job's {name!r} itself; give output_dir")
+    opts = JobOptions(input=os.path.join(output_dir, INPUT_FILE), output=output_dir, model=model,
+                      prompt_template=prompt_template, system_prompt=system_prompt,
+                      keep_columns=list(keep_columns) if isinstance(keep_columns, (list, tuple)) else keep_columns,
+                      **options)
+    write_input(dataset, opts.input)
+    result = run_job(opts, resume_command="call generate_dataset again with the same arguments")
+    if result.status != "complete":
+        raise JobError(result.message)
+    # TODO(n): with n samples per record the rows of a record are consecutive; sort by (index, sample_index).
+    return _as_dataset(read_results(os.path.join(output_dir, RESULTS)), dataset.features)
+
+
+def write_input(dataset, path: str) -> None:
+    """Write ``dataset`` as the job's Parquet input, keeping an identical existing
+    copy untouched (same bytes: a rerun is a resume) and replacing a different one
+    (the job's manifest then refuses to mix the two, unless ``overwrite``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}.{os.getpid()}")
+    try:
+        dataset.to_parquet(tmp)
+        if os.path.isfile(path) and filecmp.cmp(tmp, path, shallow=False):
+            os.remove(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _as_dataset(table, input_features):
+    import datasets
+
+    # Carried columns under their own names get the input's feature types back
+    # (a ClassLabel stays a ClassLabel); the rest follow their Arrow types.
+    features = datasets.Features.from_arrow_schema(table.schema)
+    for name in features:
+        if name in input_features and name not in RESERVED_COLUMNS:
+            features[name] = input_features[name]
+    return datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+
+
+__all__ = ["generate_dataset", "write_input", "INPUT_FILE"]
