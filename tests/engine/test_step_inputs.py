@@ -46,7 +46,7 @@ def test_mixed_prefill_chunks_and_decodes_match_a_plain_reference():
                 rows.append(i)
         m = got.meta
         assert got.input_ids.tolist() == ids and m.positions.tolist() == pos and m.slot_mapping.tolist() == slots
-        assert got.sample_rows == rows
+        assert got.sample_seqs == [seqs[i] for i in rows]
         qsl = [0]
         for q in news:
             qsl.append(qsl[-1] + q)
