@@ -319,16 +319,16 @@ def test_fork_takes_a_reference_to_every_block_and_copy_on_write_drops_it():
 
 def test_a_request_is_admitted_only_when_all_its_samples_fit_in_max_num_seqs():
     sched, bm = make(blocks=64, budget=1000, max_seqs=4)
-    a = seq(0, 10, 3)
-    b = forked(1, range(1, 20), 3, n=4)
-    c = seq(2, 10, 3)
-    sched.add(a)
-    sched.add(b)
-    sched.add(c)
-    plan = sched.schedule()
-    assert plan.seqs == [a]  # b needs four places, only three are free, and c does not jump the queue
-    run_fake_kv(sched, bm, [])
-    assert a.num_output_tokens == 3 and c.num_output_tokens == 3 and b.num_output_tokens == 3
+    a, b, c = seq(0, 10, 3), forked(1, range(1, 20), 3, n=4), seq(2, 10, 3)
+    plans = []
+    samples = run_fake_kv(sched, bm, [a, b, c], on_plan=lambda plan: plans.append({s.request_id for s in plan.seqs}))
+    # b needs four places while a holds one; c does not jump the queue meanwhile, and waits for b's samples.
+    assert plans[0] == {"r0"}
+    first = {rid: min(i for i, p in enumerate(plans) if rid in p) for rid in ("r1", "r2")}
+    last_a = max(i for i, p in enumerate(plans) if "r0" in p)
+    last_b = max(i for i, p in enumerate(plans) if "r1" in p)
+    assert last_a < first["r1"] and last_b < first["r2"]
+    assert len(samples) == 6 and all(s.num_output_tokens == 3 for s in samples)
 
 
 def test_a_prompt_chunked_over_several_steps_holds_places_for_its_samples():
