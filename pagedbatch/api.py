@@ -93,6 +93,11 @@ class InferenceEngine:
         parameters are checked before any work starts: a ValueError names the
         prompt index. A request too long for the model or the cache comes back
         with finish_reason "error" while the others complete.
+
+        ``n`` (a sampling option: ``n=4`` or ``SamplingParams(n=4)``) gives n
+        samples of a prompt, its prompt computed once: the list is flat,
+        prompt-major then ``sample_index``, so with one n for all prompts the
+        samples of prompt i are ``results[i * n:(i + 1) * n]``.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -114,21 +119,22 @@ class InferenceEngine:
         rid = f"gen-{next(_ids)}-"
         for i, (ids, params) in enumerate(checked):
             self.engine.add_request(f"{rid}{i}", ids, params)
-        results: dict[str, RequestOutput] = {}
+        results: dict[tuple[str, int], RequestOutput] = {}
+        total = sum(params.n for _, params in checked)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(checked), desc="generate", unit="req")
-        while len(results) < len(checked):
+            bar = tqdm(total=total, desc="generate", unit="req")
+        while len(results) < total:
             for out in self.engine.step():
                 if out.finished and out.request_id.startswith(rid):
-                    results[out.request_id] = out
+                    results[out.request_id, out.sample_index] = out
                     if bar is not None:
                         bar.update(1)
         if bar is not None:
             bar.close()
-        return [results[f"{rid}{i}"] for i in range(len(checked))]
+        return [results[f"{rid}{i}", j] for i, (_, params) in enumerate(checked) for j in range(params.n)]
 
     def stream_generate(
         self, prompt: Prompt, sampling_params: Union[SamplingParams, dict, None] = None, **sampling_options
@@ -137,9 +143,13 @@ class InferenceEngine:
 
         Deltas never split a multi-byte character; joined, they equal the
         final text. Runs the engine loop itself, so other queued requests
-        advance too.
+        advance too. One sample only: ``n`` > 1 is refused (use ``generate``,
+        or ``add_request(..., stream=True)`` and ``step``, whose outputs carry
+        ``sample_index``).
         """
         params = _to_params(sampling_params, sampling_options)
+        if params.n != 1:
+            raise ValueError(f"stream_generate streams one sample; got n={params.n} (use generate for n > 1)")
         ids = self.engine.validate_prompt(prompt)
         rid = f"stream-{next(_ids)}"
         self.engine.add_request(rid, ids, params, stream=True)

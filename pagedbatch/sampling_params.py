@@ -5,7 +5,25 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+_INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+_M64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The seed of sample ``sample_index`` of a request seeded ``seed`` (``n`` > 1).
+
+    Sample 0 keeps ``seed``, so n=1 is unchanged; sample j > 0 gets a
+    non-negative 63-bit value mixed from (seed, j) (splitmix64 finaliser), so
+    neighbouring seeds and indices give unrelated streams and a rerun of a
+    request reproduces every sample.
+    """
+    if sample_index == 0:
+        return seed
+    x = (seed * 0x9E3779B97F4A7C15 + sample_index * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & _M64
+    for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * mul) & _M64
+    return (x ^ (x >> 31)) >> 1
+
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -19,6 +37,11 @@ class SamplingParams:
     chosen token's log-probability and the N most likely alternatives (0: the
     chosen token only; None: nothing). Log-probabilities are those of the
     model's raw distribution, before temperature, penalties and truncation.
+
+    ``n`` > 1 asks for n samples of the same prompt: the engine computes the
+    prompt once, shares its KV blocks, and returns n outputs with
+    ``sample_index`` 0..n-1; sample j of a seeded request samples as an n=1
+    request with ``seed=sample_seed(seed, j)`` would.
 
     Penalties follow the usual conventions: ``repetition_penalty`` (>1
     discourages, as in Hugging Face, applied over prompt and output tokens);
@@ -40,6 +63,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    n: int = 1  # samples of the prompt (last, so positional use of the fields above is unchanged)
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -63,6 +87,8 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1 (the number of samples of the prompt), got {self.n}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:

@@ -146,11 +146,32 @@ def test_request_larger_than_whole_cache_ends_with_error(model_dir):
         (dict(top_p=1.5), "top_p must be in (0, 1]"),
         (dict(max_tokens=0), "max_tokens must be >= 1"),
         (dict(top_k=-3), "top_k must be"),
+        (dict(n=0), "n must be >= 1"),
+        (dict(n=2.0), "n must be an integer"),
     ],
 )
 def test_bad_sampling_values_name_the_field(engine, kwargs, message):
     with pytest.raises(ValueError, match="prompt 0: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         engine.generate(["Hello"], **kwargs)
+
+
+def test_generate_returns_samples_prompt_major_for_mixed_n(engine):
+    prompts = ["Hello", [5, 6, 7], "AI is"]
+    params = [SamplingParams(n=2, max_tokens=3, seed=1), SamplingParams(max_tokens=3), {"n": 3, "max_tokens": 3}]
+    outs = engine.generate(prompts, params)
+    assert [(o.prompt_token_ids, o.sample_index) for o in outs] == [
+        (outs[0].prompt_token_ids, 0), (outs[0].prompt_token_ids, 1), ([5, 6, 7], 0),
+        (outs[3].prompt_token_ids, 0), (outs[3].prompt_token_ids, 1), (outs[3].prompt_token_ids, 2)]
+    assert outs[0].prompt_token_ids != outs[3].prompt_token_ids
+    uniform = engine.generate(["Hello", "AI is"], n=2, max_tokens=3, temperature=0)
+    assert [o.sample_index for o in uniform] == [0, 1, 0, 1]
+    assert uniform[0].token_ids == uniform[1].token_ids and uniform[2].token_ids == uniform[3].token_ids
+
+
+def test_stream_generate_refuses_several_samples(engine):
+    with pytest.raises(ValueError, match="stream_generate streams one sample; got n=2"):
+        next(engine.stream_generate("Hello", n=2, max_tokens=3))
+    assert not engine.has_unfinished_requests()
 
 
 def test_empty_prompt_is_rejected_naming_its_index(engine):

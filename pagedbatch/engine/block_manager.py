@@ -18,6 +18,14 @@ whose prompt continues into such a block is held back by the scheduler
 (``waits_for_computing_prefix``): admitted in the same step it would compute
 the same K/V again instead of reusing it one step later. This is what makes
 rows that share a few-shot prefix cheap even when they arrive together.
+
+Forks (``n`` samples of one prompt): ``fork`` gives a new sequence the
+whole block table of another, every block's reference count + 1, the
+partly filled last block included. A sequence about to write into a block
+that others still hold (only ever that last block) gets a fresh copy of it
+(copy-on-write, ``allocate``); the last holder writes in place. The copies
+are queued as (source, destination) block ids for the model runner, which
+makes them on the device before the step's forward pass.
 """
 from __future__ import annotations
 
@@ -42,6 +50,9 @@ class BlockManager:
         self._block_hash: list[Optional[int]] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._computing: dict[int, str] = {}  # block hash -> request id of the running sequence computing it
+        # Copy-on-write copies planned this step: destination block -> source block.
+        self._copies: dict[int, int] = {}
+        self.num_cow_copies = 0
         self.peak_used_blocks = 0
         self.hit_tokens = 0
         self.queried_tokens = 0
@@ -153,22 +164,57 @@ class BlockManager:
 
     # -- allocation --------------------------------------------------------
 
+    def _shared_write_block(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Index in ``seq.block_table`` of a block the next tokens would write into while others hold it, or -1."""
+        i = seq.num_computed_tokens // self.block_size
+        if num_new_tokens > 0 and i < len(seq.block_table) and self.ref_counts[seq.block_table[i]] > 1:
+            return i
+        return -1
+
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give ``seq`` room for ``num_new_tokens`` more tokens; False (and no change) if blocks run out."""
+        """Give ``seq`` room for ``num_new_tokens`` more tokens; False (and no change) if blocks run out.
+
+        Copy-on-write: if the first of them lands in a block shared with a
+        fork, ``seq`` swaps it for a fresh block and a copy is queued.
+        """
         needed = self.blocks_needed(seq, num_new_tokens)
-        if needed > len(self._free):
+        cow = self._shared_write_block(seq, num_new_tokens)
+        if needed + (cow >= 0) > len(self._free):
             return False
+        if cow >= 0:
+            src, dst = seq.block_table[cow], self._take_free_block()
+            self.ref_counts[src] -= 1  # > 0: the others still hold it
+            seq.block_table[cow] = dst
+            self._copies[dst] = src
+            self.num_cow_copies += 1
         for _ in range(needed):
-            block, _ = self._free.popitem(last=False)
-            assert self.ref_counts[block] == 0, f"block {block} on the free list is referenced"
-            h = self._block_hash[block]
-            if h is not None:  # evict its cached prefix: the memory is needed now
-                del self._cached[h]
-                self._block_hash[block] = self._block_key[block] = None
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._take_free_block())
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return True
+
+    def _take_free_block(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        assert self.ref_counts[block] == 0, f"block {block} on the free list is referenced"
+        h = self._block_hash[block]
+        if h is not None:  # evict its cached prefix: the memory is needed now
+            del self._cached[h]
+            self._block_hash[block] = self._block_key[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give ``child`` (no blocks) ``parent``'s blocks; every block's reference count + 1."""
+        assert not child.block_table
+        for block in parent.block_table:
+            self.ref_counts[block] += 1
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.hash_chain = list(parent.hash_chain)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) block copies planned since the last call, in the order planned."""
+        copies, self._copies = [(src, dst) for dst, src in self._copies.items()], {}
+        return copies
 
     def free(self, seq: Sequence) -> None:
         # Freed blocks join the back of the eviction order, tail first, so a
@@ -178,6 +224,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self._free[block] = None
+                self._copies.pop(block, None)  # a copy into it planned this step is void: it may be reused
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

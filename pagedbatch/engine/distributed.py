@@ -2,7 +2,7 @@
 
 Two process groups over one rendezvous store:
 
-- ``control`` (gloo, host memory): the 7-integer header of each step and
+- ``control`` (gloo, host memory): the 8-integer header of each step and
   the few setup messages. A worker waits for its next step in a socket
   read here, not in a GPU kernel, so an idle engine burns no GPU and the
   worker's host can queue step N+1 while its GPU still runs step N.
@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .step_inputs import packed_length
 
-HEADER_LEN = 7  # StepInputs.header
+HEADER_LEN = 8  # StepInputs.header
 # Collectives never time out: a worker legitimately waits for hours for a
 # step of an idle server, and a timed-out gloo or NCCL operation cannot be
 # retried. Dead peers are detected by sockets and process polling instead.

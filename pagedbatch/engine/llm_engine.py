@@ -9,6 +9,11 @@ With ``tensor_parallel_size`` N > 1 this process is rank 0: it starts N - 1
 worker processes that each hold a shard of the model, and everything here
 (scheduling, blocks, sampling, text) still runs once, in this process.
 ``shutdown()`` ends the workers (so does this process's exit).
+
+A request with ``params.n`` > 1 is one prompt computed once and sampled n
+times: its samples are sequences forked off the first when its prompt is
+computed (see scheduler.py); each finishes on its own and gives its own
+outputs, told apart by ``RequestOutput.sample_index``.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ class LLMEngine:
             raise
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples' sequences
         self._pending: list[RequestOutput] = []  # requests that ended before running (errors)
         self._inflight = None  # the launched step whose tokens are not yet read back
         self._num_penalty_seqs = 0
@@ -87,8 +92,9 @@ class LLMEngine:
         """Queue a request. Raises ValueError for a duplicate id or an empty/invalid prompt.
 
         A request that can never fit (prompt + max_tokens beyond
-        max_model_len or the whole KV cache) is not an exception: it comes
-        back from the next ``step()`` with finish_reason "error".
+        max_model_len or the whole KV cache, or more samples ``n`` than
+        max_num_seqs) is not an exception: it comes back from the next
+        ``step()`` with finish_reason "error", once per sample.
         """
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -96,21 +102,32 @@ class LLMEngine:
         ids = self.validate_prompt(prompt)
         seq = Sequence(request_id, ids, params, arrival_time if arrival_time is not None else time.perf_counter())
         seq.stream = stream
-        if (stream or params.stop) and self.tokenizer is not None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop)
         problem = self._never_fits(seq)
         if problem:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason, seq.error = "error", problem
             seq.timings.finished = time.perf_counter()
-            self._pending.append(self._output(seq, [], ""))
-            self.num_finished += 1
+            for j in range(params.n):
+                seq.sample_index = j
+                self._pending.append(self._output(seq, [], ""))
+            self.num_finished += params.n
             return
-        self._seqs[request_id] = seq
-        self._num_penalty_seqs += params.has_penalties
+        self._start(seq)
+        self._seqs[request_id] = [seq]
         self.scheduler.add(seq)
 
+    def _start(self, seq: Sequence) -> None:
+        """The engine's side of a new sequence (a request, or a sample forked off one)."""
+        p = seq.params
+        if (seq.stream or p.stop) and self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, p.skip_special_tokens,
+                                                     p.stop)
+        self._num_penalty_seqs += p.has_penalties
+
     def _never_fits(self, seq: Sequence) -> Optional[str]:
+        if seq.params.n > self.config.max_num_seqs:
+            return (f"n ({seq.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): the n samples of a "
+                    f"request run together; ask for fewer samples or raise max_num_seqs")
         n, m = seq.num_prompt_tokens, seq.params.max_tokens
         if n + m > self.max_model_len:
             return (f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} exceeds the model's maximum length "
@@ -121,19 +138,21 @@ class LLMEngine:
         return None
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
+        """Abort every unfinished sample of a request and free their blocks; False if none is left."""
+        seqs = self._seqs.pop(request_id, None)
+        if seqs is None:
             return False
-        self.scheduler.finish(seq)
-        if PENDING in seq.token_ids:  # tokens still in flight are void
-            del seq.token_ids[seq.token_ids.index(PENDING, seq.num_prompt_tokens):]
-        if seq.params.has_penalties:
-            self._num_penalty_seqs -= 1
-        seq.finish_reason = "abort"
+        for seq in seqs:
+            self.scheduler.finish(seq)
+            if PENDING in seq.token_ids:  # tokens still in flight are void
+                del seq.token_ids[seq.token_ids.index(PENDING, seq.num_prompt_tokens):]
+            if seq.params.has_penalties:
+                self._num_penalty_seqs -= 1
+            seq.finish_reason = "abort"
         return True
 
     def has_unfinished_requests(self) -> bool:
-        inflight = self._inflight is not None and not all(s.is_finished for s in self._inflight.plan.seqs)
+        inflight = self._inflight is not None and not all(s.is_finished for s in self._inflight.sample_seqs)
         return bool(self._pending) or inflight or self.scheduler.has_unfinished()
 
     def num_unfinished_requests(self) -> int:
@@ -166,10 +185,13 @@ class LLMEngine:
         for seq in plan.seqs:
             if seq.timings.first_scheduled is None:
                 seq.timings.first_scheduled = now
+        for i, child in plan.forks:
+            child.timings.first_scheduled = plan.seqs[i].timings.first_scheduled
+            self._start(child)
+            self._seqs[child.request_id].append(child)
         step = self.runner.launch(plan, prev)
         self.scheduler.advance(plan)
-        for j, i in enumerate(step.sample_rows):
-            seq = plan.seqs[i]
+        for j, seq in enumerate(step.sample_seqs):
             seq.token_ids.append(PENDING)
             seq.pending_row = j
             if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -188,19 +210,17 @@ class LLMEngine:
         result = self.runner.collect(step)
         now = time.perf_counter()
         outputs = []
-        plan = step.plan
         filled = []
-        for i, seq in enumerate(plan.seqs):
-            token = result.token_ids[i]
-            if token is None or seq.is_finished:
-                continue  # a chunk that samples nothing, or a request that ended (stopped or aborted) meanwhile
+        for j, (seq, token) in enumerate(zip(step.sample_seqs, result.token_ids)):
+            if seq.is_finished:
+                continue  # a request that ended (stopped or aborted) meanwhile
             # The pending slot of this step is the first PENDING one (a later step may have added another).
             pos = seq.token_ids.index(PENDING, seq.num_prompt_tokens)
             seq.token_ids[pos] = token
-            filled.append((seq, pos, token, i))
-        self.scheduler.cache_blocks(plan)
-        for seq, pos, token, i in filled:
-            self._apply_token(seq, pos, token, result.logprobs[i], result.top_logprobs[i], now)
+            filled.append((seq, pos, token, j))
+        self.scheduler.cache_blocks(step.plan)
+        for seq, pos, token, j in filled:
+            self._apply_token(seq, pos, token, result.logprobs[j], result.top_logprobs[j], now)
             if seq.is_finished or seq.stream:
                 outputs.append(self._emit(seq, pos))
         return outputs
@@ -230,7 +250,10 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        del self._seqs[seq.request_id]
+        samples = self._seqs[seq.request_id]
+        samples.remove(seq)
+        if not samples:
+            del self._seqs[seq.request_id]
         self.num_finished += 1
         if seq.params.has_penalties:
             self._num_penalty_seqs -= 1
@@ -258,7 +281,7 @@ class LLMEngine:
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=out_ids,
             text=text, new_token_ids=new_ids, new_text=new_text, finished=seq.is_finished,
             finish_reason=seq.finish_reason, timings=seq.timings, error=seq.error, stop_reason=seq.stop_reason,
-            logprobs=seq.logprobs, num_preemptions=seq.num_preemptions)
+            logprobs=seq.logprobs, num_preemptions=seq.num_preemptions, sample_index=seq.sample_index)
 
     def shutdown(self) -> None:
         """End the tensor-parallel worker processes (waits for them). Idempotent; a no-op without workers."""
@@ -276,6 +299,7 @@ class LLMEngine:
             "prefix_caching": bm.enable_prefix_caching,
             "prefix_cache_hit_rate": bm.hit_rate,
             "prefix_cache_hit_tokens": bm.hit_tokens,
+            "cow_block_copies": bm.num_cow_copies,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "finished": self.num_finished,

@@ -86,19 +86,23 @@ def make_backend(config: EngineConfig, device: torch.device):
 
 @dataclass
 class StepResult:
-    """Per scheduled sequence: the sampled token, or None if its chunk did not reach the end."""
+    """Per sampling row of the step (``InFlightStep.sample_seqs``): the token, its logprob and alternatives."""
 
-    token_ids: list[Optional[int]]
+    token_ids: list[int]
     logprobs: list[Optional[float]]
     top_logprobs: list[Optional[list[tuple[int, float]]]]
 
 
 class InFlightStep:
-    """A launched step: its plan, which rows sample, and (once launched) the sampler's results."""
+    """A launched step: its plan, the sequence each sampling row is for, and (once launched) the sampler's results.
 
-    def __init__(self, plan: SchedulerOutput, sample_rows: list[int]):
+    ``sample_seqs`` are the plan's sequences whose last token the step
+    computes, then the samples the plan forks (``SchedulerOutput.forks``).
+    """
+
+    def __init__(self, plan: SchedulerOutput, sample_seqs: list):
         self.plan = plan
-        self.sample_rows = sample_rows
+        self.sample_seqs = sample_seqs
         self.token_ids: Optional[torch.Tensor] = None  # on the device: the next step's inputs read it
         self.host: list = []  # token ids, logprobs, top ids, top logprobs, copied without a sync
         self.done = None  # CUDA event after the copies
@@ -240,7 +244,7 @@ class ModelRunner:
         if self.tp is not None:
             self.tp.check_workers()
         inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
-        sample_rows = inputs.sample_rows
+        seqs = inputs.sample_seqs
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1
         if self.tp is None:
@@ -249,10 +253,9 @@ class ModelRunner:
             with self.tp.in_step():  # the workers run the same collectives from here to the logits gather
                 self.tp.send_step(inputs.header, inputs.packed)
                 logits = self._run_step(inputs)
-        step = InFlightStep(plan, sample_rows)
-        if not sample_rows:
+        step = InFlightStep(plan, seqs)
+        if not seqs:
             return step
-        seqs = [plan.seqs[i] for i in sample_rows]
         batch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt_token_ids if s.params.has_penalties else [] for s in seqs],
@@ -275,9 +278,10 @@ class ModelRunner:
 
     def collect(self, step: "InFlightStep") -> StepResult:
         """Wait for a launched step's sampled tokens (the one host sync of a step)."""
-        n = len(step.plan.seqs)
-        result = StepResult([None] * n, [None] * n, [None] * n)
-        if not step.sample_rows:
+        seqs = step.sample_seqs
+        n = len(seqs)
+        result = StepResult([], [None] * n, [None] * n)
+        if not seqs:
             return result
         if step.done is not None:
             if self.tp is not None:
@@ -285,24 +289,32 @@ class ModelRunner:
             else:
                 step.done.synchronize()
         tok_t, lp_t, top_ids_t, top_lp_t = step.host
-        tokens = tok_t.tolist()
-        lps = lp_t.tolist() if lp_t is not None else None
+        result.token_ids = tok_t.tolist()
+        if lp_t is None:
+            return result
+        lps = lp_t.tolist()
         tops = (top_ids_t.tolist(), top_lp_t.tolist()) if top_ids_t is not None else None
-        seqs = step.plan.seqs
-        for j, i in enumerate(step.sample_rows):
-            result.token_ids[i] = tokens[j]
-            k = seqs[i].params.logprobs
-            if lps is not None and k is not None:
-                result.logprobs[i] = lps[j]
-                result.top_logprobs[i] = list(zip(tops[0][j][:k], tops[1][j][:k])) if tops and k else []
+        for j, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is not None:
+                result.logprobs[j] = lps[j]
+                result.top_logprobs[j] = list(zip(tops[0][j][:k], tops[1][j][:k])) if tops and k else []
         return result
 
     def _run_step(self, inputs) -> Optional[torch.Tensor]:
         """The step's forward pass and, if any row samples, its logits (None on workers, or with nothing to sample)."""
+        if inputs.copy_src.numel():
+            self._copy_blocks(inputs.copy_src, inputs.copy_dst)
         hidden = self._forward(inputs)
         if not inputs.logits_index.numel():
             return None
         return self._logits(hidden.index_select(0, inputs.logits_index))
+
+    def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        # Copy-on-write of blocks shared by forked samples: K and V of every layer, in one gather and one
+        # scatter (the gather completes first, so a block freed and reused as a destination in the same
+        # step is still read as it was).
+        self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
 
     def _forward(self, inputs) -> torch.Tensor:
         ids, meta = inputs.input_ids, inputs.meta

@@ -43,6 +43,8 @@ class RequestOutput:
     ``token_ids``/``text`` hold everything so far. ``finish_reason`` is
     "stop" (EOS, stop token or stop string), "length" (max_tokens or the
     model's length limit), "abort" or "error" (then ``error`` says why).
+    A request with ``n`` > 1 gives outputs for each of its samples, told
+    apart by ``sample_index`` (0..n-1).
     """
 
     request_id: str
@@ -58,6 +60,7 @@ class RequestOutput:
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
     logprobs: Optional[list[TokenLogprob]] = None
     num_preemptions: int = 0
+    sample_index: int = 0
 
     @property
     def prompt_tokens(self) -> int:

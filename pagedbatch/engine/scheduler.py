@@ -12,6 +12,14 @@ Policies decide the order in which running sequences get the budget:
 ``fcfs`` takes them by arrival; ``sjf-align`` runs only the decoding
 sequences of the shortest current length (so equal-length sequences advance
 together) plus any passed over for ``sjf_max_skipped_steps`` steps in a row.
+
+``n`` samples of a prompt: the request is admitted as one sequence, and
+only when ``running`` has room for all n (the samples still to come hold
+their places). In the step whose plan completes its prompt the other n - 1
+are forked off it: they share its blocks (``BlockManager.fork``), join
+``running``, and sample their first token from its logits row
+(``SchedulerOutput.forks``). From then on each is a sequence like any
+other; a preempted one is recomputed from the prompt and its own tokens.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..config import EngineConfig
 from .block_manager import BlockManager
-from .sequence import Sequence, SequenceStatus
+from .sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass
@@ -30,6 +38,11 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (index in ``seqs`` of a sequence whose prompt this step completes, a sample forked off it): the
+    # fork samples its first token from that sequence's logits row.
+    forks: list[tuple[int, Sequence]] = field(default_factory=list)
+    # (source, destination) KV blocks to copy before the forward pass (copy-on-write after a fork).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +63,7 @@ class BatchStats:
     decode_rows: int = 0
     prefill_tokens: int = 0
     preemptions: int = 0
+    forked_seqs: int = 0  # samples forked off a computed prompt instead of computing it again
 
     def as_dict(self) -> dict:
         d = self.decode_steps
@@ -61,6 +75,7 @@ class BatchStats:
             "mean_length_spread": self.decode_length_spread_sum / d if d else 0.0,
             "prefill_tokens": self.prefill_tokens,
             "preemptions": self.preemptions,
+            "forked_seqs": self.forked_seqs,
         }
 
 
@@ -70,6 +85,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival (priority) order
+        self._reserved = 0  # places in running held for samples not forked yet (sum of running num_forks)
         self.stats = BatchStats()
 
     def add(self, seq: Sequence) -> None:
@@ -98,9 +114,17 @@ class Scheduler:
         # prompt continues into blocks a running sequence is computing waits
         # until they are cached (then it reuses them); younger ones go first.
         i, held = 0, 0
+        max_seqs = self.config.max_num_seqs
         while (i < len(self.waiting) and budget > 0 and not (out.preempted and out.seqs)
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) + self._reserved < max_seqs):
             seq = self.waiting[i]
+            if len(self.running) + self._reserved + 1 + seq.num_forks > max_seqs:
+                break  # its n samples do not fit yet: it keeps its turn
+            if seq.token_ids[-1] == PENDING:
+                # Preempted this very step while its newest token is still being sampled (a sample
+                # forked last step can be): it is recomputed once that token is known.
+                i += 1
+                continue
             if self.block_manager.waits_for_computing_prefix(seq):
                 i, held = i + 1, held + 1
                 if held >= self.config.max_num_seqs:
@@ -121,8 +145,26 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
 
+        if self._reserved:
+            for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):
+                if seq.num_forks and seq.num_computed_tokens + n == seq.num_tokens:
+                    self._fork(seq, i, out)
+        out.block_copies = self.block_manager.take_copies()
         self._record(out)
         return out
+
+    def _fork(self, parent: Sequence, index: int, out: SchedulerOutput) -> None:
+        """Fork the other samples off ``parent``, whose prompt this plan completes."""
+        for j in range(1, parent.num_forks + 1):
+            child = parent.fork(j)
+            self.block_manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_tokens  # the prompt, once this step has run
+            child.status = SequenceStatus.RUNNING
+            self._insert_running(child)
+            out.forks.append((index, child))
+        self.stats.forked_seqs += parent.num_forks
+        self._reserved -= parent.num_forks
+        parent.num_forks = 0
 
     def _schedule_running(self, order: list[Sequence], out: SchedulerOutput, budget: int) -> int:
         scheduled = {id(s) for s in out.seqs}
@@ -180,7 +222,7 @@ class Scheduler:
             if s is seq:  # its work this step is void
                 del out.seqs[i], out.num_new_tokens[i]
                 break
-        self.running.remove(seq)
+        self._remove_running(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -197,6 +239,11 @@ class Scheduler:
         while i > 0 and self.running[i - 1].timings.arrival > t:
             i -= 1
         self.running.insert(i, seq)
+        self._reserved += seq.num_forks
+
+    def _remove_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._reserved -= seq.num_forks
 
     def _record(self, out: SchedulerOutput) -> None:
         if out.is_empty():
@@ -236,7 +283,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
+            self._remove_running(seq)
         elif seq.status is SequenceStatus.WAITING:
             try:
                 self.waiting.remove(seq)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Optional
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, sample_seed
 from .outputs import RequestTimings, TokenLogprob
 
 # Placeholder in ``Sequence.token_ids`` for a token the GPU is still sampling.
@@ -24,6 +24,10 @@ class Sequence:
     them have their K/V in the cache; the scheduler hands out the rest in
     chunks. After a preemption the count drops to 0 and the whole sequence
     (prompt and output so far) is prefilled again.
+
+    A request with ``params.n`` > 1 starts as one sequence (sample 0) that
+    carries ``num_forks`` = n - 1 until its prompt is computed; then the
+    scheduler forks the other samples off it (``fork``), sharing its blocks.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float):
@@ -56,6 +60,21 @@ class Sequence:
         # scheduled again.
         self.pending_row = -1
         self.finishing = False
+        self.sample_index = 0
+        self.num_forks = params.n - 1  # samples still to fork off this one when its prompt completes
+
+    def fork(self, sample_index: int) -> "Sequence":
+        """Sample ``sample_index`` of this request: the prompt alone, its own seed, no blocks yet.
+
+        Its params are those of an n=1 request seeded ``sample_seed(seed, j)``,
+        so it samples exactly as that request would.
+        """
+        p = self.params
+        params = p.replace(n=1, seed=sample_seed(p.seed, sample_index) if p.seed is not None else None)
+        child = Sequence(self.request_id, self.prompt_token_ids, params, self.timings.arrival)
+        child.sample_index = sample_index
+        child.stream = self.stream
+        return child
 
     @property
     def num_tokens(self) -> int:

@@ -11,9 +11,16 @@ so before refilling it we wait on the event recorded after the last copy;
 that wait is free in the normal loop, where the step's sampled tokens have
 already been read back (a full sync) before the next plan is built.
 
-Tensor parallel: the device buffer (``StepInputs.packed``) and seven host
+Tensor parallel: the device buffer (``StepInputs.packed``) and eight host
 ints (``StepInputs.header``) are the whole step; rank 0 broadcasts them and
-the other ranks rebuild the same views with ``unpack``.
+the other ranks rebuild the same views with ``unpack``. The step's
+copy-on-write block copies travel in it too: every rank copies its own
+shard of the cache.
+
+Forks (``SchedulerOutput.forks``): a sample forked off a sequence whose
+prompt this step completes samples from that sequence's hidden row, so its
+logits row is that row again; the rows of ``logits_index`` are the sampling
+rows, and ``sample_seqs`` names the sequence each one samples for.
 """
 from __future__ import annotations
 
@@ -26,39 +33,43 @@ import torch
 
 from .attention.metadata import AttentionMetadata
 from .scheduler import SchedulerOutput
-from .sequence import PENDING
+from .sequence import PENDING, Sequence
 
 
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     meta: AttentionMetadata
-    sample_rows: Optional[list[int]]  # indices into plan.seqs whose last token is computed (None: unpacked)
+    sample_seqs: Optional[list[Sequence]]  # the sequence each logits row samples for (None: unpacked)
     logits_index: torch.Tensor  # [S] int64, rows of the hidden states to sample from
+    copy_src: torch.Tensor  # [C] int64, KV blocks to copy before the forward pass ...
+    copy_dst: torch.Tensor  # [C] int64, ... into these
     packed: torch.Tensor  # the one int64 device buffer all the tensors above are views of
-    header: tuple[int, ...]  # (B, T, S, W, P, max_query_len, max_seq_len): what unpacking ``packed`` needs
+    # (B, T, S, W, P, C, max_query_len, max_seq_len): what unpacking ``packed`` needs
+    header: tuple[int, ...]
 
 
-def _offsets(B: int, T: int, S: int, W: int, P: int) -> np.ndarray:
+def _offsets(B: int, T: int, S: int, W: int, P: int, C: int) -> np.ndarray:
     # Layout of the buffer (int64):
-    # ids | positions | slots | logits rows | qsl | seq_lens | table | pending at | pending from
-    return np.cumsum([0, T, T, T, S, B + 1, B, B * W, P, P])
+    # ids | positions | slots | logits rows | qsl | seq_lens | table | pending at | pending from | copy src | dst
+    return np.cumsum([0, T, T, T, S, B + 1, B, B * W, P, P, C, C])
 
 
 def packed_length(header) -> int:
-    return int(_offsets(*header[:5])[-1])
+    return int(_offsets(*header[:6])[-1])
 
 
 def unpack(packed: torch.Tensor, header) -> StepInputs:
-    """The step's tensors as views of ``packed`` (``sample_rows`` is None: the plan is rank 0's)."""
-    B, T, S, W, P, max_q, max_seq = header
-    off = _offsets(B, T, S, W, P)
+    """The step's tensors as views of ``packed`` (``sample_seqs`` is None: the plan is rank 0's)."""
+    B, T, S, W, P, C, max_q, max_seq = header
+    off = _offsets(B, T, S, W, P, C)
     meta = AttentionMetadata(
         positions=packed[off[1] : off[2]], slot_mapping=packed[off[2] : off[3]],
         query_start_loc=packed[off[4] : off[5]].to(torch.int32), seq_lens=packed[off[5] : off[6]].to(torch.int32),
         block_tables=packed[off[6] : off[7]].view(B, W).to(torch.int32),
         num_seqs=B, num_tokens=T, max_query_len=max_q, max_seq_len=max_seq)
-    return StepInputs(packed[: off[1]], meta, None, packed[off[3] : off[4]], packed, tuple(header))
+    return StepInputs(packed[: off[1]], meta, None, packed[off[3] : off[4]], packed[off[9] : off[10]],
+                      packed[off[10] : off[11]], packed, tuple(header))
 
 
 class StepInputBuilder:
@@ -100,7 +111,8 @@ class StepInputBuilder:
             ctx_list.append(c)
             if c + n == seq.num_tokens:
                 sample_rows.append(i)
-        T, S, P = len(ids), len(sample_rows), len(pending_at)
+        T, P, C = len(ids), len(pending_at), len(plan.block_copies)
+        S = len(sample_rows) + len(plan.forks)
         if P and prev_tokens is None:
             raise RuntimeError("a step input is still being sampled, but no step is in flight")
         q_lens = np.fromiter(q_lens_list, dtype=np.int64, count=B)
@@ -109,7 +121,7 @@ class StepInputBuilder:
         n_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=B)
         W = max(int(n_blocks.max()), -(-int(seq_lens.max()) // self.block_size))
 
-        off = _offsets(B, T, S, W, P)
+        off = _offsets(B, T, S, W, P, C)
         buf = self._stage(int(off[-1]))
         buf[: off[1]] = ids
         qsl = buf[off[4] : off[5]]
@@ -130,19 +142,22 @@ class StepInputBuilder:
             np.add(np.arange(T) - qsl[:-1][seq_of_token], ctx[seq_of_token], out=positions)
         bs = self.block_size
         buf[off[2] : off[3]] = table[seq_of_token, positions // bs] * bs + positions % bs
-        buf[off[3] : off[4]] = qsl[1:][sample_rows] - 1
+        # Forked samples read their parent's row again (only steps that fork have any).
+        buf[off[3] : off[4]] = qsl[1:][sample_rows + [p for p, _ in plan.forks]] - 1
         buf[off[5] : off[6]] = seq_lens
         if P:
             buf[off[7] : off[8]] = pending_at
             buf[off[8] : off[9]] = pending_from
+        if C:
+            buf[off[9] : off[11]].reshape(2, C)[:] = np.array(plan.block_copies, dtype=np.int64).T
 
         host = self._staging[: int(off[-1])]
         dev = host.to(self.device, non_blocking=True) if self._pin else host.clone()
         if self._pin:
             self._copied = torch.cuda.Event()
             self._copied.record()
-        inputs = unpack(dev, (B, T, S, W, P, int(q_lens.max()), int(seq_lens.max())))
-        inputs.sample_rows = sample_rows
+        inputs = unpack(dev, (B, T, S, W, P, C, int(q_lens.max()), int(seq_lens.max())))
+        inputs.sample_seqs = [seqs[i] for i in sample_rows] + [child for _, child in plan.forks]
         if P:
             inputs.input_ids.index_copy_(0, dev[off[7] : off[8]], prev_tokens.index_select(0, dev[off[8] : off[9]]))
         return inputs

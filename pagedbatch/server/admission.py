@@ -64,6 +64,10 @@ def resolve_max_tokens(num_prompt_tokens: int, requested: Optional[int], default
 
 def admit(engine, sub: Submission, cap: int) -> tuple[list[int], SamplingParams]:
     """Prompt token ids and final sampling params for ``sub`` on ``engine`` (an LLMEngine)."""
+    n, max_seqs = sub.params.n, engine.config.max_num_seqs
+    if n > max_seqs:
+        raise RequestError(f"n {n} is above this server's limit of {max_seqs} samples per request (its engine's "
+                           f"--max-num-seqs: the samples of a request run together)", "n")
     field = "messages" if sub.messages is not None else "prompt"
     if sub.messages is not None:
         ids = _encode_chat(engine, sub.messages)

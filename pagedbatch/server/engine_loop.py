@@ -35,8 +35,9 @@ class EngineLoop:
 
     ``submit`` and ``abort`` may be called from any thread. A submission's
     sink receives, on the engine thread, first ``Accepted`` or a
-    ``RequestError``, then ``RequestOutput``s until one is finished (or a
-    ``RequestError`` if the engine fails). An aborted request gets nothing more.
+    ``RequestError``, then ``RequestOutput``s until one is finished (with
+    ``n`` > 1: until each sample has finished) or a ``RequestError`` if the
+    engine fails. An aborted request gets nothing more.
     """
 
     def __init__(self, engine, max_tokens_cap: Optional[int] = None):
@@ -44,6 +45,7 @@ class EngineLoop:
         self.max_tokens_cap = max_tokens_cap or engine.max_model_len
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Callable[[object], None]] = {}
+        self._samples_left: dict[str, int] = {}  # requests with n > 1: samples not finished yet
         self._thread: Optional[threading.Thread] = None
         self._counts = {"accepted": 0, "rejected": 0, "aborted": 0, "finished": 0, "failed": 0}
         self._peak_running = 0
@@ -114,7 +116,7 @@ class EngineLoop:
         if command is _STOP:
             return False
         if isinstance(command, _Abort):
-            if self._sinks.pop(command.request_id, None) is not None:
+            if self._close(command.request_id):
                 self.engine.abort_request(command.request_id)  # frees its KV blocks now
                 self._counts["aborted"] += 1
         else:
@@ -137,6 +139,8 @@ class EngineLoop:
             return
         self._counts["accepted"] += 1
         self._sinks[sub.request_id] = sub.sink
+        if params.n > 1:
+            self._samples_left[sub.request_id] = params.n
         self._send(sub.request_id, sub.sink, Accepted(len(ids), params.max_tokens))
 
     def _step(self) -> None:
@@ -153,10 +157,22 @@ class EngineLoop:
             sink = self._sinks.get(out.request_id)
             if sink is None:
                 continue
-            if out.finished:
-                del self._sinks[out.request_id]
+            if out.finished and not self._one_sample_finished(out.request_id):
+                self._close(out.request_id)
                 self._counts["finished"] += 1
             self._send(out.request_id, sink, out)
+
+    def _one_sample_finished(self, request_id: str) -> bool:
+        """Count a finished sample; True while others of its request are still running."""
+        left = self._samples_left.get(request_id, 1) - 1
+        if left:
+            self._samples_left[request_id] = left
+        return left > 0
+
+    def _close(self, request_id: str) -> bool:
+        """Forget a request's sink; False if it had none (already finished or aborted)."""
+        self._samples_left.pop(request_id, None)
+        return self._sinks.pop(request_id, None) is not None
 
     def _send(self, request_id: str, sink, event) -> None:
         try:
@@ -164,12 +180,13 @@ class EngineLoop:
         except Exception:
             # The receiver is gone (its event loop closed): nobody will read this request.
             log.warning("could not deliver an event for %s; aborting it", request_id, exc_info=True)
-            if self._sinks.pop(request_id, None) is not None:
+            if self._close(request_id):
                 self.engine.abort_request(request_id)
                 self._counts["aborted"] += 1
 
     def _fail_all(self, error: RequestError) -> None:
         sinks, self._sinks = self._sinks, {}
+        self._samples_left = {}
         for request_id, sink in sinks.items():
             try:
                 self.engine.abort_request(request_id)

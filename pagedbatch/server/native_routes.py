@@ -1,4 +1,10 @@
-"""pagedbatch's own routes: ``GET /health``, ``POST /generate``, ``POST /generate_stream``."""
+"""pagedbatch's own routes: ``GET /health``, ``POST /generate``, ``POST /generate_stream``.
+
+With ``n`` > 1, ``/generate`` answers ``{"id", "object", "model", "samples":
+[...], "usage"}``, each sample holding the fields an n=1 answer has plus
+``sample_index``; streamed events carry ``sample_index``. With n = 1 nothing
+changes.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -54,23 +60,31 @@ async def _generate(request: Request, stream: Optional[bool]):
         default_max_tokens=DEFAULT_MAX_TOKENS, stream=stream,
         messages=chat_messages(req.messages) if req.messages is not None else None)
     name = settings.model_name
+    several = params.n > 1
     if not stream:
-        out = (await group.results(request))[0]
-        return JSONResponse({"id": group.id, "object": "generation", "model": name, "text": out.text,
-                             "token_ids": out.token_ids, **_final_fields(out),
-                             **_logprobs(out, 0, len(out.token_ids))})
-    sent_logprobs = [0]
+        outs = await group.results(request)
+        head = {"id": group.id, "object": "generation", "model": name}
+        if several:
+            return JSONResponse({**head, "samples": [{"sample_index": o.sample_index, **_answer(o)} for o in outs],
+                                 "usage": usage(group.prompt_tokens[0], sum(o.output_tokens for o in outs))})
+        return JSONResponse({**head, **_answer(outs[0])})
+    sent_logprobs = [0] * params.n
 
     def render(i: int, out: RequestOutput):
         event: dict[str, Any] = {"id": group.id, "object": "generation.chunk", "model": name,
+                                 **({"sample_index": out.sample_index} if several else {}),
                                  "text": out.new_text, "token_ids": out.new_token_ids, "finish_reason": None,
-                                 **_logprobs(out, sent_logprobs[0], len(out.new_token_ids))}
-        sent_logprobs[0] += len(out.new_token_ids)
+                                 **_logprobs(out, sent_logprobs[i], len(out.new_token_ids))}
+        sent_logprobs[i] += len(out.new_token_ids)
         if out.finished:
             event.update(_final_fields(out))
         yield event
 
     return stream_group(group, render)
+
+
+def _answer(out: RequestOutput) -> dict[str, Any]:
+    return {"text": out.text, "token_ids": out.token_ids, **_final_fields(out), **_logprobs(out, 0, len(out.token_ids))}
 
 
 def _final_fields(out: RequestOutput) -> dict[str, Any]:

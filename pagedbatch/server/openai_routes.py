@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 Shapes follow OpenAI's API closely enough that the official ``openai``
-client works unchanged, streaming or not. ``n`` must be 1; a list of
-prompts gives one choice per prompt.
+client works unchanged, streaming or not. A list of prompts gives one
+choice per prompt, ``n`` gives n per prompt: choice ``index`` is prompt
+index * n + sample index, and each prompt is computed once for its n.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ async def completions(request: Request):
             {"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
             for i, o in enumerate(outs)], "usage": _usage(group, outs)})
 
-    finals: list[Optional[RequestOutput]] = [None] * len(prompts)
+    finals: list[Optional[RequestOutput]] = [None] * group.num_choices
 
     def render(i: int, out: RequestOutput):
         if out.finished:
@@ -75,24 +76,24 @@ async def chat_completions(request: Request):
     if not req.stream:
         outs = await group.results(request)
         return JSONResponse({**head, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-             "finish_reason": o.finish_reason} for o in outs], "usage": _usage(group, outs)})
+            {"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
+             "finish_reason": o.finish_reason} for i, o in enumerate(outs)], "usage": _usage(group, outs)})
 
-    finals: list[Optional[RequestOutput]] = [None]
+    finals: list[Optional[RequestOutput]] = [None] * group.num_choices
     head = {**head, "object": "chat.completion.chunk"}
-    started = [False]
+    started: set[int] = set()
 
     def render(i: int, out: RequestOutput):
-        if not started[0]:  # OpenAI's first chunk names the role
-            started[0] = True
-            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        if i not in started:  # OpenAI's first chunk of each choice names the role
+            started.add(i)
+            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
         if out.new_text:
-            yield {**head, "choices": [{"index": 0, "delta": {"content": out.new_text}, "logprobs": None,
+            yield {**head, "choices": [{"index": i, "delta": {"content": out.new_text}, "logprobs": None,
                                         "finish_reason": None}]}
         if out.finished:
-            finals[0] = out
-            yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+            finals[i] = out
+            yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                         "finish_reason": out.finish_reason}]}
 
     return stream_group(group, render, lambda: _usage_chunk(head, req, group, finals))

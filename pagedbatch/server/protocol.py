@@ -41,6 +41,7 @@ class _Sampling(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: Optional[bool] = None
     skip_special_tokens: Optional[bool] = None
+    n: Optional[int] = None  # samples of each prompt (the engine computes the prompt once)
 
     def sampling_params(self, **extra: Any) -> SamplingParams:
         """SamplingParams from the fields given (max_tokens is settled on admission)."""
@@ -82,13 +83,10 @@ class _OpenAIRequest(_Sampling):
     model: Optional[str] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = 1
     logit_bias: Optional[dict[str, Any]] = None
     user: Optional[str] = None
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise RequestError(f"n must be 1 (one choice per prompt), got {self.n}", "n")
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", "logit_bias")
 

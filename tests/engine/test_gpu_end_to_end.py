@@ -44,8 +44,8 @@ def _capture_logits(engine):
 
     def build_and_note(plan, prev=None):
         inputs = build(plan, prev)
-        seen.append([(plan.seqs[i].request_id, plan.seqs[i].num_computed_tokens + plan.num_new_tokens[i])
-                     for i in inputs.sample_rows])
+        # A sampling row's logits follow all of its sequence's tokens (the step computes its last one).
+        seen.append([(s.request_id, s.num_tokens) for s in inputs.sample_seqs])
         return inputs
 
     def logits_and_note(hidden):
@@ -138,3 +138,28 @@ def test_a_dropped_engine_frees_its_kv_cache_without_waiting_for_the_garbage_col
         assert cache() is None
     finally:
         gc.enable()
+
+
+def test_n_samples_on_the_gpu_equal_hf_greedy_and_separate_seeded_requests_across_preemption(tmp_path):
+    # The copy-on-write copies run on the device before CUDA-graph decode steps; a missed or misplaced copy
+    # leaves a sample attending to the wrong K/V for the prompt's tail.
+    from pagedbatch.sampling_params import sample_seed
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    d = build_model("qwen2", tmp_path / "qwen2")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 17, 40)]
+    ref = _hf_greedy_cuda(d, prompts, 24)
+    eng = InferenceEngine(d, dtype="float32", device="cuda", max_num_batched_tokens=64, block_size=16,
+                          num_kv_blocks=16)  # 12 samples of up to 64 tokens do not fit at once: preemption
+    assert eng.engine.runner.graphs is not None
+    greedy = eng.generate(prompts, SamplingParams(n=4, temperature=0, max_tokens=24, ignore_eos=True))
+    assert [o.token_ids for o in greedy] == [r for r in ref for _ in range(4)]
+    seeded = SamplingParams(n=4, seed=3, temperature=1.0, max_tokens=24, ignore_eos=True)
+    got = [o.token_ids for o in eng.generate(prompts, seeded)]
+    separate = eng.generate([p for p in prompts for _ in range(4)],
+                            [seeded.replace(n=1, seed=sample_seed(3, j)) for _ in prompts for j in range(4)])
+    assert got == [o.token_ids for o in separate] and len({tuple(t) for t in got}) > 3
+    stats = eng.engine.stats()
+    assert stats["free_blocks"] == stats["num_blocks"] and stats["preemptions"] > 0
+    assert stats["forked_seqs"] == 2 * 3 * 3 and stats["cow_block_copies"] > 0

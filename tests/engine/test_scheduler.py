@@ -212,3 +212,156 @@ def test_a_row_waits_only_for_blocks_it_shares():
     sched.add(a)
     sched.add(b)
     assert [s.request_id for s in sched.schedule().seqs] == ["r0", "r1"]
+
+
+# -- n samples: forks, shared blocks, copy-on-write ---------------------------
+
+
+def forked(i, prompt, max_tokens, n, t=None):
+    return Sequence(f"r{i}", list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0, n=n),
+                    arrival=float(i if t is None else t))
+
+
+def run_fake_kv(sched, bm, seqs, on_plan=None):
+    """run_fake for requests with forks, over a fake KV cache that stores token ids.
+
+    Every sample gets its own tokens (so copy-on-write matters), and before
+    each step's "forward" every token the planned rows attend to must be in
+    the cache at the slot their block tables name. Returns all samples.
+    """
+    bs = bm.block_size
+    kv = [[None] * bs for _ in range(bm.num_blocks)]
+    samples = list(seqs)
+    for s in seqs:
+        sched.add(s)
+    steps = 0
+    while sched.has_unfinished():
+        plan = sched.schedule()
+        assert not plan.is_empty(), "no progress"
+        assert len(sched.running) + sched._reserved <= sched.config.max_num_seqs
+        if on_plan:
+            on_plan(plan)
+        snapshot = {src: list(kv[src]) for src, _ in plan.block_copies}
+        assert len({dst for _, dst in plan.block_copies}) == len(plan.block_copies)
+        for src, dst in plan.block_copies:
+            kv[dst] = list(snapshot[src])
+        for s, n in zip(plan.seqs, plan.num_new_tokens):
+            c = s.num_computed_tokens
+            for p in range(c, c + n):
+                kv[s.block_table[p // bs]][p % bs] = s.token_ids[p]
+        for s, n in zip(plan.seqs, plan.num_new_tokens):
+            upto = s.num_computed_tokens + n
+            assert [kv[s.block_table[p // bs]][p % bs] for p in range(upto)] == s.token_ids[:upto], s
+        for i, child in plan.forks:
+            parent = plan.seqs[i]
+            assert child.block_table == parent.block_table and child.num_computed_tokens == parent.num_tokens
+            samples.append(child)
+        sched.advance(plan)
+        sched.cache_blocks(plan)
+        for s in [s for s, _ in zip(plan.seqs, plan.num_new_tokens)] + [c for _, c in plan.forks]:
+            if s.num_computed_tokens == s.num_tokens:
+                s.token_ids.append(hash((s.request_id, s.sample_index, s.num_tokens)) % 1000)
+                if s.num_output_tokens >= s.params.max_tokens:
+                    sched.finish(s)
+        holders = [0] * bm.num_blocks
+        for s in sched.running:
+            for b in s.block_table:
+                holders[b] += 1
+        assert holders == bm.ref_counts
+        steps += 1
+        assert steps < 100_000
+    return samples
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("prompt_len", [40, 48])
+def test_forks_share_the_prompt_blocks_and_copy_only_a_partly_filled_last_block(cache, prompt_len):
+    sched, bm = make(blocks=32, budget=1000, cache=cache)
+    parent = forked(0, range(1, prompt_len + 1), 3, n=4)
+    plans = []
+    samples = run_fake_kv(sched, bm, [parent], on_plan=lambda plan: plans.append((plan, list(parent.block_table))))
+    (first, table), (second, _) = plans[0], plans[1]
+    assert first.seqs == [parent] and first.num_new_tokens == [prompt_len]  # the prompt, once
+    assert [(i, c.sample_index) for i, c in first.forks] == [(0, 1), (0, 2), (0, 3)]
+    assert sched.stats.prefill_tokens == prompt_len and sched.stats.forked_seqs == 3
+    if prompt_len % 16:
+        # The partly filled last block is copied for three of the four writers; the last writes in place.
+        assert [src for src, _ in second.block_copies] == [table[-1]] * 3 and bm.num_cow_copies == 3
+    else:
+        assert second.block_copies == [] and bm.num_cow_copies == 0
+    assert len(samples) == 4 and all(s.num_output_tokens == 3 for s in samples)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_fork_takes_a_reference_to_every_block_and_copy_on_write_drops_it():
+    sched, bm = make(blocks=16, budget=1000)
+    parent = forked(0, range(1, 41), 5, n=3)  # 40 tokens: two full blocks and 8 tokens in a third
+    sched.add(parent)
+    plan = sched.schedule()
+    children = [c for _, c in plan.forks]
+    table = list(parent.block_table)
+    assert len(table) == 3 and all(c.block_table == table for c in children)
+    assert [bm.ref_counts[b] for b in table] == [3, 3, 3]
+    sched.advance(plan)
+    for s in [parent] + children:
+        s.token_ids.append(7 + s.sample_index)
+    plan = sched.schedule()
+    assert plan.seqs == [parent] + children and plan.num_new_tokens == [1, 1, 1]
+    # The first two writers copy the shared last block; the last one (now its only holder) writes in place.
+    assert plan.block_copies == [(table[2], parent.block_table[2]), (table[2], children[0].block_table[2])]
+    assert children[1].block_table == table
+    assert [bm.ref_counts[b] for b in table] == [3, 3, 1]
+    assert len({s.block_table[2] for s in [parent] + children}) == 3
+    for s in [parent] + children:
+        sched.finish(s)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_request_is_admitted_only_when_all_its_samples_fit_in_max_num_seqs():
+    sched, bm = make(blocks=64, budget=1000, max_seqs=4)
+    a, b, c = seq(0, 10, 3), forked(1, range(1, 20), 3, n=4), seq(2, 10, 3)
+    plans = []
+    samples = run_fake_kv(sched, bm, [a, b, c], on_plan=lambda plan: plans.append({s.request_id for s in plan.seqs}))
+    # b needs four places while a holds one; c does not jump the queue meanwhile, and waits for b's samples.
+    assert plans[0] == {"r0"}
+    first = {rid: min(i for i, p in enumerate(plans) if rid in p) for rid in ("r1", "r2")}
+    last_a = max(i for i, p in enumerate(plans) if "r0" in p)
+    last_b = max(i for i, p in enumerate(plans) if "r1" in p)
+    assert last_a < first["r1"] and last_b < first["r2"]
+    assert len(samples) == 6 and all(s.num_output_tokens == 3 for s in samples)
+
+
+def test_a_prompt_chunked_over_several_steps_holds_places_for_its_samples():
+    sched, bm = make(blocks=64, budget=16, max_seqs=4)
+    parent = forked(0, range(1, 50), 2, n=3)
+    others = [seq(i, 4, 30) for i in range(1, 4)]
+    seen = []
+    run_fake_kv(sched, bm, [parent] + others, on_plan=lambda plan: seen.append(len(sched.running)))
+    assert max(seen) <= 4
+    assert sched.stats.forked_seqs == 2 and bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("trial", range(8))
+@pytest.mark.parametrize("cache", [False, True])
+def test_randomized_forks_never_leak_and_every_read_sees_its_own_tokens(trial, cache):
+    rng = random.Random(100 + trial)
+    block_size = 16
+    blocks = rng.randint(10, 24)
+    sched, bm = make(rng.choice(["fcfs", "sjf-align"]), blocks=blocks, block_size=block_size,
+                     budget=rng.choice([8, 32, 100]), max_seqs=rng.randint(4, 10), skip=rng.randint(0, 4),
+                     cache=cache)
+    cap = blocks * block_size
+    prefix = [rng.randrange(1000) for _ in range(rng.randint(0, cap // 4))]
+    seqs = []
+    for i in range(16):
+        p = rng.randint(1, cap // 3)
+        prompt = ((prefix if rng.random() < 0.5 else []) + [rng.randrange(1000) for _ in range(p)])[:p]
+        n = rng.choice([1, 1, 2, 3, 4])
+        seqs.append(forked(i, prompt, rng.randint(1, (cap - p) // 2), n=n))
+    samples = run_fake_kv(sched, bm, seqs)
+    assert len(samples) == sum(s.params.n for s in seqs)
+    assert all(s.num_output_tokens == s.params.max_tokens for s in samples)
+    assert bm.num_free_blocks == blocks and all(c == 0 for c in bm.ref_counts)
+    assert sched.stats.forked_seqs == sum(s.params.n - 1 for s in seqs)
+    if trial == 0:
+        assert sched.stats.preemptions > 0, "the test meant to force preemption"

@@ -5,7 +5,7 @@ import torch
 
 from pagedbatch.engine.scheduler import SchedulerOutput
 from pagedbatch.engine.sequence import Sequence
-from pagedbatch.engine.step_inputs import StepInputBuilder
+from pagedbatch.engine.step_inputs import StepInputBuilder, unpack
 from pagedbatch.sampling_params import SamplingParams
 
 
@@ -46,7 +46,7 @@ def test_mixed_prefill_chunks_and_decodes_match_a_plain_reference():
                 rows.append(i)
         m = got.meta
         assert got.input_ids.tolist() == ids and m.positions.tolist() == pos and m.slot_mapping.tolist() == slots
-        assert got.sample_rows == rows
+        assert got.sample_seqs == [seqs[i] for i in rows]
         qsl = [0]
         for q in news:
             qsl.append(qsl[-1] + q)
@@ -58,3 +58,18 @@ def test_mixed_prefill_chunks_and_decodes_match_a_plain_reference():
             assert row[: len(s.block_table)] == s.block_table and not any(row[len(s.block_table):])
         assert (m.num_seqs, m.num_tokens, m.max_query_len) == (len(seqs), len(ids), max(news))
         assert m.max_seq_len == max(s.num_computed_tokens + q for s, q in zip(seqs, news))
+
+
+def test_forked_samples_reuse_their_parents_logits_row_and_copies_travel_in_the_buffer():
+    rng, bs = random.Random(1), 16
+    seqs = [_seq(0, 5, 4, bs, rng), _seq(1, 20, 0, bs, rng), _seq(2, 9, 8, bs, rng)]
+    children = [Sequence("1", seqs[1].token_ids, SamplingParams(max_tokens=4), 0.0) for _ in range(2)]
+    plan = SchedulerOutput(seqs=seqs, num_new_tokens=[1, 20, 1], forks=[(1, children[0]), (1, children[1])],
+                           block_copies=[(7, 3), (7, 4)])
+    got = StepInputBuilder(torch.device("cpu"), bs).build(plan)
+    assert got.sample_seqs == seqs + children
+    assert got.logits_index.tolist() == [0, 20, 21, 20, 20]  # the parent's last prompt token, once per fork
+    assert got.copy_src.tolist() == [7, 7] and got.copy_dst.tolist() == [3, 4]
+    assert len(got.header) == 8 and got.header[5] == 2
+    unpacked = unpack(got.packed, got.header)  # what a tensor-parallel worker rebuilds
+    assert unpacked.copy_dst.tolist() == [3, 4] and unpacked.logits_index.tolist() == [0, 20, 21, 20, 20]

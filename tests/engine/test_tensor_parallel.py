@@ -190,3 +190,19 @@ def test_bad_tensor_parallel_sizes_are_refused_naming_the_option(case):
             EngineConfig(model="m", tensor_parallel_size=bad)
     with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide"):
         InferenceEngine(case("llama")[0], device="cpu", tensor_parallel_size=3)  # refused before any worker starts
+
+
+def test_tp2_n_samples_share_the_prompt_and_equal_one_process(case):
+    # The copy-on-write copies travel to the worker with the step inputs: a worker that skipped them would
+    # attend to an empty block for the prompt's tail and give other tokens.
+    d, prompts, ref, engine = case("qwen2")
+    params = [SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=8, ignore_eos=True)]
+    before = engine.engine.stats()
+    tp = engine.generate(prompts[4:6], params)
+    one = InferenceEngine(d, dtype="float32", device="cpu", num_kv_blocks=64).generate(prompts[4:6], params)
+    assert [o.token_ids for o in tp] == [o.token_ids for o in one]
+    assert [o.token_ids for o in tp[:3]] == [ref[4][:8]] * 3
+    stats = _check_blocks_free(engine)
+    assert stats["forked_seqs"] - before["forked_seqs"] == 4
+    assert stats["cow_block_copies"] > before["cow_block_copies"]

@@ -87,9 +87,17 @@ def test_generate_needs_exactly_one_of_prompt_and_messages(server):
     assert_error(post(server, "/generate", json=both), 400, "prompt")
 
 
-@pytest.mark.parametrize("field, value", [("n", 2), ("echo", True), ("logprobs", 1), ("best_of", 3)])
+@pytest.mark.parametrize("field, value", [("echo", True), ("logprobs", 1), ("best_of", 3)])
 def test_openai_options_we_cannot_honour_are_refused(server, field, value):
     assert_error(post(server, "/v1/completions", json={**OK, field: value}), 400, field)
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+def test_n_out_of_range_is_a_400_naming_n(server, path):
+    assert_error(post(server, path, json={**OK, "n": 0}), 400, "n")
+    error = assert_error(post(server, path, json={**OK, "n": 257}), 400, "n")
+    assert "256" in error["message"]  # the engine's max_num_seqs: a request's samples run together
+    assert_error(post(server, path, json={**OK, "n": "2"}), 422, "n")
 
 
 def test_a_body_over_the_size_limit_is_a_413(server):

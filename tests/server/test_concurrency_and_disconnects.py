@@ -54,10 +54,12 @@ def test_32_concurrent_streaming_clients_all_get_their_offline_text(server, offl
     assert stats["free_blocks"] == stats["num_blocks"]
 
 
-def test_a_client_that_disconnects_mid_stream_has_its_request_aborted_and_blocks_freed(server):
+@pytest.mark.parametrize("extra", [{}, {"n": 3}], ids=["one-sample", "three-samples"])
+def test_a_client_that_disconnects_mid_stream_has_its_request_aborted_and_blocks_freed(server, extra):
     before = server.wait_idle()
     with httpx.Client(timeout=30) as client:
-        with client.stream("POST", server.url + "/generate_stream", json={"prompt": "dog hello 42", **LONG}) as r:
+        with client.stream("POST", server.url + "/generate_stream",
+                           json={"prompt": "dog hello 42", **LONG, **extra}) as r:
             lines = r.iter_lines()  # kept referenced: a dropped iterator would close the connection already
             chunks = 0
             while chunks < 3:

@@ -100,6 +100,26 @@ def test_stream_chunks_join_to_the_offline_text_and_arrive_while_the_request_run
     assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 300
 
 
+def test_generate_with_n_answers_a_list_of_samples_and_streams_them_by_sample_index(server, offline):
+    params = dict(temperature=1.0, seed=4, max_tokens=10, ignore_eos=True)
+    refs = offline.generate([SAFE_PROMPTS[3]], SamplingParams(n=3, **params))
+    r = httpx.post(server.url + "/generate", json={"prompt": SAFE_PROMPTS[3], "n": 3, **params, "logprobs": 0},
+                   timeout=30)
+    body = r.json()
+    assert "text" not in body and body["usage"]["completion_tokens"] == 30
+    assert [(s["sample_index"], s["token_ids"], s["text"]) for s in body["samples"]] == [
+        (j, ref.token_ids, ref.text) for j, ref in enumerate(refs)]
+    assert all(len(s["logprobs"]) == 10 and s["finish_reason"] == "length" for s in body["samples"])
+    streamed = {0: [], 1: [], 2: []}
+    with httpx.stream("POST", server.url + "/generate_stream", json={"prompt": SAFE_PROMPTS[3], "n": 3, **params},
+                      timeout=30) as r:
+        for event in sse_events(r):
+            streamed[event["sample_index"]] += event["token_ids"]
+    assert [streamed[j] for j in range(3)] == [ref.token_ids for ref in refs]
+    stats = server.wait_idle()
+    assert stats["free_blocks"] == stats["num_blocks"] and stats["forked_seqs"] >= 4
+
+
 def test_stream_stops_at_eos_like_the_offline_engine(server, offline):
     params = dict(temperature=0, max_tokens=300)
     prompts = list(SAFE_PROMPTS[2:5])

@@ -76,6 +76,39 @@ def test_streamed_chat_completion_joins_to_the_offline_text(client, chat_ref):
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
 
 
+SAMPLED = dict(temperature=1.0, seed=21, max_tokens=12)
+
+
+def test_n_gives_n_choices_per_prompt_prompt_major_streaming_or_not(client, offline):
+    prompts = list(SAFE_PROMPTS[:2])
+    refs = offline.generate(prompts, SamplingParams(n=2, **SAMPLED))
+    c = client.completions.create(model="tiny-llama", prompt=prompts, n=2, **SAMPLED)
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in c.choices] == [r.text for r in refs]
+    assert refs[0].token_ids != refs[1].token_ids  # two samples, not one answer twice
+    assert c.usage.prompt_tokens == refs[0].prompt_tokens + refs[2].prompt_tokens  # each prompt counted once
+    assert c.usage.completion_tokens == sum(r.output_tokens for r in refs)
+    texts = ["", "", "", ""]
+    for chunk in client.completions.create(model="tiny-llama", prompt=prompts, n=2, stream=True, **SAMPLED):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+    assert texts == [r.text for r in refs]
+
+
+def test_chat_with_n_gives_n_choices_streaming_or_not(client, offline):
+    refs = offline.generate([encode_chat(offline.tokenizer, MESSAGES)], SamplingParams(n=2, **SAMPLED))
+    c = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, n=2, **SAMPLED)
+    assert [(ch.index, ch.message.content) for ch in c.choices] == [(0, refs[0].text), (1, refs[1].text)]
+    roles, texts, reasons = {}, ["", ""], [None, None]
+    for chunk in client.chat.completions.create(model="tiny-llama", messages=MESSAGES, n=2, stream=True, **SAMPLED):
+        ch = chunk.choices[0]
+        roles.setdefault(ch.index, ch.delta.role)  # the first chunk of each choice names the role
+        texts[ch.index] += ch.delta.content or ""
+        reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert roles == {0: "assistant", 1: "assistant"}
+    assert texts == [r.text for r in refs] and reasons == [r.finish_reason for r in refs]
+
+
 def test_max_completion_tokens_bounds_a_chat_answer(client, chat_ref):
     c = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, temperature=0,
                                        max_completion_tokens=7)
