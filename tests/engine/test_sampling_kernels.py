@@ -84,6 +84,17 @@ def test_kernel_hash_is_bit_identical_to_the_torch_hash_and_its_noise_within_an_
     assert ((e - ref).abs() <= torch.finfo(torch.float32).eps * ref).all()
 
 
+def test_cheap_gumbel_that_decides_which_tiles_to_skip_is_within_an_eighth_of_the_slack():
+    # Runs natively on the GPU (hardware log2) and through the interpreter on the CPU (numpy log2).
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 1 << (20 if dev == "cuda" else 12)
+    edges = torch.cat([torch.arange(n), 2**32 - 1 - torch.arange(n),  # u near 0 and near 1
+                       2**26 + torch.arange(-n // 2, n // 2),  # u near 2**-6, where the series takes over
+                       torch.randint(0, 2**32, (n,), generator=torch.Generator().manual_seed(0))])
+    g, cheap = sampling_kernels.gumbel_pair(edges.to(dev))
+    assert (cheap - g).abs().max().item() <= sampling_kernels.SLACK_ABS / 8
+
+
 # --- token choice -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("splits", [1, 3])
