@@ -8,8 +8,9 @@
 For each batch size and kind of row (seeded, unseeded, greedy; temperature
 rows are all sampled), times ``Sampler(fused=False)`` (today's torch path;
 for an all-greedy batch that is one ``argmax``) and ``Sampler(fused=True)``:
-GPU time between CUDA events around one call (median of --reps; includes
-any launch gap the host leaves), and the host time to issue the call. The
+device time between CUDA events around one call, queued behind a short GPU
+sleep so that host launch gaps do not count (median of --reps), and the host
+time to issue the call (what an idle GPU would wait for at batch 1). The
 roofline is one read of the bf16 logits at the copy bandwidth measured in
 the same run. "diff" counts rows whose tokens differ between the paths
 (seeded and greedy rows should agree up to exact ties; unseeded rows draw
@@ -38,35 +39,36 @@ def copy_bandwidth(device: torch.device) -> float:
         return 20e9
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    times = [gpu_ms(lambda: y.copy_(x), device) for _ in range(10)]
+    times = [gpu_ms(lambda: y.copy_(x), device)[0] for _ in range(10)]
     del x, y
     return 2 * 2**30 / (statistics.median(times) / 1e3)
 
 
-def gpu_ms(fn, device: torch.device) -> float:
+def gpu_ms(fn, device: torch.device) -> tuple[float, float]:
+    """(device ms, host us to issue) of one call. The GPU first sleeps ~1 ms so that the host has
+    queued every kernel of ``fn`` before the start event: launch gaps are not counted."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3, (time.perf_counter() - t0) * 1e6
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)
     s.record()
+    t0 = time.perf_counter()
     fn()
+    host_us = (time.perf_counter() - t0) * 1e6
     e.record()
     torch.cuda.synchronize()
-    return s.elapsed_time(e)
+    return s.elapsed_time(e), host_us
 
 
 def measure(fn, device: torch.device, reps: int) -> tuple[float, float]:
-    """(median GPU ms, median host us to issue) over ``reps`` calls after one warm-up."""
+    """(median device ms, median host us to issue) over ``reps`` calls after one warm-up."""
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    gpu, host = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        gpu.append(gpu_ms(fn, device))
-        host.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(gpu), statistics.median(host)
+    times = [gpu_ms(fn, device) for _ in range(reps)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def make_logits(B: int, V: int, kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
             b = batch_for("seeded", B, V, args.temperature, device)
             default = sampling_kernels.default_splits(B, V, sms)
             cands = sorted({1, 2, 4, 8, 16, 32, 75, default} if not args.quick else {1, 2})
-            for block, warps in ((2048, 8), (4096, 8), (1024, 4)):
+            for block, warps in ((2048, 8), (4096, 8), (2048, 4), (1024, 4)):
                 line = []
                 for s in cands:
                     ms, _ = measure(lambda: sampling_kernels.fused_sample(
