@@ -1,8 +1,9 @@
 """The fused one-pass sampling kernel (sampling_kernels.py) picks the torch sampler's tokens.
 
-CPU: Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), small
-vocabularies and few rows (the interpreter costs ~10 ms per program). GPU (``-m gpu``): real
-shapes, bf16 logits, no host sync.
+The tests without a mark run where the kernel runs: on the GPU when there is one, else in
+Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), so
+small vocabularies and few rows (the interpreter costs ~10 ms per program). GPU only
+(``-m gpu``): real shapes, bf16 logits, no host sync, the engine.
 
 Tie tolerance: the kernel repeats the torch path's float operations in the same order, but
 the interpreter's log1p/log are not torch's CPU code (they differ by up to an ulp), and two
@@ -18,18 +19,18 @@ from pagedbatch.engine import sampling_kernels  # noqa: E402
 from pagedbatch.engine.sampler import Sampler, SamplingBatch, hashed_exponential, token_hashes  # noqa: E402
 from pagedbatch.sampling_params import SamplingParams  # noqa: E402
 
-CPU = torch.device("cpu")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = torch.finfo(torch.float32).tiny
 
 
-def build(params, output_ids=None, vocab=3000, device=CPU, **lists):
+def build(params, output_ids=None, vocab=3000, device=DEV, **lists):
     B = len(params)
     return SamplingBatch.build(params, lists.get("prompt_ids") or [[] for _ in range(B)],
                                output_ids or [[] for _ in range(B)], lists.get("suppress") or [[] for _ in range(B)],
                                vocab, device)
 
 
-def logits(B, V, seed=0, scale=3.0, device=CPU, dtype=torch.float32):
+def logits(B, V, seed=0, scale=3.0, device=DEV, dtype=torch.float32):
     x = torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * scale
     return x.to(dtype).to(device)
 
@@ -63,7 +64,7 @@ def call(x, b, splits, step_key=None):
 
 def chi_square(tokens, probs):
     counts = torch.bincount(tokens.cpu(), minlength=len(probs)).float()
-    expected = probs * counts.sum()
+    expected = probs.cpu() * counts.sum()
     return (((counts - expected) ** 2) / expected).sum().item()
 
 
@@ -74,8 +75,8 @@ CHI2_999_DF2, CHI2_999_DF3 = 13.82, 16.27
 # --- the hash -----------------------------------------------------------------------------------------------
 
 def test_kernel_hash_is_bit_identical_to_the_torch_hash_and_its_noise_within_an_ulp():
-    seeds = torch.tensor([0, 7, 2**62 + 3, 2**63 - 1])
-    positions = torch.tensor([0, 1, 2**40 + 5, 123456])
+    seeds = torch.tensor([0, 7, 2**62 + 3, 2**63 - 1], device=DEV)
+    positions = torch.tensor([0, 1, 2**40 + 5, 123456], device=DEV)
     V = 2 * sampling_kernels.BLOCK + 77  # a partial last tile
     h, e = sampling_kernels.hashed_noise(seeds, positions, V)
     assert torch.equal(h, token_hashes(seeds, positions, V))
@@ -85,13 +86,12 @@ def test_kernel_hash_is_bit_identical_to_the_torch_hash_and_its_noise_within_an_
 
 
 def test_cheap_gumbel_that_decides_which_tiles_to_skip_is_within_an_eighth_of_the_slack():
-    # Runs natively on the GPU (hardware log2) and through the interpreter on the CPU (numpy log2).
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    n = 1 << (20 if dev == "cuda" else 12)
+    # On the GPU this checks the hardware log2; in the interpreter (numpy's log2) the series and its cutoff.
+    n = 1 << (20 if DEV.type == "cuda" else 12)
     edges = torch.cat([torch.arange(n), 2**32 - 1 - torch.arange(n),  # u near 0 and near 1
                        2**26 + torch.arange(-n // 2, n // 2),  # u near 2**-6, where the series takes over
                        torch.randint(0, 2**32, (n,), generator=torch.Generator().manual_seed(0))])
-    g, cheap = sampling_kernels.gumbel_pair(edges.to(dev))
+    g, cheap = sampling_kernels.gumbel_pair(edges.to(DEV))
     assert (cheap - g).abs().max().item() <= sampling_kernels.SLACK_ABS / 8
 
 
@@ -99,7 +99,7 @@ def test_cheap_gumbel_that_decides_which_tiles_to_skip_is_within_an_eighth_of_th
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_greedy_rows_are_exact_argmax_with_the_first_id_winning_ties(splits):
-    x = torch.randint(-3, 4, (4, 5000), generator=torch.Generator().manual_seed(1)).float()  # many ties
+    x = torch.randint(-3, 4, (4, 5000), generator=torch.Generator().manual_seed(1)).float().to(DEV)  # many ties
     x[1, :4000] = float("-inf")
     x[2] = float("-inf")  # torch.argmax answers 0
     x[3, 4999] = 10.0  # the very last id
@@ -149,7 +149,7 @@ def test_mixed_greedy_seeded_unseeded_batch():
 def test_masked_tokens_are_never_chosen_and_an_all_masked_row_answers_zero():
     V, B = 3000, 12
     x = logits(B, V, seed=5, scale=8.0)
-    allowed = torch.tensor([3, 1500, 2047, 2048, 2999])  # around tile edges
+    allowed = torch.tensor([3, 1500, 2047, 2048, 2999], device=DEV)  # around tile edges
     masked = torch.full_like(x, float("-inf"))
     masked[:, allowed] = x[:, allowed]
     masked[B - 1] = float("-inf")
@@ -157,7 +157,7 @@ def test_masked_tokens_are_never_chosen_and_an_all_masked_row_answers_zero():
               for i in range(B)]
     b = build(params)
     for splits in (1, 2):
-        got = call(masked, b, splits, step_key=torch.tensor([11]))
+        got = call(masked, b, splits, step_key=torch.tensor([11], device=DEV))
         assert torch.isin(got[:-1], allowed).all(), got
         assert got[-1] == 0  # like torch.argmax of an all -inf row
 
@@ -175,7 +175,7 @@ def test_logprobs_with_the_fused_path_are_the_raw_distribution_at_the_chosen_tok
 # --- unseeded rows ------------------------------------------------------------------------------------------
 
 def test_unseeded_rows_follow_the_samplers_seed_and_change_every_call():
-    x = torch.zeros(4, 3000)  # uniform: repeats are a 1-in-3000 event
+    x = torch.zeros(4, 3000, device=DEV)  # uniform: repeats are a 1-in-3000 event
     b = build([SamplingParams()] * 4)
     a, a2 = Sampler(seed=1, fused=True), Sampler(seed=1, fused=True)
     first = [a(x, b).token_ids for _ in range(2)]
@@ -189,7 +189,7 @@ def test_unseeded_rows_follow_the_samplers_seed_and_change_every_call():
 
 # Probabilities (.644, .237, .087, .032): every expected count >= 5 at 200 draws, and a kernel that
 # ignored T (.455, .276, .167, .101) would score a chi-square near 55 there.
-X4 = torch.tensor([1.0, 0.5, 0.0, -0.5])
+X4 = torch.tensor([1.0, 0.5, 0.0, -0.5], device=DEV)
 T = 0.5
 PROBS = (X4 / T).softmax(-1)
 
@@ -240,9 +240,10 @@ def test_rows_needing_other_stages_send_the_whole_batch_down_the_torch_path(monk
 
 def test_auto_mode_keeps_the_torch_path_on_the_cpu_and_forcing_runs_the_kernel(monkeypatch):
     calls = _spy(monkeypatch)
-    x = logits(2, 64, seed=8)
-    b = build([SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0)], vocab=64)
-    Sampler()(x, b)
+    params = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0)]
+    cpu = torch.device("cpu")
+    Sampler()(logits(2, 64, seed=8, device=cpu), build(params, vocab=64, device=cpu))
+    x, b = logits(2, 64, seed=8), build(params, vocab=64)
     Sampler(fused=False)(x, b)
     assert not calls
     Sampler(fused=True)(x, b)
