@@ -91,7 +91,7 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          tensor_parallel_size=args.tensor_parallel_size)
+                          tensor_parallel_size=args.tensor_parallel_size, fused_sampler=not args.no_fused_sampler)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
     # Warm-up on other random prompts (the workload's own would sit in the
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--policy", default="fcfs")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-fused-sampler", action="store_true",
+                    help="sample with the torch ops, not the one-pass Triton kernel (A/B of the sampler)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="split our engine over N GPUs (cuda:0..N-1)")
     ap.add_argument("--model-config", default=None,
                     help="a file under configs/models/ to run the workload on instead of its own model shape")

@@ -56,6 +56,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Plan and launch step N+1 while the GPU runs step N (off only to debug).
     async_scheduling: bool = True
+    # GPU: batches using only temperature and greedy rows sample in one Triton pass over the
+    # logits (engine/sampling_kernels.py); off: the torch ops (A/B benchmarks, debugging).
+    fused_sampler: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

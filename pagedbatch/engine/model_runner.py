@@ -129,7 +129,7 @@ class ModelRunner:
         local = self.model.local_args  # this rank's heads (and KV heads): the KV cache holds only those
         self.backend = make_backend(config, device)
         self.cos_sin = rope_cos_sin(args, max_model_len, device)
-        self.sampler = Sampler(seed=config.seed)
+        self.sampler = Sampler(seed=config.seed, fused=None if config.fused_sampler else False)
         self.block_size = config.block_size
         self.num_blocks = self._decide_num_blocks()
         if tp is not None:

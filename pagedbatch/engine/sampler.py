@@ -20,6 +20,11 @@ id), so a row's tokens depend only on its own seed, prompt and settings, not on
 its batch-mates or its row index, and a preempted sequence that is recomputed
 resumes the same stream. Unseeded rows draw from the sampler's generator.
 
+Batches that use only temperature and greedy rows (most traffic) are, on CUDA,
+sampled by one Triton kernel that reads the logits once (``sampling_kernels``):
+the same tokens for greedy and seeded rows; unseeded rows there draw the hashed
+noise under a random key taken from the sampler's generator for each call.
+
 Nothing in ``Sampler.__call__`` reads a tensor value on the host: which stages
 run is decided by Python flags computed in ``SamplingBatch.build``.
 """
@@ -31,6 +36,7 @@ from typing import Optional
 import torch
 
 from ..sampling_params import SamplingParams
+from . import sampling_kernels
 
 _M32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9
@@ -54,6 +60,7 @@ class SamplingBatch:
     seeded_rows: Optional[torch.Tensor]  # [S] int64, sampled (non-greedy) rows with a seed
     seeds: Optional[torch.Tensor]  # [S] int64
     positions: Optional[torch.Tensor]  # [S] int64, output position of the token being sampled
+    seed_slot: Optional[torch.Tensor]  # [B] int64, row -> index into seeds (-1: not seeded); for the fused kernel
     all_greedy: bool
     any_greedy: bool
     any_penalties: bool
@@ -104,11 +111,15 @@ class SamplingBatch:
         ], torch.float32)
         seeded_rows = [i for i, (p, s) in enumerate(zip(params, sampled)) if s and p.seed is not None]
         S = len(seeded_rows)
+        slot = [-1] * B if S else []
+        for j, i in enumerate(seeded_rows):
+            slot[i] = j
         # One host-to-device copy for all per-row integers, split into views.
         ints = put(top_k + [int(g) for g in greedy] + seeded_rows + [params[i].seed for i in seeded_rows]
-                   + [len(output_ids[i]) for i in seeded_rows], torch.int64)
+                   + [len(output_ids[i]) for i in seeded_rows] + slot, torch.int64)
         top_k_t, greedy_t = ints[:B], ints[B:2 * B].bool()
         seeded_t, seeds_t, positions_t = (ints[2 * B + j * S:2 * B + (j + 1) * S] for j in range(3))
+        slot_t = ints[2 * B + 3 * S:]
 
         pen_rows = [p.has_penalties for p in params]
         any_penalties = any(pen_rows)
@@ -136,7 +147,7 @@ class SamplingBatch:
             repetition_penalty=floats[3], presence_penalty=floats[4], frequency_penalty=floats[5],
             prompt_mask=prompt_mask, output_counts=output_counts, suppress=suppress,
             seeded_rows=seeded_t if S else None, seeds=seeds_t if S else None,
-            positions=positions_t if S else None,
+            positions=positions_t if S else None, seed_slot=slot_t if S else None,
             all_greedy=all(greedy), any_greedy=any(greedy), any_penalties=any_penalties, any_suppress=bool(pairs),
             any_top_k=bool(enabled_k), max_top_k=max(enabled_k, default=0),
             any_top_p=any(p < 1.0 for p in top_p), any_min_p=any(m > 0.0 for m in min_p),
@@ -174,13 +185,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hashed_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[S, V] float32 Exp(1) noise that depends only on (seed, position, token id)."""
+def token_hashes(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, V] int64 holding the 32-bit hash of (seed, position, token id); the fused
+    kernel (sampling_kernels.py) computes the same bits."""
     key = _mix32(((seeds >> 32) & _M32) ^ _GOLDEN32)
     key = _mix32(((key ^ (seeds & _M32)) + _GOLDEN32) & _M32)
     key = _mix32(((key ^ (positions & _M32)) + _GOLDEN32) & _M32)
     vocab = _mul32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64), _GOLDEN32)
-    h = _mix32(key[:, None] ^ vocab[None, :])
+    return _mix32(key[:, None] ^ vocab[None, :])
+
+
+def hashed_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, V] float32 Exp(1) noise that depends only on (seed, position, token id)."""
+    h = token_hashes(seeds, positions, vocab_size)
     # u in (0, 1) with 2**-32 resolution near 0, where it decides whether a rare
     # token wins the race (E = -log1p(-u) ~ u there); near 1 float32 rounds to 1,
     # so cap it (that only limits E to about 16.6, an event of chance 6e-8).
@@ -237,11 +254,22 @@ def _truncation_threshold(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 
 class Sampler:
-    """Picks one token per row; see the module docstring for the stages."""
+    """Picks one token per row; see the module docstring for the stages.
 
-    def __init__(self, seed: int = 0):
+    ``fused`` picks who samples batches that use nothing but temperature and
+    greedy rows (no penalties, suppression, top-k, top-p or min-p): None runs
+    them through the one-pass Triton kernel of ``sampling_kernels`` on CUDA
+    (except all-greedy batches, which stay one ``argmax``), True through the
+    kernel on any device whenever eligible (the CPU needs TRITON_INTERPRET=1:
+    tests), False never. Seeded and greedy rows get the same tokens either way
+    (up to exact ties of rounded scores); unseeded rows draw other random numbers.
+    """
+
+    def __init__(self, seed: int = 0, fused: Optional[bool] = None):
         self.seed = seed
+        self.fused = fused
         self._generators: dict[str, torch.Generator] = {}
+        self._num_sms: dict[str, int] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -251,7 +279,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         b = batch
-        if b.all_greedy and not b.any_penalties and not b.any_suppress:
+        if self._use_fused(logits, b):
+            tokens = self._fused(logits, b)
+        elif b.all_greedy and not b.any_penalties and not b.any_suppress:
             tokens = logits.argmax(dim=-1)  # exact in any float dtype: no conversion needed
         else:
             x = process_logits(logits, b)
@@ -270,6 +300,28 @@ class Sampler:
                 top_vals, top_ids = raw.topk(min(b.max_logprobs, raw.shape[-1]), dim=-1)
                 top_lps = top_vals - lse
         return SamplerOutput(tokens, lp, top_ids, top_lps)
+
+    def _use_fused(self, logits: torch.Tensor, b: SamplingBatch) -> bool:
+        if self.fused is False or b.any_penalties or b.any_suppress or b.any_top_k or b.any_top_p or b.any_min_p:
+            return False
+        if self.fused is None:
+            return logits.is_cuda and not b.all_greedy and sampling_kernels.available()
+        return True
+
+    def _fused(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        device = logits.device
+        step_key = None
+        if b.any_unseeded:
+            # Drawn on the device: keys this call's unseeded rows without a host sync.
+            step_key = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device,
+                                     generator=self._generator(device))
+        key = str(device)
+        if key not in self._num_sms:
+            self._num_sms[key] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                  if device.type == "cuda" else 1)
+        splits = sampling_kernels.default_splits(logits.shape[0], logits.shape[-1], self._num_sms[key])
+        return sampling_kernels.fused_sample(logits, b.temperature, b.greedy if b.any_greedy else None,
+                                             b.seed_slot, b.seeds, b.positions, step_key, splits)
 
     def _race(self, x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         if b.any_unseeded:
