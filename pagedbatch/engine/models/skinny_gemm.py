@@ -297,7 +297,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[
         return out.view(*lead, N)
     if config is None:
         dev = x.device
-        sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 132
+        index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
+        sms = _num_sms(index) if dev.type == "cuda" else 132
         config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, sms)
     _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config)
     return out.view(*lead, N)
