@@ -19,8 +19,9 @@ scale is applied once, in the epilogue, since it factors out of the K sum.
 Two ways to do the multiply, chosen per config:
   - "fma": broadcast multiply-add in fp32, reduced over K once after the
     loop (for BLOCK_M = 1 the accumulator is a [BLOCK_N, BLOCK_K] tile, so
-    the loop has no cross-thread traffic at all). Best when M is 1-4: no
-    padding rows, no tensor-core layout shuffles.
+    the loop has no cross-thread traffic at all). Meant for M of 1-4: no
+    padding rows, no tensor-core layout shuffles, but M multiply-adds per
+    weight element (and a conversion), which fp8 at 2x the elements/s feels.
   - "dot": ``tl.dot`` with M padded to 16 (tensor cores need >= 16); padded
     rows re-read a real row (clamped index, never stored). "dotT" computes
     ``W @ x.T`` instead, so BLOCK_N is the MMA's M dimension (64/128 can use
@@ -47,7 +48,12 @@ they would share counters; the engine runs its model on one stream.
 ``act="silu_mul"`` fuses the MLP activation into the down projection's
 operand load: x is the [M, 2K] gate_up output and the kernel uses
 ``silu(gate) * up`` rounded like ``fused_ops.silu_and_mul`` (silu rounded to
-x's dtype, then the product), saving that kernel and its round trip.
+x's dtype, then the product), saving that kernel and its round trip. The
+price: every column tile recomputes silu over its K share (N / BLOCK_N times
+the exps of the unfused kernel), so whether it pays is for the sweep to say.
+
+Any M is computed correctly (the grid has M tiles), but each M tile streams
+all of W again: above skinny_max_m() cuBLAS / _scaled_mm are the kernels.
 
 The tuning table and the default heuristic are together below ("Tuning"):
 ``bench/skinny_gemm.py`` prints measured best configs in the table's format.
@@ -151,7 +157,9 @@ def _heuristic_config(mb: int, N: int, K: int, wkind: str, num_sms: int) -> Skin
         cfg = dict(kind="fma", block_m=mb, block_n=max(4, 16 // mb // (2 if wkind == "fp8" else 1)),
                    block_k=512 // itemsize, num_warps=4, num_stages=4)
     else:
-        cfg = dict(kind="dot", block_m=max(16, mb), block_n=64, block_k=256 // itemsize, num_warps=4, num_stages=4)
+        # Stages x (x tile + W tile) must fit in shared memory: 3 stages once the x tile is 32+ rows.
+        cfg = dict(kind="dot", block_m=max(16, mb), block_n=64, block_k=256 // itemsize, num_warps=4,
+                   num_stages=4 if mb <= 16 else 3)
     tiles = -(-N // cfg["block_n"])
     iters = -(-K // cfg["block_k"])
     split = 1
