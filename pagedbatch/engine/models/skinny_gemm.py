@@ -1,0 +1,456 @@
+"""Skinny GEMM for decode: ``y = x @ (W * scale[:, None]).T + bias`` for a few rows of ``x``, W bf16/fp16 or fp8.
+
+Why a kernel of our own. At batch 1-16 a decode step does almost no
+arithmetic per weight byte, so each linear layer is worth exactly the time it
+takes to stream W from HBM once. cuBLAS gets there for the large gate_up
+matmul (3.8 TB/s on the H200) but not for the small ones (qkv 3.0, o_proj 2.8
+TB/s plus a separate split-K reduce kernel), and ``torch._scaled_mm`` reads
+fp8 weights at only ~1.8 TB/s at small M, so fp8 weights bring nothing
+there. A kernel whose only job is to keep enough weight bytes in flight gets
+both: bf16 near the bandwidth, fp8 at the same bytes/s, i.e. twice as fast.
+
+Shape of the work. Each program owns BLOCK_N output columns (rows of W) and
+one contiguous share of K (split-K), and walks it in [BLOCK_N, BLOCK_K]
+tiles. W is row-major [N, K], so a tile is BLOCK_N runs of BLOCK_K
+contiguous elements: with BLOCK_K * itemsize >= 512 B a warp's 16-byte loads
+cover whole rows, fully coalesced. fp8 weights are converted in registers
+(exactly: every e4m3 value is a bf16/fp16 value) and the per-output-channel
+scale is applied once, in the epilogue, since it factors out of the K sum.
+Two ways to do the multiply, chosen per config:
+  - "fma": broadcast multiply-add in fp32, reduced over K once after the
+    loop (for BLOCK_M = 1 the accumulator is a [BLOCK_N, BLOCK_K] tile, so
+    the loop has no cross-thread traffic at all). Meant for M of 1-4: no
+    padding rows, no tensor-core layout shuffles, but M multiply-adds per
+    weight element (and a conversion), which fp8 at 2x the elements/s feels.
+  - "dot": ``tl.dot`` with M padded to 16 (tensor cores need >= 16); padded
+    rows re-read a real row (clamped index, never stored). "dotT" computes
+    ``W @ x.T`` instead, so BLOCK_N is the MMA's M dimension (64/128 can use
+    Hopper's wgmma) and the 16 padded rows its N dimension.
+Loads are software-pipelined through ``tl.range(num_stages=...)``: Triton
+only pipelines loads that do not feed a ``tl.dot`` when the loop carries its
+own num_stages, which is what keeps several tiles in flight per program in
+the fma path too.
+
+Split-K without extra kernels. o_proj and down_proj have N = 3584 (1024 for
+Qwen3-0.6B): 56-224 column tiles cannot fill 132 SMs with enough loads in
+flight, so K is split. The usual reductions cost a launch each (cuBLAS's
+splitKreduce ~2 us, or a memset before fp32 atomics), at 28 layers x 2 such
+matmuls per step. Here every split stores its fp32 partial to a workspace and
+bumps a per-tile counter; the program that arrives last sums the partials in
+split order (deterministic, unlike atomics), applies scale and bias, writes
+the output and resets the counter to zero. One launch, no memset, and the
+counters are zero again after every call, so CUDA-graph replays just work.
+The counters live in one int32 buffer per device, zeroed once at the first
+call (which must come before any graph capture, as a warm-up does anyway).
+Two calls must not run concurrently on one device (different streams), since
+they would share counters; the engine runs its model on one stream.
+
+``act="silu_mul"`` fuses the MLP activation into the down projection's
+operand load: x is the [M, 2K] gate_up output and the kernel uses
+``silu(gate) * up`` rounded like ``fused_ops.silu_and_mul`` (silu rounded to
+x's dtype, then the product), saving that kernel and its round trip. The
+price: every column tile recomputes silu over its K share (N / BLOCK_N times
+the exps of the unfused kernel), so whether it pays is for the sweep to say.
+
+Any M is computed correctly (the grid has M tiles), but each M tile streams
+all of W again: above skinny_max_m() cuBLAS / _scaled_mm are the kernels.
+
+The tuning table and the default heuristic are together below ("Tuning"):
+``bench/skinny_gemm.py`` prints measured best configs in the table's format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install has no Triton; nothing here is used then
+    triton = None
+
+FP8 = torch.float8_e4m3fn
+_LOCK_SLOTS = 1 << 16  # split-K tiles (N tiles x M tiles) one call may use
+_KINDS = ("fma", "dot", "dotT")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkinnyConfig:
+    """One launch configuration; ``str()`` gives the compact form the tuning table uses.
+
+    kind: "fma" (fp32 multiply-add, any block_m) or "dot"/"dotT" (tensor cores, block_m >= 16).
+    split_k: how many programs share one column tile's K range (1: no workspace, no counters).
+    """
+
+    kind: str = "fma"
+    block_m: int = 1
+    block_n: int = 16
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        def pow2(v):
+            return v >= 1 and v & (v - 1) == 0
+
+        if self.kind not in _KINDS:
+            raise ValueError(f"SkinnyConfig.kind must be one of {_KINDS}, got {self.kind!r}")
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            if not pow2(getattr(self, name)):
+                raise ValueError(f"SkinnyConfig.{name} must be a power of two, got {getattr(self, name)}")
+        if self.kind != "fma" and min(self.block_m, self.block_n, self.block_k) < 16:
+            raise ValueError(f"SkinnyConfig kind {self.kind!r} needs block_m, block_n, block_k >= 16 "
+                             f"(tensor-core tiles), got {self}")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError(f"SkinnyConfig.split_k and num_stages must be >= 1, got {self}")
+
+    def __str__(self) -> str:
+        return (f"{self.kind} bm{self.block_m} bn{self.block_n} bk{self.block_k} sk{self.split_k} "
+                f"w{self.num_warps} st{self.num_stages}")
+
+    @classmethod
+    def parse(cls, text: str) -> "SkinnyConfig":
+        """Inverse of ``str()``: ``"fma bm1 bn16 bk256 sk4 w4 st4"``."""
+        m = re.fullmatch(r"\s*(fma|dotT|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"not a skinny config: {text!r} (expected e.g. 'fma bm1 bn16 bk256 sk4 w4 st4')")
+        kind, *nums = m.groups()
+        return cls(kind, *map(int, nums))
+
+
+# --------------------------------------------------------------------------
+# Tuning: the one place to edit after running bench/skinny_gemm.py.
+# --------------------------------------------------------------------------
+
+# Largest M each weight kind is meant for (skinny_max_m). Above it cuBLAS
+# (bf16) or torch._scaled_mm (fp8, large M) is the better kernel.
+MAX_M = {"bf16": 16, "fp8": 64}
+
+# Measured best configs: (M bucket, N, K, "bf16" | "fp8") -> config string,
+# and (M bucket, N, K, "bf16" | "fp8", "silu_mul") for the fused-activation
+# down projection (which falls back to the plain key). M buckets are 1, 2, 4,
+# 8, 16, 32, 64 (M is rounded up to one). Empty until the first H200 sweep;
+# shapes and buckets not listed use _heuristic_config.
+TUNED: dict[tuple, str] = {
+}
+
+_M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _heuristic_config(mb: int, N: int, K: int, wkind: str, num_sms: int) -> SkinnyConfig:
+    """A reasoned guess for shapes the sweep has not measured.
+
+    fma for M <= 4 (fp8: M <= 2, whose conversion costs ALU per element), else
+    tensor cores; ~8-16 KB of W per tile so a few stages keep ~32+ KB per SM in
+    flight; split K until there are ~4 programs per SM, while each split keeps
+    >= 4 tiles of K to pipeline.
+    """
+    itemsize = 1 if wkind == "fp8" else 2
+    if mb <= (2 if wkind == "fp8" else 4):
+        # One warp spans 512 B of a row (16 B per thread); the fp32 accumulator
+        # (block_m * block_n * block_k / threads) stays at 32 registers.
+        cfg = dict(kind="fma", block_m=mb, block_n=max(4, 16 // mb // (2 if wkind == "fp8" else 1)),
+                   block_k=512 // itemsize, num_warps=4, num_stages=4)
+    else:
+        # Stages x (x tile + W tile) must fit in shared memory: 3 stages once the x tile is 32+ rows.
+        cfg = dict(kind="dot", block_m=max(16, mb), block_n=64, block_k=256 // itemsize, num_warps=4,
+                   num_stages=4 if mb <= 16 else 3)
+    tiles = -(-N // cfg["block_n"])
+    iters = -(-K // cfg["block_k"])
+    split = 1
+    while tiles * split < 4 * num_sms and split < 16 and iters // (2 * split) >= 4:
+        split *= 2
+    return SkinnyConfig(split_k=split, **cfg)
+
+
+# --------------------------------------------------------------------------
+# Public interface
+# --------------------------------------------------------------------------
+
+
+def _wkind(weight_dtype: torch.dtype) -> str:
+    if weight_dtype == FP8:
+        return "fp8"
+    return "bf16" if weight_dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+def m_bucket(M: int) -> int:
+    """The tuning table's M bucket for ``M`` rows (the smallest bucket >= M; M above 64 uses 64)."""
+    for b in _M_BUCKETS:
+        if M <= b:
+            return b
+    return _M_BUCKETS[-1]
+
+
+def skinny_max_m(weight_dtype: Optional[torch.dtype] = None) -> int:
+    """The largest M the kernel is meant for (for ``weight_dtype``; without one, for every weight dtype)."""
+    if weight_dtype is None:
+        return min(MAX_M.values())
+    return MAX_M.get(_wkind(weight_dtype), MAX_M["bf16"])
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def skinny_supported(M: int, N: int, K: int, weight_dtype: torch.dtype, device) -> bool:
+    """Whether ``skinny_linear`` is meant for this call: a CUDA device (fp8 weights: compute capability
+    >= 8.9), 1 <= M <= skinny_max_m(weight_dtype), K a multiple of 16 (16-byte aligned weight rows),
+    bf16/fp16/fp8-e4m3 weights."""
+    device = torch.device(device)
+    if triton is None or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if weight_dtype not in (torch.bfloat16, torch.float16, FP8):
+        return False
+    if not (1 <= M <= skinny_max_m(weight_dtype)) or N < 1 or K < 16 or K % 16:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= ((8, 9) if weight_dtype == FP8 else (8, 0))
+
+
+def default_config(M: int, N: int, K: int, weight_dtype: torch.dtype, act: Optional[str] = None,
+                   num_sms: int = 132) -> SkinnyConfig:
+    """The config ``skinny_linear`` uses without ``config=``: the tuned table, else the heuristic."""
+    return _default_config(m_bucket(M), N, K, _wkind(weight_dtype), act, num_sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_config(mb: int, N: int, K: int, wkind: str, act: Optional[str], num_sms: int) -> SkinnyConfig:
+    key = (mb, N, K, "bf16" if wkind == "fp32" else wkind)
+    tuned = TUNED.get(key + (act,)) if act else None
+    tuned = tuned or TUNED.get(key)
+    if tuned is not None:
+        return SkinnyConfig.parse(tuned)
+    return _heuristic_config(mb, N, K, wkind, num_sms)
+
+
+_locks: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _lock_buffer(device: torch.device) -> torch.Tensor:
+    """The device's split-K counters: zeroed once here, reset to zero by every kernel that uses them."""
+    key = (device.type, device.index or 0)
+    buf = _locks.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A zero-fill captured into a graph does not run now: later eager
+            # calls would read garbage counters. A warm-up call avoids this.
+            raise RuntimeError("skinny_linear: the first call on a device must run before CUDA graph capture "
+                               "(run the model once as a warm-up)")
+        buf = _locks[key] = torch.zeros(_LOCK_SLOTS, dtype=torch.int32, device=device)
+    return buf
+
+
+def _new_workspace(split_k: int, M: int, N: int, device) -> torch.Tensor:
+    # A function of its own so tests can poison it.
+    return torch.empty((split_k, M, N), dtype=torch.float32, device=device)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, *, act: Optional[str] = None,
+                  config: Optional[SkinnyConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ (weight * weight_scale[:, None]).T + bias``, accumulated in float32, returned in ``x.dtype``.
+
+    x: [..., K] (``act="silu_mul"``: [..., 2K], the gate_up output; the kernel multiplies by
+    ``silu(gate) * up``), last dim contiguous. weight: [N, K] contiguous, x's dtype or
+    torch.float8_e4m3fn. weight_scale: [N] float32, required for fp8 weights, else None.
+    bias: [N] or None. config: overrides the tuned/heuristic choice. out: optional [M, N] output.
+    CUDA-graph capturable: no host syncs; the only allocations are the output and, with split-K,
+    an fp32 workspace of [split_k, M, N].
+    """
+    if triton is None:
+        raise RuntimeError("skinny_linear needs Triton")
+    N, K = weight.shape
+    silu_mul = act == "silu_mul"
+    if act is not None and not silu_mul:
+        raise ValueError(f"skinny_linear: act must be None or 'silu_mul', got {act!r}")
+    kx = 2 * K if silu_mul else K
+    if x.shape[-1] != kx:
+        raise ValueError(f"skinny_linear: x has {x.shape[-1]} columns, expected {kx} for a [{N}, {K}] weight"
+                         + (" with act='silu_mul'" if silu_mul else ""))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, kx)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    is_fp8 = weight.dtype == FP8
+    if is_fp8:
+        if weight_scale is None or weight_scale.dtype != torch.float32 or weight_scale.numel() != N:
+            raise ValueError(f"skinny_linear: fp8 weights need weight_scale, a float32 tensor of {N} "
+                             f"per-output-channel scales")
+    elif weight.dtype != x.dtype:
+        raise ValueError(f"skinny_linear: weight dtype {weight.dtype} must be x's ({x.dtype}) or float8_e4m3fn")
+    elif weight_scale is not None:
+        raise ValueError("skinny_linear: weight_scale is only for fp8 weights")
+    if weight.stride() != (K, 1):
+        raise ValueError("skinny_linear: weight must be a contiguous [N, K] tensor")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"skinny_linear: bias has {bias.numel()} elements, expected {N}")
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    elif out.shape != (M, N) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"skinny_linear: out must be a [{M}, {N}] {x.dtype} tensor with contiguous rows")
+    if M == 0:
+        return out.view(*lead, N)
+    if config is None:
+        dev = x.device
+        index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
+        sms = _num_sms(index) if dev.type == "cuda" else 132
+        config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, sms)
+    _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config)
+    return out.view(*lead, N)
+
+
+def split_plan(K: int, cfg: SkinnyConfig) -> tuple[int, int]:
+    """(K tiles per split, splits launched): ``cfg.split_k`` trimmed so that no split is left without K."""
+    n_iters = -(-K // cfg.block_k)
+    per_split = -(-n_iters // cfg.split_k)
+    return per_split, -(-n_iters // per_split)
+
+
+def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> None:
+    per_split, split = split_plan(K, cfg)
+    grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
+    locks = _lock_buffer(x.device)  # also when unused: created at the first (warm-up) call, never in a capture
+    if split > 1:
+        if grid[0] * grid[2] > _LOCK_SLOTS:
+            raise ValueError(f"skinny_linear: split-K over {grid[0] * grid[2]} output tiles exceeds the "
+                             f"{_LOCK_SLOTS} counters; use a larger block_n or split_k=1 ({cfg})")
+        ws = _new_workspace(split, M, N, x.device)
+    else:
+        ws = out  # unused
+    _skinny_kernel[grid](
+        x, w, scale if scale is not None else out, bias if bias is not None else out, out, ws, locks,
+        M, N, K, per_split, x.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+        USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
+        DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------
+# The kernel (also run by the tests under TRITON_INTERPRET=1)
+# --------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _load_x(x_rows, offs_k, K, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+        """[BLOCK_M, BLOCK_K] of the activation (silu(gate) * up for SILU_MUL), in x's dtype."""
+        if EVEN_K:
+            a = tl.load(x_rows + offs_k[None, :])
+        else:
+            a = tl.load(x_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0)
+        if SILU_MUL:
+            if EVEN_K:
+                u = tl.load(x_rows + K + offs_k[None, :])
+            else:
+                u = tl.load(x_rows + K + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0)
+            g = a.to(tl.float32)
+            # Rounded where fused_ops.silu_and_mul rounds, so fusing changes no bits.
+            s = (g / (1.0 + tl.exp(-g))).to(a.dtype).to(tl.float32)
+            a = (s * u.to(tl.float32)).to(a.dtype)
+        return a
+
+    @triton.jit
+    def _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+        if W_FP8:
+            acc = acc * tl.load(S + rn_c)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(B + rn_c).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["M", "per_split"])
+    def _skinny_kernel(X, W, S, B, Y, WS, LOCKS, M, N, K, per_split, stride_xm, stride_ym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+                       W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                       EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past M or N re-read the last real row instead of being masked:
+        # the loads stay unpredicated (and pipelinable); those rows are never stored.
+        rm_c = tl.minimum(rm, M - 1)
+        rn_c = tl.minimum(rn, N - 1)
+        rk = tl.arange(0, BLOCK_K)
+        x_rows = X + rm_c.to(tl.int64)[:, None] * stride_xm
+        w_rows = W + rn_c.to(tl.int64)[:, None] * K  # int64: lm_head-sized N * K passes 2**31 elements
+        it0 = pid_k * per_split
+        it1 = tl.minimum(it0 + per_split, tl.cdiv(K, BLOCK_K))
+
+        if USE_DOT:
+            if SWAP_AB:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        elif BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+
+        for it in tl.range(it0, it1, num_stages=NUM_STAGES):
+            offs_k = it * BLOCK_K + rk
+            if EVEN_K:
+                w = tl.load(w_rows + offs_k[None, :])
+            else:
+                w = tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0)
+            a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
+            if USE_DOT:
+                w = w.to(a.dtype)  # fp8 -> bf16/fp16 is exact; a no-op for 16-bit weights
+                if SWAP_AB:
+                    if DOT_IEEE:
+                        acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(w, tl.trans(a), acc)
+                else:
+                    if DOT_IEEE:
+                        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, tl.trans(w), acc)
+            elif BLOCK_M == 1:
+                acc += w.to(tl.float32) * a.to(tl.float32)
+            else:
+                acc += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+        if USE_DOT:
+            if SWAP_AB:
+                acc = tl.trans(acc)
+        elif BLOCK_M == 1:
+            acc = tl.sum(acc, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc, axis=2)
+
+        if SPLIT:
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            ws_rows = WS + (pid_k * M + rm.to(tl.int64))[:, None] * N
+            tl.store(ws_rows + rn[None, :], acc, mask=mask)
+            # Every thread's partial is issued before the (single-thread) release below.
+            tl.debug_barrier()
+            lock = LOCKS + pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(0, tl.num_programs(1)):
+                    # .cg: read from L2, past any stale L1 line of another call's partials.
+                    total += tl.load(WS + (s * M + rm.to(tl.int64))[:, None] * N + rn[None, :], mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                _finish(total, S, B, Y, rm, rn, rn_c, M, N, stride_ym, W_FP8, HAS_BIAS)
+                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call / graph replay
+        else:
+            _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, W_FP8, HAS_BIAS)
