@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A worked example of dataset generation: a prompt template over a Parquet column, the input's
-# columns carried into the results.
+# columns carried into the results, 4 samples per article (one row each, sample_index 0..3).
 #
 #   bash examples/summarise_parquet.sh                                  # the demo model, any machine
 #   MODEL=Qwen/Qwen2.5-7B-Instruct bash examples/summarise_parquet.sh   # a Hub id (or a model directory)
@@ -42,6 +42,7 @@ python run_batch.py \
     --prompt-template-file examples/summarise.j2 \
     --system-prompt "You are a careful editor. Answer with the summary only." \
     --keep-columns title,meta \
+    --n 4 \
     --max-tokens 96 \
     --temperature 0.7 \
     --seed 0
@@ -49,6 +50,7 @@ python run_batch.py \
 python - <<'PY'
 import pyarrow.dataset as ds
 
-for row in ds.dataset("out/summaries/results").to_table().sort_by("index").to_pylist():
-    print(f"{row['id']} {row['title']!r} for {row['meta']['audience']}: {row['output']!r}")
+table = ds.dataset("out/summaries/results").to_table().sort_by([("index", "ascending"), ("sample_index", "ascending")])
+for row in table.to_pylist():
+    print(f"{row['id']}#{row['sample_index']} {row['title']!r} for {row['meta']['audience']}: {row['output']!r}")
 PY

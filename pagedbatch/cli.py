@@ -126,6 +126,8 @@ _RUN_OPTIONS = [
     _flag(SAMPLING, "ignore-eos", "Keep generating past EOS up to max_tokens."),
     _opt(SAMPLING, "--logprobs", type=int, help="Number of top alternatives to compute per token."),
     _flag(SAMPLING, "skip-special-tokens", "Drop special tokens from the output text [on]."),
+    _opt(SAMPLING, "--n", type=int, help="Samples per record: n result rows, sample_index 0..n-1, the prompt "
+         "computed once; sample j of a row seeded s is seeded sample_seed(s, j) [1]."),
     # Job control
     _opt(CONTROL, "--max-rows", type=int, help="Only the first N input records."),
     _opt(CONTROL, "--shard-index", type=int, help="This shard, 0-based [$SLURM_ARRAY_TASK_ID, $SLURM_PROCID, 0]."),
@@ -135,7 +137,8 @@ _RUN_OPTIONS = [
     _opt(CONTROL, "--error-rate-min-rows", type=int, help="Rows processed before --max-error-rate applies [20]."),
     _opt(CONTROL, "--commit-every", type=int, help="Commit a results part every N rows [1000]."),
     _opt(CONTROL, "--commit-interval-s", type=float, help="... or every S seconds, whichever first [60]."),
-    _opt(CONTROL, "--max-in-flight", type=int, help="Rows admitted to the engine at once [2 x max-num-seqs]."),
+    _opt(CONTROL, "--max-in-flight", type=int, help="Samples admitted to the engine at once (a record of n counts "
+         "n) [2 x max-num-seqs]."),
     _opt(CONTROL, "--order", type=click.Choice(["input", "length", "prefix"]),
          help="Admission order within a window: as read, shortest prompt first, or rows sharing a prefix "
               "together [input]. Results are keyed by index whatever the order."),

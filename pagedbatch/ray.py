@@ -11,7 +11,7 @@
     ds.write_parquet("/data/generations/")
 
 Rows go in and come out in the same order with every input column kept
-and the output columns added (replaced if present): ``output``,
+and the output columns added (replaced if present): ``sample_index``, ``output``,
 ``finish_reason``, ``error``, ``prompt_tokens``, ``output_tokens``,
 ``queue_s``, ``ttft_s``, ``latency_s``, ``tpot_s``, ``num_preemptions``,
 and with ``include_token_ids`` / ``include_logprobs``,
@@ -19,7 +19,9 @@ and with ``include_token_ids`` / ``include_logprobs``,
 (no prompt, a wrong type, an invalid sampling value, a prompt too long)
 gets ``finish_reason="error"`` and an ``error`` naming the field; the
 others complete. Rows may carry their own sampling fields (``max_tokens``,
-``temperature``, ...), as in a job's input.
+``temperature``, ``n``, ...), as in a job's input. With ``n`` > 1 (the
+option, or a row's ``n``) a row comes out n times, once per sample, its
+input columns repeated and ``sample_index`` 0..n-1.
 
 The constructor takes the job runner's options about the model, the engine,
 sampling defaults and columns, with the same names (``docs/jobs.md``):
@@ -63,8 +65,8 @@ INSTALL_HINT = 'Ray is not installed: pip install "pagedbatch[ray]" (or: pip ins
 GENERATE_OPTIONS = frozenset(ENGINE_FIELDS) | frozenset(SAMPLING_FIELDS) | {
     "prompt_field", "messages_field", "prompt_token_ids_field", "include_token_ids", "include_logprobs",
     "order", "max_in_flight", "prompt_template", "system_prompt", "revision", "tokenizer_revision"}
-_BASE_OUTPUT_COLUMNS = ("output", "finish_reason", "error", "prompt_tokens", "output_tokens", "queue_s", "ttft_s",
-                        "latency_s", "tpot_s", "num_preemptions")
+_BASE_OUTPUT_COLUMNS = ("sample_index", "output", "finish_reason", "error", "prompt_tokens", "output_tokens",
+                        "queue_s", "ttft_s", "latency_s", "tpot_s", "num_preemptions")
 
 
 def require_ray():
@@ -108,7 +110,7 @@ class EngineActor:
         self.ready_t = time.time()
 
     def results(self, records: list[InputRecord]) -> list[dict]:
-        """Run the records through the engine; one result row each, in the records' order."""
+        """Run the records through the engine; their result rows (one per sample) in the records' order."""
         rows = _Rows()
         rep = Replica(self.opts, self.engine, rows, on_commit=lambda *_: None)
         prepared = (self.preparer.prepare(r) for r in records)
@@ -150,6 +152,9 @@ class Generate(EngineActor):
     def __call__(self, batch):
         rows = _rows_of(batch)
         results = self.results([InputRecord(i, row, None) for i, row in enumerate(rows)])
+        positions = [r["index"] for r in results]
+        if len(positions) != len(rows):  # n samples: a row's input columns repeat on each of its n rows
+            batch = _take(batch, positions)
         columns = {name: [r.get(name) for r in results] for name in self.columns}
         return _with_columns(batch, columns, self.schema)
 
@@ -182,6 +187,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _take(batch, positions: list[int]):
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(batch, pa.Table):
+        return batch.take(pa.array(positions, pa.int64()))
+    if isinstance(batch, dict):
+        where = np.asarray(positions, dtype=np.int64)
+        return {k: np.asarray(v)[where] for k, v in batch.items()}
+    return batch.iloc[positions].reset_index(drop=True)  # pandas
 
 
 def _with_columns(batch, columns: dict[str, list], schema):

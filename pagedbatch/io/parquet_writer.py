@@ -7,16 +7,21 @@ killed at. A Parquet file cut off before its footer cannot be read at all, and
 one such file would break ``pyarrow.dataset`` over the directory; the only
 debris a kill can leave is a ``.tmp-*`` file, which readers skip and
 ``cleanup_temp_files`` removes. Resuming = skipping ``committed_indices``.
+
+A record asked for n samples has n rows (``sample_index`` 0..n-1), and its
+writers add them between two commits, so they share one part: a committed
+index is a complete record.
 """
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
 import time
 from collections import Counter
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +33,7 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BASE_FIELDS = [
     pa.field("index", pa.int64(), nullable=False),
     pa.field("id", pa.string()),
+    pa.field("sample_index", pa.int64()),  # which of the record's n samples (0 with n=1)
     pa.field("output", pa.string()),
     pa.field("finish_reason", pa.string()),
     pa.field("error", pa.string()),
@@ -42,10 +48,9 @@ _BASE_FIELDS = [
 ]
 
 # Every column a result row can have, whatever the options: carried input
-# columns with these names are renamed (io/carried.py). "sample_index" is
-# kept free for n samples per prompt.
+# columns with these names are renamed (io/carried.py).
 RESERVED_COLUMNS = frozenset([f.name for f in _BASE_FIELDS] + [
-    "prompt", "prompt_token_ids", "output_token_ids", "logprobs", "is_chat", "sample_index"])
+    "prompt", "prompt_token_ids", "output_token_ids", "logprobs", "is_chat"])
 
 
 def result_schema(include_prompt: bool = False, include_token_ids: bool = False, include_logprobs: bool = False) -> pa.Schema:
@@ -177,8 +182,9 @@ def cleanup_temp_files(results_dir: str, *, shard_index: Optional[int] = None) -
 
 
 def read_results(results_dir: str) -> pa.Table:
-    """All committed result rows as one table sorted by ``index``. Parts with
-    different optional columns are unified (missing values null)."""
+    """All committed result rows as one table sorted by ``index`` and
+    ``sample_index``. Parts with different optional columns are unified
+    (missing values null)."""
     import pyarrow.dataset as ds
 
     if not os.path.isdir(results_dir):
@@ -194,26 +200,35 @@ def read_results(results_dir: str) -> pa.Table:
             raise _corrupt(path, e) from e
     # The explicit file list keeps temporaries and other files out of the dataset.
     table = ds.dataset(files, schema=pa.unify_schemas(schemas), format="parquet").to_table()
-    return table.sort_by("index")
+    keys = [("index", "ascending")]
+    if "sample_index" in table.column_names:  # parts written before n samples lack it
+        keys.append(("sample_index", "ascending"))
+    return table.sort_by(keys)
 
 
 def check_exactly_once(results_dir: str, expected_indices: Iterable[int]) -> tuple[list[int], list[int]]:
     """``(missing, duplicated)``: expected indices with no committed row, and
-    indices with more than one, both sorted."""
+    indices with some (index, sample_index) in more than one row, both sorted."""
     counts: Counter = Counter()
     for path in _part_files(results_dir):
-        counts.update(_read_index_column(path).to_pylist())
-    missing = sorted(i for i in set(expected_indices) if i not in counts)
-    duplicated = sorted(i for i, n in counts.items() if n > 1)
+        columns = ["index", "sample_index"] if "sample_index" in pq.read_schema(path).names else ["index"]
+        table = pq.read_table(path, columns=columns)
+        samples = table.column("sample_index").to_pylist() if "sample_index" in columns else [0] * table.num_rows
+        counts.update(zip(table.column("index").to_pylist(), samples))
+    indices = {i for i, _ in counts}
+    missing = sorted(i for i in set(expected_indices) if i not in indices)
+    duplicated = sorted({i for (i, _), n in counts.items() if n > 1})
     return missing, duplicated
 
 
 def write_openai_batch_output(results_dir: str, out_path: str, ids_are_custom: bool = True, *,
                               model: str = "pagedbatch") -> None:
     """Write the results as an OpenAI batch output file (JSON Lines, one line
-    per result in index order), atomically. ``custom_id`` is the row's id when
+    per record in index order), atomically. ``custom_id`` is the row's id when
     ``ids_are_custom``, else its index. Rows with an ``is_chat`` column set
-    true get a chat completion object, the others a text completion."""
+    true get a chat completion object, the others a text completion. A
+    record's n samples are the n ``choices`` of its one line (``index`` =
+    ``sample_index``); a record with an error row is an error line."""
     table = read_results(results_dir)
     created = int(time.time())
 
@@ -225,35 +240,44 @@ def write_openai_batch_output(results_dir: str, out_path: str, ids_are_custom: b
 
 
 def _openai_lines(table: pa.Table, ids_are_custom: bool, model: str, created: int) -> Iterator[bytes]:
-    for batch in table.to_batches(max_chunksize=4096):
-        for row in batch.to_pylist():
-            index = row["index"]
-            custom_id = row.get("id") if ids_are_custom and row.get("id") is not None else str(index)
-            line = {"id": f"batch_req_{index}", "custom_id": custom_id, "response": None, "error": None}
-            if row.get("error") is not None:
-                line["error"] = {"code": "invalid_request", "message": row["error"]}
-            else:
-                line["response"] = {"status_code": 200, "request_id": f"req_{index}",
-                                    "body": _completion(row, index, model, created)}
-            yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+    rows = (row for batch in table.to_batches(max_chunksize=4096) for row in batch.to_pylist())
+    for index, group in itertools.groupby(rows, key=lambda row: row["index"]):
+        samples = list(group)  # sorted by sample_index (read_results)
+        first = samples[0]
+        custom_id = first.get("id") if ids_are_custom and first.get("id") is not None else str(index)
+        line = {"id": f"batch_req_{index}", "custom_id": custom_id, "response": None, "error": None}
+        failed = next((row for row in samples if row.get("error") is not None), None)
+        if failed is not None:
+            line["error"] = {"code": "invalid_request", "message": failed["error"]}
+        else:
+            line["response"] = {"status_code": 200, "request_id": f"req_{index}",
+                                "body": _completion(samples, index, model, created)}
+        yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _completion(row: dict, index: int, model: str, created: int) -> dict:
-    prompt_tokens = row.get("prompt_tokens") or 0
-    completion_tokens = row.get("output_tokens") or 0
-    text = row.get("output") or ""
-    if row.get("is_chat"):
-        obj, choice = "chat.completion", {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        obj, choice = "text_completion", {"index": 0, "text": text}
-    choice["finish_reason"] = row.get("finish_reason")
-    choice["logprobs"] = None
+def _completion(samples: list[dict], index: int, model: str, created: int) -> dict:
+    # The prompt is counted once however many samples it has (as OpenAI counts n).
+    prompt_tokens = samples[0].get("prompt_tokens") or 0
+    completion_tokens = sum(row.get("output_tokens") or 0 for row in samples)
+    chat = bool(samples[0].get("is_chat"))
+    choices = []
+    for j, row in enumerate(samples):
+        text = row.get("output") or ""
+        sample = row.get("sample_index")
+        choice: dict[str, Any] = {"index": j if sample is None else sample}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["finish_reason"] = row.get("finish_reason")
+        choice["logprobs"] = None
+        choices.append(choice)
     return {
         "id": f"cmpl-{index}",
-        "object": obj,
+        "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "logprobs",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "logprobs", "n",
 )
-_INT_FIELDS = frozenset({"max_tokens", "min_tokens", "top_k", "seed", "logprobs"})
+_INT_FIELDS = frozenset({"max_tokens", "min_tokens", "top_k", "seed", "logprobs", "n"})
 _FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"})
 _OPENAI_URLS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}
 
@@ -326,9 +326,6 @@ def _openai_prompt(index: int, row_id: str, url: str, body: dict) -> ParsedReque
 
 def _openai_sampling(body: dict, chat: bool) -> dict:
     sampling: dict = {}
-    n = body.get("n")
-    if not _absent(n) and n != 1:
-        raise _Bad(f"field 'body.n' must be 1 (one completion per request), got {_describe(n)}")
     max_tokens, max_completion = body.get("max_tokens"), body.get("max_completion_tokens")
     if not _absent(max_tokens) and not _absent(max_completion) and max_tokens != max_completion:
         raise _Bad("fields 'body.max_tokens' and 'body.max_completion_tokens' disagree; give one")

@@ -5,7 +5,8 @@ A thin layer over the job runner: the dataset is written once as
 job: calling again with the same dataset and ``output_dir`` continues where
 a crash stopped), the job runs with ``JobOptions`` built from the keyword
 arguments (the job options' names, ``docs/jobs.md``), and the committed
-results come back as a ``datasets.Dataset`` in input order. With the
+results come back as a ``datasets.Dataset`` in input order (with ``n``
+samples per record, its n rows in ``sample_index`` order). With the
 default ``keep_columns="all"`` every input column is carried into the
 results (input columns named like result columns become ``input_<name>``),
 so the returned rows are the input rows joined with their generations.
@@ -39,9 +40,11 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
     ...).
 
     Returns one row per input record, in input order, with the result
-    columns (``output``, ``finish_reason``, ``error``, token counts, timings)
-    and the carried input columns; a record that failed is a row with
-    ``finish_reason="error"`` and its ``error``. Raises ValueError for a bad
+    columns (``sample_index``, ``output``, ``finish_reason``, ``error``, token
+    counts, timings) and the carried input columns; with ``n=k`` (or a per-row
+    ``n``) one row per sample, ordered by (index, sample_index), the input
+    columns repeated on each. A record that failed is a row with
+    ``finish_reason="error"`` and its ``error`` (docs/jobs.md: how many). Raises ValueError for a bad
     option, JobError when the job cannot start, or when it does not complete
     (interrupted, aborted by ``max_error_rate``, a failed worker): the
     message says why; committed rows are kept and the same call resumes.
@@ -68,7 +71,6 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
     result = run_job(opts, resume_command="call generate_dataset again with the same arguments")
     if result.status != "complete":
         raise JobError(result.message)
-    # TODO(n): with n samples per record the rows of a record are consecutive; sort by (index, sample_index).
     return _as_dataset(read_results(os.path.join(output_dir, RESULTS)), dataset.features)
 
 

@@ -36,7 +36,7 @@ ENGINE_FIELDS = {
 SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
-    "skip_special_tokens",
+    "skip_special_tokens", "n",
 )
 
 
@@ -106,16 +106,17 @@ class JobOptions:
     ignore_eos: Optional[bool] = None
     logprobs: Optional[int] = None
     skip_special_tokens: Optional[bool] = None
+    n: Optional[int] = None  # samples per record: n result rows, sample_index 0..n-1
 
     # Job control
     max_rows: Optional[int] = None
     shard_index: Optional[int] = None  # None: from Slurm, else 0
     num_shards: Optional[int] = None  # None: from Slurm, else 1
-    max_error_rate: Optional[float] = None  # None: never abort for errors
-    error_rate_min_rows: int = 20
+    max_error_rate: Optional[float] = None  # None: never abort for errors (a fraction of records)
+    error_rate_min_rows: int = 20  # records
     commit_every: int = 1000  # rows
     commit_interval_s: float = 60.0
-    max_in_flight: Optional[int] = None  # None: 2 * max_num_seqs
+    max_in_flight: Optional[int] = None  # samples (a record of n counts n); None: 2 * max_num_seqs
     order: str = "input"  # admission order within a window: input | length | prefix
     order_window: int = 4096  # rows held for re-ordering (bounds memory)
     read_batch_rows: int = 1024
@@ -186,6 +187,9 @@ class JobOptions:
             self.default_sampling()
         except ValueError as e:
             raise ValueError(f"default sampling: {e}") from None
+        if self.n is not None and self.n > self.effective_max_num_seqs:
+            raise ValueError(f"n (--n) {self.n} exceeds max_num_seqs (--max-num-seqs) {self.effective_max_num_seqs}: "
+                             "a record's samples run together; ask for fewer samples or raise max_num_seqs")
 
     def _check_model_options(self) -> None:
         for name, value in (("model", self.model), ("revision", self.revision), ("tokenizer", self.tokenizer),
@@ -261,11 +265,17 @@ class JobOptions:
         return values
 
     @property
+    def effective_max_num_seqs(self) -> int:
+        if self.max_num_seqs is not None:
+            return self.max_num_seqs
+        return EngineConfig.__dataclass_fields__["max_num_seqs"].default
+
+    @property
     def effective_max_in_flight(self) -> int:
+        """Samples admitted to an engine at once (a record of n samples counts n; it is admitted whole)."""
         if self.max_in_flight is not None:
             return self.max_in_flight
-        seqs = self.max_num_seqs if self.max_num_seqs is not None else EngineConfig.__dataclass_fields__["max_num_seqs"].default
-        return max(2 * seqs, 16)
+        return max(2 * self.effective_max_num_seqs, 16)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

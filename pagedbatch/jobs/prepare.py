@@ -10,7 +10,7 @@ parent prepares every row itself and hands workers ready token ids.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from ..io import FieldNames, ParsedRequest, RowError, parse_record
@@ -29,6 +29,8 @@ class Pending:
     is_chat: bool
     where: str  # where the prompt came from, for error messages: "field 'prompt'", "template"
     carried: Optional[dict] = None  # --keep-columns: result column -> value
+    n: int = 1  # samples asked for: the record is done when all n outputs are in
+    outputs: list = field(default_factory=list)  # its finished samples' RequestOutputs so far
 
 
 @dataclass
@@ -36,6 +38,11 @@ class Prepared:
     token_ids: list[int]
     params: SamplingParams
     pending: Pending
+
+
+def num_samples(item: Union[Prepared, RowError]) -> int:
+    """Engine sequences an item will occupy (what --max-in-flight counts); an error row counts 1."""
+    return item.params.n if isinstance(item, Prepared) else 1
 
 
 class RowPreparer:
@@ -54,6 +61,7 @@ class RowPreparer:
         self.check_prompt = check_prompt
         self.fields = FieldNames(opts.prompt_field, opts.messages_field, opts.prompt_token_ids_field, opts.id_field)
         self.defaults = opts.default_sampling()
+        self.max_num_seqs = opts.effective_max_num_seqs
         self.carried = carried
         self.template = None
         if opts.template_text is not None:
@@ -85,6 +93,12 @@ class RowPreparer:
             name = str(e).split(" ", 1)[0]
             where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ else "sampling"
             return RowError(parsed.index, parsed.id, f"{where}: invalid value: {e}")
+        if params.n > self.max_num_seqs:
+            # The engine would answer n error outputs; an n the job can never run is a bad value of the record.
+            name = "body.n" if self.fmt == "openai" else "n"
+            return RowError(parsed.index, parsed.id, f"field {name!r}: {params.n} samples exceed max_num_seqs "
+                            f"({self.max_num_seqs}): a record's samples run together; ask for fewer or raise "
+                            "--max-num-seqs")
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
         where = "template" if parsed.source == "template" else f"field {parsed.source!r}"
@@ -104,5 +118,6 @@ class RowPreparer:
             ids = self.check_prompt(prompt)
         except (ValueError, TypeError) as e:
             return RowError(parsed.index, parsed.id, f"{where}: {e}")
-        return Prepared(ids, params, Pending(parsed.index, parsed.id, text, parsed.messages is not None, where))
+        return Prepared(ids, params, Pending(parsed.index, parsed.id, text, parsed.messages is not None, where,
+                                            n=params.n))
 

@@ -13,23 +13,40 @@ from typing import Any, Iterator, Optional, TextIO
 
 @dataclass
 class Counters:
-    """This run's totals (rows written by this process)."""
+    """This run's totals (written by this process). A record gives one row,
+    or one per sample with n > 1: ``records`` and ``failed_records`` count
+    records (what --max-error-rate and the progress display use), ``rows``
+    and ``errors`` the result rows; ``prompt_tokens`` counts a record's
+    prompt once (its samples share it)."""
 
     rows: int = 0
     errors: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    records: int = 0
+    failed_records: int = 0
 
-    def add(self, row: dict) -> None:
-        self.rows += 1
-        if row.get("finish_reason") == "error":
-            self.errors += 1
-        self.prompt_tokens += row.get("prompt_tokens") or 0
-        self.output_tokens += row.get("output_tokens") or 0
+    def add_record(self, rows: list[dict]) -> None:
+        """Count one record's result rows (all of them, written together)."""
+        self.records += 1
+        self.prompt_tokens += rows[0].get("prompt_tokens") or 0
+        failed = False
+        for row in rows:
+            self.rows += 1
+            if row.get("finish_reason") == "error":
+                self.errors += 1
+                failed = True
+            self.output_tokens += row.get("output_tokens") or 0
+        self.failed_records += failed
 
     def as_dict(self) -> dict[str, int]:
         return {"rows": self.rows, "errors": self.errors, "prompt_tokens": self.prompt_tokens,
-                "output_tokens": self.output_tokens}
+                "output_tokens": self.output_tokens, "records": self.records, "failed_records": self.failed_records}
+
+    def describe_rows(self) -> str:
+        """"12 rows", or "48 rows (12 records)" when records have several samples."""
+        text = f"{self.rows} rows"
+        return text if self.rows == self.records else f"{text} ({self.records} records)"
 
 
 class ProgressLog:
@@ -112,7 +129,7 @@ class ProgressDisplay:
         if not quiet and _is_tty(self.stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=already_done, unit="row", desc="rows", file=self.stream,
+            self._bar = tqdm(total=total, initial=already_done, unit="record", desc="records", file=self.stream,
                              dynamic_ncols=True)
         self._shown = 0
 
@@ -121,9 +138,9 @@ class ProgressDisplay:
             return
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         if self._bar is not None:
-            self._bar.update(c.rows - self._shown)
-            self._shown = c.rows
-            self._bar.set_postfix(out_tok_s=f"{c.output_tokens / elapsed:.1f}", errors=c.errors, refresh=False)
+            self._bar.update(c.records - self._shown)
+            self._shown = c.records
+            self._bar.set_postfix(out_tok_s=f"{c.output_tokens / elapsed:.1f}", errors=c.failed_records, refresh=False)
             return
         now = time.perf_counter()
         if now - self._last_log >= self.interval_s:
@@ -132,10 +149,12 @@ class ProgressDisplay:
 
     def log_line(self, c: Counters) -> None:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        done = self.already_done + c.rows
+        # Committed and total counts are records (input indices); with n samples a record has n rows.
+        done = self.already_done + c.records
         of = f"/{self.total}" if self.total is not None else ""
-        print(f"[pagedbatch] rows {done}{of} ({c.rows} this run), errors {c.errors}, "
-              f"{c.rows / elapsed:.2f} rows/s, {c.output_tokens / elapsed:.1f} output tok/s, "
+        unit, rows = ("rows", "") if c.rows == c.records else ("records", f", {c.rows} rows")
+        print(f"[pagedbatch] {unit} {done}{of} ({c.records} this run{rows}), errors {c.failed_records}, "
+              f"{c.records / elapsed:.2f} {unit}/s, {c.output_tokens / elapsed:.1f} output tok/s, "
               f"elapsed {elapsed:.0f}s", file=self.stream, flush=True)
 
     def close(self) -> None:

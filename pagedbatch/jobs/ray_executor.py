@@ -20,7 +20,11 @@ the progress log and the report, as the local job does.
   restarts a dead actor and reruns its batch, and a retried read replays
   its file from the start, so a row can reach the driver twice; the driver
   keeps the first and drops any index it has already taken this run, and
-  it alone commits, atomically, exactly as the local job. A driver that
+  it alone commits, atomically, exactly as the local job. A record of n
+  samples is taken whole: each row says how many rows its record has, the
+  driver gathers them (Ray may split an actor's output into several blocks)
+  and hands the writer a record only once all its rows are in, so a part
+  never holds part of a record and a repeat is dropped whole. A driver that
   dies loses only its uncommitted rows, which the rerun redoes; Ray tears
   down a dead driver's actors, and they could not write anyway. OUT need
   only be reachable from the driver; the input must be readable from every
@@ -44,14 +48,16 @@ from ..ray import EngineActor, require_ray
 from .manifest import RESULTS
 from .options import JobOptions
 from .progress import Counters, ProgressDisplay, ProgressLog
-from .replica import commit_due, error_rate_exceeded, job_result_schema
+from .replica import commit_due, error_rate_exceeded, job_result_schema, note_first_error
 from .signals import StopRequest
 
 RAY_FORMATS = ("jsonl", "openai", "parquet", "csv")
 # A deterministic failure (a bad GPU, a batch that always runs out of memory) must end
 # the job, not be retried for ever (Ray Data's default for actor pools).
 _ACTOR_RETRIES = 3
-_WORKER, _META = "_worker", "_meta"  # columns actors add for the driver; never committed
+# Columns actors add for the driver, never committed: the actor, its statistics (last row), and
+# how many rows the row's record has (one per sample).
+_WORKER, _META, _RECORD_ROWS = "_worker", "_meta", "_record_rows"
 
 
 def input_files(path: str, fmt: str) -> dict[str, int]:
@@ -131,18 +137,22 @@ class JobActor(EngineActor):
         self.placement = f"node {ctx.get_node_id()[:8]}" + (f", GPU {','.join(map(str, gpus))}" if gpus else ", cpu")
         self.describe = describe_engine(self.engine, input_format, 0)
         self.schema = job_result_schema(opts, carried).append(pa.field(_WORKER, pa.string())).append(
-            pa.field(_META, pa.string()))
+            pa.field(_META, pa.string())).append(pa.field(_RECORD_ROWS, pa.int64()))
 
     def __call__(self, batch):
+        import collections
+
         import pyarrow as pa
 
         from ..io import InputRecord
 
         records = [InputRecord(i, None if r is None else pickle.loads(r), e)
                    for i, r, e in zip(batch["index"].to_pylist(), batch["record"].to_pylist(), batch["error"].to_pylist())]
-        rows = self.results(records)
+        rows = self.results(records)  # every record whole: the batch ran to completion
+        per_record = collections.Counter(row["index"] for row in rows)
         for row in rows:
             row[_WORKER] = self.label
+            row[_RECORD_ROWS] = per_record[row["index"]]
         rows[-1][_META] = json.dumps({"stats": self.engine.stats(), "describe": self.describe,
                                       "placement": self.placement, "ready_t": self.ready_t}, default=str)
         return pa.Table.from_pylist(rows, schema=self.schema)
@@ -223,7 +233,8 @@ class _Driver:
         self.counters = Counters()
         self.first_errors: list[str] = []
         self.failure = ""
-        self.seen: set[int] = set()
+        self.seen: set[int] = set()  # indices taken whole this run
+        self.gathering: dict[int, dict[int, dict]] = {}  # index -> sample_index -> row, until all rows are in
         self.repeats = 0
         self.workers: dict[str, dict[str, Any]] = {}
         self.started = False
@@ -271,23 +282,23 @@ class _Driver:
 
     def _take(self, batch) -> None:
         meta = None
-        fresh: set[int] = set()  # a record's rows (one per sample, with n) arrive in one batch
         for row in batch.to_pylist():
-            label, m = row.pop(_WORKER), row.pop(_META)
+            label, m, record_rows = row.pop(_WORKER), row.pop(_META), row.pop(_RECORD_ROWS)
             if m is not None:
                 meta = (label, json.loads(m))
             index = row["index"]
-            if index not in fresh:
-                if index in self.seen or index in self.done:
-                    self.repeats += 1  # a retried batch or read: the first copy was taken
-                    continue
-                fresh.add(index)
+            if index in self.seen or index in self.done:
+                self.repeats += 1  # a retried batch or read: the first copy was taken
+                continue
+            got = self.gathering.setdefault(index, {})
+            if row["sample_index"] in got:
+                self.repeats += 1
+                continue
+            got[row["sample_index"]] = row
+            if len(got) == record_rows:
+                del self.gathering[index]
                 self.seen.add(index)
-            self.writer.add(row)
-            self.counters.add(row)
-            self._worker(label)["counters"].add(row)
-            if row["finish_reason"] == "error" and len(self.first_errors) < 5:
-                self.first_errors.append(f"row {index}: {row['error']}")
+                self._add_record([got[j] for j in sorted(got)], label)
         if meta is not None:
             label, m = meta
             w = self._worker(label)
@@ -297,6 +308,14 @@ class _Driver:
                 self._start(m["describe"], m["ready_t"])
         if self.display is not None:
             self.display.update(self.counters)
+
+    def _add_record(self, rows: list[dict], label: str) -> None:
+        # Commits happen between batches, never inside this call: a record's rows share a part.
+        for row in rows:
+            self.writer.add(row)
+        self.counters.add_record(rows)
+        self._worker(label)["counters"].add_record(rows)
+        note_first_error(self.first_errors, rows)
 
     def _worker(self, label: str) -> dict[str, Any]:
         return self.workers.setdefault(label, {"counters": Counters()})

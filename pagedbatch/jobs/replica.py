@@ -2,11 +2,14 @@
 
 A ``Replica`` admits ``Prepared`` requests to one ``LLMEngine``, steps it,
 turns finished outputs (and ``RowError`` rows) into result rows and commits
-them as parts every N rows or T seconds. The single-process job drives one
-replica; each data-parallel worker process drives its own, writing parts
-under its own name into the same results directory; a Ray actor drives one
-over a batch and hands the rows back to the job's driver. Where rows come
-from and when to stop is the caller's business.
+them as parts every N rows or T seconds. A record of n samples is one
+request; its n outputs gather in its ``Pending`` and its n rows go to the
+writer together once the last is in, so a part never holds part of a
+record. The single-process job drives one replica; each data-parallel
+worker process drives its own, writing parts under its own name into the
+same results directory; a Ray actor drives one over a batch and hands the
+rows back to the job's driver. Where rows come from and when to stop is the
+caller's business.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Replica:
         self.on_commit = on_commit
         self.counters = Counters()
         self.in_flight: dict[str, Pending] = {}
+        self.samples_in_flight = 0  # the in-flight records' unfinished samples: what --max-in-flight bounds
         self.first_errors: list[str] = []
         self.last_commit = time.monotonic()
 
@@ -63,6 +67,7 @@ class Replica:
             self._error_row(p.index, p.id, f"{p.where}: {e}", p.carried)
             return
         self.in_flight[request_id] = p
+        self.samples_in_flight += p.n
 
     def step(self) -> None:
         for output in self.engine.step():
@@ -72,16 +77,20 @@ class Replica:
     # -- rows --------------------------------------------------------------
 
     def _finish(self, output) -> None:
-        # A record's rows go to the writer together (_add_record), so a part never
-        # splits a record: with n samples per prompt its n rows will be one group.
-        pending = self.in_flight.pop(output.request_id)
-        self._add_record([self._result_row(pending, output)])
+        pending = self.in_flight[output.request_id]
+        pending.outputs.append(output)
+        self.samples_in_flight -= 1
+        if len(pending.outputs) < pending.n:
+            return
+        del self.in_flight[output.request_id]
+        outputs = sorted(pending.outputs, key=lambda o: o.sample_index)
+        self._add_record([self._result_row(pending, o) for o in outputs])
 
     def _result_row(self, pending: Pending, output) -> dict:
         t = output.timings
         ok = output.finish_reason != "error"
         row = {
-            "index": pending.index, "id": pending.id,
+            "index": pending.index, "id": pending.id, "sample_index": output.sample_index,
             "output": output.text if ok else None,
             "finish_reason": output.finish_reason, "error": output.error,
             "prompt_tokens": output.prompt_tokens, "output_tokens": output.output_tokens,
@@ -101,24 +110,20 @@ class Replica:
             row.update(pending.carried)
         if not ok:
             row["error"] = f"{pending.where}: {output.error}"
-            self._note_error(pending.index, row["error"])
         return row
 
     def _error_row(self, index: int, row_id: str, error: str, carried: Optional[dict] = None) -> None:
-        row: dict[str, Any] = {"index": index, "id": row_id, "output": None, "finish_reason": "error",
-                               "error": error, "output_tokens": 0, **(carried or {})}
-        self._note_error(index, error)
+        # A record that never became a request: one row, its n unknown or beside the point.
+        row: dict[str, Any] = {"index": index, "id": row_id, "sample_index": 0, "output": None,
+                               "finish_reason": "error", "error": error, "output_tokens": 0, **(carried or {})}
         self._add_record([row])
-
-    def _note_error(self, index: int, error: Optional[str]) -> None:
-        if len(self.first_errors) < 5:
-            self.first_errors.append(f"row {index}: {error}")
 
     def _add_record(self, rows: list[dict]) -> None:
         # Commits happen between calls, never inside one: a record's rows share a part.
         for row in rows:
             self.writer.add(row)
-            self.counters.add(row)
+        self.counters.add_record(rows)
+        note_first_error(self.first_errors, rows)
 
     # -- commits and stopping ------------------------------------------------
 
@@ -133,15 +138,23 @@ class Replica:
             self.on_commit(os.path.basename(path), self.counters, self.engine.stats())
 
     def abort_in_flight(self) -> int:
-        # Aborted requests are not written, so a resume redoes them from scratch.
+        # Aborted requests are not written (nor their finished samples), so a resume redoes them from scratch.
         n = len(self.in_flight)
         for request_id in list(self.in_flight):
             self.engine.abort_request(request_id)
         self.in_flight.clear()
+        self.samples_in_flight = 0
         return n
 
 
 _END = object()
+
+
+def note_first_error(first_errors: list[str], rows: list[dict]) -> None:
+    """Keep the first error of a record's rows among the job's first five (its n error rows say the same)."""
+    failed = next((row for row in rows if row["finish_reason"] == "error"), None)
+    if failed is not None and len(first_errors) < 5:
+        first_errors.append(f"row {failed['index']}: {failed['error']}")
 
 
 def commit_due(opts: JobOptions, pending: int, last_commit: float) -> bool:
@@ -152,13 +165,14 @@ def commit_due(opts: JobOptions, pending: int, last_commit: float) -> bool:
 
 def drive(rep: Replica, todo: Iterator[Union[Prepared, RowError]], max_in_flight: int,
           between_steps: Callable[[], bool] = lambda: True) -> bool:
-    """Admit rows from ``todo`` while fewer than ``max_in_flight`` are in the
-    engine, and step it, until ``todo`` runs out and every request finished
-    (returns True) or ``between_steps()``, called after each step, returns
-    False (returns False; requests still in flight are the caller's)."""
+    """Admit rows from ``todo`` while fewer than ``max_in_flight`` samples are
+    in the engine (a record is admitted whole), and step it, until ``todo``
+    runs out and every request finished (returns True) or ``between_steps()``,
+    called after each step, returns False (returns False; requests still in
+    flight are the caller's)."""
     exhausted = False
     while True:
-        while not exhausted and len(rep.in_flight) < max_in_flight:
+        while not exhausted and rep.samples_in_flight < max_in_flight:
             item = next(todo, _END)
             if item is _END:
                 exhausted = True
@@ -173,8 +187,9 @@ def drive(rep: Replica, todo: Iterator[Union[Prepared, RowError]], max_in_flight
 
 
 def error_rate_exceeded(opts: JobOptions, c: Counters) -> bool:
+    # Over records: a record of n samples that fails counts once, as one that never became a request does.
     limit = opts.max_error_rate
-    return limit is not None and c.rows >= opts.error_rate_min_rows and c.errors / c.rows > limit
+    return limit is not None and c.records >= opts.error_rate_min_rows and c.failed_records / c.records > limit
 
 
 def describe_engine(engine, input_format: str, already_committed: int) -> dict[str, Any]:

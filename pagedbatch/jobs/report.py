@@ -1,8 +1,10 @@
 """OUT/report.json, report.md and report.png, rebuilt from what OUT holds.
 
 Row counts, tokens and latency percentiles come from the committed Parquet
-parts alone (all shards, all runs). Wall time, throughput over time and the
-engine's statistics (KV-cache use, preemptions, prefix-cache hits, batch
+parts alone (all shards, all runs). A record asked for n samples has n rows:
+``rows`` counts rows (samples), ``records`` the records (one request each),
+and prompt tokens count each record's prompt once (its samples share it).
+Wall time, throughput over time and the engine's statistics (KV-cache use, preemptions, prefix-cache hits, batch
 shapes) come from the progress logs the runs append to; where a log is
 missing those read "n/a".
 """
@@ -41,11 +43,13 @@ def build_report(out: str) -> dict[str, Any]:
         "input": manifest.get("input", {}).get("path"),
         "rows": {"total": rows["total"], "ok": rows["ok"], "failed": rows["failed"],
                  "finish_reasons": rows["finish_reasons"]},
+        "records": rows["records"],
         "tokens": {"prompt": rows["prompt_tokens"], "output": rows["output_tokens"], "total": total_tokens},
         "time": {
             "wall_s": wall if runs else None,
             "runs": len(runs),
-            "requests_per_s": _rate(rows["total"], wall),
+            "requests_per_s": _rate(rows["records"]["total"], wall),
+            "rows_per_s": _rate(rows["total"], wall),
             "output_tokens_per_s": _rate(rows["output_tokens"], wall),
             "total_tokens_per_s": _rate(total_tokens, wall),
         },
@@ -88,25 +92,45 @@ def _row_metrics(results_dir: str) -> dict[str, Any]:
 
     files = sorted(glob.glob(os.path.join(results_dir, "part-*.parquet")))
     empty = {"total": 0, "ok": 0, "failed": 0, "finish_reasons": {}, "prompt_tokens": 0, "output_tokens": 0,
+             "records": {"total": 0, "ok": 0, "failed": 0},
              "latency": {k: _percentiles([]) for k in ("ttft_s", "tpot_s", "latency_s", "queue_s")}}
     if not files:
         return empty
-    table = ds.dataset(files, format="parquet").to_table(columns=_ROW_COLUMNS)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Parts written before n samples lack sample_index: unified, it reads null there.
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    columns = _ROW_COLUMNS + (["sample_index"] if "sample_index" in schema.names else [])
+    table = ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns)
     reasons = table.column("finish_reason").value_counts().to_pylist()
     finish = {r["values"] if r["values"] is not None else "null": r["counts"] for r in reasons}
     failed = finish.get("error", 0)
     ok_mask = pc.not_equal(pc.fill_null(table.column("finish_reason"), ""), "error")
     ok = table.filter(ok_mask)
     latency = {k: _percentiles(ok.column(k).drop_null().to_pylist()) for k in ("ttft_s", "tpot_s", "latency_s", "queue_s")}
+    # A record failed when any of its rows did (a request the engine fails, fails all its samples).
+    records = pc.count_distinct(table.column("index")).as_py()
+    failed_records = pc.count_distinct(table.filter(pc.invert(ok_mask)).column("index")).as_py()
     return {
         "total": table.num_rows,
         "ok": table.num_rows - failed,
         "failed": failed,
         "finish_reasons": dict(sorted(finish.items())),
-        "prompt_tokens": int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
+        "prompt_tokens": int(pc.sum(_first_samples(table).column("prompt_tokens")).as_py() or 0),
         "output_tokens": int(pc.sum(table.column("output_tokens")).as_py() or 0),
+        "records": {"total": records, "ok": records - failed_records, "failed": failed_records},
         "latency": latency,
     }
+
+
+def _first_samples(table):
+    """One row per record: its sample 0 (every record has one; older parts have no sample_index)."""
+    import pyarrow.compute as pc
+
+    if "sample_index" not in table.column_names:
+        return table
+    return table.filter(pc.fill_null(pc.equal(table.column("sample_index"), 0), True))
 
 
 def _percentiles(values: list[float]) -> dict[str, Optional[float]]:
@@ -290,11 +314,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| rows | {r['rows']['total']} |",
         f"| rows ok | {r['rows']['ok']} |",
         f"| rows failed | {r['rows']['failed']} |",
+        f"| records (one request each; n samples make n rows) | {r['records']['total']} "
+        f"({r['records']['failed']} failed) |",
         f"| finish reasons | {', '.join(f'{k}: {v}' for k, v in r['rows']['finish_reasons'].items()) or '-'} |",
         f"| prompt tokens | {r['tokens']['prompt']} |",
         f"| output tokens | {r['tokens']['output']} |",
         f"| wall time (s) | {_fmt(t['wall_s'])} over {t['runs']} run(s) |",
-        f"| requests/s | {_fmt(t['requests_per_s'])} |",
+        f"| requests (records)/s | {_fmt(t['requests_per_s'])} |",
+        f"| rows/s | {_fmt(t['rows_per_s'])} |",
         f"| output tokens/s | {_fmt(t['output_tokens_per_s'])} |",
         f"| total tokens/s | {_fmt(t['total_tokens_per_s'])} |",
         "",

@@ -299,13 +299,13 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
     if status == "complete":
         if opts.output_format == "jsonl" and opts.num_shards == 1:
             write_openai_batch_output(results, os.path.join(out, "output.jsonl"))
-        message = (f"done: {c.rows} rows this run ({c.errors} errors, {committed_before} committed earlier); "
+        message = (f"done: {c.describe_rows()} this run ({c.errors} errors, {committed_before} committed earlier); "
                    f"results in {results}, report in {os.path.join(out, 'report.md')}")
         if report.get("status") != "complete" and opts.num_shards > 1:
             message += f"; shard {opts.shard_index} of {opts.num_shards} is done, others may still be running"
         return JobResult(status, 0, out, c, message, report)
     if status == "interrupted":
-        message = (f"interrupted by {stop.name}: {c.rows} rows committed this run; {unfinished} "
+        message = (f"interrupted by {stop.name}: {c.describe_rows()} committed this run; {unfinished} "
                    f"dropped and will be redone. Partial report in {os.path.join(out, 'report.md')}. "
                    f"To resume, run the same command again:\n  {resume_command}")
         return JobResult(status, stop.exit_code, out, c, message, report)
@@ -316,8 +316,9 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
         message = (f"failed: {failure}\n{kept} ({results}); {unfinished} dropped and will be redone. Fix the "
                    f"cause, then resume with the same command:\n  {resume_command}")
         return JobResult(status, EXIT_FAILED, out, c, message, report)
-    rate = c.errors / max(c.rows, 1)
-    message = (f"aborted: {c.errors} of {c.rows} rows failed ({rate:.1%}), above --max-error-rate "
+    rate = c.failed_records / max(c.records, 1)
+    unit = "rows" if c.rows == c.records else "records"
+    message = (f"aborted: {c.failed_records} of {c.records} {unit} failed ({rate:.1%}), above --max-error-rate "
                f"{opts.max_error_rate:g}. First errors:\n  " + "\n  ".join(first_errors) +
                f"\nFinished rows were committed ({results}). Fix the input and rerun "
                "with --overwrite, or raise --max-error-rate.")

@@ -107,6 +107,7 @@ class _Worker:
         self.spec = spec
         self.link = link
         self.backlog: collections.deque = collections.deque()  # rows received, not yet admitted
+        self.backlog_samples = 0  # what the backlog will occupy in the engine (num_samples)
 
     def run(self) -> int:
         spec = self.spec
@@ -168,6 +169,8 @@ class _Worker:
         return {"counters": self.replica.counters.as_dict(), "errors": list(self.replica.first_errors)}
 
     def _loop(self) -> int:
+        from .prepare import num_samples
+
         rep, engine = self.replica, self.replica.engine
         cap, chunk = self.spec.opts.effective_max_in_flight, self.spec.chunk_rows
         asked = ended = False
@@ -180,6 +183,7 @@ class _Worker:
                 kind, payload = msg
                 if kind == "rows":
                     self.backlog.extend(payload)
+                    self.backlog_samples += sum(map(num_samples, payload))
                     asked = False
                 elif kind == "end":
                     ended, asked = True, False
@@ -189,11 +193,14 @@ class _Worker:
                     self.link.send("done", {"dropped": dropped, "stats": engine.stats(), **self._progress()})
                     return 0
                 msg = self.link.recv(timeout=0)
-            while self.backlog and len(rep.in_flight) < cap:
-                rep.add(self.backlog.popleft())
-            if not ended and not asked and len(rep.in_flight) + len(self.backlog) < cap + chunk:
+            # Counted in samples, as --max-in-flight counts them (a record of n occupies n sequences).
+            while self.backlog and rep.samples_in_flight < cap:
+                item = self.backlog.popleft()
+                self.backlog_samples -= num_samples(item)
+                rep.add(item)
+            if not ended and not asked and rep.samples_in_flight + self.backlog_samples < cap + chunk:
                 # One request outstanding at a time, one chunk of look-ahead: the engine never
-                # waits for a round trip, and a slow worker holds at most cap + chunk rows.
+                # waits for a round trip, and a slow worker holds about cap samples plus one chunk.
                 self.link.send("want", self._progress())
                 asked = True
             if engine.has_unfinished_requests():

@@ -41,8 +41,8 @@ def write_parts(results_dir, groups, shard=0, run_id="run1", schema=None):
 
 
 def test_result_schema_columns():
-    assert result_schema().names == ["index", "id", "output", "finish_reason", "error", "prompt_tokens",
-                                     "output_tokens", "queue_s", "ttft_s", "latency_s", "tpot_s",
+    assert result_schema().names == ["index", "id", "sample_index", "output", "finish_reason", "error",
+                                     "prompt_tokens", "output_tokens", "queue_s", "ttft_s", "latency_s", "tpot_s",
                                      "num_preemptions", "shard"]
     full = result_schema(include_prompt=True, include_token_ids=True, include_logprobs=True)
     assert full.names[-4:] == ["prompt", "prompt_token_ids", "output_token_ids", "logprobs"]
@@ -194,6 +194,17 @@ def test_read_results_sorted_by_index_across_shards(tmp_path):
     assert read_results(str(tmp_path)).column("index").to_pylist() == [0, 1, 2, 3, 4, 5]
 
 
+def test_samples_sort_by_index_then_sample_index_and_count_once_per_pair(tmp_path):
+    w = PartWriter(str(tmp_path), result_schema(), shard_index=0, run_id="r")
+    for i, j in ((1, 1), (0, 0), (1, 0), (2, 0), (2, 0)):
+        w.add(ok_row(i, sample_index=j))
+    w.commit()
+    table = read_results(str(tmp_path))
+    assert list(zip(table.column("index").to_pylist(), table.column("sample_index").to_pylist())) == [
+        (0, 0), (1, 0), (1, 1), (2, 0), (2, 0)]
+    assert check_exactly_once(str(tmp_path), range(4)) == ([3], [2])  # 1's two samples are not a duplicate
+
+
 def test_read_results_of_empty_and_missing_dirs(tmp_path):
     assert read_results(str(tmp_path)).num_rows == 0
     with pytest.raises(FileNotFoundError):
@@ -237,6 +248,25 @@ def test_openai_output_with_index_ids_and_chat_rows(tmp_path):
     body = line["response"]["body"]
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+
+
+def test_openai_output_has_one_line_per_record_with_its_samples_as_choices(tmp_path):
+    w = PartWriter(str(tmp_path / "res"), result_schema(), shard_index=0, run_id="r")
+    w.add(ok_row(0, sample_index=1, output="b", output_tokens=5))
+    w.add(ok_row(0, sample_index=0, output="a", output_tokens=2, finish_reason="stop"))
+    w.add(ok_row(1, sample_index=0, output="c"))
+    for j in range(2):
+        w.add({**err_row(2, "prompt too long"), "sample_index": j})
+    w.commit()
+    out = tmp_path / "o.jsonl"
+    write_openai_batch_output(str(tmp_path / "res"), str(out))
+    first, second, bad = [json.loads(x) for x in out.read_text().splitlines()]
+    body = first["response"]["body"]
+    choices = [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]]
+    assert choices == [(0, "a", "stop"), (1, "b", "length")]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}  # the prompt once
+    assert len(second["response"]["body"]["choices"]) == 1
+    assert bad["response"] is None and bad["error"]["message"] == "prompt too long"
 
 
 def test_parts_are_plain_parquet_readable_by_pyarrow(tmp_path):

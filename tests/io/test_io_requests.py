@@ -66,7 +66,7 @@ def test_custom_field_names():
 def test_every_sampling_field_is_accepted_and_builds_sampling_params():
     data = {"prompt": "p", "max_tokens": 9, "min_tokens": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
             "min_p": 0.05, "seed": 3, "stop": "END", "stop_token_ids": [2], "presence_penalty": 0.1,
-            "frequency_penalty": 0.2, "repetition_penalty": 1.1, "ignore_eos": False, "logprobs": 2}
+            "frequency_penalty": 0.2, "repetition_penalty": 1.1, "ignore_eos": False, "logprobs": 2, "n": 3}
     assert set(data) - {"prompt"} == set(SAMPLING_FIELDS)
     out = parse(data)
     assert set(out.sampling) == set(SAMPLING_FIELDS)
@@ -164,6 +164,8 @@ def test_prompt_of_wrong_type(value):
     ("stop", ["a", 1], "field 'stop' must be a string or a list of strings"),
     ("stop_token_ids", [1, "2"], "field 'stop_token_ids' must be a list of integers"),
     ("ignore_eos", 1, "field 'ignore_eos' must be a boolean, got int 1"),
+    ("n", "four", "field 'n' must be an integer, got str 'four'"),
+    ("n", 2.5, "field 'n' must be an integer, got float 2.5"),
 ])
 def test_wrong_sampling_types_name_the_field(field, value, expected):
     assert error_of({"prompt": "p", field: value}).startswith(expected)
@@ -236,6 +238,11 @@ def test_openai_chat_request_maps_max_completion_tokens_and_top_logprobs():
     assert out.sampling == {}
 
 
+def test_openai_n_asks_for_n_choices():
+    assert parse(openai({"prompt": "Hi", "n": 3}), "openai").sampling == {"n": 3}
+    assert parse(openai({"prompt": "Hi", "n": 1}), "openai").sampling == {"n": 1}
+
+
 def test_openai_token_id_prompt():
     assert parse(openai({"prompt": [1, 2, 3]}), "openai").prompt_token_ids == [1, 2, 3]
     assert parse(openai({"prompt": ["only one"]}), "openai").prompt == "only one"
@@ -256,7 +263,7 @@ def test_openai_token_id_prompt():
     (openai({"prompt": "Hi", "max_tokens": "5"}), "field 'body.max_tokens' must be an integer, got str '5'"),
     (openai({"prompt": "Hi", "max_completion_tokens": 1.5}), "field 'body.max_completion_tokens' must be an integer"),
     (openai({"prompt": "Hi", "temperature": "x"}), "field 'body.temperature' must be a number"),
-    (openai({"prompt": "Hi", "n": 2}), "field 'body.n' must be 1"),
+    (openai({"prompt": "Hi", "n": "2"}), "field 'body.n' must be an integer, got str '2'"),
     (openai({"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, url="/v1/chat/completions"),
      "field 'body.logprobs' must be a boolean"),
 ])

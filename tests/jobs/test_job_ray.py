@@ -166,6 +166,50 @@ def test_an_actor_killed_mid_job_is_retried_by_ray_and_every_row_is_committed_on
 
 
 @pytest.mark.slow
+def test_ray_executor_with_n_samples_commits_every_sample_of_every_record_once(tmp_path, ray_cluster, job):
+    src, base, reference = job
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, *base, *RAY, "--n", "2"])
+    assert r.exit_code == 0, r.output
+    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
+    rows = results(out)
+    keys = [(row["index"], row["sample_index"]) for row in rows]
+    bad = {i for i, ref in reference.items() if ref[2] == "error"}  # never requests: one error row each
+    assert keys == sorted((i, j) for i in range(N) for j in range(1 if i in bad else 2))
+    # Greedy: both samples are the single-process n=1 row.
+    assert all(_by_index([row])[row["index"]] == reference[row["index"]] for row in rows)
+    assert f"{2 * N - len(bad)} rows ({N} records) this run" in r.output
+
+
+def test_the_ray_driver_takes_a_record_whole_across_split_batches_and_drops_a_repeat_whole(tmp_path):
+    import io
+
+    from pagedbatch.io.carried import CarriedColumns
+    from pagedbatch.jobs.options import JobOptions
+    from pagedbatch.jobs.ray_executor import _META, _RECORD_ROWS, _WORKER, _Driver
+
+    driver = _Driver(JobOptions(input="x", output=str(tmp_path), quiet=True), "jsonl", CarriedColumns(), {7},
+                     io.StringIO(), "run", 1)
+    schema = driver.writer.schema.append(pa.field(_WORKER, pa.string())).append(pa.field(_META, pa.string())).append(
+        pa.field(_RECORD_ROWS, pa.int64()))
+
+    def batch(*rows):
+        return pa.Table.from_pylist([{"index": i, "sample_index": j, "output": f"{i}.{j}{tag}",
+                                      "finish_reason": "length", _WORKER: "actor-a", _RECORD_ROWS: n}
+                                     for i, j, n, tag in rows], schema=schema)
+
+    driver._take(batch((0, 0, 3, ""), (0, 1, 3, ""), (1, 0, 1, "")))  # Ray split record 0's rows over two blocks
+    assert driver.writer.pending() == 1  # record 1 only: record 0 is not whole yet
+    driver._take(batch((0, 2, 3, ""), (1, 0, 1, "again"), (7, 0, 1, "")))  # 1 repeated, 7 committed before
+    driver._take(batch((0, 0, 3, "again"), (0, 1, 3, "again"), (0, 2, 3, "again")))  # a retried batch: all dropped
+    driver._take(batch((2, 1, 2, ""), (2, 0, 2, "")))
+    driver._commit()
+    got = [(row["index"], row["sample_index"], row["output"]) for row in results(tmp_path)]
+    assert got == [(0, 0, "0.0"), (0, 1, "0.1"), (0, 2, "0.2"), (1, 0, "1.0"), (2, 0, "2.0"), (2, 1, "2.1")]
+    assert driver.repeats == 5 and driver.counters.records == 3 and driver.counters.rows == 6
+
+
+@pytest.mark.slow
 def test_generate_in_a_user_pipeline_adds_the_output_columns_to_each_row(ray_cluster, job, llama_dir):
     import pagedbatch.ray
 
@@ -184,6 +228,21 @@ def test_generate_in_a_user_pipeline_adds_the_output_columns_to_each_row(ray_clu
         ref = reference[row["keep"]]
         assert (row["output"], row["finish_reason"], row["output_tokens"]) == (ref[1], ref[2], ref[4])
         assert len(row["output_token_ids"]) == row["output_tokens"] and row["prompt_tokens"] > 0
+
+
+def test_generate_with_n_repeats_each_input_row_once_per_sample(llama_dir):
+    import numpy as np
+
+    from pagedbatch.ray import Generate
+
+    gen = Generate(llama_dir, device="cpu", kv_cache_memory_gb=0.05, temperature=0.9, seed=1, max_tokens=4, n=2)
+    table = pa.table({"prompt": ["Hello", "", "AI is"], "keep": [0, 1, 2], "n": [None, None, 3]})
+    out = gen(table).to_pylist()
+    assert [(row["keep"], row["sample_index"]) for row in out] == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+    assert out[2]["finish_reason"] == "error" and out[0]["output"] != out[1]["output"]
+    as_dict = gen({"prompt": np.array(["Hello", "AI is"], dtype=object), "keep": np.array([0, 2])})
+    assert list(as_dict["keep"]) == [0, 0, 2, 2] and list(as_dict["output"]) == [out[0]["output"], out[1]["output"],
+                                                                                   out[3]["output"], out[4]["output"]]
 
 
 def test_generate_refuses_job_only_options_naming_them():
@@ -217,16 +276,16 @@ def test_ray_executor_refuses_inputs_it_cannot_read_and_ray_address_without_it(t
 def test_ray_renders_templates_in_its_actors_and_carries_columns_with_the_local_jobs_schema(
         tmp_path, ray_cluster, llama_dir):
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"topic": ["cats", None, "owls"], "n": pa.array([1, 2, 3], pa.int32()),
+    pq.write_table(pa.table({"topic": ["cats", None, "owls"], "k": pa.array([1, 2, 3], pa.int32()),
                              "meta": [{"a": [1]}, {"a": []}, {"a": [3]}]}), src)
-    base = ["--input", src, "--model", llama_dir, *FAST, "--prompt-template", "{{ n }} facts on {{ topic }}",
-            "--keep-columns", "n,meta"]
+    base = ["--input", src, "--model", llama_dir, *FAST, "--prompt-template", "{{ k }} facts on {{ topic }}",
+            "--keep-columns", "k,meta"]
     r = run_cli([*base, "--output", tmp_path / "local"])
     assert r.exit_code == 0, r.output
     r = run_cli([*base, "--output", tmp_path / "ray", "--executor", "ray"])
     assert r.exit_code == 0, r.output
     local, ray_rows = results(tmp_path / "local"), results(tmp_path / "ray")
-    keep = ("index", "output", "error", "n", "meta")
+    keep = ("index", "output", "error", "k", "meta")
     assert [{k: row[k] for k in keep} for row in ray_rows] == [{k: row[k] for k in keep} for row in local]
     assert ray_rows[1]["error"] == "template: field 'topic' is null"
     schema = pq.read_schema(next((tmp_path / "ray" / "results").glob("part-*.parquet")))

@@ -12,16 +12,17 @@ from job_helpers import FAST, results, run_cli, write_jsonl
 
 from pagedbatch.io import check_exactly_once
 
-TEMPLATE = "Summarise for {{ meta.audience }} ({{ n }} words, tags {{ tags }}, draft {{ draft }}):\n{{ article }}"
+TEMPLATE = "Summarise for {{ meta.audience }} ({{ words }} words, tags {{ tags }}, draft {{ draft }}):\n{{ article }}"
 SCHEMA = pa.schema([
-    ("id", pa.string()), ("article", pa.string()), ("n", pa.int64()), ("score", pa.float64()), ("draft", pa.bool_()),
+    ("id", pa.string()), ("article", pa.string()), ("words", pa.int64()), ("score", pa.float64()),
+    ("draft", pa.bool_()),
     ("tags", pa.list_(pa.string())), ("meta", pa.struct([("audience", pa.string()), ("year", pa.int64())])),
     ("max_tokens", pa.int64()),
 ])
 
 
 def _rows(count: int = 8) -> list[dict]:
-    rows = [{"id": f"a{i}", "article": f"cats {i} sleep", "n": 10 + i, "score": i / 4, "draft": i % 2 == 0,
+    rows = [{"id": f"a{i}", "article": f"cats {i} sleep", "words": 10 + i, "score": i / 4, "draft": i % 2 == 0,
              "tags": ["x", f"t{i}"], "meta": {"audience": "kids", "year": 2000 + i}, "max_tokens": None}
             for i in range(count)]
     rows[2]["article"] = None  # a null field the template prints
@@ -55,11 +56,11 @@ def test_a_template_over_parquet_fields_makes_each_prompt_and_names_null_fields_
 def test_carried_columns_keep_their_arrow_types_and_error_rows_keep_them_too(parquet_job):
     _, _, out, rows = parquet_job
     schema = ds.dataset(str(out / "results")).schema
-    for name in ("article", "n", "score", "draft", "tags", "meta", "max_tokens"):
+    for name in ("article", "words", "score", "draft", "tags", "meta", "max_tokens"):
         assert schema.field(name).type == SCHEMA.field(name).type, name
     assert schema.field("input_id").type == pa.string()  # named like a result column: renamed
     assert rows[2]["meta"] == {"audience": "kids", "year": 2002} and rows[2]["article"] is None
-    assert rows[4]["tags"] == ["x", "t4"] and rows[4]["n"] == 14 and rows[4]["input_id"] == "a4"
+    assert rows[4]["tags"] == ["x", "t4"] and rows[4]["words"] == 14 and rows[4]["input_id"] == "a4"
     manifest = json.loads((out / "job.json").read_text())["settings"]
     assert manifest["prompt_template"] == TEMPLATE and "meta: struct<audience: string, year: int64>" in \
         manifest["carried_columns"]
@@ -68,18 +69,18 @@ def test_carried_columns_keep_their_arrow_types_and_error_rows_keep_them_too(par
 def test_a_resumed_job_from_a_yaml_file_writes_parts_of_one_schema(parquet_job, tmp_path):
     tmp, args, _, reference = parquet_job
     out = tmp_path / "out"
-    r = run_cli([*args, "--output", out, "--keep-columns", "n,meta,tags", "--max-rows", "3"])
+    r = run_cli([*args, "--output", out, "--keep-columns", "words,meta,tags", "--max-rows", "3"])
     assert r.exit_code == 0, r.output
     job = tmp_path / "job.yaml"
     # The same job, from a YAML job file: a multi-line template and a list of columns.
     job.write_text("prompt_template: |-\n  " + TEMPLATE.replace("\n", "\n  ") +
-                   "\nkeep_columns: [n, meta, tags]\ninclude_prompt: true\n")
+                   "\nkeep_columns: [words, meta, tags]\ninclude_prompt: true\n")
     r = run_cli(["--config", job, "--input", tmp / "in.parquet", "--output", out, "--model", args[3], *FAST])
     assert r.exit_code == 0, r.output
     parts = sorted((out / "results").glob("part-*.parquet"))
     assert len(parts) == 2 and pq.read_schema(parts[0]) == pq.read_schema(parts[1])
     table = ds.dataset(str(out / "results")).to_table()
-    assert table.num_rows == 8 and table.schema.names[-3:] == ["n", "meta", "tags"]
+    assert table.num_rows == 8 and table.schema.names[-3:] == ["words", "meta", "tags"]
     assert check_exactly_once(str(out / "results"), range(8)) == ([], [])
     assert {r["index"]: r["output"] for r in results(out)} == {i: r["output"] for i, r in reference.items()}
 
