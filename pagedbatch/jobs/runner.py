@@ -195,8 +195,13 @@ class _Job:
                 return False
             return True
 
+        from ..engine.distributed import WorkerDiedError
+
+        failure = ""
         try:
             drive(rep, todo, opts.effective_max_in_flight, between_steps)
+        except WorkerDiedError as e:  # a tensor-parallel worker died or got stuck: failed, as a data-parallel one
+            status, failure = "failed", f"{type(e).__name__}: {e}"
         except BaseException as e:
             # Rows already finished are valid: keep them, then let the error surface.
             rep.abort_in_flight()
@@ -208,9 +213,10 @@ class _Job:
         dropped = rep.abort_in_flight()
         rep.commit()
         display.close()
-        self.log.write("end", status=status, counters=rep.counters.as_dict(), stats=self.engine.stats())
+        self.log.write("end", status=status, error=failure or None, counters=rep.counters.as_dict(),
+                       stats=self.engine.stats())
         return finish_job(opts, self.out, status, rep.counters, len(self.done), first_errors=rep.first_errors,
-                          dropped=dropped, stop=stop, resume_command=resume_command)
+                          dropped=dropped, stop=stop, resume_command=resume_command, failure=failure)
 
 
 def new_run_id() -> str:
