@@ -77,7 +77,7 @@ class TPGroup:
         self.rank, self.size, self.device = rank, size, device
         self.workers = workers
         self.board = board
-        self.ops = 0  # collectives entered: the same sequence on every rank
+        self.ops = 0  # host (gloo) collectives entered: the same sequence on every rank
         self.steps = 0  # steps begun (rank 0); 0 while setting up
         self._timeouts = timeouts or (float("inf"), float("inf"))  # a worker's waits have no deadline
         self._step_wait, self._setup_wait = (timedelta(seconds=t) for t in timeouts or (0, 0))  # rank 0's
@@ -103,7 +103,7 @@ class TPGroup:
         self._failing = threading.Lock()  # the watchdog thread may fail the group too
         self.closed = False
         self._watch = NoWatchdog() if workers is None else \
-            Watchdog(self._watchdog_fired, poll_s=min(0.5, min(self._timeouts) / 10))
+            Watchdog(self._watchdog_fired, poll_s=max(0.01, min(0.5, min(self._timeouts) / 10)))
         # Interpreter exit or a forgotten engine: stop the workers and tear the
         # groups down (a gloo group destroyed at exit with a dead peer aborts the process).
         self._finalizer = weakref.finalize(self, _teardown, self.control, self.data, workers, self._watch)
