@@ -300,9 +300,9 @@ class TPGroup:
             who = "; ".join(f"rank {r} (pid {pids[r]}) {why}" for r, why in late.items())
             head = f"rank 0 waited {timeout_s:g} s in {phase} for {what}, and {who}"
         else:
-            head = (f"rank 0 waited {timeout_s:g} s in {phase} for {what}; every worker (ranks "
-                    f"{', '.join(str(r) for r in pids)}) reached it and is running, so the operation itself did "
-                    "not complete (a hung GPU, NCCL or interconnect)")
+            ranks = f"rank{'s' if len(pids) > 1 else ''} {', '.join(str(r) for r in pids)}"
+            head = (f"rank 0 waited {timeout_s:g} s in {phase} for {what}; every worker ({ranks}) reached it and "
+                    "is running, so the operation itself did not complete (a hung GPU, NCCL or interconnect)")
         return (f"tensor-parallel worker stuck: {head}. The engine cannot continue; its workers were killed. "
                 f"If a worker is only slow (a slow disk, a long first compile), raise {option}; if it hangs again, "
                 "look at that rank while it hangs (py-spy dump --pid PID, nvidia-smi).")

@@ -90,6 +90,28 @@ def test_the_watchdog_fails_rank0_blocked_outside_its_own_waits_and_unblocks_it_
     engine.shutdown()
 
 
+def test_gpu_work_that_never_finishes_fails_rank0_within_the_timeout_blaming_no_running_worker(tiny_model):
+    # The NCCL path's wait, exercised on the CPU: rank 0 polls a CUDA event; here one that never
+    # completes, as when a collective hangs on the GPUs although every worker's host is fine.
+    class NeverDone:
+        def query(self):
+            return False
+
+    engine = InferenceEngine(tiny_model("llama"), **SMALL, tensor_parallel_size=2, tp_timeout_s=1)
+    engine.generate(PROMPTS, GREEDY)
+    tp = engine.engine.tp
+    start = time.monotonic()
+    with pytest.raises(WorkerStuckError) as err:
+        tp.wait_event(NeverDone())
+    assert 1.0 <= time.monotonic() - start < 1.0 + MARGIN_S
+    message = str(err.value)
+    assert named_ranks(message) == set()
+    assert "waited 1 s in step" in message and "for the GPUs to finish the queued work" in message
+    assert "every worker (rank 1) reached it and is running" in message
+    assert wait_gone(tp.workers.pids) == []
+    engine.shutdown()
+
+
 def test_a_worker_stuck_before_it_starts_fails_the_engine_within_the_setup_timeout(tiny_model, monkeypatch):
     from pagedbatch.engine import tp_workers
 
