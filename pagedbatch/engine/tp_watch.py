@@ -40,7 +40,7 @@ from typing import Callable, Optional
 log = logging.getLogger(__name__)
 
 _SLOTS = 3  # per rank: collectives entered, finished, last heartbeat (CLOCK_MONOTONIC ns: one clock for all)
-BEAT_S = 0.1
+_BEAT_S = 0.1
 _STALE_S = 1.0  # ten missed heartbeats: the process is not running
 
 
@@ -51,7 +51,7 @@ class ProgressBoard:
         """Rank 0 creates the board (``fd`` None); a worker maps the descriptor it inherited."""
         if fd is None:
             fd = _anonymous_file(8 * _SLOTS * size)
-        self.fd = fd
+        self.fd = fd  # rank 0 hands it to each worker, then closes it: the mapping stays
         self.size = size
         self._slots = memoryview(mmap.mmap(fd, 8 * _SLOTS * size)).cast("q")
 
@@ -69,7 +69,7 @@ class ProgressBoard:
         def beat() -> None:
             while True:
                 self.beat(rank)
-                time.sleep(BEAT_S)
+                time.sleep(_BEAT_S)
 
         self.beat(rank)
         threading.Thread(target=beat, name="pagedbatch-tp-heartbeat", daemon=True).start()

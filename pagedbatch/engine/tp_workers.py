@@ -127,7 +127,7 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device, max_model_
         try:
             return TPGroup(0, size, device, store, board, workers,
                            timeouts=(config.tp_timeout_s, config.tp_setup_timeout_s))
-        except (WorkerDiedError, WorkerStuckError):
+        except WorkerDiedError:  # ours (WorkerStuckError too), from the first collectives
             raise
         except RuntimeError as e:  # gloo's rendezvous timed out
             dead = workers.dead()
