@@ -110,6 +110,10 @@ _RUN_OPTIONS = [
     _flag(ENGINE, "enforce-eager", "GPU: disable CUDA graphs."),
     _opt(ENGINE, "--tensor-parallel-size", type=int, help="Split the model over N GPUs (cuda:0..N-1) or N CPU "
          "processes; N must divide the attention heads [1]."),
+    _opt(ENGINE, "--tp-timeout-s", type=float, help="Tensor parallel: seconds rank 0 waits on a worker in a step "
+         "before failing, naming the stuck rank [300]."),
+    _opt(ENGINE, "--tp-setup-timeout-s", type=float, help="... and while loading, profiling and capturing graphs "
+         "[1800]."),
     # Sampling defaults
     _opt(SAMPLING, "--max-tokens", type=int, help="Most output tokens per row [256]."),
     _opt(SAMPLING, "--min-tokens", type=int, help="Fewest output tokens before EOS may stop [0]."),

@@ -54,6 +54,10 @@ class EngineConfig:
     # Split the model over this many processes (GPUs cuda:0..N-1, or CPU ranks
     # over gloo); must divide the attention heads. See docs/parallel.md.
     tensor_parallel_size: int = 1
+    # Tensor parallel: how long rank 0 waits on a worker before failing with a WorkerStuckError naming it.
+    # Steps take milliseconds to seconds; setup (a 70B shard's load, Triton compiles, graph capture) minutes.
+    tp_timeout_s: float = 300.0
+    tp_setup_timeout_s: float = 1800.0
     # Plan and launch step N+1 while the GPU runs step N (off only to debug).
     async_scheduling: bool = True
     # GPU: batches using only temperature and greedy rows sample in one Triton pass over the
@@ -86,6 +90,10 @@ class EngineConfig:
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        for name in ("tp_timeout_s", "tp_setup_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         if self.sjf_max_skipped_steps < 0:
             raise ValueError(f"sjf_max_skipped_steps must be >= 0, got {self.sjf_max_skipped_steps}")
 

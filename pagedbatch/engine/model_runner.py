@@ -15,6 +15,7 @@ in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -131,7 +132,8 @@ class ModelRunner:
         self.cos_sin = rope_cos_sin(args, max_model_len, device)
         self.sampler = Sampler(seed=config.seed, fused=None if config.fused_sampler else False)
         self.block_size = config.block_size
-        self.num_blocks = self._decide_num_blocks()
+        with self._span("measuring memory for the KV cache"):
+            self.num_blocks = self._decide_num_blocks()
         if tp is not None:
             self.num_blocks = tp.min_int(self.num_blocks)  # the block manager's ids must exist on every rank
         # One extra block past those the block manager hands out: the scratch
@@ -154,7 +156,8 @@ class ModelRunner:
                 dtype=self.dtype, device=device,
                 synchronize=tp.synchronize if tp is not None else functools.partial(torch.cuda.synchronize, device),
                 capture_error_mode="thread_local" if tp is not None else "global")
-            self.graphs.capture()
+            with self._span("capturing CUDA graphs"):
+                self.graphs.capture()
         self.inputs = StepInputBuilder(device, self.block_size)
         self.prepare_s = 0.0  # host time spent building step inputs (reported by benchmarks)
         self.steps = 0
@@ -173,6 +176,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             return max(1, int(self.config.kv_cache_memory_gb * 2**30) // self.bytes_per_block())
         return self._profile_gpu_blocks()
+
+    def _span(self, what: str):
+        # Setup that runs collectives: with workers, rank 0 must not block in it for good.
+        return self.tp.span(what) if self.tp is not None else contextlib.nullcontext()
 
     def _synchronize(self) -> None:
         # With workers, a plain device sync would hang forever on a dead worker's collective.
@@ -240,19 +247,23 @@ class ModelRunner:
         step in flight) take it from ``prev``'s device tensor, so the host
         can plan and launch step N+1 while the GPU runs step N.
         """
+        if self.tp is None:
+            return self._launch(plan, prev)
+        self.tp.check_workers()
+        # The workers run the same collectives from the step broadcast to the logits gather, and
+        # any launch here, the inputs' copy included, can block behind a collective that never completes.
+        with self.tp.in_step():
+            return self._launch(plan, prev)
+
+    def _launch(self, plan: SchedulerOutput, prev: Optional["InFlightStep"]) -> "InFlightStep":
         t0 = time.perf_counter()
-        if self.tp is not None:
-            self.tp.check_workers()
         inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
         seqs = inputs.sample_seqs
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1
-        if self.tp is None:
-            logits = self._run_step(inputs)
-        else:
-            with self.tp.in_step():  # the workers run the same collectives from here to the logits gather
-                self.tp.send_step(inputs.header, inputs.packed)
-                logits = self._run_step(inputs)
+        if self.tp is not None:
+            self.tp.send_step(inputs.header, inputs.packed)
+        logits = self._run_step(inputs)
         step = InFlightStep(plan, seqs)
         if not seqs:
             return step

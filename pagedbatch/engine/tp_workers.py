@@ -5,9 +5,11 @@ on a port the OS picks (so two engines on one machine never collide),
 starts each worker as ``python -m pagedbatch.engine.tp_workers`` (a fresh
 interpreter: unlike multiprocessing's spawn it re-runs none of the
 caller's ``__main__``, and works from daemonic processes such as
-data-parallel replicas), and hands it the engine config on its stdin. The
-worker keeps reading stdin: end of file means rank 0 is gone, however it
-died, and the worker exits, so no worker outlives its engine.
+data-parallel replicas), and hands it the engine config on its stdin and
+the progress board (tp_watch) as an inherited descriptor. The worker keeps
+reading stdin: end of file means rank 0 is gone, however it died, and the
+worker exits, so no worker outlives its engine. A worker that is stuck
+reads nothing: rank 0 kills it.
 
 A worker builds the same ``ModelRunner`` over its shard and loops in
 ``ModelRunner.serve`` until its stdin closes; the scheduler, block
@@ -29,10 +31,10 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
-from .distributed import TPGroup, WorkerDiedError
+from .distributed import TPGroup, WorkerDiedError, WorkerStuckError
+from .tp_watch import ProgressBoard
 
 _HOST = "127.0.0.1"  # tensor parallelism spans the GPUs of one host
-_START_TIMEOUT_S = 600.0  # a worker imports torch and reaches the store well within this
 _STOP_GRACE_S = 5.0
 
 
@@ -95,7 +97,7 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device, max_model_
     size = config.tensor_parallel_size
     if device.type == "cuda":
         torch.cuda.set_device(device)  # cuda:0; graphs and events use the current device
-    store = torch.distributed.TCPStore(_HOST, 0, size, True, timeout=timedelta(seconds=_START_TIMEOUT_S),
+    store = torch.distributed.TCPStore(_HOST, 0, size, True, timeout=timedelta(seconds=config.tp_setup_timeout_s),
                                        wait_for_workers=False)
     threads = cpu_threads_per_rank(size) if device.type == "cpu" else None
     threads_before = torch.get_num_threads()
@@ -109,32 +111,52 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device, max_model_
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     procs = []
     workers = WorkerProcesses(procs, threads_before if threads is not None else None)
+    board = ProgressBoard(size)
+    spec["board_fd"] = board.fd  # the same number in the child: pass_fds keeps it
     try:
-        for rank in range(1, size):
-            p = subprocess.Popen([sys.executable, "-m", "pagedbatch.engine.tp_workers"], stdin=subprocess.PIPE,
-                                 env=env, close_fds=True)
-            procs.append(p)
-            p.stdin.write((json.dumps({**spec, "rank": rank}) + "\n").encode())
-            p.stdin.flush()  # kept open: its end of file tells the worker that rank 0 is gone
-        _wait_until_up(store, workers, size)
-        return TPGroup(0, size, device, store, workers)
+        try:
+            for rank in range(1, size):
+                p = subprocess.Popen([sys.executable, "-m", "pagedbatch.engine.tp_workers"], stdin=subprocess.PIPE,
+                                     env=env, close_fds=True, pass_fds=(board.fd,))
+                procs.append(p)
+                p.stdin.write((json.dumps({**spec, "rank": rank}) + "\n").encode())
+                p.stdin.flush()  # kept open: its end of file tells the worker that rank 0 is gone
+        finally:
+            os.close(board.fd)  # the mapping stays
+        _wait_until_up(store, workers, size, config.tp_setup_timeout_s)
+        try:
+            return TPGroup(0, size, device, store, board, workers,
+                           timeouts=(config.tp_timeout_s, config.tp_setup_timeout_s))
+        except WorkerDiedError:  # ours (WorkerStuckError too), from the first collectives
+            raise
+        except RuntimeError as e:  # gloo's rendezvous timed out
+            dead = workers.dead()
+            if dead:
+                raise WorkerDiedError(f"tensor-parallel worker failed to start: {'; '.join(dead)}") from e
+            raise WorkerStuckError(
+                f"tensor-parallel workers did not join rank 0's process group within {config.tp_setup_timeout_s:g} s "
+                f"(tp_setup_timeout_s, --tp-setup-timeout-s; pids {', '.join(map(str, workers.pids))}): {e}") from e
     except BaseException:
         workers.stop(grace_s=0.0)
         raise
 
 
-def _wait_until_up(store, workers: WorkerProcesses, size: int) -> None:
+def _wait_until_up(store, workers: WorkerProcesses, size: int, timeout_s: float) -> None:
     # Poll rather than block in the group's rendezvous: a worker that fails
     # to start (an import error, a bad device) is reported at once.
     keys = [f"up/{rank}" for rank in range(1, size)]
-    deadline = time.monotonic() + _START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while not store.check(keys):
         dead = workers.dead()
         if dead:
             raise WorkerDiedError(f"tensor-parallel worker failed to start: {'; '.join(dead)} "
                                   "(its error is printed above)")
         if time.monotonic() > deadline:
-            raise WorkerDiedError(f"tensor-parallel workers did not start within {_START_TIMEOUT_S:.0f} s")
+            late = [f"rank {r} (pid {workers.pids[r - 1]})" for r in range(1, size) if not store.check([f"up/{r}"])]
+            raise WorkerStuckError(
+                f"tensor-parallel worker stuck: {', '.join(late)} did not start within {timeout_s:g} s "
+                "(tp_setup_timeout_s, --tp-setup-timeout-s); its workers were killed. A worker only imports torch "
+                "and connects to rank 0 here: look for a stopped process or an overloaded machine.")
         time.sleep(0.01)
 
 
@@ -152,11 +174,13 @@ def _exit_when_rank0_is_gone() -> None:
 def main() -> None:
     spec = json.loads(sys.stdin.readline())
     threading.Thread(target=_exit_when_rank0_is_gone, name="rank0-watch", daemon=True).start()
+    rank, size = spec["rank"], spec["size"]
+    board = ProgressBoard(size, fd=spec["board_fd"])
+    board.start_heartbeat(rank)
     # Ctrl-C and Slurm's SIGTERM reach every process of the job: rank 0 handles
     # them (the job runner commits finished rows first), and its exit ends us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    rank, size = spec["rank"], spec["size"]
     config = EngineConfig.from_dict(spec["config"])
     if spec["threads"] is not None:
         torch.set_num_threads(spec["threads"])
@@ -167,11 +191,12 @@ def main() -> None:
     device = resolve_device(config, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = torch.distributed.TCPStore(_HOST, spec["port"], size, False, timeout=timedelta(seconds=_START_TIMEOUT_S))
+    store = torch.distributed.TCPStore(_HOST, spec["port"], size, False,
+                                       timeout=timedelta(seconds=config.tp_setup_timeout_s))
     store.set(f"up/{rank}", "1")
     code = 0
     try:
-        group = TPGroup(rank, size, device, store)
+        group = TPGroup(rank, size, device, store, board)
         runner = ModelRunner(config, ModelArgs.from_dir(config.model), device, spec["max_model_len"], set(), tp=group)
     except Exception:
         print(f"[pagedbatch] tensor-parallel worker rank {rank} failed to set up:", file=sys.stderr)

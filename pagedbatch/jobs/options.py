@@ -32,6 +32,7 @@ ENGINE_FIELDS = {
     "scheduling_policy": "scheduling_policy", "sjf_max_skipped_steps": "sjf_max_skipped_steps",
     "attention_backend": "attention_backend", "enforce_eager": "enforce_eager",
     "tensor_parallel_size": "tensor_parallel_size",
+    "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s",
 }
 SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -89,6 +90,8 @@ class JobOptions:
     attention_backend: Optional[str] = None
     enforce_eager: Optional[bool] = None
     tensor_parallel_size: Optional[int] = None
+    tp_timeout_s: Optional[float] = None
+    tp_setup_timeout_s: Optional[float] = None
 
     # Default sampling (None: SamplingParams' default); rows may override
     max_tokens: Optional[int] = None

@@ -226,9 +226,14 @@ class _Job:
                 return False
             return True
 
+        from ..engine.distributed import WorkerDiedError
+
         failure = ""
         try:
-            drive(rep, todo, opts.effective_max_in_flight, between_steps)
+            try:
+                drive(rep, todo, opts.effective_max_in_flight, between_steps)
+            except WorkerDiedError as e:  # a tensor-parallel worker died or got stuck: failed, as a data-parallel one
+                status, failure = "failed", f"{type(e).__name__}: {e}"
             dropped = rep.abort_in_flight()
             rep.commit()
         except DiskFull as e:

@@ -24,6 +24,7 @@ _ENGINE_FIELDS = {
     "max_num_batched_tokens": "max_num_batched_tokens", "scheduling_policy": "scheduling_policy",
     "sjf_max_skipped_steps": "sjf_max_skipped_steps", "attention_backend": "attention_backend",
     "enforce_eager": "enforce_eager", "tensor_parallel_size": "tensor_parallel_size",
+    "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s",
 }
 
 _OPTIONS = [
@@ -57,6 +58,10 @@ _OPTIONS = [
     click.option("--enforce-eager/--no-enforce-eager", default=None, help="GPU: disable CUDA graphs."),
     click.option("--tensor-parallel-size", type=int, default=None,
                  help="Split the model over N GPUs (cuda:0..N-1) or N CPU processes [1]."),
+    click.option("--tp-timeout-s", type=float, default=None,
+                 help="Tensor parallel: seconds rank 0 waits on a worker in a step before failing [300]."),
+    click.option("--tp-setup-timeout-s", type=float, default=None,
+                 help="... and while loading, profiling and capturing graphs [1800]."),
     click.option("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, show_default=True,
                  help="Largest request body accepted (larger: 413)."),
     click.option("--max-tokens-cap", type=int, default=None,
