@@ -49,7 +49,7 @@ def quantize_rows(x: torch.Tensor, amax: Optional[torch.Tensor] = None) -> tuple
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 ``q * scale[:, None]``."""
-    return q.float() * scale.float()[:, None]
+    return q.float().mul_(scale.float()[:, None])
 
 
 def quantize_per_token(x: torch.Tensor, out: Optional[torch.Tensor] = None,
