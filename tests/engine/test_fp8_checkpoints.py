@@ -206,6 +206,23 @@ def test_tp2_shards_hold_exact_slices_of_the_tp1_fp8_weights(odd, tmp_path, sour
             assert not down[:, count:].any(), "padding columns are zero"
 
 
+@pytest.mark.slow
+def test_tp2_fp8_engine_quantizes_on_every_rank(odd):
+    # Each rank reads the whole rows of its row-parallel weights once more for their maxima: the bytes
+    # every rank read show that the worker quantized too. (Row-parallel activations are quantized per
+    # rank, so outputs may differ from TP 1's by rounding; the shards' weights are exact: above.)
+    args = ModelArgs.from_dir(odd)
+    plain = [load_model(odd, args, torch.float32, CPU, shard=TPShard(r, 2), comm=_NoComm()).checkpoint_bytes_read
+             for r in range(2)]
+    # The whole o_proj and down_proj of every layer, bf16.
+    extra = 2 * args.num_layers * args.hidden_size * (args.num_heads * args.head_dim + args.intermediate_size)
+    kw = dict(device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=8, quantization="fp8")
+    with InferenceEngine(odd, **kw) as fp8:
+        assert fp8.engine.runner.bytes_read_per_rank == [b + extra for b in plain]
+        out = fp8.generate([[5, 17, 99, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        assert len(out[0].token_ids) == 4
+
+
 def test_dummy_fp8_weights_are_the_dummy_bf16_weights_quantized(odd):
     bf16 = load(odd, dtype=torch.bfloat16, load_format="dummy")
     fp8 = load(odd, dtype=torch.bfloat16, load_format="dummy", quantization="fp8")
