@@ -88,7 +88,7 @@ def test_reference_linear_is_the_dequantized_float32_product():
 class _FakeSkinny:
     """Stands in for skinny_gemm.py: up to 16 rows, K a multiple of 64."""
 
-    def skinny_max_m(self):
+    def skinny_max_m(self, weight_dtype=None):
         return 16
 
     def skinny_supported(self, M, N, K, weight_dtype, device):

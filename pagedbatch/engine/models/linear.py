@@ -9,7 +9,7 @@ syncs with the host:
   and it supports the shape.
 - fp8 weights (``float8_e4m3fn`` [N, K] with per-output-channel float32
   scales [N]), on CUDA:
-  * few rows (M <= ``skinny_max_m()``): the skinny Triton GEMM, which reads
+  * few rows (M <= ``skinny_max_m(weight dtype)``): the skinny Triton GEMM, which reads
     the fp8 weight at full bandwidth (``torch._scaled_mm`` reads it at only
     ~1.8 TB/s for M <= 128 on an H200, no faster than bf16: bench/fp8_gemm.py);
   * more rows: the activation quantized per token by one fused Triton kernel
@@ -22,8 +22,8 @@ syncs with the host:
   the weight dequantized with its scales, one float32 matmul.
 
 The skinny GEMM lives in ``skinny_gemm.py`` (``skinny_linear``,
-``skinny_max_m``, ``skinny_supported``); without that module every fp8
-matmul takes the ``_scaled_mm`` path.
+``skinny_max_m``, ``skinny_supported``), imported lazily: without Triton (or
+that module) every fp8 matmul on CUDA takes the ``_scaled_mm`` path.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.devic
     if device.type != "cuda":
         return "reference" if fp8 else "linear"
     sk = _skinny()
-    if (fp8 or USE_SKINNY_BF16) and sk is not None and M <= sk.skinny_max_m() \
+    if (fp8 or USE_SKINNY_BF16) and sk is not None and M <= sk.skinny_max_m(weight_dtype) \
             and sk.skinny_supported(M, N, K, weight_dtype, device):
         return "skinny"
     if not fp8:
