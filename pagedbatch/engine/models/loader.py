@@ -186,7 +186,7 @@ def _fill(param: torch.Tensor, part: Part, source: TensorSource, name: str,
         _put(dest, part, tensor)
         _put_scales(scale, part, channel_scales(source_scale, layout, rows).to(scale.device))
         return read
-    values = tensor.float() if layout is None else dequantize(tensor, source_scale, layout, rows, cols, block)
+    values = tensor if layout is None else dequantize(tensor, source_scale, layout, rows, cols, block)
     if scale is None:  # an fp8 checkpoint tensor into a parameter kept in the model dtype
         _put(dest, part, values)
         return read
