@@ -11,7 +11,7 @@ checkpoint's values (quantization.py states the bound).
 import pytest
 import torch
 
-from fp8_checkpoints import LAYOUTS, checkpoint_weights, write_fp8_checkpoint
+from fp8_checkpoints import checkpoint_weights, write_fp8_checkpoint
 from model_factory import build_model
 from pagedbatch import InferenceEngine, SamplingParams
 from pagedbatch.engine.models.config import ModelArgs
