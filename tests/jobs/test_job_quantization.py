@@ -19,7 +19,8 @@ def test_quantization_option_runs_the_job_in_fp8_and_is_part_of_the_job_identity
     manifest = json.loads((tmp_path / "out" / "job.json").read_text())
     assert manifest["settings"]["quantization"] == "fp8"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["engine_config"]["quantization"] == "fp8"
+    assert report["engine_config"]["quantization"] == report["quantization"] == "fp8"
+    assert "(float32, fp8 weights)" in (tmp_path / "out" / "report.md").read_text()
     # Other weights give other rows: the same OUT without fp8 is another job.
     r = run_cli(args)
     assert r.exit_code != 0 and "quantization was 'fp8', now None" in r.output
