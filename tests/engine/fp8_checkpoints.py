@@ -93,11 +93,11 @@ def _ignored(name: str, ignore: list[str]) -> bool:
 
 def write_fp8_checkpoint(src: str, out: str, layout: str, *, block: tuple[int, int] = (48, 40),
                          ignore: Optional[list[str]] = None) -> str:
-    """Write ``src``'s weights as an fp8 checkpoint of ``layout`` into ``out`` (tokenizer files copied); returns ``out``.
+    """Write ``src``'s weights as an fp8 checkpoint of ``layout`` into ``out`` (tokenizer files copied).
 
     ``block``: the block-scale shape (real checkpoints use 128 x 128; the
     default leaves partial blocks at the edges of small test weights).
-    ``ignore``: module names (or ``re:`` patterns) left unquantized.
+    ``ignore``: module names (or ``re:`` patterns) left unquantized. Returns ``out``.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -45,7 +45,7 @@ def greedy_tokens(engine, prompts: list[list[int]], steps: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def forced_logits(engine, prompts: list[list[int]], tokens: torch.Tensor, decode: bool = True) -> torch.Tensor:
-    """[n, steps, vocab] float32 on the CPU: the logits that predict ``tokens[:, t]`` after prompt + ``tokens[:, :t]``."""
+    """[n, steps, vocab] float32 on the CPU: the logits predicting ``tokens[:, t]`` after prompt + ``tokens[:, :t]``."""
     runner = _runner(engine)
     dev, bs, n, steps = runner.device, runner.block_size, len(prompts), tokens.shape[1]
     per = -(-max(len(p) + steps for p in prompts) // bs)

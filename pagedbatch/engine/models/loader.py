@@ -23,9 +23,7 @@ import glob
 import json
 import os
 import re
-from typing import Iterator
-
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -217,7 +215,8 @@ def _put_scales(scale: torch.Tensor, part: Part, s: torch.Tensor) -> None:
     rows[part.count:].fill_(1.0)  # padding rows: zero weights, any scale
 
 
-def _row_maxima(source: TensorSource, source_scale, layout, block, device, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+def _row_maxima(source: TensorSource, source_scale, layout, block, device,
+                chunk: int = 1024) -> tuple[torch.Tensor, int]:
     """max |w| of every whole row of a checkpoint weight (float32, on ``device``), read ``chunk`` rows at a time."""
     n, k = source.shape
     maxima, read = [], 0
