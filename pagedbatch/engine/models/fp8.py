@@ -33,7 +33,10 @@ MIN_CAPABILITY = (8, 9)
 def row_scales(amax: torch.Tensor) -> torch.Tensor:
     """float32 scales for rows whose largest magnitude is ``amax`` (1.0 for all-zero rows)."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # A tensor divisor, not a Python number: CUDA torch turns division by a scalar into multiplication by
+    # its rounded reciprocal, which is not always the correctly rounded quotient the Triton kernel computes.
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    return torch.where(amax > 0, scale, torch.ones_like(amax))
 
 
 def quantize_rows(x: torch.Tensor, amax: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
