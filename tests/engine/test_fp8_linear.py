@@ -8,6 +8,9 @@ from pagedbatch.engine.models import fp8, linear as linear_mod
 from pagedbatch.engine.models.fp8 import FP8, check_fp8_support, dequantize_rows, quantize_rows
 from pagedbatch.engine.models.linear import fp8_linear_reference, linear, route
 
+# The kernel test runs where the kernel runs: on the GPU when there is one, else in Triton's interpreter.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def e4m3_step(v: torch.Tensor) -> torch.Tensor:
     """The distance between e4m3 values around |v| (v in scaled units: |v| <= 448)."""
@@ -33,7 +36,7 @@ def test_rows_scale_by_their_amax_over_448_and_round_within_half_a_step():
 
 def _poisoned_rows(M, K, stride, values):
     """``values`` [M, K] inside a NaN-filled [M, stride] buffer: any read past a row's end returns NaN."""
-    buf = torch.full((M, stride), float("nan"))
+    buf = torch.full((M, stride), float("nan"), device=DEV)
     buf[:, :K] = values
     return buf[:, :K]
 
@@ -53,12 +56,12 @@ def test_fused_activation_kernel_matches_the_torch_rule(K):
     values[2] = 0.0  # an all-zero row
     values *= torch.tensor([2.0**-12, 1.0, 1.0, 2.0**5])[:, None]
     x = _poisoned_rows(M, K, K + 24, values)
-    out = torch.full((M, K), float("nan")).to(FP8)
-    scale_out = torch.full((M, 1), float("nan"))
+    out = torch.full((M, K), float("nan"), device=DEV).to(FP8)
+    scale_out = torch.full((M, 1), float("nan"), device=DEV)
     q, s = fp8.quantize_per_token_triton(x, out, scale_out)
     assert q.data_ptr() == out.data_ptr() and s.data_ptr() == scale_out.data_ptr()
     ref_q, ref_s = quantize_rows(x)
-    assert torch.equal(s[:, 0], ref_s) and s[2, 0] == 1.0
+    assert torch.equal(s[:, 0], ref_s) and s[2, 0].item() == 1.0
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
     # Arbitrary values: the same scales (the same float32 division), every element written.
     x = _poisoned_rows(M, K, K + 24, torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None])
