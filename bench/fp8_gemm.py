@@ -10,7 +10,11 @@ captured in a CUDA graph and replayed. For each batch size M it times:
   - fp8: ``torch._scaled_mm`` with per-output-channel weight scales and
     per-token activation scales (the activation quantized in plain torch ops);
   - fp8 GEMMs alone (the activation already quantized), to separate the
-    quantization's cost.
+    quantization's cost;
+  - the engine's fp8 path: the activation quantized by its fused Triton kernel,
+    then ``torch._scaled_mm`` (``linear.fp8_linear_scaled_mm``), the fused
+    kernel alone, and ``linear.linear`` as the engine calls it (the skinny
+    GEMM for M <= its limit, that path above it).
 Prints ms per chain, effective weight bandwidth, and the speed-up; JSON under
 bench/results/.
 """
@@ -26,6 +30,11 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from pagedbatch.engine.models.fp8 import quantize_per_token  # noqa: E402
+from pagedbatch.engine.models.linear import fp8_linear_scaled_mm, linear, route  # noqa: E402
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
@@ -122,8 +131,25 @@ def main(argv=None) -> int:
                 for x in xs:
                     quantize_rows(x)
 
+        def chain_ours():
+            for layer in fp8:
+                for x, (q, s) in zip(xs, layer):
+                    fp8_linear_scaled_mm(x, q, s[0])
+
+        def chain_fused_quant_only():
+            for layer in fp8:
+                for x in xs:
+                    quantize_per_token(x)
+
+        def chain_linear():
+            for layer in fp8:
+                for x, (q, s) in zip(xs, layer):
+                    linear(x, q, None, s[0])
+
+        row["linear_routes"] = sorted({route(m, n, k, torch.float8_e4m3fn, dev, True) for n, k in shapes})
         for name, fn in (("bf16_ms", chain_bf16), ("fp8_ms", chain_fp8), ("fp8_gemm_only_ms", chain_fp8_gemm_only),
-                         ("quant_only_ms", chain_quant_only)):
+                         ("quant_only_ms", chain_quant_only), ("ours_ms", chain_ours),
+                         ("fused_quant_only_ms", chain_fused_quant_only), ("linear_ms", chain_linear)):
             try:
                 row[name] = timed_graph(fn, args.reps)
             except Exception as e:  # a shape _scaled_mm refuses: record it, go on
@@ -135,6 +161,8 @@ def main(argv=None) -> int:
             row["fp8_gemm_TBps"] = weight_bytes_bf16 / 2 / row["fp8_gemm_only_ms"] / 1e9
         if row.get("fp8_ms") and row["bf16_ms"]:
             row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
+        if row.get("linear_ms") and row["bf16_ms"]:
+            row["linear_speedup"] = row["bf16_ms"] / row["linear_ms"]
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     # Accuracy of one fp8 linear against bf16 and float32 (relative Frobenius error).
@@ -146,13 +174,15 @@ def main(argv=None) -> int:
            "bf16_rel_err": ((F.linear(x, w).float() - ref).norm() / ref.norm()).item()}
     print(err)
     print(f"\n{'batch':>6}{'bf16 ms':>10}{'fp8 ms':>10}{'gemm ms':>10}{'quant ms':>10}{'bf16 TB/s':>11}"
-          f"{'fp8 TB/s':>10}{'speedup':>9}")
+          f"{'fp8 TB/s':>10}{'speedup':>9}{'ours ms':>10}{'fused q':>9}{'linear':>9}{'lin x':>7}  routes")
     for r in rows:
         def f(k, w=10, p=3):
             v = r.get(k)
             return f"{v:>{w}.{p}f}" if isinstance(v, float) else f"{'-':>{w}}"
         print(f"{r['batch']:>6}{f('bf16_ms')}{f('fp8_ms')}{f('fp8_gemm_only_ms')}{f('quant_only_ms')}"
-              f"{f('bf16_TBps', 11, 2)}{f('fp8_gemm_TBps', 10, 2)}{f('speedup', 9, 2)}")
+              f"{f('bf16_TBps', 11, 2)}{f('fp8_gemm_TBps', 10, 2)}{f('speedup', 9, 2)}{f('ours_ms')}"
+              f"{f('fused_quant_only_ms', 9)}{f('linear_ms', 9)}{f('linear_speedup', 7, 2)}  "
+              f"{','.join(r['linear_routes'])}")
     os.makedirs(args.results_dir, exist_ok=True)
     name = f"fp8_gemm-{datetime.date.today().isoformat()}-{info['device'].replace(' ', '_')}.json"
     with open(os.path.join(args.results_dir, name), "w") as fh:

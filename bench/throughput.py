@@ -5,6 +5,7 @@
     python bench/throughput.py --workload single --peers hf-static --hf-batch 1    # one stream, 256 tokens
     python bench/throughput.py --workload prefill --peers hf-static --hf-batch 16  # 16 x 2,048-token prefills
     python bench/throughput.py --workload tiny --device cpu --peers none   # smoke test of the script
+    python bench/throughput.py --workload single --peers none --quantization fp8    # fp8 weights
     python bench/throughput.py --workload single --peers none --tensor-parallel-size 2   # TP 2 (GPUs 0, 1)
     python bench/throughput.py --workload W1 --model-config llama3-70b.json --peers none --tensor-parallel-size 4
 
@@ -13,7 +14,9 @@ config (configs/models/); prompts are random token ids; EOS is ignored.
 ``--model-config`` runs a workload's prompts on another shape (ids are
 taken modulo its vocabulary). With ``--tensor-parallel-size N`` the roofline
 is that of N GPUs (N times the measured bandwidth and matmul rate, see
-roofline.py); the peers still run on one GPU.
+roofline.py); the peers still run on one GPU. ``--quantization fp8`` runs our
+engine with fp8 weights (the peers stay bf16); the roofline stays that of
+bf16 weights, the yardstick the fp8 speed-up is measured against.
 Prints one table and writes JSON under bench/results/.
 """
 from __future__ import annotations
@@ -91,7 +94,8 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          tensor_parallel_size=args.tensor_parallel_size, fused_sampler=not args.no_fused_sampler)
+                          tensor_parallel_size=args.tensor_parallel_size, fused_sampler=not args.no_fused_sampler,
+                          quantization=args.quantization)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
     # Warm-up on other random prompts (the workload's own would sit in the
@@ -211,6 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fused-sampler", action="store_true",
                     help="sample with the torch ops, not the one-pass Triton kernel (A/B of the sampler)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="split our engine over N GPUs (cuda:0..N-1)")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="our engine's weights in fp8 (e4m3)")
     ap.add_argument("--model-config", default=None,
                     help="a file under configs/models/ to run the workload on instead of its own model shape")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
@@ -250,8 +255,9 @@ def main(argv=None) -> int:
     roof_tps = w.output_tokens / roof["total_s"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gpus = f" x {tp} (tensor parallel; roofline of {tp} GPUs)" if tp > 1 else ""
+    quant = f", our weights {args.quantization} (roofline of bf16 weights)" if args.quantization else ""
     print(f"\n{w.name} on {w.model_config}: {len(w.prompts)} prompts, {w.prompt_tokens} prompt / {w.output_tokens} "
-          f"output tokens, {device_name}{gpus}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul "
+          f"output tokens, {device_name}{gpus}{quant}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul "
           f"{ceilings['matmul_rate'] / 1e12:.0f} "
           f"TFLOP/s; roofline {roof['total_s']:.2f} s (prefill {roof['prefill_s']:.2f} + decode {roof['decode_s']:.2f})")
     prefill_only = max(w.max_tokens) == 1  # then the roofline is the matmul rate: SOL% = share of it reached
@@ -276,6 +282,7 @@ def main(argv=None) -> int:
               f"{ratio:>10.1f}x{r['sol_pct']:>6.1f}%{extra}")
     result = {
         "workload": w.name, "model_config": w.model_config, "tensor_parallel_size": tp,
+        "quantization": args.quantization,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
@@ -289,7 +296,7 @@ def main(argv=None) -> int:
         pass
     os.makedirs(args.results_dir, exist_ok=True)
     name = (f"{w.name}-{datetime.date.today().isoformat()}-{device_name.replace(' ', '_')}"
-            f"{f'-x{tp}' if tp > 1 else ''}{args.tag}.json")
+            f"{f'-x{tp}' if tp > 1 else ''}{f'-{args.quantization}' if args.quantization else ''}{args.tag}.json")
     with open(os.path.join(args.results_dir, name), "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {os.path.join(args.results_dir, name)}")

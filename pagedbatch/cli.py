@@ -17,7 +17,7 @@ from typing import Any, Optional
 import click
 
 from . import __version__
-from .config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, SCHEDULING_POLICIES
+from .config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, QUANTIZATIONS, SCHEDULING_POLICIES
 
 INPUT_FORMATS = ("jsonl", "parquet", "csv", "hf-disk", "hf", "openai")  # pagedbatch.io.FORMATS, without importing pyarrow
 
@@ -94,6 +94,8 @@ _RUN_OPTIONS = [
     _opt(MODEL, "--device", help="auto, cpu, cuda or cuda:N [auto]."),
     _opt(MODEL, "--load-format", type=click.Choice(LOAD_FORMATS), help="Weights format [auto]."),
     _flag(MODEL, "allow-pickle-weights", "Allow .bin (pickle) weights; they can run code."),
+    _opt(MODEL, "--quantization", type=click.Choice(QUANTIZATIONS), help="fp8: linear weights in float8 e4m3 "
+         "(quantized at load; GPU: compute capability >= 8.9) [none; fp8 checkpoints imply fp8]."),
     _opt(MODEL, "--engine-seed", type=int, help="Seed for random weights (dummy) and unseeded sampling [0]."),
     # Engine
     _opt(ENGINE, "--block-size", type=int, help="KV-cache block size in tokens [16]."),

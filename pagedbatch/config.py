@@ -14,6 +14,7 @@ SCHEDULING_POLICIES = ("fcfs", "sjf-align")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-basic")
+QUANTIZATIONS = ("fp8",)
 
 
 @dataclass
@@ -27,6 +28,9 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     load_format: str = "auto"
     allow_pickle_weights: bool = False  # .bin weights run pickle code: opt-in only
+    # "fp8": the decoder layers' linear weights in float8 e4m3 (per-output-channel scales, quantized at load
+    # from bf16/fp16 checkpoints; fp8 checkpoints imply it), activations quantized per token. docs/jobs.md.
+    quantization: Optional[str] = None
     seed: int = 0  # seeds random weights (dummy) and unseeded sampling
     # Benchmarks on config-only model directories: prompts must be token ids
     # and outputs carry no text.
@@ -71,6 +75,9 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None (weights as the checkpoint stores them) or one of "
+                             f"{', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not (16 <= self.block_size <= 256) or self.block_size & (self.block_size - 1):

@@ -271,3 +271,72 @@ def hf_greedy(model_dir: str | os.PathLike, prompts_token_ids: list[list[int]], 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+
+def build_shaped_model(
+    config_name: str,
+    out_dir: str | os.PathLike,
+    *,
+    num_layers: int,
+    vocab_size: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> str:
+    """A random model with the shape of ``configs/models/<config_name>`` (fewer layers, a smaller vocabulary).
+
+    The weights imitate a trained model's statistics where quantization
+    cares: rows of different magnitudes (log-normal row norms, so per-channel
+    scales differ), a few hidden dimensions with large norm gains (activation
+    outliers, so they set the per-token scales), std-0.02 linear weights and
+    std-0.1 embeddings (logits spread over several units, as trained models'
+    are). Written straight to safetensors in ``dtype`` (bf16: the values a
+    bf16 checkpoint holds) under Hugging Face's names, without transformers;
+    no tokenizer (prompts are token ids). Returns ``out_dir``.
+    """
+    from safetensors.torch import save_file
+
+    from pagedbatch.engine.models.config import ModelArgs
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = json.loads((root / "configs" / "models" / config_name).read_text())
+    cfg.update(num_hidden_layers=num_layers, vocab_size=vocab_size, max_position_embeddings=1024,
+               bos_token_id=0, eos_token_id=1, torch_dtype=str(dtype).replace("torch.", ""))
+    a = ModelArgs.from_hf_dict(cfg)
+    gen = torch.Generator().manual_seed(seed)
+
+    def linear(n: int, k: int) -> torch.Tensor:
+        rows = torch.exp(0.5 * torch.randn(n, 1, generator=gen))
+        return 0.02 * rows * torch.randn(n, k, generator=gen)
+
+    def gain(n: int, outliers: int = 0) -> torch.Tensor:
+        g = 1.0 + 0.1 * torch.randn(n, generator=gen)
+        g[:outliers] *= 8.0  # outlier dimensions
+        return g
+
+    h, q, kv = a.hidden_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    t = {"model.embed_tokens.weight": 0.1 * torch.randn(vocab_size, h, generator=gen)}
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = gain(h, 4)
+        for name, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            t[p + f"self_attn.{name}.weight"] = linear(n, h)
+            if a.attention_bias:
+                t[p + f"self_attn.{name}.bias"] = 0.1 * torch.randn(n, generator=gen)
+        if a.qk_norm:
+            t[p + "self_attn.q_norm.weight"] = gain(a.head_dim)
+            t[p + "self_attn.k_norm.weight"] = gain(a.head_dim)
+        t[p + "self_attn.o_proj.weight"] = linear(h, q)
+        t[p + "post_attention_layernorm.weight"] = gain(h, 4)
+        t[p + "mlp.gate_proj.weight"] = linear(a.intermediate_size, h)
+        t[p + "mlp.up_proj.weight"] = linear(a.intermediate_size, h)
+        t[p + "mlp.down_proj.weight"] = linear(h, a.intermediate_size)
+    t["model.norm.weight"] = gain(h)
+    if not a.tie_word_embeddings:
+        t["lm_head.weight"] = 0.1 * torch.randn(vocab_size, h, generator=gen)
+    out_dir = str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    (Path(out_dir) / "config.json").write_text(json.dumps(cfg, indent=1))
+    save_file({k: v.to(dtype).contiguous() for k, v in t.items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    return out_dir

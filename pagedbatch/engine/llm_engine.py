@@ -18,6 +18,7 @@ outputs, told apart by ``RequestOutput.sample_index``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional, Union
 
@@ -27,6 +28,8 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_output
 from .model_runner import ModelRunner, resolve_device
 from .models.config import ModelArgs
+from .models.fp8 import check_fp8_support
+from .models.quantization import resolve_quantization
 from .models.sharding import check_tensor_parallel
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import Scheduler
@@ -44,6 +47,12 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(config.model, self.tokenizer, self.model_args.eos_token_id)
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config)
+        # Checked here, before any tensor-parallel worker starts: fp8 on a GPU without it, or a checkpoint
+        # quantized in a way we cannot load (an fp8 checkpoint turns quantization "fp8" on).
+        self.quantization = resolve_quantization(config.quantization, self.model_args,
+                                                 os.path.join(config.model, "config.json"))
+        if self.quantization == "fp8":
+            check_fp8_support(self.device)
         self.tp = None
         if config.tensor_parallel_size > 1:
             from .tp_workers import start_tensor_parallel

@@ -123,7 +123,8 @@ class ModelRunner:
         self.eos_ids = sorted(eos_ids)
         shard = TPShard(tp.rank, tp.size) if tp is not None else TPShard()
         self.model = load_model(config.model, args, self.dtype, device, load_format=config.load_format,
-                                allow_pickle=config.allow_pickle_weights, seed=config.seed, shard=shard, comm=tp)
+                                allow_pickle=config.allow_pickle_weights, seed=config.seed, shard=shard, comm=tp,
+                                quantization=config.quantization)
         if tp is not None:
             # Every rank has loaded before any rank profiles (NCCL) a model it could not wait for.
             self.bytes_read_per_rank = tp.all_ints(self.model.checkpoint_bytes_read)

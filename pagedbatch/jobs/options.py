@@ -32,7 +32,7 @@ ENGINE_FIELDS = {
     "scheduling_policy": "scheduling_policy", "sjf_max_skipped_steps": "sjf_max_skipped_steps",
     "attention_backend": "attention_backend", "enforce_eager": "enforce_eager",
     "tensor_parallel_size": "tensor_parallel_size",
-    "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s",
+    "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s", "quantization": "quantization",
 }
 SAMPLING_FIELDS = (
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -76,6 +76,7 @@ class JobOptions:
     device: Optional[str] = None
     load_format: Optional[str] = None
     allow_pickle_weights: Optional[bool] = None
+    quantization: Optional[str] = None
     engine_seed: Optional[int] = None
     block_size: Optional[int] = None
     kv_cache_memory_gb: Optional[float] = None

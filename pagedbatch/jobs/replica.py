@@ -199,6 +199,7 @@ def describe_engine(engine, input_format: str, already_committed: int) -> dict[s
     return {
         "model": engine.config.model,
         "dtype": str(getattr(runner, "dtype", "unknown")).replace("torch.", ""),
+        "quantization": getattr(engine, "quantization", None),  # also when an fp8 checkpoint implied it
         "device": device,
         "device_name": device_name(device),
         "engine_config": engine.config.to_dict(),

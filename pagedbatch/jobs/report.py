@@ -60,6 +60,7 @@ def build_report(out: str) -> dict[str, Any]:
         "batching": engine["batching"],
         "model": start.get("model") or settings.get("model"),
         "dtype": start.get("dtype"),
+        "quantization": start.get("quantization"),
         "device": start.get("device"),
         "device_name": start.get("device_name"),
         "engine_config": start.get("engine_config"),
@@ -305,7 +306,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- Output: `{r['output_dir']}`",
         f"- Input: `{r['input']}`",
         f"- Status: **{r['status']}**",
-        f"- Model: `{r['model']}` ({r['dtype']}) on {r['device']} ({r['device_name']})",
+        f"- Model: `{r['model']}` ({r['dtype']}{', fp8 weights' if r.get('quantization') == 'fp8' else ''}) "
+        f"on {r['device']} ({r['device_name']})",
         "",
         "## Rows and throughput",
         "",

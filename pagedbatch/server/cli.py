@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import click
 
-from ..config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, SCHEDULING_POLICIES
+from ..config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, QUANTIZATIONS, SCHEDULING_POLICIES
 from .settings import DEFAULT_MAX_BODY_BYTES
 
 # click parameter name -> EngineConfig field
@@ -25,6 +25,7 @@ _ENGINE_FIELDS = {
     "sjf_max_skipped_steps": "sjf_max_skipped_steps", "attention_backend": "attention_backend",
     "enforce_eager": "enforce_eager", "tensor_parallel_size": "tensor_parallel_size",
     "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s",
+    "quantization": "quantization",
 }
 
 _OPTIONS = [
@@ -42,6 +43,9 @@ _OPTIONS = [
     click.option("--load-format", type=click.Choice(LOAD_FORMATS), default=None, help="Weights format [auto]."),
     click.option("--allow-pickle-weights/--no-allow-pickle-weights", default=None,
                  help="Allow .bin (pickle) weights; they can run code."),
+    click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=None,
+                 help="fp8: linear weights in float8 e4m3 (GPU: compute capability >= 8.9) [none; fp8 checkpoints "
+                 "imply fp8]."),
     click.option("--engine-seed", type=int, default=None, help="Seed for dummy weights and unseeded sampling [0]."),
     click.option("--block-size", type=int, default=None, help="KV-cache block size in tokens [16]."),
     click.option("--kv-cache-memory-gb", type=float, default=None, help="CPU: KV-cache budget in GB [1.0]."),

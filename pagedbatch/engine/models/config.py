@@ -40,6 +40,8 @@ class ModelArgs:
     torch_dtype: Optional[str] = None
     eos_token_id: list[int] = field(default_factory=list)
     bos_token_id: Optional[int] = None
+    # config.json's quantization_config (a pre-quantized checkpoint), read by quantization.py.
+    quantization_config: Optional[dict] = None
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelArgs":
@@ -107,6 +109,7 @@ class ModelArgs:
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             eos_token_id=eos,
             bos_token_id=cfg.get("bos_token_id"),
+            quantization_config=cfg.get("quantization_config"),
         )
 
 

@@ -9,6 +9,11 @@ The forward pass takes a flat batch of T tokens from many sequences and an
 ``AttentionMetadata`` describing them; the KV cache is passed in, one
 (k, v) pair per layer, owned by the model runner.
 
+fp8 (``quantization.py``): the decoder layers' linear weights listed in
+``fp8_params`` are ``float8_e4m3fn`` with a float32 ``<name>_scale`` per
+output channel, and every matmul goes through ``linear.linear``, which
+picks the kernel. Embeddings, norms and the LM head keep the model dtype.
+
 Tensor parallel (``sharding.py`` says how the weights are cut): the modules
 are built at this rank's shape (``local_args``), and ``comm.all_reduce``
 sums the row-parallel outputs: once after attention, once after the MLP,
@@ -26,13 +31,23 @@ from torch import nn
 from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
+from .fp8 import FP8
 from .fused_ops import rms_norm, silu_and_mul
+from .linear import linear
 from .sharding import TPShard, local_args, vocab_range
 
 
 def _param(*shape: int) -> nn.Parameter:
     # Uninitialised: weights always come from the loader (or dummy init).
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _linear_params(n: int, k: int, fp8: bool) -> tuple[nn.Parameter, Optional[nn.Parameter]]:
+    """A linear layer's weight [n, k] and, for fp8, its per-output-channel scales [n] (float32)."""
+    if not fp8:
+        return _param(n, k), None
+    return (nn.Parameter(torch.empty(n, k, dtype=FP8), requires_grad=False),
+            nn.Parameter(torch.empty(n, dtype=torch.float32), requires_grad=False))
 
 
 class RMSNorm(nn.Module):
@@ -48,15 +63,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, comm=None):
+    """``fp8``: which of its linear weights (``qkv_proj_weight``, ``o_proj_weight``) are fp8."""
+
+    def __init__(self, args: ModelArgs, comm=None, fp8: frozenset = frozenset()):
         super().__init__()
         self.comm = comm
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj_weight = _param(self.q_size + 2 * self.kv_size, args.hidden_size)
+        self.qkv_proj_weight, self.qkv_proj_weight_scale = _linear_params(
+            self.q_size + 2 * self.kv_size, args.hidden_size, "qkv_proj_weight" in fp8)
         self.qkv_proj_bias = _param(self.q_size + 2 * self.kv_size) if args.attention_bias else None
-        self.o_proj_weight = _param(args.hidden_size, self.q_size)
+        self.o_proj_weight, self.o_proj_weight_scale = _linear_params(args.hidden_size, self.q_size,
+                                                                      "o_proj_weight" in fp8)
         if args.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
@@ -65,7 +84,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x, kv_cache, cos_sin, meta: AttentionMetadata, backend: AttentionBackend):
-        qkv = F.linear(x, self.qkv_proj_weight, self.qkv_proj_bias)
+        qkv = linear(x, self.qkv_proj_weight, self.qkv_proj_bias, self.qkv_proj_weight_scale)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -73,30 +92,35 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale)
-        out = F.linear(o.reshape(-1, self.q_size), self.o_proj_weight)
+        out = linear(o.reshape(-1, self.q_size), self.o_proj_weight, None, self.o_proj_weight_scale)
         return out if self.comm is None else self.comm.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, comm=None):
+    def __init__(self, args: ModelArgs, comm=None, fp8: frozenset = frozenset()):
         super().__init__()
         self.comm = comm
         self.inter = args.intermediate_size
-        self.gate_up_proj_weight = _param(2 * args.intermediate_size, args.hidden_size)
-        self.down_proj_weight = _param(args.hidden_size, args.intermediate_size)
+        self.gate_up_proj_weight, self.gate_up_proj_weight_scale = _linear_params(
+            2 * args.intermediate_size, args.hidden_size, "gate_up_proj_weight" in fp8)
+        self.down_proj_weight, self.down_proj_weight_scale = _linear_params(
+            args.hidden_size, args.intermediate_size, "down_proj_weight" in fp8)
 
     def forward(self, x):
-        out = F.linear(silu_and_mul(F.linear(x, self.gate_up_proj_weight)), self.down_proj_weight)
+        h = silu_and_mul(linear(x, self.gate_up_proj_weight, None, self.gate_up_proj_weight_scale))
+        out = linear(h, self.down_proj_weight, None, self.down_proj_weight_scale)
         return out if self.comm is None else self.comm.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, comm=None):
+    """``fp8``: its fp8 linear weights, named inside the layer (``self_attn.qkv_proj_weight``)."""
+
+    def __init__(self, args: ModelArgs, comm=None, fp8: frozenset = frozenset()):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, comm)
+        self.self_attn = Attention(args, comm, _inside(fp8, "self_attn."))
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args, comm)
+        self.mlp = MLP(args, comm, _inside(fp8, "mlp."))
 
     def forward(self, x, residual, kv_cache, cos_sin, meta, backend):
         # The residual add of each block is folded into the next norm (one pass on the GPU).
@@ -109,11 +133,16 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+def _inside(names: frozenset, prefix: str) -> frozenset:
+    return frozenset(n[len(prefix):] for n in names if n.startswith(prefix))
+
+
 class LlamaForCausalLM(nn.Module):
     """``args``: the whole model (config.json); ``shard``/``comm``: this rank's place and its collectives
-    (``comm`` None when running alone)."""
+    (``comm`` None when running alone); ``fp8_params``: the linear weights held in fp8
+    (``layers.3.mlp.down_proj_weight``, see ``quantization.fp8_param_names``)."""
 
-    def __init__(self, args: ModelArgs, shard: TPShard = TPShard(), comm=None):
+    def __init__(self, args: ModelArgs, shard: TPShard = TPShard(), comm=None, fp8_params: frozenset = frozenset()):
         super().__init__()
         if (shard.size > 1) != (comm is not None):
             raise ValueError("a tensor-parallel shard needs its communicator, and only it")
@@ -123,7 +152,8 @@ class LlamaForCausalLM(nn.Module):
         self.local_args = local = local_args(args, shard)
         self.vocab_start, self.vocab_end = vocab_range(args, shard)
         self.embed_tokens = _param(local.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(local, comm) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(local, comm, _inside(fp8_params, f"layers.{i}."))
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = self.embed_tokens if args.tie_word_embeddings else _param(local.vocab_size, args.hidden_size)
         self.checkpoint_bytes_read = 0  # set by the loader: what this rank read from the weight files

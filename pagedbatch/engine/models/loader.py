@@ -8,6 +8,14 @@ Tensor parallel: each rank reads only its rows or columns of each tensor
 (``safe_open(...).get_slice``), so no rank ever holds a whole 70B layer;
 ``sharding.param_parts`` says which. Pickle checkpoints are loaded whole
 (pickle cannot read part of a tensor) and then cut.
+
+fp8 (``quantization.py``): a parameter held in fp8 is filled tensor by
+tensor, on the target device: checkpoint fp8 weights with per-channel or
+per-tensor scales are copied with their scales, anything else (bf16/fp16
+values, block-scaled fp8) is quantized per output channel. A row-parallel
+shard (o_proj, down_proj) holds part of each row, so it reads the whole
+rows once more, in chunks, for their maxima: its scales and values are
+then exactly the slices of the unsharded model's.
 """
 from __future__ import annotations
 
@@ -15,12 +23,15 @@ import glob
 import json
 import os
 import re
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from .config import ModelArgs
+from .fp8 import FP8, check_fp8_support, quantize_rows
 from .llama import LlamaForCausalLM
+from .quantization import (SCALE_SUFFIXES, channel_scales, checkpoint_quant, dequantize, fp8_param_names,
+                           resolve_quantization, scale_layout)
 from .qwen_v1 import ARCHITECTURE as QWEN_V1, rename_tensors as qwen_v1_names
 from .sharding import Part, TPShard, param_parts
 
@@ -89,6 +100,12 @@ class TensorSource:
     def rows(self, start: int, count: int) -> "TensorSource":
         return TensorSource(self._src, (count, *self.shape[1:]), self._row_offset + start)
 
+    @property
+    def is_fp8(self) -> bool:
+        if isinstance(self._src, torch.Tensor):
+            return self._src.dtype == FP8
+        return self._src.get_dtype() == "F8_E4M3"
+
     def read(self, part: Part) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)
         index[0] = slice(self._row_offset, self._row_offset + self.shape[0])
@@ -139,8 +156,15 @@ def _target(model: LlamaForCausalLM, name: str):
     return None
 
 
-def _fill(param: torch.Tensor, part: Part, source: TensorSource, name: str) -> int:
-    """Copy this rank's part of a checkpoint tensor into ``param``; return the bytes read."""
+def _fill(param: torch.Tensor, part: Part, source: TensorSource, name: str,
+          scale: Optional[torch.Tensor] = None, source_scale: Optional[torch.Tensor] = None,
+          block: Optional[tuple[int, int]] = None) -> int:
+    """Copy this rank's part of a checkpoint tensor into ``param``; return the bytes read.
+
+    ``scale``: the parameter's per-channel scales when ``param`` is fp8.
+    ``source_scale``/``block``: the checkpoint tensor's own scales when it is
+    fp8 (and their block shape, if the checkpoint declares one).
+    """
     dest = param if part.dim is None else param.narrow(part.dim, part.dst_start, part.dst_len)
     want = list(dest.shape)
     if part.dim is not None:
@@ -148,22 +172,73 @@ def _fill(param: torch.Tensor, part: Part, source: TensorSource, name: str) -> i
     if tuple(source.shape) != tuple(want):
         raise ValueError(f"weight {name!r} has shape {tuple(source.shape)}, expected {tuple(want)} from config.json")
     tensor = source.read(part)
+    read = tensor.numel() * tensor.element_size()
+    if scale is None and source_scale is None:
+        _put(dest, part, tensor)
+        return read
+    tensor = tensor.to(dest.device)
+    rows = (part.src_start, part.count) if part.dim == 0 else (0, source.shape[0])
+    cols = (part.src_start, part.count) if part.dim == 1 else (0, source.shape[1])
+    layout = None if source_scale is None else scale_layout(source_scale, source.shape, block, name)
+    if scale is not None and layout in ("tensor", "channel"):  # the checkpoint's fp8 values are ours exactly
+        _put(dest, part, tensor)
+        _put_scales(scale, part, channel_scales(source_scale, layout, rows).to(scale.device))
+        return read
+    values = tensor if layout is None else dequantize(tensor, source_scale, layout, rows, cols, block)
+    if scale is None:  # an fp8 checkpoint tensor into a parameter kept in the model dtype
+        _put(dest, part, values)
+        return read
+    amax = None
+    if cols[1] < source.shape[1]:  # a row-parallel shard: scales from the whole rows, as without sharding
+        amax, more = _row_maxima(source, source_scale, layout, block, dest.device)
+        read += more
+    q, s = quantize_rows(values, amax)
+    _put(dest, part, q)
+    _put_scales(scale, part, s)
+    return read
+
+
+def _put(dest: torch.Tensor, part: Part, tensor: torch.Tensor) -> None:
     if part.dim is None:
         dest.copy_(tensor)
-    else:
-        dest.narrow(part.dim, 0, part.count).copy_(tensor)
-        dest.narrow(part.dim, part.count, part.dst_len - part.count).zero_()  # padding rows of the last shard
-    return tensor.numel() * tensor.element_size()
+        return
+    dest.narrow(part.dim, 0, part.count).copy_(tensor)
+    dest.narrow(part.dim, part.count, part.dst_len - part.count).zero_()  # padding rows of the last shard
 
 
-def _build(args: ModelArgs, dtype: torch.dtype, device, shard: TPShard, comm) -> LlamaForCausalLM:
+def _put_scales(scale: torch.Tensor, part: Part, s: torch.Tensor) -> None:
+    if part.dim != 0:  # all output channels
+        scale.copy_(s)
+        return
+    rows = scale.narrow(0, part.dst_start, part.dst_len)
+    rows[: part.count].copy_(s)
+    rows[part.count:].fill_(1.0)  # padding rows: zero weights, any scale
+
+
+def _row_maxima(source: TensorSource, source_scale, layout, block, device,
+                chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """max |w| of every whole row of a checkpoint weight (float32, on ``device``), read ``chunk`` rows at a time."""
+    n, k = source.shape
+    maxima, read = [], 0
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        t = source.read(Part(0, n, start, count, 0, count))
+        read += t.numel() * t.element_size()
+        t = t.to(device)
+        v = t.float() if layout is None else dequantize(t, source_scale, layout, (start, count), (0, k), block)
+        maxima.append(v.abs().amax(dim=1))
+    return torch.cat(maxima), read
+
+
+def _build(args: ModelArgs, dtype: torch.dtype, device, shard: TPShard, comm,
+           fp8_params: frozenset = frozenset()) -> LlamaForCausalLM:
     # Build directly in the target dtype and device: a float32 staging copy of
     # a 7B model would not fit beside the bf16 one.
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return LlamaForCausalLM(args, shard, comm)
+            return LlamaForCausalLM(args, shard, comm, fp8_params)
     finally:
         torch.set_default_dtype(old)
 
@@ -171,14 +246,24 @@ def _build(args: ModelArgs, dtype: torch.dtype, device, shard: TPShard, comm) ->
 @torch.no_grad()
 def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torch.device, *,
                load_format: str = "auto", allow_pickle: bool = False, seed: int = 0,
-               shard: TPShard = TPShard(), comm=None) -> LlamaForCausalLM:
-    """The model (this rank's shard of it) with its weights; ``model.checkpoint_bytes_read`` says what was read."""
-    model = _build(args, dtype, device, shard, comm)
+               shard: TPShard = TPShard(), comm=None, quantization: Optional[str] = None) -> LlamaForCausalLM:
+    """The model (this rank's shard of it) with its weights; ``model.checkpoint_bytes_read`` says what was read.
+
+    ``quantization``: EngineConfig.quantization ("fp8", or None: as the
+    checkpoint stores its weights; an fp8 checkpoint implies "fp8").
+    """
+    quantization = resolve_quantization(quantization, args, os.path.join(model_dir, "config.json"))
+    if quantization == "fp8":
+        check_fp8_support(torch.device(device))
+    model = _build(args, dtype, device, shard, comm, fp8_param_names(args, quantization))
     if load_format == "dummy":
-        _dummy_init(model, seed)
+        _dummy_init(model, seed, dtype)
         return model.eval()
 
     kind, files = weight_files(model_dir, load_format, allow_pickle)
+    ckpt = checkpoint_quant(args.quantization_config)
+    block = ckpt.block if ckpt is not None else None
+    source_scales = _read_scales(kind, files) if ckpt is not None else {}
     names = {id(p): n for n, p in model.named_parameters()}
     loaded: set[tuple[str, object]] = set()
     tensors = _iter_tensors(kind, files)
@@ -191,11 +276,21 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
         param, idx = target
         pname = names[id(param)]
         part = param_parts(args, shard, pname)[idx or 0]
-        model.checkpoint_bytes_read += _fill(param.data, part, source, name)
+        scale = _scale_param(model, pname)
+        source_scale = None
+        if source.is_fp8:
+            stem = name[: -len("weight")]
+            source_scale = next((source_scales[stem + s] for s in SCALE_SUFFIXES if stem + s in source_scales), None)
+            if source_scale is None:
+                raise ValueError(f"{name!r} is float8 but the checkpoint in {model_dir!r} has no "
+                                 f"{stem}weight_scale_inv or {stem}weight_scale for it")
+        model.checkpoint_bytes_read += _fill(param.data, part, source, name, scale, source_scale, block)
         loaded.add((pname, idx))
 
     expected = set()
     for pname, p in model.named_parameters():
+        if pname.endswith("_weight_scale"):
+            continue  # filled with its weight
         if "qkv_proj" in pname or "gate_up_proj" in pname:
             expected.update((pname, i) for i in range(len(param_parts(args, shard, pname))))
         else:
@@ -207,11 +302,43 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
     return model.eval()
 
 
+def _scale_param(model: LlamaForCausalLM, pname: str) -> Optional[torch.Tensor]:
+    """The per-channel scales of fp8 parameter ``pname`` (None when it is not fp8)."""
+    if not pname.endswith("_weight"):
+        return None
+    module, _, attr = (pname + "_scale").rpartition(".")
+    scale = getattr(model.get_submodule(module), attr, None)
+    return None if scale is None else scale.data
+
+
+def _read_scales(kind: str, files: list[str]) -> dict[str, torch.Tensor]:
+    """Every weight-scale tensor of the checkpoint (small: one per channel, tensor or block), float32 on the CPU.
+
+    Read before the weights: a weight and its scale may sit in different files, in any order.
+    """
+    out = {}
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.endswith(SCALE_SUFFIXES):
+                        out[name] = f.get_tensor(name).float()
+    else:
+        for path in files:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            out.update((n, t.float()) for n, t in state.items() if n.endswith(SCALE_SUFFIXES))
+    return out
+
+
 @torch.no_grad()
-def _dummy_init(model: LlamaForCausalLM, seed: int) -> None:
+def _dummy_init(model: LlamaForCausalLM, seed: int, dtype: torch.dtype) -> None:
     # A shard draws every full tensor in the unsharded model's order and keeps
     # its part, so each rank holds exactly its slice of the model one process
     # would build: TP results can be compared with TP 1 on dummy weights too.
+    # fp8 weights are drawn in the model dtype (the same numbers as without
+    # quantization) and quantized; their scales draw nothing.
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     full = {}  # the unsharded shapes (a model on the meta device: no memory)
     if model.shard.size > 1:
@@ -220,13 +347,21 @@ def _dummy_init(model: LlamaForCausalLM, seed: int) -> None:
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue
+        if name.endswith("_weight_scale"):
+            continue
+        scale = _scale_param(model, name)
         parts = param_parts(model.args, model.shard, name)
         if model.shard.size == 1 or parts[0].dim is None:
-            p.normal_(0.0, 0.02, generator=g)
+            if scale is None:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                q, s = quantize_rows(torch.empty(p.shape, dtype=dtype, device=p.device).normal_(0.0, 0.02, generator=g))
+                p.copy_(q)
+                scale.copy_(s)
             continue
-        whole = torch.empty(full[name].shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=g)
+        whole = torch.empty(full[name].shape, dtype=dtype, device=p.device).normal_(0.0, 0.02, generator=g)
         offset = 0  # fused parameters: part i of the whole tensor starts after parts 0..i-1
         for part in parts:
             rows = whole.narrow(0, offset, part.full_len) if len(parts) > 1 else whole
-            _fill(p, part, TensorSource(rows, tuple(rows.shape)), name)
+            _fill(p, part, TensorSource(rows, tuple(rows.shape)), name, scale)
             offset += part.full_len

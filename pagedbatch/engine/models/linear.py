@@ -1,0 +1,126 @@
+"""The model's one linear-layer entry point: ``linear(x, weight, bias, weight_scale)``.
+
+Which kernel runs depends only on shapes, dtypes and the device, never on
+tensor values, so the choice is fixed per CUDA-graph bucket and no call
+syncs with the host:
+
+- bf16/fp16/fp32 weights (``weight_scale`` None): ``F.linear``; on CUDA with
+  few rows (decode) the skinny Triton GEMM instead when ``USE_SKINNY_BF16``
+  and it supports the shape.
+- fp8 weights (``float8_e4m3fn`` [N, K] with per-output-channel float32
+  scales [N]), on CUDA:
+  * few rows (M <= ``skinny_max_m(weight dtype)``): the skinny Triton GEMM, which reads
+    the fp8 weight at full bandwidth (``torch._scaled_mm`` reads it at only
+    ~1.8 TB/s for M <= 128 on an H200, no faster than bf16: bench/fp8_gemm.py);
+  * more rows: the activation quantized per token by one fused Triton kernel
+    (``fp8.quantize_per_token``), then ``torch._scaled_mm`` with row-wise
+    scales (cuBLASLt), bf16 output;
+  * shapes ``_scaled_mm`` refuses (K or N not a multiple of 16, e.g. an
+    odd tensor-parallel split) run the reference path below, with a warning.
+- fp8 weights anywhere else (the CPU): the reference path, the GPU's
+  numerics in float32: the activation quantized per token to e4m3 and back,
+  the weight dequantized with its scales, one float32 matmul.
+
+The skinny GEMM lives in ``skinny_gemm.py`` (``skinny_linear``,
+``skinny_max_m``, ``skinny_supported``), imported lazily: without Triton (or
+that module) every fp8 matmul on CUDA takes the ``_scaled_mm`` path.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .fp8 import dequantize_rows, quantize_per_token, quantize_rows
+
+log = logging.getLogger(__name__)
+
+# Route bf16 weights with few rows through the skinny GEMM where it supports
+# the shape. A module constant, not an engine option: it is the lead's switch
+# to flip after measuring, and it must not change results beyond rounding.
+USE_SKINNY_BF16 = True
+
+
+@functools.lru_cache(maxsize=None)
+def _skinny():
+    try:
+        from . import skinny_gemm
+    except ImportError:
+        return None
+    return skinny_gemm
+
+
+def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.device, fp8: bool) -> str:
+    """The kernel for an [M, K] x [N, K]^T product: "linear", "skinny", "scaled_mm" or "reference" (fp8 in float32).
+
+    Shapes, dtypes and the device only: static per CUDA-graph bucket.
+    """
+    if device.type != "cuda":
+        return "reference" if fp8 else "linear"
+    sk = _skinny()
+    if (fp8 or USE_SKINNY_BF16) and sk is not None and M <= sk.skinny_max_m(weight_dtype) \
+            and sk.skinny_supported(M, N, K, weight_dtype, device):
+        return "skinny"
+    if not fp8:
+        return "linear"
+    if not scaled_mm_supports(N, K):
+        _warn_unsupported(N, K)
+        return "reference"
+    return "scaled_mm"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)``; ``weight_scale`` [N] float32 marks ``weight`` as fp8 (see the module docstring)."""
+    if weight_scale is None and not x.is_cuda:
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    (N, K), M = weight.shape, x2.shape[0]
+    kind = route(M, N, K, weight.dtype, x.device, weight_scale is not None)
+    if kind == "linear":
+        return F.linear(x, weight, bias)
+    if kind == "skinny":
+        out = _skinny().skinny_linear(x2, weight, weight_scale, bias)
+    elif kind == "scaled_mm":
+        out = fp8_linear_scaled_mm(x2, weight, weight_scale, bias)
+    else:
+        out = fp8_linear_reference(x2, weight, weight_scale, bias)
+    return out.reshape(*lead, N)
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fp8 numerics in float32 torch ops (any device): per-token e4m3 activation, dequantized weight."""
+    xq, xs = quantize_rows(x)
+    out = dequantize_rows(xq, xs) @ dequantize_rows(weight, weight_scale).t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def scaled_mm_supports(N: int, K: int) -> bool:
+    """cuBLASLt's fp8 GEMM needs both weight dimensions to be multiples of 16."""
+    return N % 16 == 0 and K % 16 == 0
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token fp8 activation (fused Triton kernel) times the fp8 weight through ``torch._scaled_mm``."""
+    xq, xs = quantize_per_token(x)
+    # Row-wise scaling produces bf16 on every torch/cuBLAS version we run on (fp16 only on some), and a
+    # bias must then be bf16 too: fp16/fp32 models pay one cast each way.
+    if bias is not None and bias.dtype != torch.bfloat16:
+        bias = bias.to(torch.bfloat16)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, -1), bias=bias,
+                           out_dtype=torch.bfloat16)
+    return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unsupported(N: int, K: int) -> None:
+    log.warning("fp8 linear [N=%d, K=%d]: torch._scaled_mm needs N and K to be multiples of 16; this layer "
+                "runs the slow reference path (dequantized float32 matmul)", N, K)

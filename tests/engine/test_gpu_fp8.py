@@ -1,0 +1,191 @@
+"""fp8 weights on the GPU (``pytest -m gpu``; needs compute capability >= 8.9).
+
+- The fused per-token activation quantization: bit-identical to the torch
+  rule (``quantize_rows``) at the 7B layers' input widths, rows read from a
+  NaN-padded buffer and outputs pre-filled with NaN.
+- ``torch._scaled_mm`` (and whatever ``linear()`` routes to: the skinny GEMM
+  for few rows) at the 7B shapes and M in {1, 7, 64, 512, 4096}, against a
+  float32 product of the same quantized operands: one bf16 rounding of the
+  output plus float32 reassociation. Inputs sit in NaN-padded rows; large
+  outputs land in memory the caching allocator just held NaN in.
+- The engine with CUDA graphs on a Qwen2.5-0.5B-shaped model (bf16 values):
+  next-token distributions against Hugging Face bf16 (sdpa), teacher-forced,
+  within the CPU tests' bounds; against the CPU reference path of the same fp8
+  numerics; graph replays equal eager steps. A 7B fp8 model loads within its
+  fp8 size plus one tensor in float32.
+"""
+import gc
+import os
+import shutil
+
+import pytest
+import torch
+
+from logit_agreement import forced_logits, greedy_tokens, kl_and_top1
+from model_factory import build_shaped_model
+from pagedbatch import InferenceEngine
+from pagedbatch.engine.models.fp8 import FP8, dequantize_rows, quantize_per_token, quantize_rows
+from pagedbatch.engine.models.linear import fp8_linear_scaled_mm, linear, route
+
+pytestmark = pytest.mark.gpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHAPES_7B = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
+MS = [1, 7, 64, 512, 4096]
+SHAPED_BOUND = (0.1, 0.85)  # test_fp8_accuracy.py's, measured on the CPU for this model
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Leave NaN in a freed block of ``nbytes``: the next allocations of that size reuse it."""
+    t = torch.full((nbytes // 2 + 1024,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    del t
+
+
+def _activations(M: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """bf16 [M, K] with outlier columns, inside a NaN-filled [M, K + 64] buffer."""
+    buf = torch.full((M, K + 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    x = buf[:, :K]
+    vals = torch.randn(M, K, device="cuda", generator=g)
+    vals[:, ::97] *= 30.0
+    x.copy_(vals)
+    return x
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K", [3584, 18944])  # every 7B linear's input width: hidden, and down_proj's
+def test_fused_activation_quantization_is_bit_identical_to_the_torch_rule(K, M):
+    g = torch.Generator(device="cuda").manual_seed(M + K)
+    x = _activations(M, K, g)
+    x[0] = 0.0  # an all-zero row (CUDA-graph padding rows can be)
+    out = torch.full((M, K), float("nan"), device="cuda").to(FP8)
+    scale_out = torch.full((M, 1), float("nan"), device="cuda")
+    q, s = quantize_per_token(x, out, scale_out)
+    ref_q, ref_s = quantize_rows(x)
+    assert torch.equal(s[:, 0], ref_s)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def _check_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.isfinite(y).all(), "an output element was not written"
+    err = (y.float() - ref).abs()
+    bound = ref.abs() / 128 + 1e-3 * ref.abs().max()  # one bf16 rounding + float32 reassociation
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, max |ref| {ref.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("shape", list(SHAPES_7B))
+def test_scaled_mm_and_routed_linear_match_float32_of_the_same_quantized_operands(shape, M):
+    N, K = SHAPES_7B[shape]
+    g = torch.Generator(device="cuda").manual_seed(N + M)
+    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    wq, ws = quantize_rows(w)
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16) if shape == "qkv" else None
+    x = _activations(M, K, g)
+    xq, xs = quantize_rows(x)
+    ref = dequantize_rows(xq, xs) @ dequantize_rows(wq, ws).t()
+    if bias is not None:
+        ref += bias.float()
+    room = M * N * 2 + M * K + 2**22  # the quantized activation is allocated first, then the output
+    _poison_allocator(room)
+    _check_close(fp8_linear_scaled_mm(x, wq, ws, bias), ref)
+    assert route(M, N, K, FP8, x.device, True) == ("skinny" if M <= 64 else "scaled_mm")
+    _poison_allocator(room)
+    _check_close(linear(x, wq, bias, ws), ref)
+
+
+def test_routed_linear_replays_in_a_cuda_graph():
+    N, K = SHAPES_7B["qkv"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wq, ws = quantize_rows(torch.randn(N, K, device="cuda", generator=g) * 0.02)
+    for M in (7, 512):
+        x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+        linear(x, wq, None, ws)  # warm-up: compile, allocate
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = linear(x, wq, None, ws)
+        x.copy_(torch.randn(M, K, device="cuda", generator=g))
+        graph.replay()
+        assert torch.equal(y, linear(x, wq, None, ws))
+
+
+def test_a_7b_model_loads_in_fp8_within_its_size_plus_little(tmp_path):
+    from pagedbatch.engine.models.config import ModelArgs
+    from pagedbatch.engine.models.loader import load_model
+
+    d = tmp_path / "qwen2.5-7b"
+    d.mkdir()
+    shutil.copy(os.path.join(ROOT, "configs", "models", "qwen2.5-7b.json"), d / "config.json")
+    args = ModelArgs.from_dir(str(d))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = load_model(str(d), args, torch.bfloat16, torch.device("cuda"), load_format="dummy", quantization="fp8")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    bf16_size = sum(p.numel() * 2 for p in model.parameters() if p.dtype != torch.float32)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert size < 0.6 * bf16_size, (size, bf16_size)
+    # One tensor at a time in float32 beside the model (gate_up, the largest: 0.54 GB).
+    assert peak <= size + 1.5 * 2**30, f"peak {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB model"
+
+
+def _hf_forced_logits(model_dir: str, prompts, tokens) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    hf = hf.to("cuda").eval()
+    steps = tokens.shape[1]
+    out = []
+    with torch.no_grad():
+        for p, t in zip(prompts, tokens.tolist()):
+            ids = torch.tensor([p + t[:-1]], device="cuda")
+            out.append(hf(ids).logits[0, len(p) - 1: len(p) - 1 + steps].float().cpu())
+    del hf
+    return torch.stack(out)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(4, vocab, (int(torch.randint(4, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(16)]
+
+
+@pytest.mark.parametrize("layers, vocab", [(2, 4096), (24, 151936)], ids=["2-layers", "24-layers"])
+def test_fp8_engine_with_cuda_graphs_stays_close_to_hf_bf16(tmp_path, layers, vocab):
+    d = build_shaped_model("qwen2.5-0.5b.json", tmp_path / "m", num_layers=layers, vocab_size=vocab)
+    prompts = _prompts(vocab)
+    kw = dict(device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_num_seqs=16, num_kv_blocks=256)
+    bf16 = InferenceEngine(d, **kw)
+    tokens = greedy_tokens(bf16, prompts, 32)
+    hf = _hf_forced_logits(d, prompts, tokens)
+    ours_bf16 = forced_logits(bf16, prompts, tokens, decode=True)
+    del bf16
+    fp8 = InferenceEngine(d, quantization="fp8", **kw)
+    assert fp8.engine.runner.graphs is not None  # decode steps replay CUDA graphs
+    ours_fp8 = forced_logits(fp8, prompts, tokens, decode=True)
+    control, got = kl_and_top1(hf, ours_bf16), kl_and_top1(hf, ours_fp8)
+    print(f"\n{layers} layers: ours bf16 vs HF bf16 (KL, top-1) {control}; ours fp8 vs HF bf16 {got}")
+    assert control[0] <= 0.01 and control[1] >= 0.97, control
+    bound = SHAPED_BOUND if layers == 2 else (0.25, 0.8)  # 24 layers: not calibrated on the CPU (too slow there)
+    assert got[0] <= bound[0] and got[1] >= bound[1], (got, bound)
+    # Graph replays and eager steps run the same kernels.
+    eager = InferenceEngine(d, quantization="fp8", enforce_eager=True, **kw)
+    diff = (forced_logits(eager, prompts, tokens, decode=True) - ours_fp8).abs().max().item()
+    assert diff <= 1e-3 * ours_fp8.abs().max().item(), diff
+    del eager, fp8
+    if layers == 2:
+        # The GPU kernels implement the CPU reference path's numerics: they differ by the bf16 rounding
+        # of the activations between layers only (bf16 vs float32 at this size: KL ~4e-4 on the CPU).
+        cpu = InferenceEngine(d, device="cpu", dtype="float32", quantization="fp8", skip_tokenizer_init=True,
+                              num_kv_blocks=128)
+        ref = forced_logits(cpu, prompts, tokens, decode=False)
+        cross = kl_and_top1(ref, ours_fp8)
+        print(f"GPU fp8 vs CPU fp8 reference {cross}")
+        assert cross[0] <= 0.02 and cross[1] >= 0.95, cross
