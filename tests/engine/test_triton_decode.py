@@ -43,12 +43,18 @@ SCALES = (0.03, 0.2)  # k, v: far from 1 and from each other, so a dropped or sw
 
 @pytest.mark.parametrize("name", list(DECODE_CONFIGS))
 def test_every_decode_config_matches_reference(name):
-    # Group 2 (multiply-add lanes in v2) over 32-token blocks, 2 splits; group 3 (tl.dot) over 16-token
+    # Group 2 (multiply-add lanes in the lanes configs) over 32-token blocks, 2 splits; group 3 (tl.dot) over 16-token
     # blocks with the config's own split policy. Sequences of 18 and 71 keys: full tiles and a partial one.
     backend = TritonAttentionBackend(decode_config=name, num_splits=2)
     check(ctx_lens=[17, 70], q_lens=[1, 1], heads=2, kv_heads=1, block_size=32, backend=backend)
     check(ctx_lens=[70, 17], q_lens=[1, 1], heads=3, kv_heads=1, block_size=16,
           backend=TritonAttentionBackend(decode_config=name))
+
+
+def test_lanes_path_serves_one_head_per_kv_head():
+    # MHA (group 1): a [1, keys, head_dim] lanes state, scalar table entries (16-key tiles in 32-token blocks).
+    check(ctx_lens=[40, 5], q_lens=[1, 1], heads=2, kv_heads=2, block_size=32,
+          backend=TritonAttentionBackend(decode_config="v2-lanes", num_splits=2))
 
 
 def test_default_decode_configs_exist_and_unknown_names_fail():
@@ -67,7 +73,7 @@ def _torch_written(b):
     return apply_rotary(b.q, cos, sin)
 
 
-@pytest.mark.parametrize("name", ["v1", "v2", "v2-dot"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v2-lanes", None], ids=["v1", "v2", "v2-lanes", "fp8-default"])
 def test_fp8_decode_reads_torch_written_cache_with_scales(name):
     b = make_batch([0, 17, 40, 100], [1] * 4, 6, 2, 32, 16, torch.float32, kv_scale=SCALES)
     scale = 32**-0.5

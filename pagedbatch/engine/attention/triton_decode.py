@@ -12,11 +12,12 @@ write a partial output and its log2-sum-exp to a float32 workspace that
   issued back to back before any math, so both are in flight together;
   full tiles are unmasked and only a sequence's last tile is masked; a
   tile inside one cache block takes one scalar table entry. Scores use
-  ``tl.dot`` over the group padded to 16 rows, or, for groups of 1-2
-  (``lanes_max_group``), plain multiply-adds with a separate online-softmax
-  state per key slot, so the loop has no cross-warp reduction (the 16-row
-  padding wastes 8x the MMA work on a group of 2, and the row max/sum of a
-  dot's accumulator crosses warps through shared memory every tile).
+  ``tl.dot`` over the group padded to 16 rows, or, for small groups when
+  ``lanes_max_group`` allows, plain multiply-adds with a separate
+  online-softmax state per key slot, so the loop has no cross-warp
+  reduction (the 16-row padding wastes 8x the MMA work on a group of 2,
+  and the row max/sum of a dot's accumulator crosses warps through shared
+  memory every tile) at the price of more instructions per byte.
 
 Why v1 reads KV at about half the copy bandwidth is argued in
 docs/benchmarks.md ("Decode attention"); ``bench/decode_attention.py``
@@ -48,7 +49,7 @@ class DecodeConfig:
     block_n: int = 64  # keys per loop iteration with tl.dot (a power of two >= 16)
     num_warps: int = 4
     num_stages: int = 2  # Triton's software pipelining of the loop's loads (1: none)
-    lanes_max_group: int = 2  # v2: groups up to this size use multiply-adds instead of tl.dot
+    lanes_max_group: int = 0  # v2: groups up to this size use multiply-adds instead of tl.dot
     lanes_block_n: int = 16  # ... with this many keys per iteration (its state is [group, keys, head_dim])
     prefetch_table: bool = True  # v2: load tile t+1's block ids during tile t
     early_v: bool = True  # v2: issue the V load with the K load, before the softmax math
@@ -86,19 +87,22 @@ _V2 = DecodeConfig()
 # Named configurations: the benchmark sweeps them, the backend takes any by name.
 DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # The kernel as of 0a4336f: 47% of copy bandwidth on W-nano (GPU_FACTS 2026-12-03).
-    "v1": DecodeConfig(kernel="v1", block_n=64, num_warps=4, num_stages=2),
+    "v1": DecodeConfig(kernel="v1", block_n=64, num_warps=4, num_stages=2, lanes_max_group=0),
+    # v2 with v1's tile, warps and stages: what the structure alone gains.
     "v2": _V2,
-    # Ablations of v2, one knob at a time.
-    "v2-dot": dataclasses.replace(_V2, lanes_max_group=0),  # groups of 1-2 through tl.dot too
+    # One knob at a time.
     "v2-no-prefetch": dataclasses.replace(_V2, prefetch_table=False),
     "v2-late-v": dataclasses.replace(_V2, early_v=False),
     "v2-stages1": dataclasses.replace(_V2, num_stages=1),
     "v2-stages3": dataclasses.replace(_V2, num_stages=3),
+    "v2-warps2": dataclasses.replace(_V2, num_warps=2),
     "v2-warps8": dataclasses.replace(_V2, num_warps=8),
     "v2-n32": dataclasses.replace(_V2, block_n=32),
+    # fp8 tiles carry half the bytes: twice the keys per iteration moves as many bytes as bf16's 64.
     "v2-n128-w8": dataclasses.replace(_V2, block_n=128, num_warps=8),
-    "v2-lanes32-w8": dataclasses.replace(_V2, lanes_block_n=32, num_warps=8),
-    "v2-lanes16-w2": dataclasses.replace(_V2, num_warps=2),
+    # Groups of 1-2 (W-nano's 16 q / 8 kv heads) on multiply-add lanes instead of a 16-row tl.dot.
+    "v2-lanes": dataclasses.replace(_V2, lanes_max_group=2),
+    "v2-lanes32-w8": dataclasses.replace(_V2, lanes_max_group=2, lanes_block_n=32, num_warps=8),
     # Split policy: more, shorter programs (less tail from long sequences) against partial-output traffic.
     "v2-pps16": dataclasses.replace(_V2, programs_per_sm=16, min_tiles_per_split=2),
     "v2-nosplit": dataclasses.replace(_V2, max_splits=1),
@@ -106,7 +110,7 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2", 2: "v2", 4: "v2"}
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-n128-w8", 2: "v2", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
@@ -343,7 +347,8 @@ def _decode_v2_kernel(
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC)
-    for t in range(tl.maximum(t_lo, t_full), t_hi):  # the sequence's partial last tile, if this split has it
+    t = tl.maximum(t_lo, t_full)
+    if t < t_hi:  # the sequence's partial last tile, if this split has it
         cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC)
