@@ -41,7 +41,20 @@ SCALES = (0.03, 0.2)  # k, v: far from 1 and from each other, so a dropped or sw
 # ---------------------------------------------------------------- CPU (interpreter), float32
 
 
-@pytest.mark.parametrize("name", list(DECODE_CONFIGS))
+def _interpreter_distinct(names):
+    """Configs whose kernels differ in more than num_warps/num_stages (which the interpreter ignores) or
+    the split policy (host arithmetic, pinned by test_split_policies_of_the_named_configs)."""
+    seen, out = set(), []
+    for name in names:
+        key = dataclasses.replace(DECODE_CONFIGS[name], num_warps=4, num_stages=1, programs_per_sm=4,
+                                  min_tiles_per_split=4, max_splits=16)
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _interpreter_distinct(DECODE_CONFIGS))
 def test_every_decode_config_matches_reference(name):
     # Group 2 (multiply-add lanes in the lanes configs) over 32-token blocks, 2 splits; group 3 (tl.dot) over 16-token
     # blocks with the config's own split policy. Sequences of 18 and 71 keys: full tiles and a partial one.
@@ -49,6 +62,20 @@ def test_every_decode_config_matches_reference(name):
     check(ctx_lens=[17, 70], q_lens=[1, 1], heads=2, kv_heads=1, block_size=32, backend=backend)
     check(ctx_lens=[70, 17], q_lens=[1, 1], heads=3, kv_heads=1, block_size=16,
           backend=TritonAttentionBackend(decode_config=name))
+
+
+def test_split_policies_of_the_named_configs():
+    def splits(name, batch, kv_heads, group, max_len):
+        return DECODE_CONFIGS[name].num_splits(batch, kv_heads, group, max_len, num_sms=132)
+
+    # W-nano's full batch (2,048 programs): no split unless asked for 16 programs per SM.
+    assert splits("v2", 256, 8, 2, 40960) == 1 and splits("v2-pps16", 256, 8, 2, 40960) == 2
+    # Batch 1 on the 7B shape under a CUDA-graph bound: as many as allowed, or as capped.
+    assert splits("v2", 1, 4, 7, 32768) == 16 and splits("v2-nosplit", 1, 4, 7, 32768) == 1
+    assert splits("v2-splits4", 1, 4, 7, 32768) == 4
+    # Long contexts: enough programs for 4 per SM; the tile size sets the shortest split.
+    assert splits("v2", 32, 4, 7, 32768) == 5 and splits("v2", 1, 4, 7, 600) == 2
+    assert splits("v2-n128-w8", 1, 4, 7, 600) == 1
 
 
 def test_lanes_path_serves_one_head_per_kv_head():
@@ -154,8 +181,13 @@ def _poisoned_attend(backend, b, scale, meta=None):
     meta = meta or b.meta
     q_rot = rotary_cache_write(b.q, b.k, b.v, b.k_cache, b.v_cache, b.cos_sin, meta.positions, meta.slot_mapping,
                                kv_scale=b.kv_scale)
-    if backend._workspace._buf is not None:
-        backend._workspace._buf.fill_(float("nan"))
+    T, H, D = q_rot.shape
+    kvh = b.k_cache.shape[2]
+    splits = backend.decode_num_splits(meta.num_seqs, kvh, meta.max_seq_len, q_rot.device, H // kvh,
+                                       b.k_cache.dtype)
+    if meta.is_decode_only and splits > 1:  # every split must write its partial output and log-sum-exp
+        for part in backend._workspace.get(meta.num_seqs, H, splits, D, q_rot.device):
+            part.fill_(float("nan"))
     out = torch.full_like(q_rot, float("nan"))
     got = backend.attend(q_rot, b.k_cache, b.v_cache, meta, scale, b.kv_scale, out=out)
     assert got.data_ptr() == out.data_ptr()
