@@ -153,9 +153,9 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
     from pagedbatch.engine.attention.triton_decode import DECODE_CONFIGS, _launch, decode_workspace_shape
 
     group = case.heads // case.kv_heads
-    probe = build_case(case, fp8, 1, device)
-    layers = 1 if quick else max(2, min(256, -(-4 * L2_BYTES // probe["kv_bytes"])))
-    del probe
+    mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
+    bytes_per_call = case.batch * mean_len * case.kv_heads * case.head_dim * 2 * (1 if fp8 else 2)
+    layers = 1 if quick else max(2, min(256, -(-4 * L2_BYTES // bytes_per_call)))
     data = build_case(case, fp8, layers, device)
     refs = {}
     rows, seen = [], {}
