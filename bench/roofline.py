@@ -49,15 +49,16 @@ class Shape:
 
 
 def roofline_seconds(shape: Shape, prompt_lens: list[int], out_lens: list[int], copy_bw: float, matmul_rate: float,
-                     dtype_bytes: int = 2, num_gpus: int = 1) -> dict:
-    """``copy_bw`` and ``matmul_rate`` are one GPU's; ``num_gpus`` of them split the model (tensor parallel)."""
+                     dtype_bytes: int = 2, num_gpus: int = 1, kv_dtype_bytes: int | None = None) -> dict:
+    """``copy_bw`` and ``matmul_rate`` are one GPU's; ``num_gpus`` of them split the model (tensor parallel).
+    ``kv_dtype_bytes``: bytes per cached K/V element (1 for an fp8 cache; default ``dtype_bytes``)."""
     kv_copies = max(1.0, num_gpus / shape.kv_heads)
     copy_bw, matmul_rate = copy_bw * num_gpus, matmul_rate * num_gpus
     attn_flops_per_ctx = 4 * shape.layers * shape.heads * shape.head_dim  # QK^T and PV per (query, key) pair
     prefill_flops = sum(2 * shape.matmul_params * n + attn_flops_per_ctx * n * (n + 1) / 2 for n in prompt_lens)
     prefill_s = prefill_flops / matmul_rate
     weight_bytes = shape.matmul_params * dtype_bytes
-    kvb = shape.kv_bytes_per_token(dtype_bytes) * kv_copies
+    kvb = shape.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes) * kv_copies
     decode_s = 0.0
     # The first output token comes from prefill; decode step k produces token k+1.
     for k in range(1, max(out_lens)):

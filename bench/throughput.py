@@ -95,7 +95,7 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           tensor_parallel_size=args.tensor_parallel_size, fused_sampler=not args.no_fused_sampler,
-                          quantization=args.quantization)
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
     # Warm-up on other random prompts (the workload's own would sit in the
@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                    help="our engine's KV cache (fp8: the roofline counts 1 byte per cached element)")
     ap.add_argument("--policy", default="fcfs")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-fused-sampler", action="store_true",
@@ -230,7 +232,8 @@ def main(argv=None) -> int:
     cfg = json.load(open(os.path.join(ROOT, "configs", "models", w.model_config)))
     tp = args.tensor_parallel_size
     roof = roofline_seconds(Shape.from_hf(cfg), list(map(len, w.prompts)), w.max_tokens, ceilings["copy_bw"],
-                            ceilings["matmul_rate"], num_gpus=tp)
+                            ceilings["matmul_rate"], num_gpus=tp,
+                            kv_dtype_bytes=1 if args.kv_cache_dtype != "auto" else None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model_dir_for(w, tmp)

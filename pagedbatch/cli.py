@@ -17,7 +17,7 @@ from typing import Any, Optional
 import click
 
 from . import __version__
-from .config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, QUANTIZATIONS, SCHEDULING_POLICIES
+from .config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, SCHEDULING_POLICIES
 
 INPUT_FORMATS = ("jsonl", "parquet", "csv", "hf-disk", "hf", "openai")  # pagedbatch.io.FORMATS, without importing pyarrow
 
@@ -103,6 +103,8 @@ _RUN_OPTIONS = [
     _opt(ENGINE, "--gpu-memory-utilization", type=float, help="GPU: fraction of memory the engine may use [0.9]."),
     _opt(ENGINE, "--num-kv-blocks", type=int, help="Exact number of KV blocks (overrides the memory budgets)."),
     _flag(ENGINE, "enable-prefix-caching", "Reuse KV blocks of shared prompt prefixes [on]."),
+    _opt(ENGINE, "--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), help="KV-cache storage: auto (the model's "
+         "dtype) or fp8 (e4m3 with the checkpoint's per-layer scales, else 1.0; twice the tokens) [auto]."),
     _opt(ENGINE, "--max-model-len", type=int, help="Longest prompt+output in tokens [the model's limit]."),
     _opt(ENGINE, "--max-num-seqs", type=int, help="Most sequences in one batch [256]."),
     _opt(ENGINE, "--max-num-batched-tokens", type=int, help="Token budget per engine step [8192]."),

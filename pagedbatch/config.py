@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-basic")
 QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model's dtype; fp8: float8 e4m3 with per-layer scales
 
 
 @dataclass
@@ -43,6 +44,9 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None  # exact override (tests, benchmarks)
     # Reuse the K/V of full blocks shared with earlier prompts (exact; see block_manager.py).
     enable_prefix_caching: bool = True
+    # "fp8": the cache stores float8 e4m3 with a K and a V scale per layer (from the checkpoint, else 1.0):
+    # twice the tokens fit. Needs compute capability >= 8.9 on a GPU; any CPU.
+    kv_cache_dtype: str = "auto"
 
     # Scheduler
     max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings
@@ -78,6 +82,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None (weights as the checkpoint stores them) or one of "
                              f"{', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "triton-basic":
+            raise ValueError("attention_backend 'triton-basic' has no fp8 KV cache: use 'triton', 'torch' or 'auto'")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not (16 <= self.block_size <= 256) or self.block_size & (self.block_size - 1):

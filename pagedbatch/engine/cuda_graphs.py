@@ -59,8 +59,9 @@ class DecodeGraphs:
         reserve = getattr(self.backend, "reserve", None)
         if reserve is not None:  # split-K workspace allocated before any graph points at it
             a = self.model.local_args  # this rank's heads
+            kv_dtype = self.kv_caches[0][0].dtype
             for b in self.buckets:
-                reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device)
+                reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device, kv_dtype)
         for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile kernels, settle allocations

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
+from .attention.kv_quant import check_kv_cache_device, kv_cache_torch_dtype
 from .attention.metadata import AttentionMetadata
 from .models.config import ModelArgs, rope_cos_sin
 from .models.loader import load_model
@@ -119,6 +120,8 @@ class ModelRunner:
         self.device = device
         self.tp = tp
         self.dtype = resolve_dtype(config, args, device)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        check_kv_cache_device(self.kv_dtype, device)  # before any weight is read
         self.max_model_len = max_model_len
         self.eos_ids = sorted(eos_ids)
         shard = TPShard(tp.rank, tp.size) if tp is not None else TPShard()
@@ -129,6 +132,10 @@ class ModelRunner:
             # Every rank has loaded before any rank profiles (NCCL) a model it could not wait for.
             self.bytes_read_per_rank = tp.all_ints(self.model.checkpoint_bytes_read)
         local = self.model.local_args  # this rank's heads (and KV heads): the KV cache holds only those
+        if config.kv_cache_dtype != "auto" and len(self.model.kv_scales_loaded) < args.num_layers:
+            log.warning("kv_cache_dtype %r: %d of %d layers have no k_scale/v_scale in the checkpoint; they use "
+                        "1.0 (values beyond +-448 saturate)", config.kv_cache_dtype,
+                        args.num_layers - len(self.model.kv_scales_loaded), args.num_layers)
         self.backend = make_backend(config, device)
         self.cos_sin = rope_cos_sin(args, max_model_len, device)
         self.sampler = Sampler(seed=config.seed, fused=None if config.fused_sampler else False)
@@ -140,7 +147,7 @@ class ModelRunner:
         # One extra block past those the block manager hands out: the scratch
         # block that CUDA-graph padding rows write into.
         shape = (2, args.num_layers, self.num_blocks + 1, self.block_size, local.num_kv_heads, args.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and self.backend.name.startswith("triton"):
@@ -169,7 +176,7 @@ class ModelRunner:
         """KV bytes of one block on this rank (its own KV heads)."""
         a = self.args
         kv_heads = self.model.local_args.num_kv_heads
-        return 2 * a.num_layers * self.block_size * kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -201,7 +208,7 @@ class ModelRunner:
         blocks = -(-n // self.block_size)
         kv_heads = self.model.local_args.num_kv_heads
         tmp = torch.zeros((2, a.num_layers, blocks, self.block_size, kv_heads, a.head_dim),
-                          dtype=self.dtype, device=self.device)
+                          dtype=self.kv_dtype, device=self.device)
         caches = [(tmp[0, i], tmp[1, i]) for i in range(a.num_layers)]
         dev = self.device
         meta = AttentionMetadata(
@@ -226,8 +233,8 @@ class ModelRunner:
             raise ValueError(
                 f"no GPU memory left for the KV cache: the model and activations need {peak / 2**30:.1f} GiB of "
                 f"{total / 2**30:.1f} GiB; raise gpu_memory_utilization or lower max_num_batched_tokens")
-        log.info("KV cache: %d blocks of %d tokens (%.1f GiB); model+activations peak %.1f GiB",
-                 num, self.block_size, num * self.bytes_per_block() / 2**30, peak / 2**30)
+        log.info("KV cache: %d blocks of %d tokens (%.1f GiB, %s); model+activations peak %.1f GiB",
+                 num, self.block_size, num * self.bytes_per_block() / 2**30, self.kv_dtype, peak / 2**30)
         return num
 
     # -- one step --------------------------------------------------------

@@ -79,6 +79,8 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
         "quantization": opts.quantization,
         "engine_seed": opts.engine_seed or 0,
         "max_model_len": opts.max_model_len,
+        # Only when set: manifests written before the option existed still match a job without it.
+        **({"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype not in (None, "auto") else {}),
         "sampling": opts.default_sampling(),
         "columns": {"prompt": opts.include_prompt, "token_ids": opts.include_token_ids,
                     "logprobs": opts.include_logprobs, "openai": opts.output_format == "jsonl"},

@@ -27,7 +27,8 @@ ENGINE_FIELDS = {
     "load_format": "load_format", "allow_pickle_weights": "allow_pickle_weights", "engine_seed": "seed",
     "block_size": "block_size", "kv_cache_memory_gb": "kv_cache_memory_gb",
     "gpu_memory_utilization": "gpu_memory_utilization", "num_kv_blocks": "num_kv_blocks",
-    "enable_prefix_caching": "enable_prefix_caching", "max_model_len": "max_model_len",
+    "enable_prefix_caching": "enable_prefix_caching", "kv_cache_dtype": "kv_cache_dtype",
+    "max_model_len": "max_model_len",
     "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
     "scheduling_policy": "scheduling_policy", "sjf_max_skipped_steps": "sjf_max_skipped_steps",
     "attention_backend": "attention_backend", "enforce_eager": "enforce_eager",
@@ -83,6 +84,7 @@ class JobOptions:
     gpu_memory_utilization: Optional[float] = None
     num_kv_blocks: Optional[int] = None
     enable_prefix_caching: Optional[bool] = None
+    kv_cache_dtype: Optional[str] = None
     max_model_len: Optional[int] = None
     max_num_seqs: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None

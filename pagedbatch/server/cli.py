@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import click
 
-from ..config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, QUANTIZATIONS, SCHEDULING_POLICIES
+from ..config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, SCHEDULING_POLICIES
 from .settings import DEFAULT_MAX_BODY_BYTES
 
 # click parameter name -> EngineConfig field
@@ -20,6 +20,7 @@ _ENGINE_FIELDS = {
     "allow_pickle_weights": "allow_pickle_weights", "engine_seed": "seed", "block_size": "block_size",
     "kv_cache_memory_gb": "kv_cache_memory_gb", "gpu_memory_utilization": "gpu_memory_utilization",
     "num_kv_blocks": "num_kv_blocks", "enable_prefix_caching": "enable_prefix_caching",
+    "kv_cache_dtype": "kv_cache_dtype",
     "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens", "scheduling_policy": "scheduling_policy",
     "sjf_max_skipped_steps": "sjf_max_skipped_steps", "attention_backend": "attention_backend",
@@ -53,6 +54,8 @@ _OPTIONS = [
     click.option("--num-kv-blocks", type=int, default=None, help="Exact number of KV blocks."),
     click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
                  help="Reuse KV blocks of shared prompt prefixes [on]."),
+    click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default=None,
+                 help="KV-cache storage: auto (the model's dtype) or fp8 (e4m3, per-layer scales) [auto]."),
     click.option("--max-model-len", type=int, default=None, help="Longest prompt+output in tokens [the model's]."),
     click.option("--max-num-seqs", type=int, default=None, help="Most sequences in one batch [256]."),
     click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget per engine step [8192]."),

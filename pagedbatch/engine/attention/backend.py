@@ -5,10 +5,14 @@ receives q/k/v for the new tokens *before* rotary, applies rotary at each
 token's position, writes k/v into the paged cache, and attends over the cached
 context through the block table. Doing all three in one call lets a fast
 backend fuse them; the torch reference does them one after the other.
+
+A cache in float8 (``kv_quant.py``) comes with the layer's ``kv_scale``
+([k_scale, v_scale] float32 on the device): writes store x / scale, reads
+use stored * scale. A cache in the model's dtype ignores it.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -28,5 +32,6 @@ class AttentionBackend(Protocol):
         cos_sin: torch.Tensor,  # [max_positions, head_dim] float32: cos half, then sin half
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: Optional[torch.Tensor] = None,  # [2] float32: the fp8 cache's K and V scales
     ) -> torch.Tensor:  # [T, num_heads, head_dim], dtype of q
         ...

@@ -12,19 +12,20 @@ block size); the split count is then constant for the bucket. The split-K
 workspace is allocated once and only grows; a replaced buffer is kept alive
 because graphs captured earlier still point at it. Calling ``reserve`` with
 the largest bucket before capturing avoids growth altogether.
+
+Decode runs one of the ``triton_decode.DECODE_CONFIGS`` (the default for the
+cache's dtype unless ``decode_config`` names one).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
 
 import torch
 
 from .metadata import AttentionMetadata
-from .triton_kernels import (
-    choose_num_splits,
-    decode_workspace_shape,
-    paged_decode,
-    paged_prefill,
-    rotary_cache_write,
-)
+from .triton_decode import DecodeConfig, decode_workspace_shape, paged_decode, resolve_decode_config
+from .triton_kernels import paged_prefill, rotary_cache_write
 
 
 class _SplitWorkspace:
@@ -50,8 +51,11 @@ class _SplitWorkspace:
 class TritonAttentionBackend:
     """Paged attention in Triton kernels.
 
-    ``num_splits`` forces the decode split count (tests, tuning); otherwise it is
-    chosen from (num_seqs, num_kv_heads, max_seq_len) and the SM count.
+    ``num_splits`` forces the decode split count (tests, tuning); otherwise the
+    decode config's policy chooses it from (num_seqs, num_kv_heads, max_seq_len)
+    and the SM count. ``decode_config``: a ``DecodeConfig`` or a name in
+    ``DECODE_CONFIGS`` (None: the default for the cache's dtype);
+    ``decode_block_n`` overrides its keys per iteration (both tile kinds).
     """
 
     name = "triton"
@@ -59,18 +63,26 @@ class TritonAttentionBackend:
     def __init__(
         self,
         *,
-        num_splits: int | None = None,
-        max_splits: int = 16,
-        decode_block_n: int = 64,
+        num_splits: Optional[int] = None,
+        max_splits: Optional[int] = None,
+        decode_config: Union[str, DecodeConfig, None] = None,
+        decode_block_n: Optional[int] = None,
         prefill_block_m: int = 64,
         prefill_block_n: int = 64,
-        num_sms: int | None = None,
+        num_sms: Optional[int] = None,
     ) -> None:
         if num_splits is not None and num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         self.num_splits = num_splits
-        self.max_splits = max_splits
-        self.decode_block_n = decode_block_n
+        self._decode_config = decode_config
+        overrides = {}
+        if max_splits is not None:
+            overrides["max_splits"] = max_splits
+        if decode_block_n is not None:
+            overrides.update(block_n=decode_block_n, lanes_block_n=decode_block_n)
+        self._decode_overrides = overrides
+        self._decode_configs: dict[torch.dtype, DecodeConfig] = {}  # by cache dtype, resolved once
+        self.decode_config(torch.bfloat16)  # an unknown name or bad override fails here, not mid-run
         self.prefill_block_m = prefill_block_m
         self.prefill_block_n = prefill_block_n
         self._num_sms = num_sms
@@ -84,30 +96,50 @@ class TritonAttentionBackend:
                 self._num_sms = 132  # H100: keeps CPU (interpreter) choices those of the target
         return self._num_sms
 
-    def decode_num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device) -> int:
+    def decode_config(self, kv_dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
+        cfg = self._decode_configs.get(kv_dtype)
+        if cfg is None:
+            cfg = resolve_decode_config(self._decode_config, kv_dtype)
+            if self._decode_overrides:
+                cfg = dataclasses.replace(cfg, **self._decode_overrides)
+            self._decode_configs[kv_dtype] = cfg
+        return cfg
+
+    def decode_num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device, group: int = 1,
+                          kv_dtype: torch.dtype = torch.bfloat16) -> int:
         if self.num_splits is not None:
             return self.num_splits
-        return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, self.decode_block_n,
-                                 self._sm_count(torch.device(device)), self.max_splits)
+        return self.decode_config(kv_dtype).num_splits(num_seqs, num_kv_heads, group, max_seq_len,
+                                                       self._sm_count(torch.device(device)))
 
     def reserve(self, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
-                device) -> None:
+                device, kv_dtype: torch.dtype = torch.bfloat16) -> None:
         """Allocate the decode workspace for the largest batch up front (before graph capture)."""
-        splits = self.decode_num_splits(num_seqs, num_kv_heads, max_seq_len, device)
+        splits = self.decode_num_splits(num_seqs, num_kv_heads, max_seq_len, device, num_heads // num_kv_heads,
+                                        kv_dtype)
         if splits > 1:
             self._workspace.get(num_seqs, num_heads, splits, head_dim, device)
 
-    def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        T, H, D = q.shape
-        q_rot = rotary_cache_write(q, k, v, k_cache, v_cache, cos_sin, meta.positions, meta.slot_mapping)
-        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float,
+                kv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q_rot = rotary_cache_write(q, k, v, k_cache, v_cache, cos_sin, meta.positions, meta.slot_mapping,
+                                   kv_scale=kv_scale)
+        return self.attend(q_rot, k_cache, v_cache, meta, scale, kv_scale)
+
+    def attend(self, q_rot, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               kv_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of rotated queries over a cache that already holds this step's keys (``forward``'s second half)."""
+        T, H, D = q_rot.shape
+        if out is None:
+            out = torch.empty((T, H, D), dtype=q_rot.dtype, device=q_rot.device)
         if meta.is_decode_only:
             kvh = k_cache.shape[2]
-            splits = self.decode_num_splits(meta.num_seqs, kvh, meta.max_seq_len, q.device)
-            ws = self._workspace.get(meta.num_seqs, H, splits, D, q.device) if splits > 1 else None
+            cfg = self.decode_config(k_cache.dtype)
+            splits = self.num_splits or cfg.num_splits(meta.num_seqs, kvh, H // kvh, meta.max_seq_len,
+                                                       self._sm_count(q_rot.device))
+            ws = self._workspace.get(meta.num_seqs, H, splits, D, q_rot.device) if splits > 1 else None
             return paged_decode(q_rot, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits,
-                                out=out, workspace=ws, block_n=self.decode_block_n)
+                                out=out, workspace=ws, config=cfg, kv_scale=kv_scale)
         return paged_prefill(q_rot, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                              meta.num_seqs, meta.max_query_len, scale, out=out,
-                             block_m=self.prefill_block_m, block_n=self.prefill_block_n)
-
+                             block_m=self.prefill_block_m, block_n=self.prefill_block_n, kv_scale=kv_scale)

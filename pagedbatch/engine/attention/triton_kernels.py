@@ -3,12 +3,7 @@
 1. ``rotary_cache_write``: rotate-half rotary on q and k at each token's
    position, and the write of rotated k and raw v into the paged caches at
    ``slot_mapping``: one pass over the step's q/k/v.
-2. ``paged_decode``: one query per sequence, flash-decoding. Program
-   (sequence, kv head, split) holds every query head of its KV group as the
-   rows of one ``tl.dot`` tile, so each K/V byte is read once per group;
-   splits of the KV range write a partial output and its log-sum-exp to a
-   float32 workspace that a second small kernel merges.
-3. ``paged_prefill``: varlen queries with lower-right causal masking over
+2. ``paged_prefill``: varlen queries with lower-right causal masking over
    the cached keys. A tile's rows are (query token, head of the KV group)
    pairs, so K/V tiles are again loaded once per group, and the grid is a
    flat list of query tiles (no programs for the padding of short sequences).
@@ -17,6 +12,13 @@ Layouts are those of ``metadata.py``: cache ``[num_blocks, block_size,
 num_kv_heads, head_dim]``, tokens ``[T, heads, head_dim]`` with unit stride
 in the last dim. Softmax runs in float32 in the exp2 domain. Grids are sized
 from host ints only; no launcher reads a device tensor.
+
+An fp8 cache (``kv_quant.py``) comes with ``kv_scale`` ([k_scale, v_scale]
+float32 on the device, read by the kernels: nothing host-side to bake into
+a CUDA graph). The write divides by the scale (IEEE division, as torch),
+saturates at +-448 and rounds to nearest even; reads convert tiles to the
+query's dtype and fold the K scale into the softmax scale and the V scale
+into the final normalisation.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_quant import FP8_MAX, checked_scale
+
 LOG2E = 1.4426950408889634
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -48,12 +53,18 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _quantize(x, scale):
+    # kv_quant.quantize: IEEE division (plain `/` is approximate on the GPU), then saturation.
+    return tl.clamp(tl.fdiv(x, scale, ieee_rounding=True), -_FP8_MAX, _FP8_MAX)
+
+
+@triton.jit
 def _rotary_cache_write_kernel(
-    Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping,
+    Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh,
     s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     tok = tl.program_id(0)
     hb = tl.program_id(1)
@@ -83,13 +94,22 @@ def _rotary_cache_write_kernel(
         src = K + tok * s_kt + heads[:, None] * s_kh + offs_d[None, :]
         x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
-        dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
-        tl.store(dst, (x1 * cos - x2 * sin).to(KC.dtype.element_ty), mask=wmask)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(KC.dtype.element_ty), mask=wmask)
+        k1 = x1 * cos - x2 * sin
+        k2 = x2 * cos + x1 * sin
         src = V + tok * s_vt + heads[:, None] * s_vh + offs_d[None, :]
-        dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :]
         v1 = tl.load(src, mask=hmask, other=0.0)
         v2 = tl.load(src + HALF, mask=hmask, other=0.0)
+        if KV_SCALED:
+            k_scale = tl.load(KV_SCALE)
+            v_scale = tl.load(KV_SCALE + 1)
+            k1 = _quantize(k1, k_scale)
+            k2 = _quantize(k2, k_scale)
+            v1 = _quantize(v1.to(tl.float32), v_scale)
+            v2 = _quantize(v2.to(tl.float32), v_scale)
+        dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
+        tl.store(dst, k1.to(KC.dtype.element_ty), mask=wmask)
+        tl.store(dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
+        dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :]
         tl.store(dst, v1.to(VC.dtype.element_ty), mask=wmask)
         tl.store(dst + HALF, v2.to(VC.dtype.element_ty), mask=wmask)
 
@@ -104,13 +124,15 @@ def rotary_cache_write(
     positions: torch.Tensor,
     slot_mapping: torch.Tensor,
     q_out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q (into ``q_out``, which may be ``q`` itself) and k at ``positions``;
     write rotated k and raw v into the caches at ``slot_mapping`` (negative slots are skipped).
-    Returns the rotated q."""
+    An fp8 cache stores them divided by ``kv_scale`` ([k_scale, v_scale]). Returns the rotated q."""
     T, H, D = q.shape
     KVH = k.shape[1]
     _check_head_dim(D)
+    kv_scale = checked_scale(k_cache, kv_scale)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if q_out is None:
         q_out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
@@ -124,184 +146,22 @@ def rotary_cache_write(
     nqb, nkb = triton.cdiv(H, block_h), triton.cdiv(KVH, block_h)
     _rotary_cache_write_kernel[(T, nqb + nkb)](
         q, k, v, q_out, k_cache, v_cache, cos_sin, positions, slot_mapping,
+        kv_scale if kv_scale is not None else cos_sin,  # unused for an unscaled cache
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos_sin.stride(0),
         H=H, KVH=KVH, NUM_Q_BLOCKS=nqb, BLOCK_SIZE=k_cache.shape[1], HALF=D // 2, BLOCK_H=block_h,
-        num_warps=4 if block_h * D >= 2048 else 2,
+        KV_SCALED=kv_scale is not None, num_warps=4 if block_h * D >= 2048 else 2,
+        # Unfused multiply-adds for the fp8 write: the rotated key then rounds exactly as torch's does,
+        # so the stored fp8 bytes equal torch's cast (a 1-ulp fp32 difference can flip an fp8 rounding).
+        enable_fp_fusion=kv_scale is None,
     )
     return q_out
 
 
 # --------------------------------------------------------------------------
-# 2. Paged decode (flash-decoding with GQA groups)
-# --------------------------------------------------------------------------
-
-
-@triton.jit
-def _decode_split_kernel(
-    Q, K, V, O, WO, WLSE, block_tables, seq_lens, qk_scale,
-    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
-    s_wot, s_woh, s_wos, s_wlt, s_wlh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens + seq)
-    # Each sequence's own tiles are divided among the splits, so a short
-    # sequence in a long bucket finishes early rather than idling splits.
-    n_tiles = tl.cdiv(seq_len, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
-    t_lo = split * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    gmask = offs_g < GROUP
-    heads = kvh * GROUP + offs_g
-    q = tl.load(Q + seq * s_qt + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
-    bt_row = block_tables + seq * s_bt
-
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    for t in range(t_lo, t_hi):
-        kv_pos = t * BLOCK_N + offs_n
-        nmask = kv_pos < seq_len
-        # Masked: table entries and cache slots past the end may hold anything.
-        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        row = kv_pos % BLOCK_SIZE
-        k = tl.load(K + blk[:, None] * s_kb + row[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile below n_tiles has a valid key
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk[:, None] * s_vb + row[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m = m_new
-
-    l_safe = tl.where(l == 0.0, 1.0, l)  # empty split, or a zero-length padding row
-    out = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(O + seq * s_ot + heads[:, None] * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=gmask[:, None])
-    else:
-        tl.store(WO + seq * s_wot + heads[:, None] * s_woh + split * s_wos + offs_d[None, :], out,
-                 mask=gmask[:, None])
-        lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(l_safe))
-        tl.store(WLSE + seq * s_wlt + heads * s_wlh + split, lse, mask=gmask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    WO, WLSE, O, s_wot, s_woh, s_wos, s_wlt, s_wlh, s_ot, s_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, D)
-    smask = offs_s < NUM_SPLITS
-    lse = tl.load(WLSE + seq * s_wlt + head * s_wlh + offs_s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    parts = tl.load(WO + seq * s_wot + head * s_woh + offs_s[:, None] * s_wos + offs_d[None, :],
-                    mask=smask[:, None], other=0.0)
-    denom = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(O + seq * s_ot + head * s_oh + offs_d, out.to(O.dtype.element_ty))
-
-
-def choose_num_splits(
-    num_seqs: int,
-    num_kv_heads: int,
-    max_seq_len: int,
-    block_n: int,
-    num_sms: int = 132,
-    max_splits: int = 16,
-    min_tiles_per_split: int = 4,
-) -> int:
-    """Host-only split-K choice: enough programs for about 4 per SM, but never
-    a split shorter than ``min_tiles_per_split`` KV tiles (its partial-output
-    round trip would cost more than it saves). Depends only on its int
-    arguments, so a CUDA-graph bucket with a fixed ``max_seq_len`` bound gets a fixed value."""
-    base = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(4 * num_sms, base)
-    by_length = max(1, triton.cdiv(max(max_seq_len, 1), block_n) // min_tiles_per_split)
-    return max(1, min(want, by_length, max_splits))
-
-
-def decode_workspace_shape(num_seqs: int, num_heads: int, num_splits: int, head_dim: int):
-    """Shapes of the float32 split-K workspace: partial outputs and their log2-sum-exp."""
-    return (num_seqs, num_heads, num_splits, head_dim), (num_seqs, num_heads, num_splits)
-
-
-def paged_decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    num_splits: int,
-    out: torch.Tensor | None = None,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-    block_n: int = 64,
-) -> torch.Tensor:
-    """One query per sequence (row i of ``q`` belongs to sequence i).
-    ``workspace`` (see ``decode_workspace_shape``) is needed when ``num_splits > 1``; it is allocated if omitted."""
-    B, H, D = q.shape
-    BS, KVH = k_cache.shape[1], k_cache.shape[2]
-    _check_head_dim(D)
-    if H % KVH:
-        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({KVH})")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    q = _last_dim_contiguous(q)
-    if out is None:
-        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    if B == 0:
-        return out
-    group = H // KVH
-    if num_splits > 1:
-        if workspace is None:
-            so, sl = decode_workspace_shape(B, H, num_splits, D)
-            workspace = (torch.empty(so, dtype=torch.float32, device=q.device),
-                         torch.empty(sl, dtype=torch.float32, device=q.device))
-        wo, wlse = workspace
-        ws_strides = (wo.stride(0), wo.stride(1), wo.stride(2), wlse.stride(0), wlse.stride(1))
-    else:
-        wo = wlse = out  # unused by the kernel when NUM_SPLITS == 1
-        ws_strides = (0, 0, 0, 0, 0)
-    _decode_split_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        block_tables.stride(0), *ws_strides,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_SIZE=BS,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, PREC=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
-    )
-    if num_splits > 1:
-        _decode_reduce_kernel[(B, H)](
-            wo, wlse, out, *ws_strides, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), D=D,
-            num_warps=1 if D <= 64 else 2,
-        )
-    return out
-
-
-# --------------------------------------------------------------------------
-# 3. Paged prefill / chunked prefill (varlen, lower-right causal)
+# 2. Paged prefill / chunked prefill (varlen, lower-right causal)
 # --------------------------------------------------------------------------
 
 
@@ -324,7 +184,7 @@ def _attend_kv_range(
         else:
             blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
             k = tl.load(K + kv_off_k + blk[:, None] * s_kb + row[:, None] * s_ks + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
         if MASKED:
             s = tl.where((kv_pos[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -338,17 +198,18 @@ def _attend_kv_range(
                         mask=nmask[:, None], other=0.0)
         else:
             v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
         m = m_new
     return acc, m, l
 
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, block_tables, seq_lens, query_start_loc, qk_scale, num_seqs, search_steps,
+    Q, K, V, O, block_tables, seq_lens, query_start_loc, KV_SCALE, qk_scale, num_seqs, search_steps,
     s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     # Reversed so that the last tiles of each sequence (the longest KV
     # ranges) start first and short ones fill the tail of the wave.
@@ -388,6 +249,8 @@ def _prefill_kernel(
     last = ctx + tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
     full_end = ((first + 1) // BLOCK_N) * BLOCK_N  # keys below it are visible to every row
     bt_row = block_tables + seq * s_bt
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(KV_SCALE)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -398,7 +261,11 @@ def _prefill_kernel(
     acc, m, l = _attend_kv_range(acc, m, l, q, q_pos, bt_row, K, V, kvh * s_kh, kvh * s_vh, seq_len,
                                  full_end, last + 1, qk_scale, s_kb, s_ks, s_vb, s_vs,
                                  D, BLOCK_SIZE, BLOCK_N, True, PREC)
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    if KV_SCALED:
+        out = acc * (tl.load(KV_SCALE + 1) / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     tl.store(O + (q_start + qi)[:, None] * s_ot + heads[:, None] * s_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
@@ -418,9 +285,11 @@ def paged_prefill(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention (lower-right aligned) of ``q`` over the paged cache,
-    which already holds this step's keys. Any mix of query lengths, including 1."""
+    which already holds this step's keys. Any mix of query lengths, including 1.
+    ``kv_scale``: [k_scale, v_scale] float32, required for an fp8 cache."""
     T, H, D = q.shape
     BS, KVH = k_cache.shape[1], k_cache.shape[2]
     _check_head_dim(D)
@@ -428,6 +297,7 @@ def paged_prefill(
         raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({KVH})")
     if block_n < 16 or block_n & (block_n - 1) or block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m and block_n must be powers of two >= 16, got {block_m}, {block_n}")
+    kv_scale = checked_scale(k_cache, kv_scale)
     q = _last_dim_contiguous(q)
     if out is None:
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
@@ -440,12 +310,13 @@ def paged_prefill(
     block_q = block_m // group
     num_tiles = T // block_q + num_seqs
     _prefill_kernel[(num_tiles, KVH)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale * LOG2E,
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        kv_scale if kv_scale is not None else out, scale * LOG2E,  # out: a placeholder, unread without scales
         num_seqs, num_seqs.bit_length(),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, D=D, BLOCK_SIZE=BS, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        PREC=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_quant import is_scaled
 from .metadata import AttentionMetadata
 from .torch_ref import rotate_and_cache
 
@@ -130,7 +131,10 @@ class TritonAttentionBackend:
 
     name = "triton-basic"
 
-    def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float,
+                kv_scale=None) -> torch.Tensor:
+        if is_scaled(k_cache):
+            raise ValueError("attention_backend 'triton-basic' has no fp8 KV cache; use 'triton' or 'torch'")
         q = rotate_and_cache(q, k, v, k_cache, v_cache, cos_sin, meta)
         if meta.is_decode_only:
             return paged_decode(q, k_cache, v_cache, meta, scale)

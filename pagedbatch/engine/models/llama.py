@@ -82,6 +82,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = self.head_dim**-0.5
+        # An fp8 KV cache's [k_scale, v_scale] (value = stored * scale): from the checkpoint, else 1.0.
+        # A device tensor, not floats, so captured CUDA graphs read it; ignored by a cache in the model dtype.
+        self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32), persistent=False)
 
     def forward(self, x, kv_cache, cos_sin, meta: AttentionMetadata, backend: AttentionBackend):
         qkv = linear(x, self.qkv_proj_weight, self.qkv_proj_bias, self.qkv_proj_weight_scale)
@@ -91,7 +94,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale)
+        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
         out = linear(o.reshape(-1, self.q_size), self.o_proj_weight, None, self.o_proj_weight_scale)
         return out if self.comm is None else self.comm.all_reduce(out)
 
@@ -157,6 +160,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = self.embed_tokens if args.tie_word_embeddings else _param(local.vocab_size, args.hidden_size)
         self.checkpoint_bytes_read = 0  # set by the loader: what this rank read from the weight files
+        self.kv_scales_loaded: set[int] = set()  # layers whose KV-cache scales came from the checkpoint
 
     def forward(
         self,

@@ -56,6 +56,13 @@ _PLAIN = {
     "self_attn.k_norm.weight": "self_attn.k_norm.weight",
 }
 _TOP = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head"}
+# fp8 KV-cache scales: checkpoint suffix -> which of the layer's [k_scale, v_scale] it sets (vLLM's and
+# llm-compressor's names, compressed-tensors' k_proj/v_proj output scales, the older single kv_scale).
+_KV_SCALES = {
+    "self_attn.k_scale": (0,), "self_attn.v_scale": (1,),
+    "self_attn.k_proj.output_scale": (0,), "self_attn.v_proj.output_scale": (1,),
+    "self_attn.kv_scale": (0, 1),
+}
 
 
 def weight_files(model_dir: str, load_format: str, allow_pickle: bool) -> tuple[str, list[str]]:
@@ -96,6 +103,10 @@ class TensorSource:
         self._src = tensor_or_slice  # a torch.Tensor, or a safetensors slice (read on indexing)
         self.shape = shape
         self._row_offset = row_offset
+
+    def read_whole(self) -> torch.Tensor:
+        """The whole tensor (small ones only: every rank reads it all)."""
+        return self._src[...]
 
     def rows(self, start: int, count: int) -> "TensorSource":
         return TensorSource(self._src, (count, *self.shape[1:]), self._row_offset + start)
@@ -154,6 +165,28 @@ def _target(model: LlamaForCausalLM, name: str):
         except AttributeError:
             return None
     return None
+
+
+def _load_kv_scale(model: LlamaForCausalLM, name: str, source: TensorSource) -> bool:
+    """Set a layer's KV-cache scale (replicated on every rank) if ``name`` is one; False if it is not."""
+    m = _LAYER.match(name)
+    which = _KV_SCALES.get(m.group(2)) if m else None
+    if which is None:
+        return False
+    layer = int(m.group(1))
+    if layer >= len(model.layers):
+        return True
+    value = source.read_whole().float()
+    if value.numel() != 1:
+        raise ValueError(f"{name!r} has shape {tuple(value.shape)}: one KV-cache scale per layer is supported, "
+                         "not per-head or per-channel scales")
+    scale = value.reshape(())
+    if not bool(torch.isfinite(scale)) or scale.item() <= 0:
+        raise ValueError(f"{name!r} is {scale.item()}: a KV-cache scale must be positive and finite")
+    for i in which:
+        model.layers[layer].self_attn.kv_scale[i] = scale
+    model.kv_scales_loaded.add(layer)
+    return True
 
 
 def _fill(param: torch.Tensor, part: Part, source: TensorSource, name: str,
@@ -270,6 +303,8 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
     if args.architecture == QWEN_V1:
         tensors = qwen_v1_names(tensors)
     for name, source in tensors:
+        if _load_kv_scale(model, name, source):
+            continue
         target = _target(model, name)
         if target is None:
             continue

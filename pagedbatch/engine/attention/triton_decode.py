@@ -1,0 +1,473 @@
+"""Paged decode attention in Triton: one query per sequence, flash-decoding over GQA groups.
+
+Program (sequence, kv head, split) holds every query head of its KV group,
+so each K/V byte is read once per group; splits of a sequence's KV range
+write a partial output and its log2-sum-exp to a float32 workspace that
+``_decode_reduce_kernel`` merges. Two kernels, chosen by ``DecodeConfig``:
+
+- ``v1``, the first kernel (kept for comparison): per 64-key tile it loads
+  the tile's block ids, then K, computes the scores and softmax, then loads
+  V: three dependent memory round trips per tile, every tile masked.
+- ``v2``: the next tile's block ids are loaded one tile ahead; K and V are
+  issued back to back before any math, so both are in flight together;
+  full tiles are unmasked and only a sequence's last tile is masked; a
+  tile inside one cache block takes one scalar table entry. Scores use
+  ``tl.dot`` over the group padded to 16 rows, or, for small groups when
+  ``lanes_max_group`` allows, plain multiply-adds with a separate
+  online-softmax state per key slot, so the loop has no cross-warp
+  reduction (the 16-row padding wastes 8x the MMA work on a group of 2,
+  and the row max/sum of a dot's accumulator crosses warps through shared
+  memory every tile) at the price of more instructions per byte.
+
+Why v1 reads KV at about half the copy bandwidth is argued in
+docs/benchmarks.md ("Decode attention"); ``bench/decode_attention.py``
+times every configuration in ``DECODE_CONFIGS``.
+
+fp8 caches (``kv_quant.py``): tiles are converted to the query's dtype as
+they are loaded; the K scale is folded into the softmax scale and the V
+scale into the final normalisation, so no element is multiplied by a scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .kv_quant import checked_scale
+from .triton_kernels import LOG2E, _check_head_dim, _dot_precision, _last_dim_contiguous
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One way to launch paged decode; every field is a tuning knob (see DECODE_CONFIGS)."""
+
+    kernel: str = "v2"  # "v1" | "v2"
+    block_n: int = 64  # keys per loop iteration with tl.dot (a power of two >= 16)
+    num_warps: int = 4
+    num_stages: int = 2  # Triton's software pipelining of the loop's loads (1: none)
+    lanes_max_group: int = 0  # v2: groups up to this size use multiply-adds instead of tl.dot
+    lanes_block_n: int = 16  # ... with this many keys per iteration (its state is [group, keys, head_dim])
+    prefetch_table: bool = True  # v2: load tile t+1's block ids during tile t
+    early_v: bool = True  # v2: issue the V load with the K load, before the softmax math
+    # Split-K: aim for programs_per_sm programs per SM, splits of at least
+    # min_tiles_per_split tiles, at most max_splits splits.
+    programs_per_sm: int = 4
+    min_tiles_per_split: int = 4
+    max_splits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("v1", "v2"):
+            raise ValueError(f"DecodeConfig.kernel must be 'v1' or 'v2', got {self.kernel!r}")
+        for name in ("block_n", "lanes_block_n"):
+            n = getattr(self, name)
+            if n < 16 or n & (n - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {n}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"bad num_warps/num_stages: {self.num_warps}/{self.num_stages}")
+        if min(self.programs_per_sm, self.min_tiles_per_split, self.max_splits) < 1:
+            raise ValueError("programs_per_sm, min_tiles_per_split and max_splits must be >= 1")
+
+    def uses_dot(self, group: int) -> bool:
+        return self.kernel == "v1" or group > self.lanes_max_group
+
+    def tile(self, group: int) -> int:
+        """Keys per loop iteration for a GQA group of this size."""
+        return self.block_n if self.uses_dot(group) else self.lanes_block_n
+
+    def num_splits(self, num_seqs: int, num_kv_heads: int, group: int, max_seq_len: int, num_sms: int) -> int:
+        return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, self.tile(group), num_sms, self.max_splits,
+                                 self.min_tiles_per_split, self.programs_per_sm)
+
+
+_V2 = DecodeConfig()
+# Named configurations: the benchmark sweeps them, the backend takes any by name.
+DECODE_CONFIGS: dict[str, DecodeConfig] = {
+    # The kernel as of 0a4336f: 47% of copy bandwidth on W-nano (GPU_FACTS 2026-12-03).
+    "v1": DecodeConfig(kernel="v1", block_n=64, num_warps=4, num_stages=2, lanes_max_group=0),
+    # v2 with v1's tile, warps and stages: what the structure alone gains.
+    "v2": _V2,
+    # One knob at a time.
+    "v2-no-prefetch": dataclasses.replace(_V2, prefetch_table=False),
+    "v2-late-v": dataclasses.replace(_V2, early_v=False),
+    "v2-stages1": dataclasses.replace(_V2, num_stages=1),
+    "v2-stages3": dataclasses.replace(_V2, num_stages=3),
+    "v2-warps2": dataclasses.replace(_V2, num_warps=2),
+    "v2-warps8": dataclasses.replace(_V2, num_warps=8),
+    "v2-n32": dataclasses.replace(_V2, block_n=32),
+    # fp8 tiles carry half the bytes: twice the keys per iteration moves as many bytes as bf16's 64.
+    "v2-n128-w8": dataclasses.replace(_V2, block_n=128, num_warps=8),
+    # Groups of 1-2 (W-nano's 16 q / 8 kv heads) on multiply-add lanes instead of a 16-row tl.dot.
+    "v2-lanes": dataclasses.replace(_V2, lanes_max_group=2),
+    "v2-lanes32-w8": dataclasses.replace(_V2, lanes_max_group=2, lanes_block_n=32, num_warps=8),
+    # Split policy: more, shorter programs (less tail from long sequences) against partial-output traffic.
+    "v2-pps16": dataclasses.replace(_V2, programs_per_sm=16, min_tiles_per_split=2),
+    "v2-nosplit": dataclasses.replace(_V2, max_splits=1),
+    "v2-splits4": dataclasses.replace(_V2, max_splits=4),
+}
+# The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
+# bench/decode_attention.py prints the best per case: change these names to switch.
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-n128-w8", 2: "v2", 4: "v2"}
+
+
+def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
+    if config is None:
+        config = DEFAULT_DECODE_CONFIG.get(kv_dtype.itemsize, "v2")
+    if isinstance(config, DecodeConfig):
+        return config
+    if config not in DECODE_CONFIGS:
+        raise ValueError(f"unknown decode config {config!r}; known: {', '.join(DECODE_CONFIGS)}")
+    return DECODE_CONFIGS[config]
+
+
+def choose_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    num_sms: int = 132,
+    max_splits: int = 16,
+    min_tiles_per_split: int = 4,
+    programs_per_sm: int = 4,
+) -> int:
+    """Host-only split-K choice: enough programs for ``programs_per_sm`` per SM, but never
+    a split shorter than ``min_tiles_per_split`` KV tiles (its partial-output
+    round trip would cost more than it saves). Depends only on its int
+    arguments, so a CUDA-graph bucket with a fixed ``max_seq_len`` bound gets a fixed value."""
+    base = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(programs_per_sm * num_sms, base)
+    by_length = max(1, triton.cdiv(max(max_seq_len, 1), block_n) // min_tiles_per_split)
+    return max(1, min(want, by_length, max_splits))
+
+
+def decode_workspace_shape(num_seqs: int, num_heads: int, num_splits: int, head_dim: int):
+    """Shapes of the float32 split-K workspace: partial outputs and their log2-sum-exp."""
+    return (num_seqs, num_heads, num_splits, head_dim), (num_seqs, num_heads, num_splits)
+
+
+# --------------------------------------------------------------------------
+# v1: the first split-K kernel
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, O, WO, WLSE, block_tables, seq_lens, KV_SCALE, qk_scale,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
+    s_wot, s_woh, s_wos, s_wlt, s_wlh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + seq)
+    # Each sequence's own tiles are divided among the splits, so a short
+    # sequence in a long bucket finishes early rather than idling splits.
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + seq * s_qt + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    bt_row = block_tables + seq * s_bt
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(KV_SCALE)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    for t in range(t_lo, t_hi):
+        kv_pos = t * BLOCK_N + offs_n
+        nmask = kv_pos < seq_len
+        # Masked: table entries and cache slots past the end may hold anything.
+        blk = tl.load(bt_row + kv_pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        row = kv_pos % BLOCK_SIZE
+        k = tl.load(K + blk[:, None] * s_kb + row[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
+                    mask=nmask[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile below n_tiles has a valid key
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(V + blk[:, None] * s_vb + row[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
+                    mask=nmask[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m = m_new
+
+    l_safe = tl.where(l == 0.0, 1.0, l)  # empty split, or a zero-length padding row
+    if KV_SCALED:
+        out = acc * (tl.load(KV_SCALE + 1) / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(O + seq * s_ot + heads[:, None] * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=gmask[:, None])
+    else:
+        tl.store(WO + seq * s_wot + heads[:, None] * s_woh + split * s_wos + offs_d[None, :], out,
+                 mask=gmask[:, None])
+        lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(l_safe))
+        tl.store(WLSE + seq * s_wlt + heads * s_wlh + split, lse, mask=gmask)
+
+
+# --------------------------------------------------------------------------
+# v2
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Block ids of tile t: one scalar when the tile lies inside one block, else
+    # one per key (repeated entries are one transaction per warp). Masked: past
+    # the sequence's last block the table row may end.
+    if BLOCK_N <= BLOCK_SIZE:
+        blk = tl.load(bt_row + (t * BLOCK_N) // BLOCK_SIZE, mask=t * BLOCK_N < seq_len, other=0)
+    else:
+        pos = t * BLOCK_N + offs_n
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
+    return blk
+
+
+@triton.jit
+def _decode_tile(
+    m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, offs_n, offs_d,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
+    EARLY_V: tl.constexpr, PREC: tl.constexpr,
+):
+    b64 = blk.to(tl.int64)
+    if BLOCK_N <= BLOCK_SIZE:
+        rows = (t * BLOCK_N) % BLOCK_SIZE + offs_n
+    else:
+        rows = offs_n % BLOCK_SIZE  # tiles start on block boundaries
+    k_ptrs = Kh + (b64 * s_kb + rows * s_ks)[:, None] + offs_d[None, :]
+    v_ptrs = Vh + (b64 * s_vb + rows * s_vs)[:, None] + offs_d[None, :]
+    nmask = t * BLOCK_N + offs_n < seq_len
+    if MASKED:
+        k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)
+        if EARLY_V:
+            v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        if EARLY_V:
+            v = tl.load(v_ptrs)
+
+    if DOT:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
+        if MASKED:
+            s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid key
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+    else:
+        # One online-softmax state per (head, key slot): no reduction over keys in the loop.
+        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * qk_scale
+        if MASKED:
+            s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a masked slot never seen a key
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe)
+        l = l * alpha + p
+
+    if not EARLY_V:
+        if MASKED:
+            v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    if DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
+    else:
+        acc = acc * alpha[:, :, None] + p[:, :, None] * v.to(tl.float32)[None, :, :]
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_v2_kernel(
+    Q, K, V, O, WO, WLSE, block_tables, seq_lens, KV_SCALE, qk_scale, num_splits,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
+    s_wot, s_woh, s_wos, s_wlt, s_wlh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
+    DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + seq)
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    if SPLIT:
+        # The sequence's own tiles are divided among the splits (a short one in a long bucket finishes early).
+        per_split = tl.cdiv(n_tiles, num_splits)
+        t_lo = split * per_split
+        t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    else:
+        t_lo = seq_len * 0
+        t_hi = n_tiles
+    t_full = tl.minimum(t_hi, seq_len // BLOCK_N)  # tiles below it hold BLOCK_N keys: no masks
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + seq * s_qt + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    if not DOT:
+        q = q.to(tl.float32)
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(KV_SCALE)
+    if DOT:
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    else:
+        m = tl.full([GROUP_PAD, BLOCK_N], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_N, D], tl.float32)
+    bt_row = block_tables + seq * s_bt
+    Kh = K + kvh * s_kh
+    Vh = V + kvh * s_vh
+
+    if PREFETCH:
+        blk = _tile_blocks(bt_row, t_lo, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+    for t in range(t_lo, t_full):
+        if PREFETCH:
+            cur = blk
+            blk = _tile_blocks(bt_row, t + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+        else:
+            cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+        m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
+                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC)
+    t = tl.maximum(t_lo, t_full)
+    if t < t_hi:  # the sequence's partial last tile, if this split has it
+        cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+        m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
+                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC)
+
+    if not DOT:  # merge the key slots' states
+        m_row = tl.max(m, 1)
+        w = tl.exp2(m - tl.where(m_row == float("-inf"), 0.0, m_row)[:, None])
+        l = tl.sum(l * w, 1)
+        acc = tl.sum(acc * w[:, :, None], 1)
+        m = m_row
+    l_safe = tl.where(l == 0.0, 1.0, l)  # empty split, or a zero-length padding row
+    if KV_SCALED:
+        out = acc * (tl.load(KV_SCALE + 1) / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
+    if SPLIT:
+        tl.store(WO + seq * s_wot + heads[:, None] * s_woh + split * s_wos + offs_d[None, :], out,
+                 mask=gmask[:, None])
+        lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(l_safe))
+        tl.store(WLSE + seq * s_wlt + heads * s_wlh + split, lse, mask=gmask)
+    else:
+        tl.store(O + seq * s_ot + heads[:, None] * s_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=gmask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    WO, WLSE, O, s_wot, s_woh, s_wos, s_wlt, s_wlh, s_ot, s_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, D)
+    smask = offs_s < NUM_SPLITS
+    lse = tl.load(WLSE + seq * s_wlt + head * s_wlh + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    parts = tl.load(WO + seq * s_wot + head * s_woh + offs_s[:, None] * s_wos + offs_d[None, :],
+                    mask=smask[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + seq * s_ot + head * s_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: Optional[torch.Tensor] = None,
+    workspace: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    config: Union[str, DecodeConfig, None] = None,
+    kv_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One query per sequence (row i of ``q`` belongs to sequence i), over the paged cache.
+    ``workspace`` (see ``decode_workspace_shape``) is needed when ``num_splits > 1``; it is allocated if omitted.
+    ``config``: a ``DecodeConfig`` or a name in ``DECODE_CONFIGS`` (None: the default for the cache dtype).
+    ``kv_scale``: [k_scale, v_scale] float32, required for an fp8 cache."""
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
+                   resolve_decode_config(config, k_cache.dtype), kv_scale)[0]
+
+
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
+            cfg: DecodeConfig, kv_scale):
+    """``paged_decode``; also returns the compiled split kernel (None in the interpreter) for the benchmark."""
+    B, H, D = q.shape
+    BS, KVH = k_cache.shape[1], k_cache.shape[2]
+    _check_head_dim(D)
+    if H % KVH:
+        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({KVH})")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    kv_scale = checked_scale(k_cache, kv_scale)
+    q = _last_dim_contiguous(q)
+    if out is None:
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out, None
+    group = H // KVH
+    if num_splits > 1:
+        if workspace is None:
+            so, sl = decode_workspace_shape(B, H, num_splits, D)
+            workspace = (torch.empty(so, dtype=torch.float32, device=q.device),
+                         torch.empty(sl, dtype=torch.float32, device=q.device))
+        wo, wlse = workspace
+        ws_strides = (wo.stride(0), wo.stride(1), wo.stride(2), wlse.stride(0), wlse.stride(1))
+    else:
+        wo = wlse = out  # unused by the kernel without splits
+        ws_strides = (0, 0, 0, 0, 0)
+    scale_arg = kv_scale if kv_scale is not None else out  # unused by the kernel for an unscaled cache
+    common = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+              block_tables.stride(0), *ws_strides)
+    if cfg.kernel == "v1":
+        kernel = _decode_split_kernel[(B, KVH, num_splits)](
+            q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, *common,
+            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_SIZE=BS,
+            BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, PREC=_dot_precision(q.dtype),
+            KV_SCALED=kv_scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        dot = cfg.uses_dot(group)
+        group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
+        kernel = _decode_v2_kernel[(B, KVH, num_splits)](
+            q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
+            *common,
+            GROUP=group, GROUP_PAD=group_pad, D=D, BLOCK_SIZE=BS, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1,
+            PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, DOT=dot,
+            PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if num_splits > 1:
+        _decode_reduce_kernel[(B, H)](
+            wo, wlse, out, *ws_strides, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), D=D,
+            num_warps=1 if D <= 64 else 2,
+        )
+    return out, kernel
