@@ -53,6 +53,10 @@ class DecodeConfig:
     lanes_block_n: int = 16  # ... with this many keys per iteration (its state is [group, keys, head_dim])
     prefetch_table: bool = True  # v2: load tile t+1's block ids during tile t
     early_v: bool = True  # v2: issue the V load with the K load, before the softmax math
+    # v2, fp8 caches: run the tile dots in fp16 (q converted once): e4m3 -> fp16 is one instruction per
+    # pair of values on Hopper, e4m3 -> bf16 goes through fp32 (measured 2026-12-03: the bf16 route
+    # read an fp8 cache at only ~1.5 TB/s, slower per call than a bf16 cache of twice the bytes).
+    fp8_via_f16: bool = True
     # Split-K: aim for programs_per_sm programs per SM, splits of at least
     # min_tiles_per_split tiles, at most max_splits splits.
     programs_per_sm: int = 4
@@ -86,7 +90,7 @@ class DecodeConfig:
 _V2 = DecodeConfig()
 # Named configurations: the benchmark sweeps them, the backend takes any by name.
 DECODE_CONFIGS: dict[str, DecodeConfig] = {
-    # The kernel as of 0a4336f: 47% of copy bandwidth on W-nano (GPU_FACTS 2026-12-03).
+    # The kernel as of 0a4336f: 3.35 TB/s (82% of copy) on the W-nano shape, measured 2026-12-03.
     "v1": DecodeConfig(kernel="v1", block_n=64, num_warps=4, num_stages=2, lanes_max_group=0),
     # v2 with v1's tile, warps and stages: what the structure alone gains.
     "v2": _V2,
@@ -106,11 +110,16 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # Split policy: more, shorter programs (less tail from long sequences) against partial-output traffic.
     "v2-pps16": dataclasses.replace(_V2, programs_per_sm=16, min_tiles_per_split=2),
     "v2-nosplit": dataclasses.replace(_V2, max_splits=1),
+    # fp8 caches: tiles converted to the query's dtype (bf16) instead of fp16, for comparison.
+    "v2-fp8-bf16": dataclasses.replace(_V2, fp8_via_f16=False),
+    "v2-stages3-fp8-bf16": dataclasses.replace(_V2, num_stages=3, fp8_via_f16=False),
     "v2-splits4": dataclasses.replace(_V2, max_splits=4),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-n128-w8", 2: "v2", 4: "v2"}
+# Measured on the H200 2026-12-03 (bench/decode_attention.py): bf16 v2-stages3 reads KV at 3.8-3.9 TB/s
+# on the W-nano and W1 shapes (v1 3.3); fp8 v2 was the best of the bf16-route configs.
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2", 2: "v2-stages3", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
@@ -298,7 +307,7 @@ def _decode_v2_kernel(
     s_wot, s_woh, s_wos, s_wlt, s_wlh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
-    DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr,
+    DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -323,6 +332,8 @@ def _decode_v2_kernel(
     q = tl.load(Q + seq * s_qt + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
     if not DOT:
         q = q.to(tl.float32)
+    if F16:  # the tiles follow q's dtype in _decode_tile
+        q = q.to(tl.float16)
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(KV_SCALE)
     if DOT:
@@ -462,7 +473,9 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             *common,
             GROUP=group, GROUP_PAD=group_pad, D=D, BLOCK_SIZE=BS, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1,
             PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, DOT=dot,
-            PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
+            F16=dot and kv_scale is not None and cfg.fp8_via_f16 and q.dtype != torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if num_splits > 1:
         _decode_reduce_kernel[(B, H)](

@@ -106,12 +106,14 @@ def _rotary_cache_write_kernel(
             k2 = _quantize(k2, k_scale)
             v1 = _quantize(v1.to(tl.float32), v_scale)
             v2 = _quantize(v2.to(tl.float32), v_scale)
-        dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
-        tl.store(dst, k1.to(KC.dtype.element_ty), mask=wmask)
-        tl.store(dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
-        dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :]
-        tl.store(dst, v1.to(VC.dtype.element_ty), mask=wmask)
-        tl.store(dst + HALF, v2.to(VC.dtype.element_ty), mask=wmask)
+        # Names of their own: the compiler refuses a variable that is a bf16 pointer in one branch
+        # and an fp8 one in the other (the interpreter does not check).
+        k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
+        tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
+        tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
+        v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :]
+        tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=wmask)
+        tl.store(v_dst + HALF, v2.to(VC.dtype.element_ty), mask=wmask)
 
 
 def rotary_cache_write(

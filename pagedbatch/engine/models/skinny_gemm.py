@@ -129,14 +129,63 @@ class SkinnyConfig:
 
 # Largest M each weight kind is meant for (skinny_max_m). Above it cuBLAS
 # (bf16) or torch._scaled_mm (fp8, large M) is the better kernel.
-MAX_M = {"bf16": 16, "fp8": 64}
+MAX_M = {"bf16": 16, "fp8": 16}  # H200 sweep 2026-12-03: fp8 at M 64 loses to _scaled_mm
 
 # Measured best configs: (M bucket, N, K, "bf16" | "fp8") -> config string,
 # and (M bucket, N, K, "bf16" | "fp8", "silu_mul") for the fused-activation
 # down projection (which falls back to the plain key). M buckets are 1, 2, 4,
-# 8, 16, 32, 64 (M is rounded up to one). Empty until the first H200 sweep;
-# shapes and buckets not listed use _heuristic_config.
+# 8, 16, 32, 64 (M is rounded up to one); shapes and buckets not listed use
+# _heuristic_config. From `bench/skinny_gemm.py --quick --ms 1,4,16,64` on the
+# H200, 2026-12-03 (Qwen2.5-7B shapes, one run; JSON in bench/results/).
 TUNED: dict[tuple, str] = {
+    (1, 4608, 3584, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # qkv: 11.0 us, 3.00 TB/s, 1.16x cuBLAS bf16
+    (1, 3584, 3584, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # o: 9.3 us, 2.78 TB/s, 1.28x cuBLAS bf16
+    (1, 37888, 3584, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # gate_up: 65.7 us, 4.14 TB/s, 1.08x cuBLAS bf16
+    (1, 3584, 18944, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # down: 36.5 us, 3.72 TB/s, 1.10x cuBLAS bf16
+    (1, 3584, 18944, 'bf16', 'silu_mul'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # down+silu: 37.5 us, 3.62 TB/s, 1.13x cuBLAS bf16
+    (1, 152064, 3584, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # lm_head: 243.3 us, 4.48 TB/s, 1.04x cuBLAS bf16
+    (4, 4608, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk2 w4 st4',  # qkv: 14.2 us, 2.33 TB/s, 0.82x cuBLAS bf16
+    (4, 3584, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk4 w4 st4',  # o: 10.9 us, 2.35 TB/s, 1.08x cuBLAS bf16
+    (4, 37888, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk1 w4 st4',  # gate_up: 72.1 us, 3.77 TB/s, 1.00x cuBLAS bf16
+    (4, 3584, 18944, 'bf16'): 'dotT bm16 bn64 bk128 sk4 w4 st4',  # down: 41.6 us, 3.26 TB/s, 0.98x cuBLAS bf16
+    (4, 3584, 18944, 'bf16', 'silu_mul'): 'dotT bm16 bn64 bk128 sk4 w4 st4',  # down+silu: 46.3 us, 2.93 TB/s, 0.93x cuBLAS bf16
+    (4, 152064, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk1 w4 st4',  # lm_head: 250.9 us, 4.34 TB/s, 1.02x cuBLAS bf16
+    (16, 4608, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk1 w4 st4',  # qkv: 12.7 us, 2.60 TB/s, 0.92x cuBLAS bf16
+    (16, 3584, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk4 w4 st4',  # o: 10.7 us, 2.41 TB/s, 1.13x cuBLAS bf16
+    (16, 37888, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk1 w4 st4',  # gate_up: 68.5 us, 3.97 TB/s, 1.07x cuBLAS bf16
+    (16, 3584, 18944, 'bf16'): 'dot bm16 bn64 bk128 sk4 w4 st4',  # down: 38.6 us, 3.51 TB/s, 1.06x cuBLAS bf16
+    (16, 3584, 18944, 'bf16', 'silu_mul'): 'dotT bm16 bn64 bk128 sk4 w4 st4',  # down+silu: 42.9 us, 3.17 TB/s, 1.02x cuBLAS bf16
+    (16, 152064, 3584, 'bf16'): 'dotT bm16 bn64 bk128 sk1 w4 st4',  # lm_head: 250.9 us, 4.34 TB/s, 1.04x cuBLAS bf16
+    (64, 4608, 3584, 'bf16'): 'dotT bm64 bn64 bk128 sk1 w4 st4',  # qkv: 13.7 us, 2.42 TB/s, 0.90x cuBLAS bf16
+    (64, 3584, 3584, 'bf16'): 'dot bm64 bn32 bk128 sk1 w4 st4',  # o: 11.8 us, 2.18 TB/s, 0.84x cuBLAS bf16
+    (64, 37888, 3584, 'bf16'): 'dotT bm64 bn64 bk128 sk1 w4 st4',  # gate_up: 77.7 us, 3.49 TB/s, 0.95x cuBLAS bf16
+    (64, 3584, 18944, 'bf16'): 'dot bm64 bn32 bk128 sk2 w4 st4',  # down: 45.6 us, 2.98 TB/s, 0.93x cuBLAS bf16
+    (64, 3584, 18944, 'bf16', 'silu_mul'): 'dot bm64 bn64 bk128 sk16 w4 st3',  # down+silu: 95.7 us, 1.42 TB/s, 0.49x cuBLAS bf16
+    (64, 152064, 3584, 'bf16'): 'dot bm64 bn64 bk128 sk1 w4 st3',  # lm_head: 269.2 us, 4.05 TB/s, 0.99x cuBLAS bf16
+    (1, 4608, 3584, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # qkv: 7.4 us, 2.22 TB/s, 1.71x cuBLAS bf16
+    (1, 3584, 3584, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # o: 6.4 us, 2.02 TB/s, 1.86x cuBLAS bf16
+    (1, 37888, 3584, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # gate_up: 38.4 us, 3.54 TB/s, 1.86x cuBLAS bf16
+    (1, 3584, 18944, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # down: 20.4 us, 3.33 TB/s, 1.97x cuBLAS bf16
+    (1, 3584, 18944, 'fp8', 'silu_mul'): 'fma bm1 bn16 bk512 sk1 w4 st4',  # down+silu: 21.7 us, 3.12 TB/s, 1.95x cuBLAS bf16
+    (1, 152064, 3584, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # lm_head: 126.9 us, 4.30 TB/s, 2.00x cuBLAS bf16
+    (4, 4608, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # qkv: 13.8 us, 1.20 TB/s, 0.84x cuBLAS bf16
+    (4, 3584, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # o: 10.7 us, 1.20 TB/s, 1.10x cuBLAS bf16
+    (4, 37888, 3584, 'fp8'): 'dot bm16 bn64 bk256 sk1 w4 st4',  # gate_up: 57.2 us, 2.37 TB/s, 1.26x cuBLAS bf16
+    (4, 3584, 18944, 'fp8'): 'dot bm16 bn64 bk256 sk16 w4 st4',  # down: 33.3 us, 2.04 TB/s, 1.23x cuBLAS bf16
+    (4, 3584, 18944, 'fp8', 'silu_mul'): 'dotT bm16 bn64 bk256 sk4 w4 st4',  # down+silu: 54.3 us, 1.25 TB/s, 0.80x cuBLAS bf16
+    (4, 152064, 3584, 'fp8'): 'dot bm16 bn64 bk256 sk1 w4 st4',  # lm_head: 178.0 us, 3.06 TB/s, 1.43x cuBLAS bf16
+    (16, 4608, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # qkv: 13.3 us, 1.24 TB/s, 0.88x cuBLAS bf16
+    (16, 3584, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # o: 10.8 us, 1.18 TB/s, 1.11x cuBLAS bf16
+    (16, 37888, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk1 w4 st4',  # gate_up: 52.8 us, 2.57 TB/s, 1.39x cuBLAS bf16
+    (16, 3584, 18944, 'fp8'): 'dot bm16 bn64 bk256 sk16 w4 st4',  # down: 33.6 us, 2.02 TB/s, 1.22x cuBLAS bf16
+    (16, 3584, 18944, 'fp8', 'silu_mul'): 'dotT bm16 bn64 bk256 sk4 w4 st4',  # down+silu: 56.2 us, 1.21 TB/s, 0.78x cuBLAS bf16
+    (16, 152064, 3584, 'fp8'): 'dot bm16 bn64 bk256 sk1 w4 st4',  # lm_head: 177.4 us, 3.07 TB/s, 1.46x cuBLAS bf16
+    (64, 4608, 3584, 'fp8'): 'dotT bm64 bn64 bk256 sk1 w4 st4',  # qkv: 24.5 us, 0.67 TB/s, 0.50x cuBLAS bf16
+    (64, 3584, 3584, 'fp8'): 'dot bm64 bn32 bk256 sk1 w4 st4',  # o: 17.2 us, 0.75 TB/s, 0.58x cuBLAS bf16
+    (64, 37888, 3584, 'fp8'): 'dotT bm64 bn64 bk256 sk1 w4 st4',  # gate_up: 118.4 us, 1.15 TB/s, 0.62x cuBLAS bf16
+    (64, 3584, 18944, 'fp8'): 'dotT bm64 bn64 bk256 sk4 w4 st4',  # down: 65.9 us, 1.03 TB/s, 0.64x cuBLAS bf16
+    (64, 3584, 18944, 'fp8', 'silu_mul'): 'dot bm64 bn64 bk256 sk16 w4 st3',  # down+silu: 202.7 us, 0.33 TB/s, 0.23x cuBLAS bf16
+    (64, 152064, 3584, 'fp8'): 'dotT bm64 bn64 bk256 sk1 w4 st4',  # lm_head: 416.7 us, 1.31 TB/s, 0.64x cuBLAS bf16
 }
 
 _M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
