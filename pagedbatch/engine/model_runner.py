@@ -99,6 +99,8 @@ class InFlightStep:
     def __init__(self, plan: SchedulerOutput, sample_rows: list[int]):
         self.plan = plan
         self.sample_rows = sample_rows
+        self.logits: Optional[torch.Tensor] = None  # between launch_forward and launch_sampling
+        self.batch: Optional[SamplingBatch] = None
         self.token_ids: Optional[torch.Tensor] = None  # on the device: the next step's inputs read it
         self.host: list = []  # token ids, logprobs, top ids, top logprobs, copied without a sync
         self.done = None  # CUDA event after the copies
@@ -236,6 +238,16 @@ class ModelRunner:
         step in flight) take it from ``prev``'s device tensor, so the host
         can plan and launch step N+1 while the GPU runs step N.
         """
+        return self.launch_sampling(self.launch_forward(plan, prev))
+
+    @torch.inference_mode()
+    def launch_forward(self, plan: SchedulerOutput, prev: Optional["InFlightStep"] = None) -> "InFlightStep":
+        """The first half of ``launch``: queue the forward pass and logits, and build the sampling settings.
+
+        ``launch_sampling`` queues the rest. In between, the host may read
+        ``prev``'s tokens and fill a grammar bitmask while the GPU runs this
+        step's forward pass.
+        """
         t0 = time.perf_counter()
         if self.tp is not None:
             self.tp.check_workers()
@@ -253,7 +265,8 @@ class ModelRunner:
         if not sample_rows:
             return step
         seqs = [plan.seqs[i] for i in sample_rows]
-        batch = SamplingBatch.build(
+        step.logits = logits
+        step.batch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt_token_ids if s.params.has_penalties else [] for s in seqs],
             [s.output_token_ids for s in seqs],
@@ -261,6 +274,17 @@ class ModelRunner:
             logits.shape[-1],
             self.device,
         )
+        return step
+
+    @torch.inference_mode()
+    def launch_sampling(self, step: "InFlightStep", grammar_mask=None) -> "InFlightStep":
+        """The second half of ``launch``: queue the sampler (under ``grammar_mask``, a
+        ``structured.GrammarMask``, if given) and the copy of its results to the host."""
+        if not step.sample_rows:
+            return step
+        batch, logits = step.batch, step.logits
+        step.batch = step.logits = None
+        batch.grammar_mask = grammar_mask
         out = self.sampler(logits, batch)
         step.token_ids = out.token_ids
         # Copy the results to the host without waiting; collect() waits on the event alone,

@@ -56,6 +56,9 @@ class Sequence:
         # scheduled again.
         self.pending_row = -1
         self.finishing = False
+        # Structured output: the engine's structured.SequenceGrammar (a matcher over the accepted
+        # output tokens), or None. A forked sample takes ``parent.grammar.fork()``.
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,280 @@
+"""Structured output in the engine (xgrammar): the constraint alone makes a random model's text valid.
+
+The tiny models have random weights, so whatever they write under a JSON
+schema, regex or choice list is valid only because of the token mask. The
+schemas bound every string (maxLength), array (maxItems) and number
+(minimum/maximum): a finite grammar ends, so every output completes well
+inside max_tokens instead of rambling inside a string until it runs out.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import jsonschema
+import pytest
+from model_factory import SAFE_PROMPTS
+
+from pagedbatch import InferenceEngine, SamplingParams
+from pagedbatch.engine.sequence import PENDING
+from pagedbatch.structured_output import StructuredOutputError
+
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "address": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 6},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}, "required": ["city", "zip"]},
+        },
+        "required": ["name", "age", "address"],
+    },
+    "array_of_objects": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "maxItems": 3, "items": {"type": "object", "properties": {
+                "id": {"type": "integer", "minimum": -5, "maximum": 5000},
+                "ok": {"type": "boolean"}}, "required": ["id", "ok"]}},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "required": ["items", "score"],
+    },
+    "enums_and_unicode": {
+        "type": "object",
+        "properties": {
+            "lang": {"enum": ["日本語", "café", "naïve \"quoted\"", "emoji 🚀"]},
+            "word": {"type": "string", "minLength": 1, "maxLength": 5},
+            "flag": {"type": ["boolean", "null"]},
+        },
+        "required": ["lang", "word", "flag"],
+    },
+    "array_root": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 1,
+                   "maxItems": 4},
+}
+FREE = [
+    SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2),
+    SamplingParams(temperature=0.9, seed=7, top_k=20, max_tokens=12, ignore_eos=True),
+]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model) -> str:
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def engine(llama) -> InferenceEngine:
+    return InferenceEngine(llama, device="cpu")
+
+
+def _sampled(seed: int, **so) -> SamplingParams:
+    return SamplingParams(temperature=1.0, seed=seed, max_tokens=200, structured_output=so)
+
+
+def test_every_json_output_parses_and_validates_against_its_schema(engine):
+    prompts, params, schemas = [], [], []
+    for k, schema in enumerate(SCHEMAS.values()):
+        for i, prompt in enumerate(SAFE_PROMPTS[:3]):
+            prompts.append(prompt)
+            params.append(_sampled(100 * k + i, json=schema))
+            schemas.append(schema)
+    outs = engine.generate(prompts, params)
+    for out, schema in zip(outs, schemas):
+        assert out.finish_reason == "stop", (out.finish_reason, out.text)
+        jsonschema.validate(json.loads(out.text), schema)
+    # Several distinct outputs per schema: the mask constrains, it does not force one answer.
+    assert len({o.text for o in outs[:3]}) > 1
+
+
+def test_json_object_outputs_are_json_objects(engine):
+    outs = engine.generate(list(SAFE_PROMPTS[:3]), [SamplingParams(temperature=0.7, seed=s, max_tokens=64,
+                                                                   structured_output={"json_object": True})
+                                                    for s in range(3)])
+    for out in outs:
+        if out.finish_reason == "stop":  # an unbounded object may still be going at max_tokens
+            assert isinstance(json.loads(out.text), dict)
+        else:
+            assert out.text.startswith("{")
+
+
+def test_regex_outputs_match_in_full(engine):
+    patterns = [r"[0-9]{4}-[0-9]{2}-[0-9]{2}", r"(yes|no), because [a-z]{1,8}\.", r"[A-Z][a-z]{0,6}@[a-z]{2,5}\.(com|org)"]
+    outs = engine.generate(list(SAFE_PROMPTS[:3]), [_sampled(i, regex=pattern) for i, pattern in enumerate(patterns)])
+    for pattern, out in zip(patterns, outs):
+        assert out.finish_reason == "stop"
+        assert re.fullmatch(pattern, out.text), (pattern, out.text)
+
+
+def test_choice_outputs_are_one_of_the_choices(engine):
+    choices = ["positive", "negative", "neutral \"maybe\"", "日本語", "a\nb"]
+    outs = engine.generate(list(SAFE_PROMPTS[:4]), [_sampled(i, choice=choices) for i in range(4)])
+    assert all(o.finish_reason == "stop" and o.text in choices for o in outs), [o.text for o in outs]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, seed=3)], ids=["greedy", "seeded"])
+def test_constrained_tokens_equal_unconstrained_ones_when_every_token_is_allowed(engine, sampling):
+    base = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=1, **sampling)
+    # A random model often writes bytes that are not UTF-8, which no grammar allows: keep the
+    # prompts whose unconstrained text is valid (so a choice can spell exactly its bytes).
+    candidates = engine.generate([[t] for t in range(4, 124)], base)
+    free = [(t + 4, o) for t, o in enumerate(candidates)
+            if o.text and "\ufffd" not in o.text and len(engine.tokenizer.encode(o.text)) > 0
+            and all(t < len(engine.tokenizer) - 4 or t >= len(engine.tokenizer) for t in o.token_ids)][:3]
+    assert len(free) >= 2, [o.text for o in candidates]
+    prompts = [[t] for t, _ in free]
+    texts = [o.text for _, o in free]
+    constrained = engine.generate(prompts, [base.replace(structured_output={"choice": [t, t + "!"]}) for t in texts])
+    wide = engine.generate(prompts, base.replace(structured_output={"regex": r"[^\x00]*"}))
+    for (_, f), c, w in zip(free, constrained, wide):
+        assert c.token_ids == f.token_ids and w.token_ids == f.token_ids
+        assert c.finish_reason == "length"
+        # Log-probabilities are the raw distribution's, mask or not.
+        assert [lp.logprob for lp in c.logprobs] == pytest.approx([lp.logprob for lp in f.logprobs], abs=1e-4)
+
+
+def test_free_rows_in_a_mixed_batch_get_the_tokens_they_get_alone(engine):
+    alone = engine.generate([SAFE_PROMPTS[0], SAFE_PROMPTS[1]], FREE)
+    mixed = engine.generate([SAFE_PROMPTS[2], SAFE_PROMPTS[0], SAFE_PROMPTS[3], SAFE_PROMPTS[1]],
+                            [_sampled(1, json=SCHEMAS["nested"]), FREE[0], _sampled(2, regex="[a-z]{3,20}"), FREE[1]])
+    assert [mixed[1].token_ids, mixed[3].token_ids] == [alone[0].token_ids, alone[1].token_ids]
+    assert [lp.logprob for lp in mixed[1].logprobs] == pytest.approx([lp.logprob for lp in alone[0].logprobs],
+                                                                     abs=1e-4)
+    jsonschema.validate(json.loads(mixed[0].text), SCHEMAS["nested"])
+    assert re.fullmatch("[a-z]{3,20}", mixed[2].text)
+
+
+def _preemption_run(model_dir, **engine_kw):
+    eng = InferenceEngine(model_dir, device="cpu", **engine_kw)
+    # A shared 32-token prefix (two full blocks: prefix-cache hits) and prompts longer than a chunk.
+    prefix = [5 + (i * 7) % 300 for i in range(32)]
+    prompts = [prefix + [11 + i, 40 + 3 * i, 9] * (1 + i % 3) for i in range(8)]
+    schema = {"type": "object", "properties": {"k": {"enum": ["a", "bb", "ccc"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "s": {"type": "string", "maxLength": 6}}, "required": ["k", "n", "s"]}
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=60, structured_output={"json": schema})
+              if i % 2 == 0 else SamplingParams(temperature=0.9, seed=i, max_tokens=24, ignore_eos=True)
+              for i in range(8)]
+    outs = eng.generate(prompts, params)
+    stats = eng.engine.stats()
+    assert stats["free_blocks"] == stats["num_blocks"] and not eng.has_unfinished_requests()
+    for out, p in zip(outs, params):
+        assert PENDING not in out.token_ids
+        if p.structured_output is not None:
+            assert out.finish_reason == "stop"
+            jsonschema.validate(json.loads(out.text), schema)
+    preempted = sum(o.num_preemptions for o, p in zip(outs, params) if p.structured_output is not None)
+    return [(o.token_ids, o.finish_reason) for o in outs], {**stats, "constrained_preemptions": preempted}
+
+
+def test_constrained_rows_survive_preemption_chunked_prefill_and_prefix_caching(llama):
+    roomy, _ = _preemption_run(llama, num_kv_blocks=64)
+    tight = dict(num_kv_blocks=14, max_num_batched_tokens=16, block_size=16, enable_prefix_caching=True)
+    squeezed, stats = _preemption_run(llama, **tight)
+    assert stats["constrained_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+    assert squeezed == roomy
+    synchronous, _ = _preemption_run(llama, async_scheduling=False, **tight)
+    assert synchronous == roomy
+
+
+def test_grammar_end_is_a_stop_whose_token_is_not_in_the_text_and_max_tokens_a_length(engine):
+    p = SamplingParams(temperature=0.8, seed=4, max_tokens=50, structured_output={"choice": ["alpha", "beta"]})
+    out = engine.generate([SAFE_PROMPTS[0]], p)[0]
+    assert out.finish_reason == "stop" and out.stop_reason == out.token_ids[-1]
+    assert out.text in ("alpha", "beta") and out.token_ids[-1] in engine.engine.eos_ids
+    streamed = "".join(delta for _, delta in engine.stream_generate(SAFE_PROMPTS[0], p))
+    assert streamed == out.text
+    # ignore_eos does not outlive the grammar: its end still stops the request.
+    assert engine.generate([SAFE_PROMPTS[0]], p.replace(ignore_eos=True))[0].text == out.text
+    cut = engine.generate([SAFE_PROMPTS[1]], _sampled(1, json=SCHEMAS["nested"]).replace(max_tokens=5))[0]
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 5  # incomplete JSON, as documented
+
+
+def test_grammars_that_do_not_compile_are_value_errors_naming_the_prompt_and_the_field(engine):
+    bad = [{"json": {"type": "strin"}}, {"regex": "[a-"}, {"grammar": "root ::= undefined_rule"}]
+    for so in bad:
+        with pytest.raises(ValueError, match=rf"prompt 1: structured_output\.{next(iter(so))}: .*cannot be compiled"):
+            engine.generate(["fine", "bad"], [SamplingParams(max_tokens=4), SamplingParams(structured_output=so)])
+    with pytest.raises(StructuredOutputError):
+        engine.add_request("bad", [3, 4], SamplingParams(structured_output=bad[0]))
+    assert not engine.has_unfinished_requests()  # nothing was queued; the engine goes on
+    assert engine.generate([SAFE_PROMPTS[0]], max_tokens=3, temperature=0)[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=2, structured_output={"regex": "a+"})
+
+
+def test_matchers_replay_output_tokens_when_out_of_sync_and_forks_are_independent(engine):
+    import torch
+
+    e = engine.engine
+    params = _sampled(5, regex="(ab|cd)+x")
+    a, b, c, d = (e.tokenizer.convert_tokens_to_ids(ch) for ch in "abcd")
+
+    def allowed(grammar, outputs) -> set[int]:
+        # The little of a Sequence that filling reads; its newest token is the one being sampled.
+        seq = SimpleNamespace(grammar=grammar, is_finished=False, num_output_tokens=len(outputs) + 1,
+                              token_ids=[1, *outputs, PENDING], output_token_ids=[*outputs, PENDING])
+        mask = e.structured.fill_bitmask([0], [seq], 1)
+        x = mask.apply(torch.zeros(2, e.model_args.vocab_size))
+        return set(torch.isfinite(x[0]).nonzero().flatten().tolist())
+
+    fresh = e.structured.new_grammar(params)
+    assert fresh.accept(a) and fresh.accept(b)
+    stale = e.structured.new_grammar(params)  # accepted nothing: filling must replay "ab" first
+    after_ab = allowed(fresh, [a, b])
+    assert allowed(stale, [a, b]) == after_ab and stale.num_accepted == 2
+    # The unpacked bitmask is exactly what the matcher accepts, token by token.
+    assert after_ab == {t for t in range(e.model_args.vocab_size) if fresh.fork().accept(t)}
+    assert {a, c} <= after_ab and d not in after_ab
+    child = fresh.fork()
+    assert child.accept(c) and child.num_accepted == 3 and fresh.num_accepted == 2
+    after_abc = allowed(child, [a, b, c])
+    assert d in after_abc and not after_abc & {a, c} and allowed(fresh, [a, b]) == after_ab
+
+
+def test_bitmask_fill_time_is_in_the_engine_stats(engine):
+    before = engine.engine.stats()
+    engine.generate([SAFE_PROMPTS[0]], _sampled(9, regex="[0-9]{3}"))
+    after = engine.engine.stats()
+    assert after["structured_steps"] > before["structured_steps"]
+    assert after["bitmask_fill_s"] > before["bitmask_fill_s"] and after["bitmask_fill_ms_mean"] > 0
+    assert after["bitmask_fill_ms_p99"] >= after["bitmask_fill_ms_p50"] > 0
+
+
+@pytest.mark.slow
+def test_qwen2_tokenizer_unicode_json_is_valid(tmp_path, shared_models_dir):
+    """The real Qwen2 byte-level BPE (151k tokens, a 151,936-row embedding) on a tiny random model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model_factory
+
+    src = shared_models_dir / "qwen2-tokenizer"
+    if not src.is_dir():
+        pytest.skip(f"{src} does not exist")
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    config = model_factory._make_config("qwen2", tok, {"vocab_size": 151936, "hidden_size": 32,
+                                                       "num_hidden_layers": 1, "intermediate_size": 64})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model_factory._init_weights(model, 0, len(tok))
+    model.save_pretrained(str(tmp_path))
+    eng = InferenceEngine(str(tmp_path), device="cpu", num_kv_blocks=32)
+    schema = {"type": "object", "properties": {
+        "城市": {"type": "string", "minLength": 1, "maxLength": 6},
+        "tags": {"type": "array", "items": {"enum": ["naïve", "日本語", "emoji 🚀"]}, "maxItems": 3},
+        "n": {"type": "integer", "minimum": -9, "maximum": 9}}, "required": ["城市", "tags", "n"]}
+    outs = eng.generate(["你好，世界", "Once upon a time", "café"],
+                        # Unseeded: the seeded sampler's hash noise over 151,936 tokens is slow on a CPU.
+                        SamplingParams(temperature=1.0, max_tokens=80, structured_output={"json": schema}))
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+    choices = ["日本語", "naïve", "🚀🚀"]
+    outs = eng.generate(["a", "b", "c"], SamplingParams(temperature=1.0, max_tokens=20,
+                                                        structured_output={"choice": choices}))
+    assert all(o.text in choices for o in outs)
