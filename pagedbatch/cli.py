@@ -114,6 +114,10 @@ _RUN_OPTIONS = [
     _flag(SAMPLING, "ignore-eos", "Keep generating past EOS up to max_tokens."),
     _opt(SAMPLING, "--logprobs", type=int, help="Number of top alternatives to compute per token."),
     _flag(SAMPLING, "skip-special-tokens", "Drop special tokens from the output text [on]."),
+    _opt(SAMPLING, "--json-schema", type=click.Path(dir_okay=False),
+         help="Constrain every row's output to this JSON schema (a .json file); a row's response_format wins."),
+    _opt(SAMPLING, "--regex", help="Constrain every row's output to match this regular expression."),
+    _opt(SAMPLING, "--choice", help="Constrain every row's output to one of these comma-separated strings."),
     # Job control
     _opt(CONTROL, "--max-rows", type=int, help="Only the first N input records."),
     _opt(CONTROL, "--shard-index", type=int, help="This shard, 0-based [$SLURM_ARRAY_TASK_ID, $SLURM_PROCID, 0]."),

@@ -101,7 +101,8 @@ class EngineActor:
         self.opts = opts
         self.input_format = input_format
         self.engine = LLMEngine(opts.engine_config(model_dir))
-        self.preparer = RowPreparer(opts, input_format, self.engine.tokenizer, self.engine.validate_prompt)
+        self.preparer = RowPreparer(opts, input_format, self.engine.tokenizer, self.engine.validate_prompt,
+                                    self.engine.check_structured_output)
         self.ready_t = time.time()
 
     def results(self, records: list[InputRecord]) -> list[dict]:

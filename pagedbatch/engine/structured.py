@@ -7,6 +7,7 @@
   each token it accepts and never with a pending one, so it always matches
   the sequence's known output tokens; ``sync`` replays them should that ever
   not hold (a rollback), and ``fork`` gives a forked sample its own matcher.
+  It also tracks where the text is inside a UTF-8 character (``utf8_guard``).
 * ``StructuredOutputs`` is the engine's side: it checks requests, makes
   matchers, and fills a step's bitmask on the CPU (xgrammar's threads) into a
   pinned buffer copied to the device in one transfer.
@@ -29,6 +30,7 @@ import torch
 from ..sampling_params import SamplingParams
 from ..structured_output import StructuredOutputError, StructuredOutputParams
 from .sequence import PENDING
+from .utf8_guard import Utf8Guard
 
 _KIND_NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex",
                "choice": "choice list", "grammar": "EBNF grammar"}
@@ -67,6 +69,7 @@ class GrammarCompilerCache:
         self.stop_ids = sorted(t for t in stop_ids if 0 <= t < vocab_size)
         self.max_entries = max_entries
         self._compiler = None
+        self.utf8: Optional[Utf8Guard] = None  # built with the compiler, from the same decoded vocabulary
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.compile_s = 0.0
 
@@ -81,6 +84,8 @@ class GrammarCompilerCache:
             except Exception as e:  # xgrammar raises several types for a tokenizer it cannot read
                 raise StructuredOutputError(where, f"this model's tokenizer ({type(self.tokenizer).__name__}) cannot "
                                                    f"be mapped for constrained decoding: {_clean(e)}") from None
+            special = set(info.special_token_ids) | set(info.stop_token_ids)
+            self.utf8 = Utf8Guard(info.decoded_vocab, special, self.vocab_size)
             # Our LRU is the cache; xgrammar's own would keep every grammar for ever.
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
@@ -167,22 +172,26 @@ def _ebnf_literal(text: str) -> str:
 class SequenceGrammar:
     """One sequence's position in its grammar: an xgrammar matcher over its accepted output tokens."""
 
-    def __init__(self, compiled, stop_ids: Optional[list[int]] = None, matcher=None):
+    def __init__(self, compiled, utf8: Utf8Guard, stop_ids: Optional[list[int]] = None, matcher=None):
         self.compiled = compiled
+        self.utf8 = utf8
         self.stop_ids = stop_ids  # None: the compiled grammar's (the engine's EOS ids)
         if matcher is None:
             matcher = _import_xgrammar().GrammarMatcher(compiled, override_stop_tokens=stop_ids)
         self.matcher = matcher
         self.num_accepted = 0
+        self.utf8_state = 0  # utf8_guard.STATES index: 0 at a character boundary
         self.ended = False  # the matcher accepted a stop token: the grammar is complete
         self.broken = False  # a token the grammar forbids was accepted (never, while the mask is applied)
 
     def accept(self, token: int) -> bool:
         """Advance by one generated token; False if the grammar forbids it (then the sequence must stop)."""
-        if self.ended or self.broken or not self.matcher.accept_token(token):
+        state = self.utf8.next_state(self.utf8_state, token) if not (self.ended or self.broken) else -1
+        if state < 0 or not self.matcher.accept_token(token):
             self.broken = True
             return False
         self.num_accepted += 1
+        self.utf8_state = state
         self.ended = self.matcher.is_terminated()
         return True
 
@@ -191,15 +200,16 @@ class SequenceGrammar:
         if len(output_ids) == self.num_accepted:
             return
         self.matcher.reset()
-        self.num_accepted, self.ended, self.broken = 0, False, False
+        self.num_accepted, self.utf8_state, self.ended, self.broken = 0, 0, False, False
         for t in output_ids:
             if not self.accept(t):
                 break
 
     def fork(self) -> "SequenceGrammar":
         """An independent matcher in the same state, for a forked sample (``n`` > 1)."""
-        child = SequenceGrammar(self.compiled, self.stop_ids, matcher=self.matcher.fork())
-        child.num_accepted, child.ended, child.broken = self.num_accepted, self.ended, self.broken
+        child = SequenceGrammar(self.compiled, self.utf8, self.stop_ids, matcher=self.matcher.fork())
+        child.num_accepted, child.utf8_state = self.num_accepted, self.utf8_state
+        child.ended, child.broken = self.ended, self.broken
         return child
 
 
@@ -251,7 +261,7 @@ class StructuredOutputs:
         """A fresh matcher for the request's grammar; its stop tokens are the EOS ids and its own stop_token_ids."""
         compiled = self.compiler.compile(params.structured_output)
         extra = {t for t in params.stop_token_ids if 0 <= t < self.vocab_size} - self.eos_ids
-        return SequenceGrammar(compiled, sorted(self.eos_ids | extra) if extra else None)
+        return SequenceGrammar(compiled, self.compiler.utf8, sorted(self.eos_ids | extra) if extra else None)
 
     def fill_bitmask(self, rows: list[int], seqs: list, num_rows: int) -> GrammarMask:
         """Fill the masks of sampling rows ``rows`` (of ``num_rows``) from ``seqs``' grammars on the CPU, and
@@ -267,7 +277,8 @@ class StructuredOutputs:
         host = self._stage(R * (1 + W))
         host[:R] = torch.tensor(rows, dtype=torch.int32)
         bits = host[R:].view(R, W)
-        live, live_rows = [], []
+        live, live_rows, guarded, states = [], [], [], []
+        utf8 = self.compiler.utf8
         for i, seq in enumerate(seqs):
             g = seq.grammar
             if not seq.is_finished and g is not None:
@@ -277,12 +288,19 @@ class StructuredOutputs:
                 if not (g.ended or g.broken):
                     live.append(g.matcher)
                     live_rows.append(i)
+                    if g.utf8_state or utf8.check_boundary:
+                        guarded.append(i)
+                        states.append(g.utf8_state)
                     continue
             bits[i].fill_(-1)
         if live:
             if self._batch is None:
                 self._batch = _import_xgrammar().BatchGrammarMatcher()
             self._batch.batch_fill_next_token_bitmask(live, bits, live_rows)
+        if guarded:  # rows inside a multi-byte character: only a valid continuation may follow
+            rows_t = torch.tensor(guarded)
+            bits.index_copy_(0, rows_t, bits.index_select(0, rows_t) & utf8.masks.index_select(
+                0, torch.tensor(states)))
         cuda = self.device.type == "cuda"
         dev = host.to(self.device, non_blocking=True) if cuda else host.clone()
         if cuda:

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Union
 
 from ..io import FieldNames, ParsedRequest, RowError, parse_record
 from ..sampling_params import SamplingParams
-from .options import JobOptions
+from ..structured_output import StructuredOutputError
+from .options import JobOptions, structured_option_name
 
 
 @dataclass
@@ -40,29 +41,51 @@ class RowPreparer:
 
     ``check_prompt(prompt) -> token ids`` raises ValueError/TypeError for a
     prompt the model cannot take (``LLMEngine.validate_prompt`` or
-    ``engine.tokenizer.prompt_token_ids`` bound to a tokenizer)."""
+    ``engine.tokenizer.prompt_token_ids`` bound to a tokenizer).
+    ``check_structured(params)`` compiles a row's structured output
+    (``LLMEngine.check_structured_output``, or a ``GrammarCompilerCache``'s
+    ``check``) and raises ``StructuredOutputError`` if it cannot; the job's
+    default is checked here, at once: ValueError naming the option."""
 
     def __init__(self, opts: JobOptions, fmt: str, tokenizer: Any,
-                 check_prompt: Callable[[Union[str, list[int]]], list[int]]):
+                 check_prompt: Callable[[Union[str, list[int]]], list[int]],
+                 check_structured: Optional[Callable[[SamplingParams], None]] = None):
         self.opts = opts
         self.fmt = fmt
         self.tokenizer = tokenizer
         self.check_prompt = check_prompt
+        self.check_structured = check_structured
         self.fields = FieldNames(opts.prompt_field, opts.messages_field, opts.prompt_token_ids_field, opts.id_field)
         self.defaults = opts.default_sampling()
+        if "structured_output" in self.defaults and check_structured is not None:
+            try:
+                check_structured(SamplingParams.from_dict(self.defaults))
+            except StructuredOutputError as e:
+                raise ValueError(f"{structured_option_name(opts)}: {e.problem}") from None
 
     def prepare(self, rec) -> Union[Prepared, RowError]:
         parsed = parse_record(rec, self.fields, self.fmt)
         if isinstance(parsed, RowError):
             return parsed
         assert isinstance(parsed, ParsedRequest)
+        # A row's own response_format is named in its errors; the job's default was checked at startup.
+        structured_field = (("body." if self.fmt == "openai" else "") + "response_format"
+                            if "structured_output" in parsed.sampling else structured_option_name(self.opts))
         try:
             params = SamplingParams.from_dict({**self.defaults, **parsed.sampling})
         except ValueError as e:
             # SamplingParams' messages start with the field's name.
             name = str(e).split(" ", 1)[0]
-            where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ else "sampling"
+            if name == "structured_output":
+                name = structured_field
+            where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ or name == structured_field \
+                else "sampling"
             return RowError(parsed.index, parsed.id, f"{where}: invalid value: {e}")
+        if params.structured_output is not None and self.check_structured is not None:
+            try:
+                self.check_structured(params)
+            except StructuredOutputError as e:
+                return RowError(parsed.index, parsed.id, f"field {structured_field!r}: {e.problem}")
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
         openai = self.fmt == "openai"
