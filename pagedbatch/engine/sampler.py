@@ -257,8 +257,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         b = batch
-        if b.all_greedy and not b.any_penalties and not b.any_suppress and b.grammar_mask is None:
-            tokens = logits.argmax(dim=-1)  # exact in any float dtype: no conversion needed
+        if b.all_greedy and not b.any_penalties and not b.any_suppress:
+            x = logits if b.grammar_mask is None else b.grammar_mask.apply(logits)
+            tokens = x.argmax(dim=-1)  # exact in any float dtype: no conversion needed
         else:
             x = process_logits(logits, b)
             if b.all_greedy:

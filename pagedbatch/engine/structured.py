@@ -324,6 +324,11 @@ class StructuredOutputs:
                                         pin_memory=self.device.type == "cuda")
         return self._staging[:n]
 
+    def reset_stats(self) -> None:
+        """Start the fill-time statistics over (benchmarks time one run at a time)."""
+        self.fill_s, self.fill_steps, self.fill_rows = 0.0, 0, 0
+        self._fill_times.clear()
+
     def stats(self) -> dict:
         """Bitmask fill time (host), total and per step that had constrained rows; compile time."""
         times = sorted(self._fill_times)

@@ -278,3 +278,97 @@ def test_qwen2_tokenizer_unicode_json_is_valid(tmp_path, shared_models_dir):
     outs = eng.generate(["a", "b", "c"], SamplingParams(temperature=1.0, max_tokens=20,
                                                         structured_output={"choice": choices}))
     assert all(o.text in choices for o in outs)
+
+
+# --- the device-side mask, alone --------------------------------------------------------------------------
+
+
+def _grammar_mask(allowed, rows, num_rows, device="cpu"):
+    """A GrammarMask from a [R, V] bool matrix of allowed tokens (packed as xgrammar packs its bitmask)."""
+    import numpy as np
+    import torch
+
+    from pagedbatch.engine.structured import GrammarMask
+
+    R, V = allowed.shape
+    padded = np.zeros((R, -(-V // 32) * 32), dtype=bool)
+    padded[:, :V] = allowed.numpy()
+    bits = torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").view("<i4").astype(np.int32))
+    table = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0)
+    return GrammarMask(torch.tensor(rows, device=device), bits.to(device), rows == list(range(num_rows)),
+                       table.to(device))
+
+
+def _mask_case(device="cpu"):
+    import torch
+
+    from pagedbatch.engine.sampler import SamplingBatch
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 70, generator=gen) * 3
+    allowed = torch.rand(2, 70, generator=gen) < 0.2
+    params = [SamplingParams(temperature=0, logprobs=1), SamplingParams(temperature=0.9, seed=1),
+              SamplingParams(temperature=0.7, seed=2, top_k=5), SamplingParams(temperature=0)]
+    batch = SamplingBatch.build(params, [[]] * 4, [[1]] * 4, [[]] * 4, 70, torch.device(device))
+    batch.grammar_mask = _grammar_mask(allowed, [0, 2], 4, device)
+    return logits.to(device), allowed, params, batch
+
+
+def test_the_mask_binds_only_its_rows_keeps_raw_logprobs_and_reads_nothing_on_the_host(monkeypatch):
+    import torch
+
+    from pagedbatch.engine.sampler import Sampler, SamplingBatch
+
+    logits, allowed, params, batch = _mask_case()
+    before = logits.clone()
+    free = Sampler()(logits, SamplingBatch.build(params, [[]] * 4, [[1]] * 4, [[]] * 4, 70, torch.device("cpu")))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync inside the sampler")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = Sampler()(logits, batch)
+    monkeypatch.undo()
+    tokens = out.token_ids.tolist()
+    assert allowed[0, tokens[0]] and allowed[1, tokens[2]]
+    assert tokens[0] == int(torch.where(allowed[0], logits[0], float("-inf")).argmax())
+    assert [tokens[1], tokens[3]] == [free.token_ids[1].item(), free.token_ids[3].item()]
+    assert torch.equal(logits, before)
+    assert out.logprobs[0] == pytest.approx(float(logits[0].log_softmax(-1)[tokens[0]]))
+
+
+@pytest.mark.gpu
+def test_the_mask_on_cuda_matches_the_cpu_and_needs_no_sync():
+    import torch
+
+    from pagedbatch.engine.sampler import Sampler
+
+    cpu_logits, _, _, cpu_batch = _mask_case()
+    logits, _, _, batch = _mask_case("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = Sampler()(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out.token_ids.cpu(), Sampler()(cpu_logits, cpu_batch).token_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_constrained_outputs_on_the_gpu_are_valid_next_to_free_rows(llama, dtype):
+    # The overlapped two-half launch with CUDA events, CUDA-graph decode and the pinned bitmask copy.
+    prompts = [p for p in SAFE_PROMPTS[:4] for _ in range(2)]
+    params = [_sampled(i, json=s) for i, s in enumerate(SCHEMAS.values())]
+    params = [p for pair in zip(params, [FREE[0]] * 4) for p in pair]
+    gpu = InferenceEngine(llama, device="cuda", dtype=dtype)
+    outs = gpu.generate(prompts, params)
+    for out, p in zip(outs, params):
+        if p.structured_output is not None:
+            assert out.finish_reason == "stop", out.text
+            jsonschema.validate(json.loads(out.text), p.structured_output.json)
+        else:
+            assert out.finish_reason == "length" and len(out.token_ids) == p.max_tokens
+    stats = gpu.engine.stats()
+    assert stats["structured_steps"] > 0 and stats["free_blocks"] == stats["num_blocks"]
