@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 from ..io import FieldNames, ParsedRequest, RowError, parse_record
 from ..sampling_params import SamplingParams
-from ..structured_output import StructuredOutputError
+from ..structured_output import StructuredOutputError, StructuredOutputParams
 from .options import JobOptions, structured_option_name
 
 
@@ -57,11 +57,14 @@ class RowPreparer:
         self.check_structured = check_structured
         self.fields = FieldNames(opts.prompt_field, opts.messages_field, opts.prompt_token_ids_field, opts.id_field)
         self.defaults = opts.default_sampling()
-        if "structured_output" in self.defaults and check_structured is not None:
-            try:
-                check_structured(SamplingParams.from_dict(self.defaults))
-            except StructuredOutputError as e:
-                raise ValueError(f"{structured_option_name(opts)}: {e.problem}") from None
+        if "structured_output" in self.defaults:
+            # Parsed once here, not for every row (a schema is canonicalised on parsing).
+            self.defaults["structured_output"] = StructuredOutputParams.from_dict(self.defaults["structured_output"])
+            if check_structured is not None:
+                try:
+                    check_structured(SamplingParams.from_dict(self.defaults))
+                except StructuredOutputError as e:
+                    raise ValueError(f"{structured_option_name(opts)}: {e.problem}") from None
 
     def prepare(self, rec) -> Union[Prepared, RowError]:
         parsed = parse_record(rec, self.fields, self.fmt)

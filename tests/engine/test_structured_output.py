@@ -372,3 +372,27 @@ def test_constrained_outputs_on_the_gpu_are_valid_next_to_free_rows(llama, dtype
             assert out.finish_reason == "length" and len(out.token_ids) == p.max_tokens
     stats = gpu.engine.stats()
     assert stats["structured_steps"] > 0 and stats["free_blocks"] == stats["num_blocks"]
+
+
+def test_a_tokenizer_that_cannot_be_mapped_or_none_is_an_error_naming_the_field():
+    from pagedbatch.engine.structured import GrammarCompilerCache
+    from pagedbatch.structured_output import StructuredOutputParams
+
+    class Unmappable:  # no get_vocab: xgrammar cannot read it
+        eos_token_id = 1
+
+    for tokenizer, problem in [(Unmappable(), "tokenizer (Unmappable) cannot be mapped"), (None, "needs a tokenizer")]:
+        cache = GrammarCompilerCache(tokenizer, 100, [1])
+        with pytest.raises(StructuredOutputError, match=rf"^structured_output\.regex: .*{re.escape(problem)}"):
+            cache.compile(StructuredOutputParams(regex="a+"))
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_gives_the_same_constrained_tokens(llama, engine):
+    # Sampling (and the mask) run on rank 0 only; the worker rank just runs its shard of the forward pass.
+    params = [SamplingParams(temperature=0, max_tokens=200, structured_output={"json": s}) for s in SCHEMAS.values()]
+    one = engine.generate(list(SAFE_PROMPTS[:4]), params)
+    with InferenceEngine(llama, device="cpu", tensor_parallel_size=2) as tp:
+        two = tp.generate(list(SAFE_PROMPTS[:4]), params)
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    assert all(o.finish_reason == "stop" for o in two)
