@@ -36,7 +36,7 @@ _KIND_NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "reg
                "choice": "choice list", "grammar": "EBNF grammar"}
 # xgrammar's C++ errors start with "[time] /path/file.cc:line: "; the rest is the message.
 _CPP_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: (Check failed: .*? is false: )?")
-_FILL_TIMES_KEPT = 4096  # per-step fill times kept for percentiles
+_FILL_TIMES_KEPT = 1024  # the latest per-step fill times, for percentiles (stats() runs after every server step)
 
 
 def _import_xgrammar():
@@ -69,11 +69,14 @@ class GrammarCompilerCache:
         self.stop_ids = sorted(t for t in stop_ids if 0 <= t < vocab_size)
         self.max_entries = max_entries
         self._compiler = None
+        self._unmappable: Optional[str] = None  # why the tokenizer cannot be mapped, once found
         self.utf8: Optional[Utf8Guard] = None  # built with the compiler, from the same decoded vocabulary
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.compile_s = 0.0
 
     def _get_compiler(self, where: str):
+        if self._unmappable is not None:
+            raise StructuredOutputError(where, self._unmappable)
         if self._compiler is None:
             xgr = _import_xgrammar()
             if self.tokenizer is None:
@@ -82,8 +85,9 @@ class GrammarCompilerCache:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_ids or None)
             except Exception as e:  # xgrammar raises several types for a tokenizer it cannot read
-                raise StructuredOutputError(where, f"this model's tokenizer ({type(self.tokenizer).__name__}) cannot "
-                                                   f"be mapped for constrained decoding: {_clean(e)}") from None
+                self._unmappable = (f"this model's tokenizer ({type(self.tokenizer).__name__}) cannot be mapped for "
+                                    f"constrained decoding: {_clean(e)}")
+                raise StructuredOutputError(where, self._unmappable) from None
             special = set(info.special_token_ids) | set(info.stop_token_ids)
             self.utf8 = Utf8Guard(info.decoded_vocab, special, self.vocab_size)
             # Our LRU is the cache; xgrammar's own would keep every grammar for ever.
@@ -143,10 +147,11 @@ def _bounded_strings_as_patterns(schema):
     """The schema with each plain length-bounded string (``minLength``/``maxLength``, no pattern, format,
     enum or const) given as the equivalent pattern instead.
 
-    xgrammar 0.2.9 lowers length-bounded strings to ``[^"\\\r\n]{m,n}``, which lets
-    raw control characters through: invalid JSON (mlc-ai/xgrammar issue 800,
-    open). Its pattern path is JSON-aware; this pattern allows the same
-    characters minus U+0000-U+001F (neither path allows escapes).
+    xgrammar 0.2.9 lowers a length-bounded string to a character class that
+    excludes only the quote, the backslash, CR and LF, so raw control
+    characters get through: invalid JSON (mlc-ai/xgrammar issue 800, open).
+    This pattern allows the same characters minus U+0000-U+001F (neither
+    form allows escapes).
     """
     if isinstance(schema, list):
         return [_bounded_strings_as_patterns(s) for s in schema]
@@ -330,7 +335,8 @@ class StructuredOutputs:
         self._fill_times.clear()
 
     def stats(self) -> dict:
-        """Bitmask fill time (host), total and per step that had constrained rows; compile time."""
+        """Bitmask fill time (host), total and per step that had constrained rows (p50/p99 over the
+        latest steps); compile time."""
         times = sorted(self._fill_times)
         pct = (lambda q: 1e3 * times[min(len(times) - 1, int(q * len(times)))]) if times else (lambda q: 0.0)
         return {

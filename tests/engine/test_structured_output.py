@@ -396,3 +396,17 @@ def test_tensor_parallel_engine_gives_the_same_constrained_tokens(llama, engine)
         two = tp.generate(list(SAFE_PROMPTS[:4]), params)
     assert [o.token_ids for o in two] == [o.token_ids for o in one]
     assert all(o.finish_reason == "stop" for o in two)
+
+
+def test_length_bounded_strings_refuse_raw_control_characters(engine):
+    # xgrammar 0.2.9 lets them into a maxLength string (its issue 800); the schema is compiled around that.
+    import xgrammar
+
+    from pagedbatch.structured_output import StructuredOutputParams
+
+    compiled = engine.engine.structured.compiler.compile(StructuredOutputParams(json={"type": "string",
+                                                                                       "maxLength": 3}))
+    assert not xgrammar.GrammarMatcher(compiled).accept_string(b'"a\x14')
+    ok = xgrammar.GrammarMatcher(compiled)
+    assert ok.accept_string('"日本a"'.encode()) and ok.is_completed()
+    assert not xgrammar.GrammarMatcher(compiled).accept_string('"abcd'.encode())
