@@ -89,9 +89,11 @@ class InferenceEngine:
 
         ``prompts``: a string, a list of token ids, or a list of either.
         ``sampling_params``: one for all prompts or one per prompt; keyword
-        options (``max_tokens=100``) override fields of it. All prompts and
-        parameters are checked before any work starts: a ValueError names the
-        prompt index. A request too long for the model or the cache comes back
+        options (``max_tokens=100``) override fields of it, e.g.
+        ``structured_output={"json": schema}`` (or ``"regex"``, ``"choice"``,
+        ``"json_object"``, ``"grammar"``). All prompts and parameters are
+        checked before any work starts, grammars compiled included: a
+        ValueError names the prompt index. A request too long for the model or the cache comes back
         with finish_reason "error" while the others complete.
 
         ``n`` (a sampling option: ``n=4`` or ``SamplingParams(n=4)``) gives n
@@ -113,6 +115,7 @@ class InferenceEngine:
             try:
                 params = _to_params(p, sampling_options)
                 ids = self.engine.validate_prompt(prompt)
+                self.engine.check_structured_output(params)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             checked.append((ids, params))

@@ -136,6 +136,10 @@ _RUN_OPTIONS = [
     _flag(SAMPLING, "skip-special-tokens", "Drop special tokens from the output text [on]."),
     _opt(SAMPLING, "--n", type=int, help="Samples per record: n result rows, sample_index 0..n-1, the prompt "
          "computed once; sample j of a row seeded s is seeded sample_seed(s, j) [1]."),
+    _opt(SAMPLING, "--json-schema", type=click.Path(dir_okay=False),
+         help="Constrain every row's output to this JSON schema (a .json file); a row's response_format wins."),
+    _opt(SAMPLING, "--regex", help="Constrain every row's output to match this regular expression."),
+    _opt(SAMPLING, "--choice", help="Constrain every row's output to one of these comma-separated strings."),
     # Job control
     _opt(CONTROL, "--max-rows", type=int, help="Only the first N input records."),
     _opt(CONTROL, "--shard-index", type=int, help="This shard, 0-based [$SLURM_ARRAY_TASK_ID, $SLURM_PROCID, 0]."),

@@ -106,7 +106,8 @@ class EngineActor:
         self.opts = opts
         self.input_format = input_format
         self.engine = LLMEngine(engine_config)
-        self.preparer = RowPreparer(opts, input_format, self.engine.tokenizer, self.engine.validate_prompt, carried)
+        self.preparer = RowPreparer(opts, input_format, self.engine.tokenizer, self.engine.validate_prompt,
+                                    carried=carried, check_structured=self.engine.check_structured_output)
         self.ready_t = time.time()
 
     def results(self, records: list[InputRecord]) -> list[dict]:

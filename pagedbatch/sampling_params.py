@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .structured_output import StructuredOutputParams
+
 _INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs")
 _M64 = (1 << 64) - 1
 
@@ -23,6 +25,7 @@ def sample_seed(seed: int, sample_index: int) -> int:
     for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = ((x ^ (x >> shift)) * mul) & _M64
     return (x ^ (x >> 31)) >> 1
+
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
@@ -46,6 +49,13 @@ class SamplingParams:
     Penalties follow the usual conventions: ``repetition_penalty`` (>1
     discourages, as in Hugging Face, applied over prompt and output tokens);
     ``presence_penalty`` and ``frequency_penalty`` (OpenAI, over output tokens).
+
+    ``structured_output`` (a ``StructuredOutputParams`` or a dict such as
+    ``{"json": schema}``, ``{"regex": r"..."}``, ``{"choice": [...]}``)
+    constrains the text to a JSON schema, regex, choice list or grammar; the
+    request stops ("stop") where the grammar ends, or at max_tokens
+    ("length", then the text may be incomplete). It cannot be combined with
+    ``min_tokens`` > 0 (the grammar decides where the text may end).
     """
 
     max_tokens: int = 256
@@ -64,6 +74,7 @@ class SamplingParams:
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     n: int = 1  # samples of the prompt (last, so positional use of the fields above is unchanged)
+    structured_output: Optional[StructuredOutputParams] = None
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -113,6 +124,14 @@ class SamplingParams:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise ValueError(f"seed must be a non-negative 63-bit integer, got {self.seed}")
+        if isinstance(self.structured_output, dict):
+            self.structured_output = StructuredOutputParams.from_dict(self.structured_output)
+        elif self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
+            raise ValueError(f"structured_output must be a StructuredOutputParams or a dict such as "
+                             f"{{'json': schema}}, got {type(self.structured_output).__name__}")
+        if self.structured_output is not None and self.min_tokens > 0:
+            raise ValueError(f"structured_output cannot be combined with min_tokens ({self.min_tokens}): the grammar "
+                             "decides where the output may end")
 
     @property
     def greedy(self) -> bool:

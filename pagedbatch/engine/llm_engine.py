@@ -34,6 +34,7 @@ from .models.sharding import check_tensor_parallel
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, SequenceStatus
+from .structured import StructuredOutputs
 from .tokenizer import eos_token_ids, load_tokenizer, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # requests that ended before running (errors)
         self._inflight = None  # the launched step whose tokens are not yet read back
         self._num_penalty_seqs = 0
+        self.structured = StructuredOutputs(self.tokenizer, self.model_args.vocab_size, self.eos_ids, self.device)
+        self._num_constrained_seqs = 0
         self.num_finished = 0
 
     def _max_model_len(self) -> int:
@@ -96,9 +99,20 @@ class LLMEngine:
         """Token ids for a prompt; ValueError for empty prompts or ids outside the vocabulary."""
         return prompt_token_ids(self.tokenizer, self.model_args.vocab_size, prompt)
 
+    def check_structured_output(self, params: SamplingParams) -> None:
+        """Compile (once, cached) the request's structured-output grammar, if any.
+
+        Raises ``StructuredOutputError`` (a ValueError naming the field) for a
+        schema, regex or grammar that does not compile, or a tokenizer that
+        cannot be mapped; callers check before ``add_request`` to report it
+        against their own field.
+        """
+        self.structured.check(params)
+
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
                     *, stream: bool = False, arrival_time: Optional[float] = None) -> None:
-        """Queue a request. Raises ValueError for a duplicate id or an empty/invalid prompt.
+        """Queue a request. Raises ValueError for a duplicate id, an empty/invalid prompt or
+        a structured-output grammar that cannot compile (nothing is queued then).
 
         A request that can never fit (prompt + max_tokens beyond
         max_model_len or the whole KV cache, or more samples ``n`` than
@@ -109,7 +123,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         ids = self.validate_prompt(prompt)
+        grammar = self.structured.new_grammar(params) if params.structured_output is not None else None
         seq = Sequence(request_id, ids, params, arrival_time if arrival_time is not None else time.perf_counter())
+        seq.grammar = grammar
         seq.stream = stream
         problem = self._never_fits(seq)
         if problem:
@@ -132,6 +148,7 @@ class LLMEngine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, p.skip_special_tokens,
                                                      p.stop)
         self._num_penalty_seqs += p.has_penalties
+        self._num_constrained_seqs += seq.grammar is not None
 
     def _never_fits(self, seq: Sequence) -> Optional[str]:
         if seq.params.n > self.config.max_num_seqs:
@@ -157,6 +174,7 @@ class LLMEngine:
                 del seq.token_ids[seq.token_ids.index(PENDING, seq.num_prompt_tokens):]
             if seq.params.has_penalties:
                 self._num_penalty_seqs -= 1
+            self._num_constrained_seqs -= seq.grammar is not None
             seq.finish_reason = "abort"
         return True
 
@@ -177,6 +195,9 @@ class LLMEngine:
         building hide behind the GPU's work. A sequence whose newest token is
         still being sampled is planned with a ``PENDING`` input that the GPU
         fills in; one that turns out to have stopped wastes one row of one step.
+        A step with rows under a grammar (structured output) is launched in two
+        halves: the forward pass first, then, once the previous step's tokens
+        are read and the grammar bitmask is filled on the CPU, the sampler.
         """
         outputs, self._pending = self._pending, []
         prev, self._inflight = self._inflight, None
@@ -198,13 +219,28 @@ class LLMEngine:
             child.timings.first_scheduled = plan.seqs[i].timings.first_scheduled
             self._start(child)
             self._seqs[child.request_id].append(child)
-        step = self.runner.launch(plan, prev)
+        step = self.runner.launch_forward(plan, prev)
         self.scheduler.advance(plan)
+        constrained = []  # sampling rows under a grammar
+        track = self._num_constrained_seqs > 0
         for j, seq in enumerate(step.sample_seqs):
             seq.token_ids.append(PENDING)
             seq.pending_row = j
             if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finishing = True  # its pending token is its last: plan it no more
+            if track and seq.grammar is not None:
+                constrained.append(j)
+        mask = None
+        if constrained:
+            # A row's mask depends on the token the step in flight is sampling: read that back
+            # (the sync the overlap makes anyway), then fill the masks on the CPU while the
+            # GPU runs this step's forward pass, and only then queue the sampler.
+            if prev is not None:
+                outputs += self._collect(prev)
+                prev = None
+            mask = self.structured.fill_bitmask(constrained, [step.sample_seqs[j] for j in constrained],
+                                                len(step.sample_seqs))
+        self.runner.launch_sampling(step, mask)
         if prev is not None:
             outputs += self._collect(prev)
         self._inflight = step
@@ -242,7 +278,11 @@ class LLMEngine:
         p = seq.params
         reason = None
         seq.new_text = ""
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # Never while the mask is applied; kept from corrupting the output if it ever were not.
+            reason, seq.error = "error", f"token {token} breaks the structured-output grammar (an engine bug)"
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids) or (
+                seq.grammar is not None and seq.grammar.ended):
             # The token that ends the request is kept in token_ids but not in the text.
             reason, seq.stop_reason = "stop", token
         elif seq.detokenizer is not None:
@@ -266,6 +306,7 @@ class LLMEngine:
         self.num_finished += 1
         if seq.params.has_penalties:
             self._num_penalty_seqs -= 1
+        self._num_constrained_seqs -= seq.grammar is not None
 
     def _emit(self, seq: Sequence, pos: int) -> RequestOutput:
         new_text = seq.new_text
@@ -313,4 +354,5 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "finished": self.num_finished,
             **self.scheduler.stats.as_dict(),
+            **self.structured.stats(),
         }

@@ -105,6 +105,8 @@ class InFlightStep:
     def __init__(self, plan: SchedulerOutput, sample_seqs: list):
         self.plan = plan
         self.sample_seqs = sample_seqs
+        self.logits: Optional[torch.Tensor] = None  # between launch_forward and launch_sampling
+        self.batch: Optional[SamplingBatch] = None
         self.token_ids: Optional[torch.Tensor] = None  # on the device: the next step's inputs read it
         self.host: list = []  # token ids, logprobs, top ids, top logprobs, copied without a sync
         self.done = None  # CUDA event after the copies
@@ -255,15 +257,25 @@ class ModelRunner:
         step in flight) take it from ``prev``'s device tensor, so the host
         can plan and launch step N+1 while the GPU runs step N.
         """
+        return self.launch_sampling(self.launch_forward(plan, prev))
+
+    @torch.inference_mode()
+    def launch_forward(self, plan: SchedulerOutput, prev: Optional["InFlightStep"] = None) -> "InFlightStep":
+        """The first half of ``launch``: queue the forward pass and logits, and build the sampling settings.
+
+        ``launch_sampling`` queues the rest. In between, the host may read
+        ``prev``'s tokens and fill a grammar bitmask while the GPU runs this
+        step's forward pass.
+        """
         if self.tp is None:
-            return self._launch(plan, prev)
+            return self._launch_forward(plan, prev)
         self.tp.check_workers()
         # The workers run the same collectives from the step broadcast to the logits gather, and
         # any launch here, the inputs' copy included, can block behind a collective that never completes.
         with self.tp.in_step():
-            return self._launch(plan, prev)
+            return self._launch_forward(plan, prev)
 
-    def _launch(self, plan: SchedulerOutput, prev: Optional["InFlightStep"]) -> "InFlightStep":
+    def _launch_forward(self, plan: SchedulerOutput, prev: Optional["InFlightStep"]) -> "InFlightStep":
         t0 = time.perf_counter()
         inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
         seqs = inputs.sample_seqs
@@ -275,7 +287,8 @@ class ModelRunner:
         step = InFlightStep(plan, seqs)
         if not seqs:
             return step
-        batch = SamplingBatch.build(
+        step.logits = logits
+        step.batch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.prompt_token_ids if s.params.has_penalties else [] for s in seqs],
             [s.output_token_ids for s in seqs],
@@ -283,6 +296,23 @@ class ModelRunner:
             logits.shape[-1],
             self.device,
         )
+        return step
+
+    @torch.inference_mode()
+    def launch_sampling(self, step: "InFlightStep", grammar_mask=None) -> "InFlightStep":
+        """The second half of ``launch``: queue the sampler (under ``grammar_mask``, a
+        ``structured.GrammarMask``, if given) and the copy of its results to the host."""
+        if not step.sample_seqs:
+            return step
+        if self.tp is None:
+            return self._launch_sampling(step, grammar_mask)
+        with self.tp.span("the sampler"):  # its launches can queue behind a collective that never completes
+            return self._launch_sampling(step, grammar_mask)
+
+    def _launch_sampling(self, step: "InFlightStep", grammar_mask) -> "InFlightStep":
+        batch, logits = step.batch, step.logits
+        step.batch = step.logits = None
+        batch.grammar_mask = grammar_mask
         out = self.sampler(logits, batch)
         step.token_ids = out.token_ids
         # Copy the results to the host without waiting; collect() waits on the event alone,

@@ -4,7 +4,9 @@ Order of processing, per row, on float32 copies of the logits:
   1. raw log-probabilities (only if some row asked for ``logprobs``): the
      chosen token's and the top-K alternatives' are read from the logits as
      the model gave them, before everything below;
-  2. suppressed ids (EOS and stop tokens while under ``min_tokens``) -> -inf;
+  2. tokens a row's grammar forbids (structured output: a ``GrammarMask``
+     filled on the CPU by ``engine/structured.py``), then suppressed ids (EOS
+     and stop tokens while under ``min_tokens``) -> -inf;
   3. repetition penalty (Hugging Face: ``logit < 0 ? logit * p : logit / p``
      over tokens present in the prompt or the output);
   4. presence / frequency penalties (OpenAI: ``logit -= presence * (count > 0)
@@ -73,6 +75,8 @@ class SamplingBatch:
     any_unseeded: bool  # some sampled row has no seed
     any_logprobs: bool
     max_logprobs: int  # K alternatives to return (0 if none asked)
+    # Set by the runner for steps with constrained rows (structured.GrammarMask); None otherwise.
+    grammar_mask: Optional[object] = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
@@ -210,6 +214,8 @@ def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     docstring): greedy rows take their argmax, sampled rows sample their softmax.
     Masked tokens are -inf. Never modifies ``logits``."""
     x = logits.float()
+    if b.grammar_mask is not None:
+        x = b.grammar_mask.apply(x)
     if b.any_suppress:
         # new_full is a device fill; torch.tensor(-inf, device=cuda) would be a synchronising copy.
         x = x.index_put((b.suppress[0], b.suppress[1]), x.new_full((), float("-inf")))
@@ -280,9 +286,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         b = batch
         if self._use_fused(logits, b):
-            tokens = self._fused(logits, b)
+            # A grammar's mask is applied first (a masked copy; the raw logits stay for logprobs).
+            tokens = self._fused(logits if b.grammar_mask is None else b.grammar_mask.apply(logits), b)
         elif b.all_greedy and not b.any_penalties and not b.any_suppress:
-            tokens = logits.argmax(dim=-1)  # exact in any float dtype: no conversion needed
+            x = logits if b.grammar_mask is None else b.grammar_mask.apply(logits)
+            tokens = x.argmax(dim=-1)  # exact in any float dtype: no conversion needed
         else:
             x = process_logits(logits, b)
             if b.all_greedy:

@@ -62,6 +62,9 @@ class Sequence:
         self.finishing = False
         self.sample_index = 0
         self.num_forks = params.n - 1  # samples still to fork off this one when its prompt completes
+        # Structured output: the engine's structured.SequenceGrammar (a matcher over the accepted
+        # output tokens), or None. A forked sample takes ``parent.grammar.fork()``.
+        self.grammar = None
 
     def fork(self, sample_index: int) -> "Sequence":
         """Sample ``sample_index`` of this request: the prompt alone, its own seed, no blocks yet.
@@ -74,6 +77,7 @@ class Sequence:
         child = Sequence(self.request_id, self.prompt_token_ids, params, self.timings.arrival)
         child.sample_index = sample_index
         child.stream = self.stream
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child
 
     @property

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from ..structured_output import StructuredOutputError, StructuredOutputParams
 from .readers import InputRecord
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ class FieldNames:
 @dataclass
 class ParsedRequest:
     """A valid request: exactly one of ``prompt``, ``messages`` and
-    ``prompt_token_ids`` is set; ``sampling`` holds per-row overrides;
+    ``prompt_token_ids`` is set; ``sampling`` holds per-row overrides (a
+    ``response_format`` becomes ``sampling["structured_output"]``);
     ``source``: the input field the prompt came from, or "template"."""
 
     index: int
@@ -102,6 +104,10 @@ def parse_record(rec: InputRecord, fields: FieldNames = FieldNames(), fmt: str =
         for name in SAMPLING_FIELDS:
             if not _absent(data.get(name)):
                 request.sampling[name] = _check_sampling(name, data[name], name, csv)
+        if not _absent(data.get("response_format")):
+            # Parquet structs carry every row's keys, null where absent: drop those.
+            request.sampling["structured_output"] = _response_format(
+                data["response_format"], "response_format", drop_nulls=fmt not in ("jsonl", "csv"))
         return request
     except _Bad as e:
         return RowError(rec.index, row_id, str(e))
@@ -271,6 +277,25 @@ def _as_bool(value: Any, field: str, csv: bool) -> bool:
     raise _Bad(f"field {field!r} must be a boolean, got {_describe(value)}")
 
 
+def _response_format(value: Any, field: str, drop_nulls: bool) -> Optional[StructuredOutputParams]:
+    # An object, or JSON text of one (a CSV cell, a string column); None for {"type": "text"}.
+    value = _maybe_json(value, field)
+    if drop_nulls:
+        value = _without_nulls(value)
+    try:
+        return StructuredOutputParams.from_response_format(value, field)
+    except StructuredOutputError as e:
+        raise _Bad(f"field {e.where!r}: {e.problem}") from None
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if not _absent(v)}
+    if isinstance(value, (list, tuple)):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 # --- OpenAI batch requests --------------------------------------------------
 
 
@@ -334,6 +359,8 @@ def _openai_sampling(body: dict, chat: bool) -> dict:
             sampling[name] = _check_sampling(name, body[name], f"body.{name}", csv=False)
     if _absent(max_tokens) and not _absent(max_completion):
         sampling["max_tokens"] = _as_int(max_completion, "body.max_completion_tokens", csv=False)
+    if not _absent(body.get("response_format")):
+        sampling["structured_output"] = _response_format(body["response_format"], "body.response_format", False)
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if chat:
         # Chat: logprobs is a switch and top_logprobs the count of alternatives.

@@ -113,6 +113,10 @@ class JobOptions:
     logprobs: Optional[int] = None
     skip_special_tokens: Optional[bool] = None
     n: Optional[int] = None  # samples per record: n result rows, sample_index 0..n-1
+    # Structured output for every row (at most one; a row's own response_format wins):
+    json_schema: Optional[str] = None  # a JSON schema file
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None  # "a,b,c" on the command line
 
     # Job control
     max_rows: Optional[int] = None
@@ -188,7 +192,10 @@ class JobOptions:
                              f"{self.data_parallel_size!r}: each worker is given its own GPUs through "
                              "CUDA_VISIBLE_DEVICES; use --device cuda (or auto) and set CUDA_VISIBLE_DEVICES "
                              "to choose the GPUs")
+        if isinstance(self.choice, str):
+            self.choice = [c.strip() for c in self.choice.split(",") if c.strip()]
         # Fail on a bad default now, not on the first row.
+        self.default_structured_output()
         try:
             self.default_sampling()
         except ValueError as e:
@@ -265,10 +272,40 @@ class JobOptions:
         return EngineConfig.from_dict(values)
 
     def default_sampling(self) -> dict[str, Any]:
-        """The job's sampling defaults as given (validated); rows override them."""
+        """The job's sampling defaults as given (validated, JSON-serialisable); rows override them."""
         values = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        structured = self.default_structured_output()
+        if structured is not None:
+            values["structured_output"] = structured
         SamplingParams.from_dict(values)
         return values
+
+    def default_structured_output(self) -> Optional[dict[str, Any]]:
+        """``--json-schema`` / ``--regex`` / ``--choice`` as a ``StructuredOutputParams`` dict (the
+        schema file read), or None; ValueError naming the option. Compiling it needs the tokenizer:
+        the job does that before any work."""
+        from ..structured_output import StructuredOutputError, StructuredOutputParams
+
+        given = [(name, getattr(self, name)) for name in ("json_schema", "regex", "choice")
+                 if getattr(self, name) is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise ValueError(f"give at most one of --json-schema, --regex and --choice; got "
+                             f"{' and '.join('--' + n.replace('_', '-') for n, _ in given)}")
+        name, value = given[0]
+        option = structured_option_name(self)
+        if name == "json_schema":
+            try:
+                with open(value, encoding="utf-8") as f:
+                    value = f.read()
+            except OSError as e:
+                raise ValueError(f"{option}: cannot read the schema file: {e}") from None
+        try:
+            params = StructuredOutputParams(**{"json" if name == "json_schema" else name: value})
+        except StructuredOutputError as e:
+            raise ValueError(f"{option}: {e.problem}") from None
+        return params.to_dict()
 
     @property
     def effective_max_num_seqs(self) -> int:
@@ -285,6 +322,13 @@ class JobOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def structured_option_name(opts: JobOptions) -> str:
+    """The job option that gives the rows' default structured output, as the user wrote it (for messages)."""
+    if opts.json_schema is not None:
+        return f"--json-schema {opts.json_schema}"
+    return "--regex" if opts.regex is not None else "--choice"
 
 
 def option_names() -> set[str]:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Union
 from ..io import FieldNames, ParsedRequest, RowError, parse_record
 from ..io.carried import CarriedColumns
 from ..sampling_params import SamplingParams
-from .options import JobOptions
+from ..structured_output import StructuredOutputError, StructuredOutputParams
+from .options import JobOptions, structured_option_name
 
 
 @dataclass
@@ -50,15 +51,21 @@ class RowPreparer:
 
     ``check_prompt(prompt) -> token ids`` raises ValueError/TypeError for a
     prompt the model cannot take (``LLMEngine.validate_prompt`` or
-    ``engine.tokenizer.prompt_token_ids`` bound to a tokenizer)."""
+    ``engine.tokenizer.prompt_token_ids`` bound to a tokenizer).
+    ``check_structured(params)`` compiles a row's structured output
+    (``LLMEngine.check_structured_output``, or a ``GrammarCompilerCache``'s
+    ``check``) and raises ``StructuredOutputError`` if it cannot; the job's
+    default is checked here, at once: ValueError naming the option."""
 
     def __init__(self, opts: JobOptions, fmt: str, tokenizer: Any,
                  check_prompt: Callable[[Union[str, list[int]]], list[int]],
-                 carried: CarriedColumns = CarriedColumns()):
+                 carried: CarriedColumns = CarriedColumns(),
+                 check_structured: Optional[Callable[[SamplingParams], None]] = None):
         self.opts = opts
         self.fmt = fmt
         self.tokenizer = tokenizer
         self.check_prompt = check_prompt
+        self.check_structured = check_structured
         self.fields = FieldNames(opts.prompt_field, opts.messages_field, opts.prompt_token_ids_field, opts.id_field)
         self.defaults = opts.default_sampling()
         self.max_num_seqs = opts.effective_max_num_seqs
@@ -68,6 +75,14 @@ class RowPreparer:
             from ..io.templates import PromptTemplate
 
             self.template = PromptTemplate(opts.template_text)
+        if "structured_output" in self.defaults:
+            # Parsed once here, not for every row (a schema is canonicalised on parsing).
+            self.defaults["structured_output"] = StructuredOutputParams.from_dict(self.defaults["structured_output"])
+            if check_structured is not None:
+                try:
+                    check_structured(SamplingParams.from_dict(self.defaults))
+                except StructuredOutputError as e:
+                    raise ValueError(f"{structured_option_name(opts)}: {e.problem}") from None
 
     def prepare(self, rec) -> Union[Prepared, RowError]:
         item = self._prepare(rec)
@@ -86,12 +101,18 @@ class RowPreparer:
         if isinstance(parsed, RowError):
             return parsed
         assert isinstance(parsed, ParsedRequest)
+        # A row's own response_format is named in its errors; the job's default was checked at startup.
+        structured_field = (("body." if self.fmt == "openai" else "") + "response_format"
+                            if "structured_output" in parsed.sampling else structured_option_name(self.opts))
         try:
             params = SamplingParams.from_dict({**self.defaults, **parsed.sampling})
         except ValueError as e:
             # SamplingParams' messages start with the field's name.
             name = str(e).split(" ", 1)[0]
-            where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ else "sampling"
+            if name == "structured_output":
+                name = structured_field
+            where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ or name == structured_field \
+                else "sampling"
             return RowError(parsed.index, parsed.id, f"{where}: invalid value: {e}")
         if params.n > self.max_num_seqs:
             # The engine would answer n error outputs; an n the job can never run is a bad value of the record.
@@ -99,6 +120,11 @@ class RowPreparer:
             return RowError(parsed.index, parsed.id, f"field {name!r}: {params.n} samples exceed max_num_seqs "
                             f"({self.max_num_seqs}): a record's samples run together; ask for fewer or raise "
                             "--max-num-seqs")
+        if params.structured_output is not None and self.check_structured is not None:
+            try:
+                self.check_structured(params)
+            except StructuredOutputError as e:
+                return RowError(parsed.index, parsed.id, f"field {structured_field!r}: {e.problem}")
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
         where = "template" if parsed.source == "template" else f"field {parsed.source!r}"

@@ -69,6 +69,7 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     model, tokenizer = _resolve_models(opts, err)
     try:
         engine_config = opts.engine_config(model.path, tokenizer.path if tokenizer else None)
+        _check_default_structured_output(opts, engine_config)
         slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
         state = prepare_output_dir(out, build_manifest(opts, fmt, model, tokenizer, carried), opts.overwrite)
     except ManifestMismatch as e:
@@ -97,7 +98,10 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     except Exception as e:  # loader errors come in many types; the user needs the path and the cause
         raise JobError(f"could not load the model from {model.path}: {type(e).__name__}: {e}") from e
     try:
-        job = _Job(opts, engine, fmt, carried, out, done, err)
+        try:
+            job = _Job(opts, engine, fmt, carried, out, done, err)
+        except ValueError as e:  # a default --json-schema/--regex/--choice that does not compile
+            raise JobError(str(e)) from None
         with StopRequest() as stop:
             return job.run(records, stop, resume_command)
     finally:
@@ -111,6 +115,31 @@ def check_input_options(opts: JobOptions, fmt: str) -> None:
             if value is not None:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) does not apply to an OpenAI batch input: "
                                  "each request carries its own prompt or messages")
+
+
+def _check_default_structured_output(opts: JobOptions, engine_config) -> None:
+    """Compile --json-schema / --regex / --choice with the tokenizer alone, before OUT is touched or a
+    model loaded: a default that cannot compile is a JobError naming the option, in seconds."""
+    if opts.default_structured_output() is None:
+        return
+    from ..engine.models.config import ModelArgs
+    from ..engine.structured import GrammarCompilerCache
+    from ..engine.tokenizer import eos_token_ids, load_tokenizer
+    from ..sampling_params import SamplingParams
+    from ..structured_output import StructuredOutputError
+    from .options import structured_option_name
+
+    model_dir = engine_config.model
+    try:
+        tokenizer = load_tokenizer(engine_config.tokenizer or model_dir)
+        args = ModelArgs.from_dir(model_dir)
+    except Exception as e:  # the model's own load reports this again, with the path and the cause
+        raise JobError(f"could not load the tokenizer or config of {model_dir}: {type(e).__name__}: {e}") from e
+    grammars = GrammarCompilerCache(tokenizer, args.vocab_size, eos_token_ids(model_dir, tokenizer, args.eos_token_id))
+    try:
+        grammars.check(SamplingParams.from_dict(opts.default_sampling()))
+    except StructuredOutputError as e:
+        raise JobError(f"{structured_option_name(opts)}: {e.problem}") from None
 
 
 def _worker_slots(opts: JobOptions, engine_config) -> list:
@@ -127,7 +156,8 @@ def _worker_slots(opts: JobOptions, engine_config) -> list:
 def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, carried: CarriedColumns,
                        records: Iterator, done: set[int], err: TextIO, resume_command: str) -> JobResult:
     from ..engine.models.config import ModelArgs
-    from ..engine.tokenizer import load_tokenizer, prompt_token_ids
+    from ..engine.structured import GrammarCompilerCache
+    from ..engine.tokenizer import eos_token_ids, load_tokenizer, prompt_token_ids
     from .data_parallel import DataParallelJob
 
     model_dir = engine_config.model
@@ -141,12 +171,18 @@ def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, c
             try:
                 # This process prepares rows (tokenizes, validates) with the tokenizer alone.
                 tokenizer = load_tokenizer(engine_config.tokenizer or model_dir)
-                vocab_size = ModelArgs.from_dir(model_dir).vocab_size
+                args = ModelArgs.from_dir(model_dir)
+                vocab_size = args.vocab_size
             except Exception as e:  # as for the model: the user needs the path and the cause
                 raise JobError(f"could not load the tokenizer or config of {model_dir}: "
                                f"{type(e).__name__}: {e}") from e
-            preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size),
-                                   carried)
+            # Rows' grammars are compiled here to turn bad ones into error rows; workers compile their own.
+            grammars = GrammarCompilerCache(tokenizer, vocab_size, eos_token_ids(model_dir, tokenizer, args.eos_token_id))
+            try:
+                preparer = RowPreparer(opts, fmt, tokenizer, functools.partial(prompt_token_ids, tokenizer, vocab_size),
+                                       carried=carried, check_structured=grammars.check)
+            except ValueError as e:  # a default --json-schema/--regex/--choice that does not compile
+                raise JobError(str(e)) from None
             status = job.run(todo_items(opts, records, done, preparer), stop)
         except BaseException as e:  # a second Ctrl-C, or a bug: quit soon, keeping what workers finished
             job.close(grace_s=5.0)
@@ -202,7 +238,8 @@ class _Job:
         writer = PartWriter(os.path.join(out, RESULTS), job_result_schema(opts, carried), shard_index=opts.shard_index,
                             run_id=self.run_id)
         self.replica = Replica(opts, engine, writer, self._on_commit)
-        self.preparer = RowPreparer(opts, fmt, engine.tokenizer, engine.validate_prompt, carried)
+        self.preparer = RowPreparer(opts, fmt, engine.tokenizer, engine.validate_prompt, carried=carried,
+                                    check_structured=engine.check_structured_output)
 
     def _on_commit(self, part: str, counters: Counters, stats: dict) -> None:
         self.log.write("commit", part=part, counters=counters.as_dict(), stats=stats)

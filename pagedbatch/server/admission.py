@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from ..sampling_params import SamplingParams
+from ..structured_output import StructuredOutputError
 from .errors import RequestError, sampling_error
 
 
@@ -27,6 +28,7 @@ class Submission:
     default_max_tokens: Optional[int]  # None: whatever room the context leaves
     stream: bool
     sink: Callable[[object], None]  # called on the engine thread with each event
+    structured_field: str = "response_format"  # the field a grammar that does not compile is blamed on
 
 
 @dataclass
@@ -82,6 +84,11 @@ def admit(engine, sub: Submission, cap: int) -> tuple[list[int], SamplingParams]
         params = sub.params.replace(max_tokens=max_tokens)
     except ValueError as e:
         raise sampling_error(e) from None
+    if params.structured_output is not None:
+        try:
+            engine.check_structured_output(params)  # compiled once per distinct grammar, on the engine thread
+        except StructuredOutputError as e:
+            raise RequestError(f"{sub.structured_field}: {e.problem}", sub.structured_field) from None
     return ids, params
 
 

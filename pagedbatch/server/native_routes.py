@@ -58,7 +58,8 @@ async def _generate(request: Request, stream: Optional[bool]):
     group = await RequestGroup.start(
         request.app.state.engine_loop, new_id("gen"), [req.prompt], params, max_tokens=req.max_tokens,
         default_max_tokens=DEFAULT_MAX_TOKENS, stream=stream,
-        messages=chat_messages(req.messages) if req.messages is not None else None)
+        messages=chat_messages(req.messages) if req.messages is not None else None,
+        structured_field=req.structured_field())
     name = settings.model_name
     several = params.n > 1
     if not stream:

@@ -41,7 +41,7 @@ async def completions(request: Request):
     prompts = req.prompts()
     group = await RequestGroup.start(
         request.app.state.engine_loop, new_id("cmpl"), prompts, req.sampling_params(), max_tokens=req.max_tokens,
-        default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, stream=req.stream)
+        default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, stream=req.stream, structured_field=req.structured_field())
     head = {"id": group.id, "object": "text_completion", "created": int(time.time()), "model": settings.model_name}
     if not req.stream:
         outs = await group.results(request)
@@ -71,7 +71,7 @@ async def chat_completions(request: Request):
     group = await RequestGroup.start(
         request.app.state.engine_loop, new_id("chatcmpl"), [None], req.sampling_params(),
         max_tokens=req.requested_max_tokens(), default_max_tokens=None, stream=req.stream,
-        messages=chat_messages(req.messages))
+        messages=chat_messages(req.messages), structured_field=req.structured_field())
     head = {"id": group.id, "created": int(time.time()), "model": settings.model_name}
     if not req.stream:
         outs = await group.results(request)

@@ -14,6 +14,7 @@ from typing import Any, Optional, TypeVar, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..sampling_params import SamplingParams
+from ..structured_output import StructuredOutputError, StructuredOutputParams
 from .errors import RequestError, sampling_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -42,16 +43,40 @@ class _Sampling(BaseModel):
     ignore_eos: Optional[bool] = None
     skip_special_tokens: Optional[bool] = None
     n: Optional[int] = None  # samples of each prompt (the engine computes the prompt once)
+    # OpenAI's {"type": "json_schema" | "json_object" | "text", ...}, or ours: {"json" | "json_object" |
+    # "regex" | "choice" | "grammar": ...} (the openai client sends it with extra_body).
+    response_format: Optional[dict[str, Any]] = None
+    structured_output: Optional[dict[str, Any]] = None
+
+    def structured_field(self) -> str:
+        """The field a structured-output error names."""
+        return "structured_output" if self.structured_output is not None else "response_format"
 
     def sampling_params(self, **extra: Any) -> SamplingParams:
         """SamplingParams from the fields given (max_tokens is settled on admission)."""
-        names = set(_Sampling.model_fields) - {"max_tokens"}
+        names = set(_Sampling.model_fields) - {"max_tokens", "response_format", "structured_output"}
         values = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         values.update({k: v for k, v in extra.items() if v is not None})
+        values["structured_output"] = self._structured_output()
         try:
             return SamplingParams(**values)
         except ValueError as e:
+            if values["structured_output"] is not None and str(e).startswith("structured_output"):
+                raise RequestError(str(e).replace("structured_output", self.structured_field(), 1),
+                                   self.structured_field()) from None
             raise sampling_error(e) from None
+
+    def _structured_output(self) -> Optional[StructuredOutputParams]:
+        if self.response_format is not None and self.structured_output is not None:
+            raise RequestError("give at most one of response_format and structured_output", "response_format")
+        try:
+            if self.structured_output is not None:
+                return StructuredOutputParams.from_dict(self.structured_output)
+            if self.response_format is not None:
+                return StructuredOutputParams.from_response_format(self.response_format)
+        except StructuredOutputError as e:
+            raise RequestError(str(e), self.structured_field()) from None
+        return None
 
 
 class ChatMessage(BaseModel):
@@ -129,7 +154,6 @@ class ChatCompletionRequest(_OpenAIRequest):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -138,8 +162,6 @@ class ChatCompletionRequest(_OpenAIRequest):
                                "\"logprobs\": N returns them", "logprobs")
         if self.tools:
             raise RequestError("tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise RequestError("only response_format {\"type\": \"text\"} is supported", "response_format")
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
