@@ -58,13 +58,16 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--profile-steps", type=int, default=4)
+    ap.add_argument("--quantization", choices=["fp8"], default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args(argv)
 
     w = WORKLOADS[args.workload]()
     tmp = tempfile.mkdtemp()
     eng = InferenceEngine(model_dir_for(w, tmp), load_format="dummy", skip_tokenizer_init=True, device=args.device,
                           dtype="bfloat16" if args.device != "cpu" else "float32", block_size=args.block_size,
-                          max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend)
+                          max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     e = eng.engine
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
     rng = random.Random(7)

@@ -70,16 +70,26 @@ def test_fused_activation_kernel_matches_the_torch_rule(K):
     assert not torch.isnan(q.float()).any()
 
 
-def test_reference_linear_is_the_dequantized_float32_product():
+@pytest.mark.parametrize("rows", [6, 40])
+def test_reference_linear_is_the_dequantized_float32_product(rows):
+    # Like the GPU: up to skinny_max_m rows the activations stay unquantized (the skinny kernel's
+    # weights-only fp8), above it they are quantized per token (the _scaled_mm route).
+    from pagedbatch.engine.models.linear import weights_only_rows
+
     torch.manual_seed(2)
-    x = torch.randn(2, 3, 64)  # leading dims are kept
+    x = torch.randn(2, rows // 2, 64)  # leading dims are kept
     w = torch.randn(48, 64) * 0.05
     bias = torch.randn(48)
     wq, ws = quantize_rows(w)
     got = linear(x, wq, bias, ws)
+    a = x.reshape(rows, 64)
+    if rows > weights_only_rows():
+        a = dequantize_rows(*quantize_rows(a))
+    want = a @ dequantize_rows(wq, ws).t() + bias
+    assert got.shape == (2, rows // 2, 48) and torch.allclose(got.reshape(rows, 48), want, rtol=1e-6, atol=1e-6)
+    x, rows = x[:, :3], 6
     xq, xs = quantize_rows(x.reshape(6, 64))
     want = dequantize_rows(xq, xs) @ dequantize_rows(wq, ws).t() + bias
-    assert got.shape == (2, 3, 48) and torch.allclose(got.reshape(6, 48), want, rtol=1e-6, atol=1e-6)
     # fp8 error against the unquantized product: a few percent, not more (GPU_FACTS.md: 3.8e-2 at 0.02 std).
     exact = x.reshape(6, 64) @ w.t() + bias
     rel = ((want - exact).norm() / exact.norm()).item()

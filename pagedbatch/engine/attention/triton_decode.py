@@ -119,7 +119,7 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 # bench/decode_attention.py prints the best per case: change these names to switch.
 # Measured on the H200 2026-12-03 (bench/decode_attention.py): bf16 v2-stages3 reads KV at 3.8-3.9 TB/s
 # on the W-nano and W1 shapes (v1 3.3); fp8 v2 was the best of the bf16-route configs.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2", 2: "v2-stages3", 4: "v2"}
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-stages3", 2: "v2-stages3", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:

@@ -18,8 +18,11 @@ syncs with the host:
   * shapes ``_scaled_mm`` refuses (K or N not a multiple of 16, e.g. an
     odd tensor-parallel split) run the reference path below, with a warning.
 - fp8 weights anywhere else (the CPU): the reference path, the GPU's
-  numerics in float32: the activation quantized per token to e4m3 and back,
-  the weight dequantized with its scales, one float32 matmul.
+  numerics in float32: the weight dequantized with its scales, one float32
+  matmul, and, for as many rows as the GPU quantizes activations at (more
+  than ``skinny_max_m``: the ``_scaled_mm`` route), the activation quantized
+  per token to e4m3 and back first. Few rows run weights-only on the GPU
+  (bf16 activations into the skinny kernel), and the reference follows.
 
 The skinny GEMM lives in ``skinny_gemm.py`` (``skinny_linear``,
 ``skinny_max_m``, ``skinny_supported``), imported lazily: without Triton (or
@@ -88,15 +91,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     elif kind == "scaled_mm":
         out = fp8_linear_scaled_mm(x2, weight, weight_scale, bias)
     else:
-        out = fp8_linear_reference(x2, weight, weight_scale, bias)
+        out = fp8_linear_reference(x2, weight, weight_scale, bias, quantize_activations=M > weights_only_rows())
     return out.reshape(*lead, N)
 
 
+def weights_only_rows() -> int:
+    """Up to this many rows an fp8 matmul on the GPU keeps its activations in bf16 (the skinny kernel);
+    above it they are quantized per token (``_scaled_mm``). Without the skinny kernel: none."""
+    sk = _skinny()
+    return sk.skinny_max_m(torch.float8_e4m3fn) if sk is not None else 0
+
+
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The fp8 numerics in float32 torch ops (any device): per-token e4m3 activation, dequantized weight."""
-    xq, xs = quantize_rows(x)
-    out = dequantize_rows(xq, xs) @ dequantize_rows(weight, weight_scale).t()
+                         bias: Optional[torch.Tensor] = None, quantize_activations: bool = True) -> torch.Tensor:
+    """The fp8 numerics in float32 torch ops (any device): the dequantized weight times the activation,
+    quantized per token to e4m3 and back when ``quantize_activations`` (the ``_scaled_mm`` route)."""
+    a = dequantize_rows(*quantize_rows(x)) if quantize_activations else x.float()
+    out = a @ dequantize_rows(weight, weight_scale).t()
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)
