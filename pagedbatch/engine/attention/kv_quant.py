@@ -21,7 +21,6 @@ import torch
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # Compute capability with fp8 conversion instructions (Ada, Hopper and later).
-FP8_MIN_CAPABILITY = (8, 9)
 
 
 def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -35,15 +34,11 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 def check_kv_cache_device(dtype: torch.dtype, device: torch.device) -> None:
     """An fp8 cache on a GPU without fp8 support is refused at startup (the CPU reference path works anywhere)."""
-    if dtype != FP8_KV_DTYPE or device.type != "cuda":
-        return
-    cap = torch.cuda.get_device_capability(device)
-    if tuple(cap) < FP8_MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(
-            f"kv_cache_dtype 'fp8' needs a GPU with fp8 support (compute capability >= "
-            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper or later); {device} is {name} "
-            f"(compute capability {cap[0]}.{cap[1]}). Use kv_cache_dtype 'auto'.")
+    from ..models.fp8 import fp8_device_problem
+
+    problem = fp8_device_problem(device) if dtype == FP8_KV_DTYPE else None
+    if problem:
+        raise ValueError(f"kv_cache_dtype 'fp8' needs a GPU with fp8 support ({problem}). Use kv_cache_dtype 'auto'.")
 
 
 def is_scaled(cache: torch.Tensor) -> bool:

@@ -91,17 +91,23 @@ def quantize_per_token_triton(x: torch.Tensor, out: Optional[torch.Tensor] = Non
     return q, s
 
 
+def fp8_device_problem(device: torch.device) -> Optional[str]:
+    """What a CUDA GPU without fp8 (compute capability < 8.9) lacks, naming it; None where fp8 runs (the CPU too)."""
+    if device.type != "cuda":
+        return None
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) >= MIN_CAPABILITY:
+        return None
+    return (f"compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: Ada, Hopper or later; {device} is a "
+            f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})")
+
+
 def check_fp8_support(device: torch.device) -> None:
     """ValueError naming the GPU when ``device`` is a CUDA GPU without fp8 matmuls (compute capability < 8.9)."""
-    if device.type != "cuda":
-        return
-    cap = torch.cuda.get_device_capability(device)
-    if tuple(cap) < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(
-            f"quantization 'fp8' needs a GPU with fp8 matmuls (compute capability >= "
-            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: Ada, Hopper or later); {device} is a {name} "
-            f"(compute capability {cap[0]}.{cap[1]}). Run without quantization (bf16), or on the CPU")
+    problem = fp8_device_problem(device)
+    if problem:
+        raise ValueError(f"quantization 'fp8' needs a GPU with fp8 matmuls ({problem}). Run without "
+                         "quantization (bf16), or on the CPU")
 
 
 if triton is not None:
