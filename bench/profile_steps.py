@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--quantization", choices=["fp8"], default=None)
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="also run N steps at full batch under cProfile and print the host functions by own time")
     args = ap.parse_args(argv)
 
     w = WORKLOADS[args.workload]()
@@ -78,7 +80,18 @@ def main(argv=None) -> int:
     t = Timers()
     t.wrap(e.scheduler, "schedule", "schedule")
     t.wrap(e.runner.inputs, "build", "prepare inputs")
-    t.wrap(e.runner, "launch", "runner.launch (host, GPU queued)")
+    # The engine launches a step in two halves (structured output fills its bitmask in between).
+    t.wrap(e.runner, "launch_forward", "runner.launch_forward (host)")
+    t.wrap(e.runner, "launch_sampling", "runner.launch_sampling (host)")
+    t.wrap(e, "_collect", "engine._collect (incl. the wait)")
+    # Inside the launches: where the host time of launch_forward / launch_sampling goes.
+    r = e.runner
+    if r.graphs is not None:
+        t.wrap(r.graphs, "run", "  graphs.run (copies + replay)")
+    t.wrap(r, "_logits", "  LM head (launch)")
+    t.wrap(r.sampling_batches, "get", "  sampling batch (build or reuse)")
+    t.wrap(r, "sampler", "  sampler (launches)")
+    t.wrap(e.scheduler, "cache_blocks", "  scheduler.cache_blocks")
     t.wrap(e.runner, "collect", "runner.collect (waits for GPU)")
     kinds = collections.Counter()
     kind_s = collections.defaultdict(float)
@@ -102,9 +115,13 @@ def main(argv=None) -> int:
         print(f"  {k:>14}: {kinds[k]:5d} steps, {kind_s[k]:7.2f} s, {1e3 * kind_s[k] / kinds[k]:7.2f} ms/step")
     for k in t.s:
         print(f"  {k:>32}: {t.s[k]:7.3f} s over {t.n[k]} calls, {1e3 * t.s[k] / max(1, t.n[k]):.3f} ms/call")
+    # inside launch_forward / launch_sampling / engine._collect
+    nested = ("prepare inputs", "runner.collect (waits for GPU)") + tuple(k for k in t.s if k.startswith("  "))
     print(f"  engine step outside launch/collect/schedule: "
-          f"{wall - sum(t.s[k] for k in t.s if k != 'prepare inputs'):.3f} s")
+          f"{wall - sum(t.s[k] for k in t.s if k not in nested):.3f} s")
 
+    if args.cprofile:
+        host_profile(eng, w, args)
     if args.device == "cpu":
         return 0
     from torch.profiler import ProfilerActivity, profile
@@ -127,6 +144,33 @@ def main(argv=None) -> int:
         while eng.has_unfinished_requests():
             e.step()
     return 0
+
+
+def host_profile(eng, w, args) -> None:
+    """Where the host's time goes in decode steps at full batch: Python functions by own time (cProfile)."""
+    import cProfile
+    import pstats
+
+    from pagedbatch import SamplingParams
+
+    e = eng.engine
+    for i, p in enumerate(w.prompts[: args.max_num_seqs]):
+        eng.add_request(f"c{i}", [x + 3 for x in p], SamplingParams(max_tokens=args.cprofile + 16, ignore_eos=True,
+                                                                      temperature=w.temperature))
+    while e.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in e.scheduler.running):
+        e.step()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(args.cprofile):
+        e.step()
+    prof.disable()
+    dt = time.perf_counter() - t0
+    print(f"\n== host profile: {args.cprofile} decode steps at batch {len(e.scheduler.running)}, "
+          f"{1e3 * dt / args.cprofile:.2f} ms/step under cProfile ==")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(28)
+    while eng.has_unfinished_requests():
+        e.step()
 
 
 if __name__ == "__main__":

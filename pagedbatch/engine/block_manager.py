@@ -144,6 +144,15 @@ class BlockManager:
             self.queried_tokens += seq.num_prompt_tokens
             self.hit_tokens += min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
+    def cache_filled_blocks(self, seqs) -> None:
+        """``cache_full_blocks`` for those of ``seqs`` that have filled a block since (most steps, none has)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for seq in seqs:
+            if min(seq.num_computed_tokens // bs, len(seq.block_table)) > len(seq.block_hashes):
+                self.cache_full_blocks(seq)
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks a step has just filled (call after num_computed_tokens moves)."""
         if not self.enable_prefix_caching:

@@ -259,8 +259,9 @@ class LLMEngine:
         for j, (seq, token) in enumerate(zip(step.sample_seqs, result.token_ids)):
             if seq.is_finished:
                 continue  # a request that ended (stopped or aborted) meanwhile
-            # The pending slot of this step is the first PENDING one (a later step may have added another).
-            pos = seq.token_ids.index(PENDING, seq.num_prompt_tokens)
+            # The pending slot of this step is the first PENDING one (a later step may have added another):
+            # one of the last two, as at most one more step is in flight.
+            pos = seq.token_ids.index(PENDING, max(seq.num_prompt_tokens, len(seq.token_ids) - 2))
             seq.token_ids[pos] = token
             filled.append((seq, pos, token, j))
         self.scheduler.cache_blocks(step.plan)

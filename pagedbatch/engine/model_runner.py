@@ -30,7 +30,7 @@ from .attention.metadata import AttentionMetadata
 from .models.config import ModelArgs, rope_cos_sin
 from .models.loader import load_model
 from .models.sharding import TPShard
-from .sampler import Sampler, SamplingBatch
+from .sampler import Sampler, SamplingBatch, SamplingBatchCache
 from .scheduler import SchedulerOutput
 from .step_inputs import StepInputBuilder, unpack
 
@@ -141,6 +141,7 @@ class ModelRunner:
         self.backend = make_backend(config, device)
         self.cos_sin = rope_cos_sin(args, max_model_len, device)
         self.sampler = Sampler(seed=config.seed, fused=None if config.fused_sampler else False)
+        self.sampling_batches = SamplingBatchCache()
         self.block_size = config.block_size
         with self._span("measuring memory for the KV cache"):
             self.num_blocks = self._decide_num_blocks()
@@ -168,7 +169,7 @@ class ModelRunner:
                 capture_error_mode="thread_local" if tp is not None else "global")
             with self._span("capturing CUDA graphs"):
                 self.graphs.capture()
-        self.inputs = StepInputBuilder(device, self.block_size)
+        self.inputs = StepInputBuilder(device, self.block_size, max_blocks_per_seq=-(-max_model_len // self.block_size))
         self.prepare_s = 0.0  # host time spent building step inputs (reported by benchmarks)
         self.steps = 0
 
@@ -288,14 +289,7 @@ class ModelRunner:
         if not seqs:
             return step
         step.logits = logits
-        step.batch = SamplingBatch.build(
-            [s.params for s in seqs],
-            [s.prompt_token_ids if s.params.has_penalties else [] for s in seqs],
-            [s.output_token_ids for s in seqs],
-            [self._suppressed(s) for s in seqs],
-            logits.shape[-1],
-            self.device,
-        )
+        step.batch = self.sampling_batches.get(seqs, self._suppressed, logits.shape[-1], self.device)
         return step
 
     @torch.inference_mode()

@@ -276,9 +276,7 @@ class Scheduler:
         Called when the step's tokens are known: a block is hashed by its
         token ids, and the newest of them may have been pending until then.
         """
-        for seq in plan.seqs:
-            if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_full_blocks(seq)
+        self.block_manager.cache_filled_blocks(s for s in plan.seqs if s.status is SequenceStatus.RUNNING)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""
