@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="also run N steps at full batch under cProfile and print the host functions by own time")
+    ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
+                    help="also run the workload's first N steps again, one at a time with a sync after each, and "
+                         "print each step's shape, host time and GPU wait, then profile those steps' kernels")
     args = ap.parse_args(argv)
 
     w = WORKLOADS[args.workload]()
@@ -97,18 +100,34 @@ def main(argv=None) -> int:
     kind_s = collections.defaultdict(float)
     for i, p in enumerate(w.prompts):
         eng.add_request(str(i), p, params[i])
+    compiled_before = triton_variants()
+    per_step = []  # (kind, wall s, LM head launch s) of the first steps
     sync()
     t0 = time.perf_counter()
     while eng.has_unfinished_requests():
         before = e.scheduler.stats.prefill_tokens
+        lm_before = t.s["  LM head (launch)"]
         s0 = time.perf_counter()
         e.step()
         dt = time.perf_counter() - s0
         k = "with prefill" if e.scheduler.stats.prefill_tokens > before else "decode-only"
         kinds[k] += 1
         kind_s[k] += dt
+        if len(per_step) < 30:
+            per_step.append((k, dt, t.s["  LM head (launch)"] - lm_before))
     sync()
     wall = time.perf_counter() - t0
+    compiled = triton_variants()
+    if compiled is not None:
+        new = {k: n - compiled_before.get(k, 0) for k, n in compiled.items() if n > compiled_before.get(k, 0)}
+        print(f"\nTriton kernel variants: {sum(compiled_before.values())} compiled before the timed run "
+              f"(warm-up included), {sum(new.values())} more during it{': ' + str(new) if new else ''}")
+    if args.device != "cpu":
+        ms = torch.cuda.memory_stats()
+        print(f"allocator: {ms.get('num_alloc_retries', 0)} allocation retries (each frees cached memory and "
+              f"syncs), {ms.get('num_device_alloc', 0)} cudaMalloc calls, {ms.get('num_device_free', 0)} cudaFree")
+    print("the timed run's first steps (overlapped, as the engine runs): step, kind, ms, of which LM head launch ms")
+    print("  " + "; ".join(f"{j}: {k[0]} {1e3 * d:.1f} ({1e3 * lm:.1f})" for j, (k, d, lm) in enumerate(per_step)))
     out_tokens = sum(w.max_tokens)
     print(f"\n{args.workload}: {wall:.2f} s, {out_tokens / wall:,.0f} output tok/s, {sum(kinds.values())} steps")
     for k in kinds:
@@ -122,6 +141,8 @@ def main(argv=None) -> int:
 
     if args.cprofile:
         host_profile(eng, w, args)
+    if args.trace_steps:
+        trace_steps(eng, w, args, sync)
     if args.device == "cpu":
         return 0
     from torch.profiler import ProfilerActivity, profile
@@ -144,6 +165,70 @@ def main(argv=None) -> int:
         while eng.has_unfinished_requests():
             e.step()
     return 0
+
+
+def triton_variants():
+    """Compiled variants per Triton kernel of ours (None without Triton): a kernel compiled during a timed
+    run stalled one of its steps."""
+    try:
+        from pagedbatch.engine.triton_variants import variant_counts
+        return variant_counts()
+    except ImportError:
+        return None
+
+
+def trace_steps(eng, w, args, sync) -> None:
+    """The workload's first N steps (where prefill happens), each run alone: what each step computes, how long
+    the host took to run ``step()`` (schedule, collect the previous step, launch this one) and how long it then
+    waited for the GPU. Fresh token ids, so nothing comes from the prefix cache. Then the same steps once more
+    under torch.profiler, kernels by GPU time and host ops by own CPU time."""
+    from pagedbatch import SamplingParams
+
+    e = eng.engine
+    plans = []
+    schedule = e.scheduler.schedule
+
+    def recording_schedule():
+        plan = schedule()
+        decode = sum(1 for n, s in zip(plan.num_new_tokens, plan.seqs) if n == 1 and s.num_computed_tokens >= s.num_prompt_tokens)
+        plans.append((len(plan.seqs), sum(plan.num_new_tokens), decode))
+        return plan
+
+    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
+    for rnd, do_profile in ((5, False), (6, True)):
+        for i, p in enumerate(w.prompts):
+            eng.add_request(f"t{rnd}-{i}", [(x + rnd) % 10000 for x in p], params[i])
+        e.scheduler.schedule = recording_schedule
+        plans.clear()
+        rows = []
+        if do_profile:
+            from torch.profiler import ProfilerActivity, profile
+            prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else []))
+            prof.__enter__()
+        for _ in range(args.trace_steps):
+            if not eng.has_unfinished_requests():
+                break
+            t0 = time.perf_counter()
+            e.step()
+            t1 = time.perf_counter()
+            sync()
+            rows.append((t1 - t0, time.perf_counter() - t1))
+        if do_profile:
+            prof.__exit__(None, None, None)
+        e.scheduler.schedule = schedule
+        if not do_profile:
+            print(f"\n== the first {len(rows)} steps, each alone (host: step(); GPU: the sync after it) ==")
+            print(f"{'step':>4} {'rows':>5} {'tokens':>6} {'decode rows':>11} {'host ms':>8} {'GPU wait ms':>11}")
+            for k, ((n, tok, dec), (h, g)) in enumerate(zip(plans, rows)):
+                print(f"{k:4d} {n:5d} {tok:6d} {dec:11d} {1e3 * h:8.2f} {1e3 * g:11.2f}")
+            print(f"total: host {sum(r[0] for r in rows):.3f} s, GPU wait {sum(r[1] for r in rows):.3f} s")
+        else:
+            print(f"\n== the same {len(rows)} steps under torch.profiler, by GPU time ==")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60))
+            print(f"== by own CPU time ==")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
+        while eng.has_unfinished_requests():
+            e.step()
 
 
 def host_profile(eng, w, args) -> None:

@@ -193,7 +193,9 @@ if triton is not None:
                 top = tl.max(best_val, 0)
         return best_val, best_idx
 
-    @triton.jit
+    # Sizes that change with the batch are not specialized on (divisibility by 16, == 1): every new
+    # combination would be one more compile (~0.5 s) in the middle of a job.
+    @triton.jit(do_not_specialize=["chunk", "n_splits"])
     def _sample_kernel(
         LOGITS, stride_row, TEMP, GREEDY, SLOT, SEEDS, POSITIONS, STEP_KEY,
         PART_VAL, PART_IDX, TOKENS, V, chunk, n_splits,
@@ -227,7 +229,7 @@ if triton is not None:
             tl.store(PART_VAL + row * n_splits + split, val)
             tl.store(PART_IDX + row * n_splits + split, idx)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_splits"])
     def _reduce_kernel(PART_VAL, PART_IDX, TOKENS, n_splits, SPLITS: tl.constexpr):
         row = tl.program_id(0)
         o = tl.arange(0, SPLITS)
@@ -267,10 +269,19 @@ def _interpreting() -> bool:
     return isinstance(_sample_kernel, InterpretedFunction)
 
 
+MAX_SPLITS = 64  # the reduce kernel's fixed width: one compiled variant for every batch size
+
+
 def default_splits(batch: int, vocab: int, num_sms: int) -> int:
-    """Chunks per row: enough programs for ~4 per SM (one wave at 8 warps each), at least a tile each."""
+    """Chunks per row: enough programs for ~4 per SM (one wave at 8 warps each), at least a tile each.
+
+    At least 2 whenever the vocabulary spans two tiles, so whether the reduce kernel runs (the
+    kernel's SINGLE) depends on the model alone, never on the batch size: a job whose batch grows
+    past a threshold would otherwise compile a new variant mid-run.
+    """
+    tiles = -(-vocab // BLOCK)
     want = -(-4 * num_sms // max(batch, 1))
-    return max(1, min(want, -(-vocab // BLOCK)))
+    return max(min(2, tiles), min(want, tiles, MAX_SPLITS))
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: Optional[torch.Tensor],
@@ -320,7 +331,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: Option
         SLACK_REL=SLACK_REL, num_warps=num_warps,
         enable_fp_fusion=False, enable_reflect_ftz=False)
     if not single:
-        _reduce_kernel[(B,)](part_val, part_idx, tokens, n_splits, SPLITS=triton.next_power_of_2(n_splits),
+        _reduce_kernel[(B,)](part_val, part_idx, tokens, n_splits, SPLITS=max(MAX_SPLITS, triton.next_power_of_2(n_splits)),
                              num_warps=1)
     return tokens
 

@@ -290,6 +290,31 @@ def test_gpu_fused_sampler_matches_the_torch_path_on_bf16_logits_without_a_host_
     assert ((got >= 0) & (got < V)).all()
 
 
+def test_split_count_keeps_the_reduce_step_for_every_batch_size_and_stays_under_the_reduce_width():
+    """Whether the reduce kernel runs, and its width, must not depend on the batch size (a batch growing past
+    a threshold would compile a new variant mid-job); tiny vocabularies need no split at all."""
+    V = 151936
+    splits = [sampling_kernels.default_splits(B, V, 132) for B in (1, 2, 7, 15, 75, 263, 264, 527, 528, 4096)]
+    assert all(2 <= s <= sampling_kernels.MAX_SPLITS for s in splits), splits
+    assert splits[0] == sampling_kernels.MAX_SPLITS and splits[-1] == 2  # many programs per row at batch 1
+    assert sampling_kernels.default_splits(5, sampling_kernels.BLOCK, 132) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_fused_sampler_compiles_one_variant_for_every_batch_size():
+    from pagedbatch.engine.triton_variants import compiled_variants
+
+    cuda = torch.device("cuda")
+    sampler = Sampler(fused=True, seed=1)
+    counts = []
+    for B in (1, 3, 16, 17, 75, 147, 264, 512, 600):
+        b = build([SamplingParams(temperature=0.7)] * B, vocab=151936, device=cuda)
+        sampler(logits(B, 151936, seed=B, device=cuda, dtype=torch.bfloat16), b)
+        counts.append((compiled_variants(sampling_kernels._sample_kernel),
+                       compiled_variants(sampling_kernels._reduce_kernel)))
+    assert counts == [counts[0]] * len(counts), counts
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 7, 75])
 def test_gpu_split_counts_agree(splits):

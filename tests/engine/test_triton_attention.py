@@ -211,3 +211,21 @@ def test_gpu_matrix_contexts_1_to_8192_mixed_in_one_batch(dtype, head_dim, group
           dtype=dtype, tol=tol, cache_tol=1e-5 if dtype == torch.float32 else 2e-2)
     check(ctx_lens=decode_ctx, q_lens=[1] * len(decode_ctx), heads=4 * group, kv_heads=4, head_dim=head_dim,
           block_size=block_size, dtype=dtype, tol=tol, cache_tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_kernel_compiles_one_variant_for_any_number_of_sequences_and_table_width():
+    """A job's mixed steps vary the number of sequences and the block table's width every step; the
+    kernel must not compile a variant per divisibility pattern of them (each is a ~0.5 s stall mid-job:
+    W1 lost 1.2 s to two such compiles on 2026-12-03)."""
+    from pagedbatch.engine.attention import triton_kernels
+    from pagedbatch.engine.triton_variants import compiled_variants
+
+    # Every batch has a query of >= 16 tokens, so the tile shape (a constexpr) is the same in all.
+    batches = [([0], [40]), ([5] * 16, [17] * 16), ([3] * 17, [20] + [1] * 16), ([100] * 32, [16] * 32),
+               ([300, 0], [33, 70]), ([17] * 5, [1, 1, 1, 1, 48])]
+    counts = []
+    for ctx, q in batches:
+        check(ctx_lens=ctx, q_lens=q, heads=8, kv_heads=2, head_dim=128, dtype=torch.float32, tol=1e-4)
+        counts.append(compiled_variants(triton_kernels._prefill_kernel))
+    assert counts == [counts[0]] * len(counts), counts

@@ -205,7 +205,9 @@ def _attend_kv_range(
     return acc, m, l
 
 
-@triton.jit
+# Per-step sizes (the number of sequences, the block table's width) are not specialized on: each
+# new divisibility pattern would compile another variant (~0.5 s) in the middle of a job.
+@triton.jit(do_not_specialize=["num_seqs", "search_steps", "s_bt"])
 def _prefill_kernel(
     Q, K, V, O, block_tables, seq_lens, query_start_loc, KV_SCALE, qk_scale, num_seqs, search_steps,
     s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
