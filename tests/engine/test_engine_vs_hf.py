@@ -111,10 +111,11 @@ def test_prefix_caching_is_exact_also_across_preemption(references, cache):
         assert stats["prefix_cache_hit_rate"] == 0.0
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton-basic"])
-def test_triton_backend_engine_matches_hf(references, backend):
-    """The whole engine on the Triton kernels (interpreted on CPU) stays token-exact."""
+@pytest.mark.parametrize("backend,kind", [("triton", "qwen2"), ("triton-basic", "qwen2"), ("triton", "qwen3")])
+def test_triton_backend_engine_matches_hf(references, backend, kind):
+    """The whole engine on the Triton kernels (interpreted on CPU) stays token-exact; on Qwen3 with the
+    q/k norms inside the rotary kernel."""
     pytest.importorskip("triton")
-    d, prompts, ref = references("qwen2")
+    d, prompts, ref = references(kind)
     got, _ = run_engine(d, prompts[:4], attention_backend=backend, max_num_batched_tokens=16)
     assert got == ref[:4]

@@ -51,6 +51,40 @@ def test_rotary_cache_write_matches_reference_for_strided_q_and_skips_negative_s
     assert torch.equal(q2, q_rot)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_cache_write_applies_qwen3_qk_norms_like_the_norm_kernel_then_rotary(dtype):
+    """The fused per-head q/k RMSNorm: the same values as ``rms_norm`` followed by rotary; in bf16 the
+    normed values keep rms_norm's rounding points (an unrounded product would differ by up to an ulp)."""
+    from pagedbatch.engine.models.fused_ops import rms_norm_torch
+
+    T, H, KVH, D, BS = 5, 4, 2, 32, 16
+    g = torch.Generator().manual_seed(2)
+    qkv = (torch.randn(T, (H + 2 * KVH) * D, generator=g) * 3).to(dtype)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=1))
+    qw = (1 + 0.5 * torch.randn(D, generator=g)).to(dtype)
+    kw = (1 + 0.5 * torch.randn(D, generator=g)).to(dtype)
+    positions = torch.tensor([0, 3, 17, 40, 9])
+    slots = torch.tensor([5, 33, 1, 2, 60])
+    kc = torch.full((4, BS, KVH, D), float("nan"), dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    f = torch.arange(64).float()[:, None] / (10000 ** (torch.arange(0, D, 2).float() / D))[None]
+    cos_sin = torch.cat((f.cos(), f.sin()), -1)
+    q_rot = rotary_cache_write(q, k, v, kc, vc, cos_sin, positions, slots, qk_norm=(qw, kw, 1e-6))
+    cos, sin = rotary_for_positions(cos_sin, positions)
+    qn, kn = rms_norm_torch(q, qw, 1e-6), rms_norm_torch(k, kw, 1e-6)
+    assert qn.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    want_q = apply_rotary(qn.float(), cos, sin)
+    assert (q_rot.float() - want_q).abs().max().item() <= tol * want_q.abs().max().item()
+    want_k = apply_rotary(kn.float(), cos, sin)
+    got_k = kc.view(-1, KVH, D)[slots].float()
+    assert (got_k - want_k).abs().max().item() <= tol * want_k.abs().max().item()
+    assert torch.equal(vc.view(-1, KVH, D)[slots], v)
+    # Without the norms the same call is plain rotary: the norms are not a no-op on these inputs.
+    plain = rotary_cache_write(q, k, v, kc.clone(), vc.clone(), cos_sin, positions, slots)
+    assert (plain.float() - want_q).abs().max().item() > 0.1
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_contexts_spanning_several_blocks_and_splits(num_splits):
     # seq_lens 1, 18, 41 with 16-token blocks and 16-key tiles: up to 3 tiles, so 3 splits

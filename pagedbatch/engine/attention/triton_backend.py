@@ -59,6 +59,7 @@ class TritonAttentionBackend:
     """
 
     name = "triton"
+    fuses_qk_norm = True  # forward() takes Qwen3's q/k norms and applies them inside the rotary kernel
 
     def __init__(
         self,
@@ -121,9 +122,10 @@ class TritonAttentionBackend:
             self._workspace.get(num_seqs, num_heads, splits, head_dim, device)
 
     def forward(self, q, k, v, k_cache, v_cache, cos_sin, meta: AttentionMetadata, scale: float,
-                kv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_scale: Optional[torch.Tensor] = None, qk_norm=None) -> torch.Tensor:
+        """``qk_norm``: (q_norm weight, k_norm weight, eps) to apply to q and k before rotary (Qwen3)."""
         q_rot = rotary_cache_write(q, k, v, k_cache, v_cache, cos_sin, meta.positions, meta.slot_mapping,
-                                   kv_scale=kv_scale)
+                                   kv_scale=kv_scale, qk_norm=qk_norm)
         return self.attend(q_rot, k_cache, v_cache, meta, scale, kv_scale)
 
     def attend(self, q_rot, k_cache, v_cache, meta: AttentionMetadata, scale: float,

@@ -59,12 +59,26 @@ def _quantize(x, scale):
 
 
 @triton.jit
+def _head_rms_norm(x1, x2, W, eps, HALF: tl.constexpr, DTYPE: tl.constexpr):
+    # fused_ops.rms_norm per head, its rounding points kept: the normalised value is rounded to the
+    # model dtype, multiplied by the weight in float32, and the product rounded again.
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+    offs_d = tl.arange(0, HALF)
+    w1 = tl.load(W + offs_d).to(tl.float32)[None, :]
+    w2 = tl.load(W + HALF + offs_d).to(tl.float32)[None, :]
+    y1 = ((x1 * rstd[:, None]).to(DTYPE).to(tl.float32) * w1).to(DTYPE).to(tl.float32)
+    y2 = ((x2 * rstd[:, None]).to(DTYPE).to(tl.float32) * w2).to(DTYPE).to(tl.float32)
+    return y1, y2
+
+
+@triton.jit
 def _rotary_cache_write_kernel(
-    Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE,
+    Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE, QW, KW, eps,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh,
     s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
+    QK_NORM: tl.constexpr,
 ):
     tok = tl.program_id(0)
     hb = tl.program_id(1)
@@ -79,6 +93,8 @@ def _rotary_cache_write_kernel(
         src = Q + tok * s_qt + heads[:, None] * s_qh + offs_d[None, :]
         x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
+        if QK_NORM:
+            x1, x2 = _head_rms_norm(x1, x2, QW, eps, HALF, Q.dtype.element_ty)
         dst = QO + tok * s_qot + heads[:, None] * s_qoh + offs_d[None, :]
         tl.store(dst, (x1 * cos - x2 * sin).to(QO.dtype.element_ty), mask=hmask)
         tl.store(dst + HALF, (x2 * cos + x1 * sin).to(QO.dtype.element_ty), mask=hmask)
@@ -94,6 +110,8 @@ def _rotary_cache_write_kernel(
         src = K + tok * s_kt + heads[:, None] * s_kh + offs_d[None, :]
         x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
+        if QK_NORM:
+            x1, x2 = _head_rms_norm(x1, x2, KW, eps, HALF, K.dtype.element_ty)
         k1 = x1 * cos - x2 * sin
         k2 = x2 * cos + x1 * sin
         src = V + tok * s_vt + heads[:, None] * s_vh + offs_d[None, :]
@@ -127,10 +145,13 @@ def rotary_cache_write(
     slot_mapping: torch.Tensor,
     q_out: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Rotate q (into ``q_out``, which may be ``q`` itself) and k at ``positions``;
     write rotated k and raw v into the caches at ``slot_mapping`` (negative slots are skipped).
-    An fp8 cache stores them divided by ``kv_scale`` ([k_scale, v_scale]). Returns the rotated q."""
+    An fp8 cache stores them divided by ``kv_scale`` ([k_scale, v_scale]). Returns the rotated q.
+    ``qk_norm`` (q weight [D], k weight [D], eps): Qwen3's per-head RMSNorm of q and k first, in the
+    same pass (two kernel launches per layer fewer than norming them apart)."""
     T, H, D = q.shape
     KVH = k.shape[1]
     _check_head_dim(D)
@@ -149,12 +170,13 @@ def rotary_cache_write(
     _rotary_cache_write_kernel[(T, nqb + nkb)](
         q, k, v, q_out, k_cache, v_cache, cos_sin, positions, slot_mapping,
         kv_scale if kv_scale is not None else cos_sin,  # unused for an unscaled cache
+        *(qk_norm if qk_norm is not None else (cos_sin, cos_sin, 0.0)),  # unused without the norms
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos_sin.stride(0),
         H=H, KVH=KVH, NUM_Q_BLOCKS=nqb, BLOCK_SIZE=k_cache.shape[1], HALF=D // 2, BLOCK_H=block_h,
-        KV_SCALED=kv_scale is not None, num_warps=4 if block_h * D >= 2048 else 2,
+        KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, num_warps=4 if block_h * D >= 2048 else 2,
         # Unfused multiply-adds for the fp8 write: the rotated key then rounds exactly as torch's does,
         # so the stored fp8 bytes equal torch's cast (a 1-ulp fp32 difference can flip an fp8 rounding).
         enable_fp_fusion=kv_scale is None,

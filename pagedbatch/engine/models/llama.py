@@ -92,9 +92,14 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is None:
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
+        elif getattr(backend, "fuses_qk_norm", False):  # one kernel for norms, rotary and the cache write
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale,
+                                qk_norm=(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps))
+        else:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
         out = linear(o.reshape(-1, self.q_size), self.o_proj_weight, None, self.o_proj_weight_scale)
         return out if self.comm is None else self.comm.all_reduce(out)
 
