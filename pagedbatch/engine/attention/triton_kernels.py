@@ -71,7 +71,9 @@ def _head_rms_norm(x1, x2, W, eps, HALF: tl.constexpr, DTYPE: tl.constexpr):
     return y1, y2
 
 
-@triton.jit
+# The step's positions and slots are slices of one packed input buffer: their addresses' alignment
+# changes with the step's size, and a pointer specialized on it would compile a variant mid-job.
+@triton.jit(do_not_specialize=["positions", "slot_mapping"])
 def _rotary_cache_write_kernel(
     Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE, QW, KW, eps,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh,
@@ -229,7 +231,7 @@ def _attend_kv_range(
 
 # Per-step sizes (the number of sequences, the block table's width) are not specialized on: each
 # new divisibility pattern would compile another variant (~0.5 s) in the middle of a job.
-@triton.jit(do_not_specialize=["num_seqs", "search_steps", "s_bt"])
+@triton.jit(do_not_specialize=["block_tables", "seq_lens", "query_start_loc", "num_seqs", "search_steps", "s_bt"])
 def _prefill_kernel(
     Q, K, V, O, block_tables, seq_lens, query_start_loc, KV_SCALE, qk_scale, num_seqs, search_steps,
     s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
