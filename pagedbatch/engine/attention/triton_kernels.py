@@ -54,8 +54,10 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _quantize(x, scale):
-    # kv_quant.quantize: IEEE division (plain `/` is approximate on the GPU), then saturation.
-    return tl.clamp(tl.fdiv(x, scale, ieee_rounding=True), -_FP8_MAX, _FP8_MAX)
+    # kv_quant.quantize: IEEE division, then saturation. div_rn is PTX's div.rn.f32; plain `/` and even
+    # tl.fdiv(..., ieee_rounding=True) compile to div.full.f32 (up to 2 ulp off; Triton 3.6, checked in the
+    # PTX), which the H200 showed storing 18 where torch's cast of the exact quotient 19.0 stores 20.
+    return tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
 
 
 @triton.jit
