@@ -45,10 +45,11 @@ SWEEP = {
     ("w1", "bf16"): ["v1", "v2", *_ABLATIONS, "v2-n32", "v2-n128-w8", "v2-pps16"],
     ("single", "bf16"): ["v1", "v2", "v2-n32", "v2-stages3", "v2-nosplit", "v2-splits4"],
     ("long", "bf16"): ["v1", "v2", "v2-n128-w8", "v2-stages3", "v2-pps16", "v2-nosplit", "v2-splits4"],
-    ("wnano", "fp8"): ["v1", "v2", "v2-n128-w8", "v2-stages3", "v2-lanes", "v2-lanes32-w8"],
-    ("w1", "fp8"): ["v1", "v2", "v2-n128-w8", "v2-stages3"],
-    ("single", "fp8"): ["v1", "v2", "v2-n128-w8"],
-    ("long", "fp8"): ["v1", "v2", "v2-n128-w8", "v2-stages3"],
+    # fp8: Triton's cast (-cast) against the paired conversion (2026-12-04), then tiles and stages.
+    ("wnano", "fp8"): ["v2-cast", "v2-stages3-cast", "v2", "v2-stages3", "v2-n128", "v2-lanes"],
+    ("w1", "fp8"): ["v2-cast", "v2-stages3-cast", "v2", "v2-stages3", "v2-n128"],
+    ("single", "fp8"): ["v2-stages3-cast", "v2", "v2-stages3"],
+    ("long", "fp8"): ["v2-stages3-cast", "v2", "v2-stages3", "v2-n128"],
 }
 L2_BYTES = 50 * 2**20  # H100/H200 L2 is 50 MB (60 MB on some H200 SKUs): 4x of it is cold enough
 
@@ -139,18 +140,20 @@ def occupancy(kernel, num_warps: int) -> dict:
             "programs_per_sm": min(by_regs, by_smem, 64 // num_warps, 32)}
 
 
-def launch_key(cfg, group: int, splits: int) -> tuple:
-    """Everything that makes two configs' launches differ on one case."""
+def launch_key(cfg, group: int, splits: int, fp8_asm_ok: bool = False) -> tuple:
+    """Everything that makes two configs' launches differ on one case (``fp8_asm_ok``: an fp8 cache on a
+    device where the paired conversion runs, so ``fp8_asm`` matters)."""
     if cfg.kernel == "v1":
         return ("v1", cfg.block_n, cfg.num_warps, cfg.num_stages, splits)
     return ("v2", cfg.uses_dot(group), cfg.tile(group), cfg.num_warps, cfg.num_stages, cfg.prefetch_table,
-            cfg.early_v, splits)
+            cfg.early_v, splits, cfg.fp8_via_f16, cfg.fp8_asm and fp8_asm_ok)
 
 
 def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, reps: int) -> list[dict]:
     import torch
 
     from pagedbatch.engine.attention.triton_decode import DECODE_CONFIGS, _launch, decode_workspace_shape
+    from pagedbatch.engine.attention.triton_kernels import fp8_tile_convert
 
     group = case.heads // case.kv_heads
     mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
@@ -162,7 +165,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
     for name in names:
         cfg = DECODE_CONFIGS[name]
         splits = cfg.num_splits(case.batch, case.kv_heads, group, case.max_model_len, num_sms)
-        key = launch_key(cfg, group, splits)
+        key = launch_key(cfg, group, splits, fp8 and fp8_tile_convert(torch.device(device)))
         row = {"config": name, "splits": splits, "tile": cfg.tile(group),
                "path": "v1" if cfg.kernel == "v1" else ("dot" if cfg.uses_dot(group) else "lanes")}
         rows.append(row)

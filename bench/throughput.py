@@ -93,6 +93,7 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
+                          decode_attention_config=args.decode_config,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           tensor_parallel_size=args.tensor_parallel_size, fused_sampler=not args.no_fused_sampler,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--decode-config", default=None,
+                    help="our Triton backend's decode kernel config (a DECODE_CONFIGS name; default: per cache dtype)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                     help="our engine's KV cache (fp8: the roofline counts 1 byte per cached element)")
     ap.add_argument("--policy", default="fcfs")

@@ -58,6 +58,10 @@ class EngineConfig:
     sjf_max_skipped_steps: int = 8
 
     attention_backend: str = "auto"
+    # The Triton backend's paged-decode kernel configuration, a name in
+    # engine/attention/triton_decode.DECODE_CONFIGS (None: its default for the cache dtype). For tuning and
+    # A/B benchmarks (bench/throughput.py --decode-config); an unknown name fails at engine start.
+    decode_attention_config: Optional[str] = None
     enforce_eager: bool = False  # GPU: disable CUDA graphs
     # Split the model over this many processes (GPUs cuda:0..N-1, or CPU ranks
     # over gloo); must divide the attention heads. See docs/parallel.md.
@@ -83,6 +87,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be None (weights as the checkpoint stores them) or one of "
                              f"{', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.decode_attention_config is not None and self.attention_backend in ("torch", "triton-basic"):
+            raise ValueError(f"decode_attention_config is a setting of the 'triton' attention backend, not of "
+                             f"{self.attention_backend!r}")
         if self.kv_cache_dtype != "auto" and self.attention_backend == "triton-basic":
             raise ValueError("attention_backend 'triton-basic' has no fp8 KV cache: use 'triton', 'torch' or 'auto'")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):

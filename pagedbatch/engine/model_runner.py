@@ -82,6 +82,8 @@ def make_backend(config: EngineConfig, device: torch.device):
             if config.attention_backend != "auto":
                 raise ValueError(f"attention_backend {name!r} is not available: {e}") from e
             return TorchAttentionBackend()
+        if name == "triton":
+            return TritonAttentionBackend(decode_config=config.decode_attention_config)
         return TritonAttentionBackend()
     return TorchAttentionBackend()
 

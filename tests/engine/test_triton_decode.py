@@ -17,6 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from attention_cases import DEV, check, clean, make_batch, reference  # noqa: E402
 from pagedbatch.engine.attention.torch_ref import (  # noqa: E402
@@ -33,7 +34,11 @@ from pagedbatch.engine.attention.triton_decode import (  # noqa: E402
     DecodeConfig,
     paged_decode,
 )
-from pagedbatch.engine.attention.triton_kernels import rotary_cache_write  # noqa: E402
+from pagedbatch.engine.attention.triton_kernels import (  # noqa: E402
+    _fp8_to_f16,
+    fp8_tile_convert,
+    rotary_cache_write,
+)
 
 SCALES = (0.03, 0.2)  # k, v: far from 1 and from each other, so a dropped or swapped scale shows
 
@@ -90,6 +95,22 @@ def test_default_decode_configs_exist_and_unknown_names_fail():
         TritonAttentionBackend(decode_config="v9")
     with pytest.raises(ValueError, match="block_n"):
         DecodeConfig(block_n=48)
+
+
+def test_engine_decode_attention_config_selects_a_named_config_and_refuses_others():
+    from pagedbatch.config import EngineConfig
+    from pagedbatch.engine.model_runner import make_backend
+
+    backend = make_backend(EngineConfig(model="m", attention_backend="triton", decode_attention_config="v2-n32"),
+                           torch.device("cpu"))
+    assert backend.decode_config(torch.bfloat16) == DECODE_CONFIGS["v2-n32"]
+    default = make_backend(EngineConfig(model="m", attention_backend="triton"), torch.device("cpu"))
+    assert default.decode_config(torch.bfloat16) == DECODE_CONFIGS[DEFAULT_DECODE_CONFIG[2]]
+    with pytest.raises(ValueError, match="unknown decode config 'v9'"):
+        make_backend(EngineConfig(model="m", attention_backend="triton", decode_attention_config="v9"),
+                     torch.device("cpu"))
+    with pytest.raises(ValueError, match="decode_attention_config is a setting of the 'triton' attention backend"):
+        EngineConfig(model="m", attention_backend="torch", decode_attention_config="v2")
 
 
 def _torch_written(b):
@@ -258,3 +279,27 @@ def test_gpu_fp8_decode_graph_reads_scales_from_the_device_tensor():
     meta = dataclasses.replace(b.meta, block_tables=torch.where(bt >= kc.shape[0], 0, bt))
     ref = paged_attention_reference(q_rot.float(), kc, vc, meta, scale, b.kv_scale)
     assert (out.float() - ref).abs().max().item() <= GPU_TOL
+
+
+@triton.jit
+def _convert_tile(X, Y, ASM: tl.constexpr):
+    r = tl.arange(0, 64)[:, None] * 128 + tl.arange(0, 128)[None, :]
+    tl.store(Y + r, _fp8_to_f16(tl.load(X + r), ASM))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asm", [True, False], ids=["paired-cvt", "triton-cast"])
+def test_gpu_fp8_tile_conversion_is_torchs_for_every_byte_in_order(asm):
+    """The kernels' e4m3 -> fp16 conversion (``_fp8_to_f16``): every non-NaN byte value converts to torch's
+    value, at its own position (the paired PTX conversion packs 4 bytes per register: a swapped pair or
+    half would move values), in a 2-D tile as the attention kernels load it."""
+    assert fp8_tile_convert(torch.device(DEV)) and not fp8_tile_convert(torch.device("cpu"))
+    codes = torch.arange(256, dtype=torch.uint8, device=DEV)
+    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn's two NaNs
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = codes[torch.randint(0, codes.numel(), (64 * 128,), device=DEV, generator=g)]
+    x[:codes.numel()] = codes
+    x = x.view(torch.float8_e4m3fn)
+    y = torch.full((64 * 128,), float("nan"), dtype=torch.float16, device=DEV)
+    _convert_tile[(1,)](x, y, ASM=asm)
+    assert torch.equal(y, x.to(torch.float16))

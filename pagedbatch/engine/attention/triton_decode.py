@@ -23,8 +23,9 @@ Why v1 reads KV at about half the copy bandwidth is argued in
 docs/benchmarks.md ("Decode attention"); ``bench/decode_attention.py``
 times every configuration in ``DECODE_CONFIGS``.
 
-fp8 caches (``kv_quant.py``): tiles are converted to the query's dtype as
-they are loaded; the K scale is folded into the softmax scale and the V
+fp8 caches (``kv_quant.py``): tiles are converted to fp16 as they are
+loaded (``_fp8_to_f16``: paired conversions, before the tile's layout change
+into the dot operand) and the query to fp16 once; the K scale is folded into the softmax scale and the V
 scale into the final normalisation, so no element is multiplied by a scale.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ import triton
 import triton.language as tl
 
 from .kv_quant import checked_scale
-from .triton_kernels import LOG2E, _check_head_dim, _dot_precision, _last_dim_contiguous
+from .triton_kernels import (LOG2E, _check_head_dim, _dot_precision, _fp8_to_f16, _last_dim_contiguous,
+                             fp8_tile_convert)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class DecodeConfig:
     # pair of values on Hopper, e4m3 -> bf16 goes through fp32 (measured 2026-12-03: the bf16 route
     # read an fp8 cache at only ~1.5 TB/s, slower per call than a bf16 cache of twice the bytes).
     fp8_via_f16: bool = True
+    # ... and convert the tiles with PTX's paired e4m3 -> fp16 instruction in the layout they were loaded
+    # in (``_fp8_to_f16``; GPUs with fp8, not the interpreter). Without it Triton converts after moving
+    # the tile into the dot's operand layout, reading the V tile from shared memory a byte at a time.
+    # H200, 2026-12-04: 132.9 us against 141.5 on W1's shape, 170.2 against 171.8 on W-nano's.
+    fp8_asm: bool = True
     # Split-K: aim for programs_per_sm programs per SM, splits of at least
     # min_tiles_per_split tiles, at most max_splits splits.
     programs_per_sm: int = 4
@@ -114,6 +121,12 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     "v2-fp8-bf16": dataclasses.replace(_V2, fp8_via_f16=False),
     "v2-stages3-fp8-bf16": dataclasses.replace(_V2, num_stages=3, fp8_via_f16=False),
     "v2-splits4": dataclasses.replace(_V2, max_splits=4),
+    # fp8 caches: Triton's own cast to fp16 (the default until 2026-12-04), for comparison.
+    "v2-cast": dataclasses.replace(_V2, fp8_asm=False),
+    "v2-stages3-cast": dataclasses.replace(_V2, num_stages=3, fp8_asm=False),
+    # fp8: with the paired conversion a 64-key tile costs the instructions of a bf16 tile of twice the bytes;
+    # longer tiles amortize the softmax (measured: no faster, 2026-12-04).
+    "v2-n128": dataclasses.replace(_V2, block_n=128),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
@@ -250,7 +263,7 @@ def _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE: tl.constexpr, BLOCK_N: 
 def _decode_tile(
     m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, offs_n, offs_d,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
-    EARLY_V: tl.constexpr, PREC: tl.constexpr,
+    EARLY_V: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr,
 ):
     b64 = blk.to(tl.int64)
     if BLOCK_N <= BLOCK_SIZE:
@@ -268,6 +281,10 @@ def _decode_tile(
         k = tl.load(k_ptrs)
         if EARLY_V:
             v = tl.load(v_ptrs)
+    if ASM:
+        k = _fp8_to_f16(k, True)
+        if EARLY_V:
+            v = _fp8_to_f16(v, True)
 
     if DOT:
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
@@ -293,6 +310,8 @@ def _decode_tile(
             v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
+        if ASM:
+            v = _fp8_to_f16(v, True)
     if DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     else:
@@ -307,7 +326,7 @@ def _decode_v2_kernel(
     s_wot, s_woh, s_wos, s_wlt, s_wlh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
-    DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr,
+    DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -357,12 +376,12 @@ def _decode_v2_kernel(
         else:
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
-                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC)
+                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC, ASM)
     t = tl.maximum(t_lo, t_full)
     if t < t_hi:  # the sequence's partial last tile, if this split has it
         cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
-                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC)
+                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC, ASM)
 
     if not DOT:  # merge the key slots' states
         m_row = tl.max(m, 1)
@@ -467,6 +486,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
         )
     else:
         dot = cfg.uses_dot(group)
+        f16 = dot and kv_scale is not None and cfg.fp8_via_f16 and q.dtype != torch.float32
         group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
         kernel = _decode_v2_kernel[(B, KVH, num_splits)](
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
@@ -474,7 +494,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             GROUP=group, GROUP_PAD=group_pad, D=D, BLOCK_SIZE=BS, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1,
             PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, DOT=dot,
             PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
-            F16=dot and kv_scale is not None and cfg.fp8_via_f16 and q.dtype != torch.float32,
+            F16=f16, ASM=f16 and cfg.fp8_asm and fp8_tile_convert(q.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if num_splits > 1:

@@ -16,11 +16,13 @@ from host ints only; no launcher reads a device tensor.
 An fp8 cache (``kv_quant.py``) comes with ``kv_scale`` ([k_scale, v_scale]
 float32 on the device, read by the kernels: nothing host-side to bake into
 a CUDA graph). The write divides by the scale (IEEE division, as torch),
-saturates at +-448 and rounds to nearest even; reads convert tiles to the
-query's dtype and fold the K scale into the softmax scale and the V scale
-into the final normalisation.
+saturates at +-448 and rounds to nearest even; reads convert tiles to fp16
+(exact for every e4m3 value; the query follows) and fold the K scale into
+the softmax scale and the V scale into the final normalisation.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -45,6 +47,37 @@ def _check_head_dim(head_dim: int) -> None:
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _paired_fp8_cvt(device: torch.device) -> bool:
+    # cvt.rn.f16x2.e4m3x2 is PTX for sm_89+; the interpreter (CPU tensors) and ROCm take Triton's cast.
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def fp8_tile_convert(device: torch.device) -> bool:
+    """The ``ASM`` constexpr of the attention kernels for an fp8 cache on ``device``."""
+    return _paired_fp8_cvt(torch.device(device))
+
+
+@triton.jit
+def _fp8_to_f16(x, ASM: tl.constexpr):
+    # e4m3 -> fp16 is exact. With ASM the conversion is one PTX instruction per pair, done in the layout
+    # the tile was loaded in, before Triton moves the tile into the dot's operand layout through shared
+    # memory (as fp16, with ldmatrix). Triton's own cast is instead moved past that layout change, where
+    # an 8-bit V tile (the [keys, head_dim] operand of P @ V, transposed for the MMA) is read from shared
+    # memory one byte per instruction: sm_90 SASS of the decode loop, 64-key tile, 649 instructions with
+    # the cast against 377 with ASM (bf16 cache: 373 for twice the bytes). The asm is not pure so that
+    # Triton cannot move it across the layout change either.
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+                "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16,
+            is_pure=False, pack=4)
+    else:
+        return x.to(tl.float16)
 
 
 # --------------------------------------------------------------------------
@@ -239,7 +272,7 @@ def _prefill_kernel(
     s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    KV_SCALED: tl.constexpr,
+    KV_SCALED: tl.constexpr, F16: tl.constexpr,
 ):
     # Reversed so that the last tiles of each sequence (the longest KV
     # ranges) start first and short ones fill the tail of the wave.
@@ -273,6 +306,11 @@ def _prefill_kernel(
     row_ok = (offs_r < BLOCK_Q * GROUP) & (qi < q_len)
     q = tl.load(Q + (q_start + qi)[:, None] * s_qt + heads[:, None] * s_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
+    if F16:
+        # An fp8 cache: its tiles become fp16 (exact; e4m3 -> bf16 goes through fp32), and so does q, once.
+        # The wgmma path reads 8-bit tiles from shared memory well: the paired conversion of the decode
+        # kernel gains nothing here (sm_90 SASS: 485 instructions per 64-key tile either way, 690 via bf16).
+        q = q.to(tl.float16)
     q_pos = ctx + qi
 
     first = ctx + q_tile * BLOCK_Q  # position of the tile's first query
@@ -339,6 +377,7 @@ def paged_prefill(
     block_m = max(16, triton.next_power_of_2(group), min(block_m, triton.next_power_of_2(max_query_len * group)))
     block_q = block_m // group
     num_tiles = T // block_q + num_seqs
+    f16 = kv_scale is not None and q.dtype != torch.float32
     _prefill_kernel[(num_tiles, KVH)](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         kv_scale if kv_scale is not None else out, scale * LOG2E,  # out: a placeholder, unread without scales
@@ -347,6 +386,7 @@ def paged_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, D=D, BLOCK_SIZE=BS, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, num_warps=num_warps, num_stages=num_stages,
+        PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, F16=f16,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
