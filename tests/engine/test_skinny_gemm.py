@@ -111,6 +111,29 @@ def test_silu_mul_prologue_multiplies_by_silu_gate_times_up(cfg, weights, poison
     torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("weights", ["fp32", "fp8"])
+def test_mlp_down_projection_fuses_the_activation_for_one_row_only(weights, monkeypatch):
+    """silu_mul_linear (the MLP's down projection) on the skinny route: one row runs the silu_mul prologue,
+    more rows the activation kernel then the plain GEMM; both equal silu_and_mul followed by linear."""
+    from pagedbatch.engine.models import linear as linear_mod
+    from pagedbatch.engine.models.fused_ops import silu_and_mul
+
+    calls = []
+    real = sg.skinny_linear
+    monkeypatch.setattr(linear_mod, "route", lambda *a: "skinny")  # the CPU's route is "linear"/"reference"
+    monkeypatch.setattr(sg, "skinny_linear", lambda *a, **kw: calls.append(kw.get("act")) or real(*a, **kw))
+    g = torch.Generator().manual_seed(11)
+    N, K = 40, 96
+    w, scale, w64 = make_weights(weights, N, K, torch.float32, g)
+    for M in (1, 3):
+        gate_up = 2 * torch.randn(M, 2 * K, generator=g).to(DEV)
+        calls.clear()
+        y = linear_mod.silu_mul_linear(gate_up, w, scale)
+        assert ("silu_mul" in calls) == (M == 1), (M, calls)
+        want = reference(silu_and_mul(gate_up), w64, None)
+        torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_split_k_leaves_counters_at_zero_and_repeats_exactly(poisoned_workspace):
     """The last-arriving split resets its tile's counter: a second call (a graph replay) reduces again."""
     g = torch.Generator().manual_seed(3)

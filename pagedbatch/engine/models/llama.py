@@ -32,8 +32,8 @@ from ..attention.backend import AttentionBackend
 from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
 from .fp8 import FP8
-from .fused_ops import rms_norm, silu_and_mul
-from .linear import linear
+from .fused_ops import rms_norm
+from .linear import linear, silu_mul_linear
 from .sharding import TPShard, local_args, vocab_range
 
 
@@ -115,8 +115,8 @@ class MLP(nn.Module):
             args.hidden_size, args.intermediate_size, "down_proj_weight" in fp8)
 
     def forward(self, x):
-        h = silu_and_mul(linear(x, self.gate_up_proj_weight, None, self.gate_up_proj_weight_scale))
-        out = linear(h, self.down_proj_weight, None, self.down_proj_weight_scale)
+        gate_up = linear(x, self.gate_up_proj_weight, None, self.gate_up_proj_weight_scale)
+        out = silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale)
         return out if self.comm is None else self.comm.all_reduce(out)
 
 
