@@ -1,0 +1,174 @@
+"""What the GPU will run, read on a machine without one: compile an attention kernel for sm_90 and count the
+instructions of its loops.
+
+    python bench/kernel_sass.py --kernel decode --config v2-stages3 --kv fp8 --group 2
+    python bench/kernel_sass.py --kernel decode --config v2-stages3-cast --kv fp8 --group 2 --out /tmp/sass
+    python bench/kernel_sass.py --kernel prefill --kv fp8 --group 7
+
+Triton compiles for any NVIDIA target without a GPU (its wheel carries ptxas and nvdisasm). The kernel is
+compiled as the engine launches it: the same constexprs as the launcher, pointers and strides assumed
+divisible by 16 as Triton's runtime specializes them (except the arguments a kernel marks
+``do_not_specialize``); without that the code has unvectorized loads and spills the GPU never runs. Prints
+registers, shared memory and, per loop (a backward branch in the SASS), its instruction count and the most
+frequent opcodes: e.g. the fp8 decode tile went from 657 instructions (a byte-wise shared-memory read of the
+V tile) to 388 (docs/benchmarks.md, 2026-12-04). The GPU machine runs Triton 3.6: install that version in a
+side virtual environment for the exact code (other versions differ in detail). Instruction counts are not
+times; the GPU still decides (bench/decode_attention.py).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+POINTER_TYPES = {  # argument name -> Triton pointer type; {kv} is the cache's element type
+    "decode": {"Q": "*{q}", "K": "*{kv}", "V": "*{kv}", "O": "*{q}", "WO": "*fp32", "WLSE": "*fp32",
+               "block_tables": "*i32", "seq_lens": "*i32", "KV_SCALE": "*fp32"},
+    "prefill": {"Q": "*{q}", "K": "*{kv}", "V": "*{kv}", "O": "*{q}", "block_tables": "*i32", "seq_lens": "*i32",
+                "query_start_loc": "*i32", "KV_SCALE": "*fp32"},
+}
+FLOAT_ARGS = {"qk_scale"}
+TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8e4nv", "fp32": "fp32"}
+
+
+def decode_spec(args):
+    """(kernel, constexprs, num_warps, num_stages) as ``triton_decode._launch`` would launch them."""
+    import triton
+
+    from pagedbatch.engine.attention import triton_decode as td
+
+    cfg = td.DECODE_CONFIGS[args.config]
+    if cfg.kernel != "v2":
+        raise SystemExit(f"kernel_sass: only v2 decode configs are supported, {args.config} is {cfg.kernel}")
+    group, fp8 = args.group, args.kv == "fp8"
+    dot = cfg.uses_dot(group)
+    f16 = dot and fp8 and cfg.fp8_via_f16 and args.q != "fp32"
+    const = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group),
+                 D=args.head_dim, BLOCK_SIZE=args.block_size, BLOCK_N=cfg.tile(group), SPLIT=args.splits > 1,
+                 PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=fp8, DOT=dot, PREFETCH=cfg.prefetch_table,
+                 EARLY_V=cfg.early_v, F16=f16, ASM=f16 and cfg.fp8_asm)
+    return td._decode_v2_kernel, const, cfg.num_warps, cfg.num_stages
+
+
+def prefill_spec(args):
+    import triton
+
+    from pagedbatch.engine.attention import triton_kernels as tk
+
+    group, block_m = args.group, max(16, triton.next_power_of_2(args.group), args.block_m)
+    const = dict(GROUP=group, D=args.head_dim, BLOCK_SIZE=args.block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group,
+                 BLOCK_N=args.block_n, PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=args.kv == "fp8",
+                 F16=args.kv == "fp8" and args.q != "fp32")
+    return tk._prefill_kernel, const, 4, 2
+
+
+def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    unknown = set(const) - set(names)
+    if unknown:
+        raise SystemExit(f"kernel_sass: {kernel.__name__} has no argument(s) {sorted(unknown)}: the launcher changed")
+    dns = {names[d] if isinstance(d, int) else d for d in getattr(kernel, "do_not_specialize", ())}
+    ptrs = POINTER_TYPES[kind]
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in const:
+            sig[n] = "constexpr"
+            continue
+        sig[n] = (ptrs[n].format(q=TRITON_TYPES[q], kv=TRITON_TYPES[kv]) if n in ptrs
+                  else "fp32" if n in FLOAT_ARGS else "i32")
+        if n not in FLOAT_ARGS and n not in dns and n != "KV_SCALE" and not n.startswith("num_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def loops(sass: str) -> list[tuple[int, collections.Counter]]:
+    """(instruction count, opcode counts) of each loop: the instructions from a label to a branch back to it."""
+    labels, insts = {}, []
+    for line in sass.splitlines():
+        m = re.match(r"^\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(insts)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            insts.append(m.group(1).strip())
+    out = []
+    for idx, ins in enumerate(insts):
+        m = re.search(r"BRA\s+(?:\S+\s+)?`?\(?\.?(L_x_\d+)", ins)
+        if m and m.group(1) in labels and labels[m.group(1)] < idx:
+            body = insts[labels[m.group(1)]: idx + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", b).split()[0] for b in body)
+            out.append((len(body), ops))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernel", choices=["decode", "prefill"], default="decode")
+    ap.add_argument("--config", default="v2-stages3", help="decode: a name in DECODE_CONFIGS")
+    ap.add_argument("--kv", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16", help="cache element type")
+    ap.add_argument("--q", choices=["bf16", "fp16", "fp32"], default="bf16", help="query / model dtype")
+    ap.add_argument("--group", type=int, default=2, help="query heads per KV head (W-nano 2, Qwen2.5-7B 7)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--splits", type=int, default=1, help="decode: the split count's SPLIT constexpr (>1: split)")
+    ap.add_argument("--block-m", type=int, default=64, help="prefill")
+    ap.add_argument("--block-n", type=int, default=64, help="prefill")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    ap.add_argument("--top", type=int, default=14, help="opcodes shown per loop")
+    ap.add_argument("--out", default=None, help="also write the PTX and SASS here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's default; silences Triton >= 3.9
+    import triton
+
+    kernel, const, warps, stages = (decode_spec if args.kernel == "decode" else prefill_spec)(args)
+    compiled = compile_for(kernel, const, args.kernel, args.q, args.kv, args.arch, warps, stages)
+    cubin = compiled.asm["cubin"]
+    tmp = os.path.join(args.out or "/tmp", f"kernel_sass-{os.getpid()}.cubin")
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([_tool("nvdisasm"), "-c", tmp], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([_tool("cuobjdump"), "-res-usage", tmp], capture_output=True, text=True, check=True).stdout
+    if args.out:
+        base = os.path.join(args.out, f"{args.kernel}-{args.config if args.kernel == 'decode' else 'prefill'}-{args.kv}")
+        for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
+            with open(f"{base}.{ext}", "w") as f:
+                f.write(text)
+        print(f"wrote {base}.ptx and .sass")
+    else:
+        os.remove(tmp)
+    regs = re.search(r"REG:(\d+)", res)
+    spill = re.search(r"STACK:(\d+)", res)
+    print(f"{kernel.__name__} sm_{args.arch} (triton {triton.__version__}), {warps} warps, {stages} stages; "
+          f"constexprs {const}")
+    print(f"registers {regs.group(1) if regs else '?'}, stack {spill.group(1) if spill else '?'} B, "
+          f"shared memory {compiled.metadata.shared / 1024:.1f} KB")
+    found = loops(sass)
+    if not found:
+        print("no loop found")
+    for i, (n, ops) in enumerate(found):
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top))
+        print(f"loop {i}: {n} instructions: {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
