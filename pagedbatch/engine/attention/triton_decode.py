@@ -131,7 +131,8 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
 # Measured on the H200 2026-12-03 (bench/decode_attention.py): bf16 v2-stages3 reads KV at 3.8-3.9 TB/s
-# on the W-nano and W1 shapes (v1 3.3); fp8 v2 was the best of the bf16-route configs.
+# on the W-nano and W1 shapes (v1 3.3). fp8, 2026-12-04: v2-stages3 (paired conversion) the best on the
+# W-nano, W1 and single shapes, 1.8-1.9 TB/s of fp8 bytes: bound by shared-memory traffic (ncu), not bytes.
 DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-stages3", 2: "v2-stages3", 4: "v2"}
 
 
