@@ -140,13 +140,16 @@ def occupancy(kernel, num_warps: int) -> dict:
             "programs_per_sm": min(by_regs, by_smem, 64 // num_warps, 32)}
 
 
-def launch_key(cfg, group: int, splits: int, fp8_asm_ok: bool = False) -> tuple:
-    """Everything that makes two configs' launches differ on one case (``fp8_asm_ok``: an fp8 cache on a
-    device where the paired conversion runs, so ``fp8_asm`` matters)."""
+def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt: bool) -> tuple:
+    """Everything that makes two configs' launches differ on one case: v2's constexprs as the launcher
+    derives them (``triton_decode.v2_constexprs``), the launch knobs and the split count."""
+    from pagedbatch.engine.attention.triton_decode import v2_constexprs
+
     if cfg.kernel == "v1":
         return ("v1", cfg.block_n, cfg.num_warps, cfg.num_stages, splits)
-    return ("v2", cfg.uses_dot(group), cfg.tile(group), cfg.num_warps, cfg.num_stages, cfg.prefetch_table,
-            cfg.early_v, splits, cfg.fp8_via_f16, cfg.fp8_asm and fp8_asm_ok)
+    const = v2_constexprs(cfg, case.heads // case.kv_heads, case.head_dim, case.block_size, splits, q_dtype, fp8,
+                          paired_fp8_cvt)
+    return ("v2", tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, splits)
 
 
 def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, reps: int) -> list[dict]:
@@ -165,7 +168,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
     for name in names:
         cfg = DECODE_CONFIGS[name]
         splits = cfg.num_splits(case.batch, case.kv_heads, group, case.max_model_len, num_sms)
-        key = launch_key(cfg, group, splits, fp8 and fp8_tile_convert(torch.device(device)))
+        key = launch_key(cfg, case, splits, data["q"].dtype, fp8, fp8 and fp8_tile_convert(torch.device(device)))
         row = {"config": name, "splits": splits, "tile": cfg.tile(group),
                "path": "v1" if cfg.kernel == "v1" else ("dot" if cfg.uses_dot(group) else "lanes")}
         rows.append(row)

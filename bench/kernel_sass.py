@@ -36,31 +36,30 @@ FLOAT_ARGS = {"qk_scale"}
 TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8e4nv", "fp32": "fp32"}
 
 
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def decode_spec(args):
-    """(kernel, constexprs, num_warps, num_stages) as ``triton_decode._launch`` would launch them."""
-    import triton
+    """(kernel, constexprs, num_warps, num_stages) as ``triton_decode._launch`` would launch them (an sm_89+
+    GPU: the paired fp8 conversion runs)."""
+    import torch
 
     from pagedbatch.engine.attention import triton_decode as td
 
     cfg = td.DECODE_CONFIGS[args.config]
     if cfg.kernel != "v2":
         raise SystemExit(f"kernel_sass: only v2 decode configs are supported, {args.config} is {cfg.kernel}")
-    group, fp8 = args.group, args.kv == "fp8"
-    dot = cfg.uses_dot(group)
-    f16 = dot and fp8 and cfg.fp8_via_f16 and args.q != "fp32"
-    const = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group),
-                 D=args.head_dim, BLOCK_SIZE=args.block_size, BLOCK_N=cfg.tile(group), SPLIT=args.splits > 1,
-                 PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=fp8, DOT=dot, PREFETCH=cfg.prefetch_table,
-                 EARLY_V=cfg.early_v, F16=f16, ASM=f16 and cfg.fp8_asm)
+    const = td.v2_constexprs(cfg, args.group, args.head_dim, args.block_size, args.splits,
+                             getattr(torch, TORCH_DTYPES[args.q]), args.kv == "fp8", paired_fp8_cvt=True)
     return td._decode_v2_kernel, const, cfg.num_warps, cfg.num_stages
 
 
 def prefill_spec(args):
-    import triton
-
+    """The same for ``paged_prefill``'s kernel with its default tile (queries long enough to fill it)."""
     from pagedbatch.engine.attention import triton_kernels as tk
 
-    group, block_m = args.group, max(16, triton.next_power_of_2(args.group), args.block_m)
+    group = args.group
+    block_m = tk.prefill_block_m(args.block_m, group, max_query_len=args.block_m)
     const = dict(GROUP=group, D=args.head_dim, BLOCK_SIZE=args.block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group,
                  BLOCK_N=args.block_n, PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=args.kv == "fp8",
                  F16=args.kv == "fp8" and args.q != "fp32")
@@ -148,7 +147,8 @@ def main(argv=None) -> int:
     sass = subprocess.run([_tool("nvdisasm"), "-c", tmp], capture_output=True, text=True, check=True).stdout
     res = subprocess.run([_tool("cuobjdump"), "-res-usage", tmp], capture_output=True, text=True, check=True).stdout
     if args.out:
-        base = os.path.join(args.out, f"{args.kernel}-{args.config if args.kernel == 'decode' else 'prefill'}-{args.kv}")
+        name = args.config if args.kernel == "decode" else "prefill"
+        base = os.path.join(args.out, f"{args.kernel}-{name}-{args.kv}")
         for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(f"{base}.{ext}", "w") as f:
                 f.write(text)

@@ -447,6 +447,18 @@ def paged_decode(
                    resolve_decode_config(config, k_cache.dtype), kv_scale)[0]
 
 
+def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int, num_splits: int,
+                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool) -> dict:
+    """The compile-time arguments of ``_decode_v2_kernel`` for one launch (also bench/kernel_sass.py's).
+    ``paired_fp8_cvt``: the device runs ``_fp8_to_f16``'s inline asm (``fp8_tile_convert``)."""
+    dot = cfg.uses_dot(group)
+    f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32
+    return dict(GROUP=group, GROUP_PAD=max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
+                BLOCK_SIZE=block_size, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1, PREC=_dot_precision(q_dtype),
+                KV_SCALED=kv_scaled, DOT=dot, PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
+                F16=f16, ASM=f16 and cfg.fp8_asm and paired_fp8_cvt)
+
+
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
             cfg: DecodeConfig, kv_scale):
     """``paged_decode``; also returns the compiled split kernel (None in the interpreter) for the benchmark."""
@@ -486,16 +498,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             KV_SCALED=kv_scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        dot = cfg.uses_dot(group)
-        f16 = dot and kv_scale is not None and cfg.fp8_via_f16 and q.dtype != torch.float32
-        group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
+        scaled = kv_scale is not None
         kernel = _decode_v2_kernel[(B, KVH, num_splits)](
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
-            GROUP=group, GROUP_PAD=group_pad, D=D, BLOCK_SIZE=BS, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1,
-            PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, DOT=dot,
-            PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
-            F16=f16, ASM=f16 and cfg.fp8_asm and fp8_tile_convert(q.device),
+            **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if num_splits > 1:

@@ -50,15 +50,11 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _paired_fp8_cvt(device: torch.device) -> bool:
-    # cvt.rn.f16x2.e4m3x2 is PTX for sm_89+; the interpreter (CPU tensors) and ROCm take Triton's cast.
+def fp8_tile_convert(device: torch.device) -> bool:
+    """Whether ``_fp8_to_f16``'s inline asm runs on ``device``: cvt.rn.f16x2.e4m3x2 is PTX for sm_89+; the
+    interpreter (CPU tensors) and ROCm take Triton's cast."""
     return (device.type == "cuda" and torch.version.hip is None
             and torch.cuda.get_device_capability(device) >= (8, 9))
-
-
-def fp8_tile_convert(device: torch.device) -> bool:
-    """The ``ASM`` constexpr of the attention kernels for an fp8 cache on ``device``."""
-    return _paired_fp8_cvt(torch.device(device))
 
 
 @triton.jit
@@ -67,8 +63,8 @@ def _fp8_to_f16(x, ASM: tl.constexpr):
     # the tile was loaded in, before Triton moves the tile into the dot's operand layout through shared
     # memory (as fp16, with ldmatrix). Triton's own cast is instead moved past that layout change, where
     # an 8-bit V tile (the [keys, head_dim] operand of P @ V, transposed for the MMA) is read from shared
-    # memory one byte per instruction: sm_90 SASS of the decode loop, 64-key tile, 649 instructions with
-    # the cast against 377 with ASM (bf16 cache: 373 for twice the bytes). The asm is not pure so that
+    # memory one byte per instruction: sm_90 SASS of the decode loop (Triton 3.6, bench/kernel_sass.py),
+    # 64-key tile, 657 instructions with the cast against 388 with ASM (bf16: 387). The asm is not pure so that
     # Triton cannot move it across the layout change either.
     if ASM:
         return tl.inline_asm_elementwise(
@@ -338,6 +334,12 @@ def _prefill_kernel(
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+def prefill_block_m(block_m: int, group: int, max_query_len: int) -> int:
+    """Rows of a prefill tile: (token, group head) pairs. Shrunk for short queries, grown if one group does
+    not fit (also bench/kernel_sass.py's)."""
+    return max(16, triton.next_power_of_2(group), min(block_m, triton.next_power_of_2(max_query_len * group)))
+
+
 def paged_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -372,9 +374,7 @@ def paged_prefill(
     if T == 0 or num_seqs == 0:
         return out
     group = H // KVH
-    # Rows are (token, group head) pairs: shrink the tile for short queries,
-    # grow it if one group does not fit.
-    block_m = max(16, triton.next_power_of_2(group), min(block_m, triton.next_power_of_2(max_query_len * group)))
+    block_m = prefill_block_m(block_m, group, max_query_len)
     block_q = block_m // group
     num_tiles = T // block_q + num_seqs
     f16 = kv_scale is not None and q.dtype != torch.float32
