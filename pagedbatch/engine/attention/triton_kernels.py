@@ -85,7 +85,7 @@ def _fp8_to_f16(x, ASM: tl.constexpr):
 def _quantize(x, scale):
     # kv_quant.quantize: IEEE division, then saturation. div_rn is PTX's div.rn.f32; plain `/` and even
     # tl.fdiv(..., ieee_rounding=True) compile to div.full.f32 (up to 2 ulp off; Triton 3.6, checked in the
-    # PTX), which the H200 showed storing 18 where torch's cast of the exact quotient 19.0 stores 20.
+    # PTX), which the H200 showed storing 18 where torch's cast stores 20 (a quotient at their 19.0 tie).
     return tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
 
 
