@@ -4,6 +4,7 @@ instructions of its loops.
     python bench/kernel_sass.py --kernel decode --config v2-stages3 --kv fp8 --group 2
     python bench/kernel_sass.py --kernel decode --config v2-stages3-cast --kv fp8 --group 2 --out /tmp/sass
     python bench/kernel_sass.py --kernel prefill --kv fp8 --group 7
+    python bench/kernel_sass.py --kernel skinny --weight fp8 --n 4608 --k 3584 --pdl
 
 Triton compiles for any NVIDIA target without a GPU (its wheel carries ptxas and nvdisasm). The kernel is
 compiled as the engine launches it: the same constexprs as the launcher, pointers and strides assumed
@@ -31,6 +32,7 @@ POINTER_TYPES = {  # argument name -> Triton pointer type; {kv} is the cache's e
                "block_tables": "*i32", "seq_lens": "*i32", "KV_SCALE": "*fp32"},
     "prefill": {"Q": "*{q}", "K": "*{kv}", "V": "*{kv}", "O": "*{q}", "block_tables": "*i32", "seq_lens": "*i32",
                 "query_start_loc": "*i32", "KV_SCALE": "*fp32"},
+    "skinny": {"X": "*{q}", "W": "*{kv}", "S": "*fp32", "B": "*{q}", "Y": "*{q}", "WS": "*fp32", "LOCKS": "*i32"},
 }
 FLOAT_ARGS = {"qk_scale"}
 TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8e4nv", "fp32": "fp32"}
@@ -50,8 +52,26 @@ def decode_spec(args):
     if cfg.kernel != "v2":
         raise SystemExit(f"kernel_sass: only v2 decode configs are supported, {args.config} is {cfg.kernel}")
     const = td.v2_constexprs(cfg, args.group, args.head_dim, args.block_size, args.splits,
-                             getattr(torch, TORCH_DTYPES[args.q]), args.kv == "fp8", paired_fp8_cvt=True)
+                             getattr(torch, TORCH_DTYPES[args.q]), args.kv == "fp8", paired_fp8_cvt=True,
+                             pdl_launch=args.pdl)
     return td._decode_v2_kernel, const, cfg.num_warps, cfg.num_stages
+
+
+def skinny_spec(args):
+    """The skinny GEMM as ``skinny_gemm._launch`` launches it for an [M, K] x [N, K]^T product with its
+    default config (``--kv`` is the weight's type: bf16 or fp8)."""
+    import torch
+
+    from pagedbatch.engine.models import skinny_gemm as sg
+
+    wdtype = sg.FP8 if args.kv == "fp8" else getattr(torch, TORCH_DTYPES[args.q])
+    cfg = sg.default_config(args.m, args.n, args.k, wdtype)
+    split = sg.split_plan(args.k, cfg)[1]
+    const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+                 USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", W_FP8=args.kv == "fp8", HAS_BIAS=False,
+                 SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
+                 DOT_IEEE=args.q == "fp32", PDL=args.pdl)
+    return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages
 
 
 def prefill_spec(args):
@@ -118,9 +138,24 @@ def loops(sass: str) -> list[tuple[int, collections.Counter]]:
     return out
 
 
+def pdl_order(sass: str) -> str:
+    """Where the grid-dependency wait falls (``griddepcontrol.wait`` is SASS ``ACQBULK``, ``launch_dependents``
+    ``PREEXIT``): the global loads issued before it may read constants only (engine/pdl.py's rule)."""
+    ops = [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", sass)]
+    opcode = [re.sub(r"^@!?U?P\w+\s+", "", o).split()[0] for o in ops]
+    waits = [i for i, o in enumerate(opcode) if o == "ACQBULK"]
+    if not waits:
+        return "pdl: no grid-dependency wait (ACQBULK) in the SASS"
+    w = waits[0]
+    loads = [i for i, o in enumerate(opcode) if o.startswith("LDG")]
+    trigger = min((i for i, o in enumerate(opcode) if o == "PREEXIT"), default=-1)
+    return (f"pdl: wait at instruction {w}, {sum(1 for i in loads if i < w)} global loads before it "
+            f"({', '.join(ops[i] for i in loads if i < w) or 'none'}); dependents released at {trigger}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernel", choices=["decode", "prefill"], default="decode")
+    ap.add_argument("--kernel", choices=["decode", "prefill", "skinny"], default="decode")
     ap.add_argument("--config", default="v2-stages3", help="decode: a name in DECODE_CONFIGS")
     ap.add_argument("--kv", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16", help="cache element type")
     ap.add_argument("--q", choices=["bf16", "fp16", "fp32"], default="bf16", help="query / model dtype")
@@ -130,6 +165,11 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=1, help="decode: the split count's SPLIT constexpr (>1: split)")
     ap.add_argument("--block-m", type=int, default=64, help="prefill")
     ap.add_argument("--block-n", type=int, default=64, help="prefill")
+    ap.add_argument("--m", type=int, default=1, help="skinny: rows of x")
+    ap.add_argument("--n", type=int, default=4608, help="skinny: output columns (weight rows)")
+    ap.add_argument("--k", type=int, default=3584, help="skinny: reduction length")
+    ap.add_argument("--pdl", action="store_true", help="decode, skinny: as launched with programmatic dependent "
+                                                        "launch (engine/pdl.py); prints where the wait falls")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--top", type=int, default=14, help="opcodes shown per loop")
     ap.add_argument("--out", default=None, help="also write the PTX and SASS here")
@@ -137,7 +177,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's default; silences Triton >= 3.9
     import triton
 
-    kernel, const, warps, stages = (decode_spec if args.kernel == "decode" else prefill_spec)(args)
+    spec = {"decode": decode_spec, "prefill": prefill_spec, "skinny": skinny_spec}[args.kernel]
+    kernel, const, warps, stages = spec(args)
     compiled = compile_for(kernel, const, args.kernel, args.q, args.kv, args.arch, warps, stages)
     cubin = compiled.asm["cubin"]
     tmp = os.path.join(args.out or "/tmp", f"kernel_sass-{os.getpid()}.cubin")
@@ -147,7 +188,7 @@ def main(argv=None) -> int:
     sass = subprocess.run([_tool("nvdisasm"), "-c", tmp], capture_output=True, text=True, check=True).stdout
     res = subprocess.run([_tool("cuobjdump"), "-res-usage", tmp], capture_output=True, text=True, check=True).stdout
     if args.out:
-        name = args.config if args.kernel == "decode" else "prefill"
+        name = {"decode": args.config, "prefill": "prefill", "skinny": f"m{args.m}n{args.n}k{args.k}"}[args.kernel]
         base = os.path.join(args.out, f"{args.kernel}-{name}-{args.kv}")
         for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(f"{base}.{ext}", "w") as f:
@@ -161,6 +202,8 @@ def main(argv=None) -> int:
           f"constexprs {const}")
     print(f"registers {regs.group(1) if regs else '?'}, stack {spill.group(1) if spill else '?'} B, "
           f"shared memory {compiled.metadata.shared / 1024:.1f} KB")
+    if args.pdl:
+        print(pdl_order(sass))
     found = loops(sass)
     if not found:
         print("no loop found")

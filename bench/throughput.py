@@ -85,6 +85,12 @@ def on_model(w: Workload, model_config: str) -> Workload:
     return Workload(w.name, model_config, prompts, w.max_tokens, w.temperature)
 
 
+def _pdl_enabled(device) -> bool:
+    from pagedbatch.engine import pdl
+
+    return pdl.enabled(device)
+
+
 def run_ours(w: Workload, model_dir: str, args) -> dict:
     from pagedbatch import InferenceEngine, SamplingParams
 
@@ -219,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-fused-sampler", action="store_true",
                     help="sample with the torch ops, not the one-pass Triton kernel (A/B of the sampler)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch our kernels without programmatic dependent launch (A/B of engine/pdl.py; this "
+                         "process only: tensor-parallel workers keep it on)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="split our engine over N GPUs (cuda:0..N-1)")
     ap.add_argument("--quantization", choices=["fp8"], default=None, help="our engine's weights in fp8 (e4m3)")
     ap.add_argument("--model-config", default=None,
@@ -226,6 +235,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    if args.no_pdl:
+        from pagedbatch.engine import pdl
+
+        pdl.USE_PDL = False
 
     w = WORKLOADS[args.workload]()
     if args.model_config:
@@ -293,6 +306,7 @@ def main(argv=None) -> int:
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
+        "pdl": _pdl_enabled(device),
     }
     try:
         import transformers, triton  # noqa: E401

@@ -40,10 +40,14 @@ from typing import Optional
 
 import torch
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from .pdl import wait_for_producer
 except ImportError:  # the torch sampler needs no Triton
     triton = None
 
@@ -201,8 +205,9 @@ if triton is not None:
         PART_VAL, PART_IDX, TOKENS, V, chunk, n_splits,
         ANY_GREEDY: tl.constexpr, ANY_SAMPLED: tl.constexpr, ANY_SEEDED: tl.constexpr, ANY_UNSEEDED: tl.constexpr,
         SINGLE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr, SLACK_ABS: tl.constexpr,
-        SLACK_REL: tl.constexpr,
+        SLACK_REL: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         split = tl.program_id(1)
         lo = split * chunk
@@ -230,7 +235,8 @@ if triton is not None:
             tl.store(PART_IDX + row * n_splits + split, idx)
 
     @triton.jit(do_not_specialize=["n_splits"])
-    def _reduce_kernel(PART_VAL, PART_IDX, TOKENS, n_splits, SPLITS: tl.constexpr):
+    def _reduce_kernel(PART_VAL, PART_IDX, TOKENS, n_splits, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        wait_for_producer(PDL)
         row = tl.program_id(0)
         o = tl.arange(0, SPLITS)
         m = o < n_splits
@@ -328,11 +334,11 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: Option
         ANY_GREEDY=greedy is not None, ANY_SAMPLED=seed_slot is not None or step_key is not None,
         ANY_SEEDED=seed_slot is not None, ANY_UNSEEDED=step_key is not None,
         SINGLE=single, INTERPRET=_interpreting(), BLOCK=block, SLACK_ABS=SLACK_ABS,
-        SLACK_REL=SLACK_REL, num_warps=num_warps,
-        enable_fp_fusion=False, enable_reflect_ftz=False)
+        SLACK_REL=SLACK_REL, PDL=pdl.enabled(logits.device), num_warps=num_warps,
+        enable_fp_fusion=False, enable_reflect_ftz=False, **pdl.launch_kwargs(logits.device))
     if not single:
         _reduce_kernel[(B,)](part_val, part_idx, tokens, n_splits, SPLITS=max(MAX_SPLITS, triton.next_power_of_2(n_splits)),
-                             num_warps=1)
+                             PDL=pdl.enabled(logits.device), num_warps=1, **pdl.launch_kwargs(logits.device))
     return tokens
 
 

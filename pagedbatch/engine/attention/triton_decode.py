@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pdl
+from ..pdl import wait_for_producer
 from .kv_quant import checked_scale
 from .triton_kernels import (LOG2E, _check_head_dim, _dot_precision, _fp8_to_f16, _last_dim_contiguous,
                              fp8_tile_convert)
@@ -328,7 +330,9 @@ def _decode_v2_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -408,8 +412,9 @@ def _decode_v2_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     WO, WLSE, O, s_wot, s_woh, s_wos, s_wlt, s_wlh, s_ot, s_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -448,15 +453,16 @@ def paged_decode(
 
 
 def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int, num_splits: int,
-                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool) -> dict:
+                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool, pdl_launch: bool = False) -> dict:
     """The compile-time arguments of ``_decode_v2_kernel`` for one launch (also bench/kernel_sass.py's).
-    ``paired_fp8_cvt``: the device runs ``_fp8_to_f16``'s inline asm (``fp8_tile_convert``)."""
+    ``paired_fp8_cvt``: the device runs ``_fp8_to_f16``'s inline asm (``fp8_tile_convert``);
+    ``pdl_launch``: launched with programmatic dependent launch (``pdl.enabled``)."""
     dot = cfg.uses_dot(group)
     f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32
     return dict(GROUP=group, GROUP_PAD=max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
                 BLOCK_SIZE=block_size, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1, PREC=_dot_precision(q_dtype),
                 KV_SCALED=kv_scaled, DOT=dot, PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
-                F16=f16, ASM=f16 and cfg.fp8_asm and paired_fp8_cvt)
+                F16=f16, ASM=f16 and cfg.fp8_asm and paired_fp8_cvt, PDL=pdl_launch)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
@@ -502,13 +508,15 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
         kernel = _decode_v2_kernel[(B, KVH, num_splits)](
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
-            **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device)),
+            **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
+                            pdl.enabled(q.device)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **pdl.launch_kwargs(q.device),
         )
     if num_splits > 1:
         _decode_reduce_kernel[(B, H)](
             wo, wlse, out, *ws_strides, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), D=D,
-            num_warps=1 if D <= 64 else 2,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), D=D, PDL=pdl.enabled(q.device),
+            num_warps=1 if D <= 64 else 2, **pdl.launch_kwargs(q.device),
         )
     return out, kernel

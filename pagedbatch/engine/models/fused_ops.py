@@ -16,9 +16,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from ..pdl import wait_for_producer
 except ImportError:  # the CPU path needs no Triton
     triton = None
 
@@ -63,11 +67,13 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(X, R, RO, Y, W, eps, s_xt, s_xh, s_rt, s_rot, s_yt, s_yh,
-                         D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                         D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
         mask = offs < D
+        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)  # a weight: needs no wait
+        wait_for_producer(PDL)
         x = tl.load(X + t * s_xt + h * s_xh + offs, mask=mask, other=0.0)
         if HAS_RES:
             r = tl.load(R + t * s_rt + offs, mask=mask, other=0.0)
@@ -76,11 +82,11 @@ if triton is not None:
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
         normed = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
-        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + t * s_yt + h * s_yh + offs, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Y, s_xt, s_yt, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(X, Y, s_xt, s_yt, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_producer(PDL)
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -107,7 +113,7 @@ def _rms_norm_triton(x, weight, eps, residual):
         _rms_norm_kernel[(T, H)](
             x3, res, ro, y, weight, eps, x3.stride(0), x3.stride(1), res.stride(0), ro.stride(0),
             y.stride(0), y.stride(1), D=D, BLOCK=triton.next_power_of_2(D), HAS_RES=residual is not None,
-            num_warps=4 if D <= 4096 else 8)
+            PDL=pdl.enabled(x.device), num_warps=4 if D <= 4096 else 8, **pdl.launch_kwargs(x.device))
     return y.view(x.shape), new_res
 
 
@@ -120,5 +126,6 @@ def _silu_and_mul_triton(gate_up):
     block = 1024
     if T:
         _silu_and_mul_kernel[(T, triton.cdiv(n, block))](gate_up, y, gate_up.stride(0), y.stride(0), N=n,
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, PDL=pdl.enabled(gate_up.device), num_warps=4,
+                                                         **pdl.launch_kwargs(gate_up.device))
     return y
