@@ -192,4 +192,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over this rank's vocabulary rows (all of them when alone; see ``comm.gather_logits``)."""
-        return F.linear(hidden, self.lm_head)
+        # linear(): at decode's few rows on the GPU the skinny GEMM, which streams the head faster than
+        # cuBLAS (Qwen2.5-7B's at one row: 243 against 256 us, bench/skinny_gemm.py); F.linear elsewhere.
+        return linear(hidden, self.lm_head)
