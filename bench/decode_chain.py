@@ -1,0 +1,146 @@
+"""A single-stream decode step's norms and matmuls in a CUDA graph, with and without programmatic dependent launch.
+
+    python bench/decode_chain.py                                  # Qwen2.5-7B, bf16 and fp8 weights (~20 s, H200)
+    python bench/decode_chain.py --model-config llama3-8b.json --kinds bf16 --rounds 3
+
+Per layer, as the engine runs one row: RMSNorm, qkv, o, RMSNorm (residual folded in), gate_up, down with the
+fused silu·mul, all our Triton kernels (``fused_ops.rms_norm``, ``skinny_gemm.skinny_linear``; attention is left
+out), ``--layers`` layers captured in one CUDA graph; the median of ``--reps`` replays. The weights (13 GB in
+bf16) are far larger than L2, so every replay streams them from HBM. Each kind is timed with PDL off and on
+(``engine/pdl.py``'s switch) in alternation, ``--rounds`` times. The roofline is the weights' bytes at the copy
+bandwidth measured in the same run. Needs a CUDA GPU (PDL: compute capability 9.0+). JSON under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from skinny_gemm import model_shapes  # noqa: E402
+from throughput import measure_ceilings  # noqa: E402
+
+
+def build(shapes: dict, layers: int, kind: str, dev, gen) -> tuple[list, list, int]:
+    """(per-layer {name: (weight, scale)}, norm weights, weight bytes) with random weights of one kind."""
+    from pagedbatch.engine.models.fp8 import quantize_rows
+
+    hidden = shapes["o"][0]
+    weights, nbytes = [], 0
+    for _ in range(layers):
+        layer = {}
+        for name in ("qkv", "o", "gate_up", "down"):
+            n, k = shapes[name][:2]
+            w = (torch.randn(n, k, generator=gen, device=dev) * 0.02).to(torch.bfloat16)
+            layer[name] = quantize_rows(w) if kind == "fp8" else (w, None)
+            nbytes += layer[name][0].numel() * layer[name][0].element_size()
+        weights.append(layer)
+    norms = [(1 + 0.02 * torch.randn(hidden, generator=gen, device=dev)).to(torch.bfloat16)
+             for _ in range(2 * layers)]
+    return weights, norms, nbytes
+
+
+def chain(x, weights, norms, q_size: int):
+    from pagedbatch.engine.models import skinny_gemm as sg
+    from pagedbatch.engine.models.fused_ops import rms_norm
+
+    res = x  # values do not matter here: the kernels and bytes are the engine's
+    for i, layer in enumerate(weights):
+        h, res = rms_norm(x, norms[2 * i], 1e-6, res)
+        qkv = sg.skinny_linear(h, *layer["qkv"])
+        x = sg.skinny_linear(qkv[:, :q_size], *layer["o"])  # stands in for the attention output
+        h, res = rms_norm(x, norms[2 * i + 1], 1e-6, res)
+        x = sg.skinny_linear(sg.skinny_linear(h, *layer["gate_up"]), *layer["down"], act="silu_mul")
+    return x
+
+
+def graph_us(fn, x, reps: int) -> float:
+    fn(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    del graph
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-config", default="qwen2.5-7b.json", help="a file in configs/models/")
+    ap.add_argument("--kinds", default="bf16,fp8", help="weight kinds: bf16, fp8")
+    ap.add_argument("--layers", type=int, default=0, help="layers in the chain (0: the model's)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=1, help="PDL off/on alternations per kind")
+    ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_chain: needs a CUDA GPU")
+    from pagedbatch.engine import pdl
+
+    dev = torch.device("cuda")
+    if not pdl.enabled(dev):
+        raise SystemExit("decode_chain: PDL is not available here (compute capability 9.0+ and Triton with "
+                         "grid dependency control)")
+    ceilings = measure_ceilings(dev)
+    shapes, model_layers = model_shapes(args.model_config, 1)
+    layers = args.layers or model_layers
+    hidden = shapes["o"][0]
+    q_size = shapes["o"][1]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(1, hidden, generator=gen, device=dev).to(torch.bfloat16)
+    rows = []
+    for kind in args.kinds.split(","):
+        weights, norms, nbytes = build(shapes, layers, kind, dev, gen)
+        roof_us = nbytes / ceilings["copy_bw"] * 1e6
+        for r in range(args.rounds):
+            t = {}
+            for on in (False, True):
+                pdl.USE_PDL = on
+                t[on] = graph_us(lambda v: chain(v, weights, norms, q_size), x, args.reps)
+            pdl.USE_PDL = True
+            rows.append({"kind": kind, "round": r, "pdl_off_us": t[False], "pdl_on_us": t[True],
+                         "roofline_us": roof_us, "weight_bytes": nbytes})
+        del weights, norms
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(dev)
+    print(f"\n{args.model_config}, {layers} layers at one row (norms + qkv, o, gate_up, down+silu; no attention), "
+          f"CUDA graph, {name}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s")
+    print(f"{'weights':<8}{'round':>6}{'PDL off us':>12}{'PDL on us':>11}{'on/off':>8}{'roofline us':>13}"
+          f"{'SOL% off':>10}{'SOL% on':>9}")
+    for r in rows:
+        print(f"{r['kind']:<8}{r['round']:>6}{r['pdl_off_us']:>12.0f}{r['pdl_on_us']:>11.0f}"
+              f"{r['pdl_on_us'] / r['pdl_off_us']:>8.3f}{r['roofline_us']:>13.0f}"
+              f"{100 * r['roofline_us'] / r['pdl_off_us']:>9.1f}%{100 * r['roofline_us'] / r['pdl_on_us']:>8.1f}%")
+    os.makedirs(args.results_dir, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = os.path.join(args.results_dir, f"decode-chain-{date}-{name.replace(' ', '_')}.json")
+    with open(path, "w") as f:
+        json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name,
+                   "command": "python bench/decode_chain.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "model_config": args.model_config, "layers": layers, "ceilings": ceilings, "rows": rows}, f,
+                  indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
