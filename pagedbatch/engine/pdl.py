@@ -51,10 +51,16 @@ def enabled(device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _supported(device: torch.device) -> bool:
-    # The interpreter runs kernels on CPU tensors, so it never gets here with a CUDA device.
-    if gdc_wait is None or device.type != "cuda" or torch.version.hip is not None:
+    if gdc_wait is None or device.type != "cuda" or torch.version.hip is not None or _interpreted():
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _interpreted() -> bool:
+    # TRITON_INTERPRET=1 (even with CUDA tensors) runs kernels in Python, which has no griddepcontrol.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(wait_for_producer, InterpretedFunction)
 
 
 def launch_kwargs(device) -> dict:

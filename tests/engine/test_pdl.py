@@ -28,6 +28,12 @@ def test_pdl_is_off_for_cpu_tensors():
     assert pdl.launch_kwargs("cpu") == {}
 
 
+def test_pdl_is_off_when_triton_interprets_even_for_cuda_devices():
+    if not pdl._interpreted():
+        pytest.skip("kernels are compiled in this session (TRITON_INTERPRET unset)")
+    assert not pdl.enabled(torch.device("cuda"))  # decided before asking a (possibly absent) GPU anything
+
+
 def _pdl_line(*args: str) -> str:
     if pdl.gdc_wait is None:
         pytest.skip("this Triton has no grid dependency control (triton.language.extra.cuda.gdc_wait)")
