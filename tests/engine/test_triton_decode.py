@@ -33,6 +33,7 @@ from pagedbatch.engine.attention.triton_decode import (  # noqa: E402
     DEFAULT_DECODE_CONFIG,
     DecodeConfig,
     paged_decode,
+    v_key_run,
 )
 from pagedbatch.engine.attention.triton_kernels import (  # noqa: E402
     _fp8_to_f16,
@@ -173,6 +174,65 @@ def test_fp8_cache_write_stores_torch_cast_of_exact_quotients_and_saturates():
     assert k_sat[16:19].tolist() == [448.0, -448.0, 448.0]  # k1 rotated into the second half
 
 
+def _key_contiguous(cache):
+    """The same values in a cache stored [blocks, kv_heads, head_dim, block_size], as the logical view."""
+    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def _same(a, b):
+    torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_kernels_give_the_same_bits_on_a_key_contiguous_v_cache(fp8):
+    # The layout bench/fp8_v_layout_study.py argues for: decode (every distinct config, with and without
+    # splits), prefill and the cache write read and write V through its strides alone.
+    b = make_batch([0, 17, 40, 100], [1] * 4, 6, 2, 32, 16, torch.float32, kv_scale=SCALES if fp8 else None)
+    scale = 32**-0.5
+    q_rot = _torch_written(b)
+    v_kc = _key_contiguous(b.v_cache)
+    assert v_key_run(v_kc, 64) == 16 and v_key_run(b.v_cache, 64) == 0  # the hinted path is the one tested
+    for name in _interpreter_distinct(DECODE_CONFIGS):
+        for splits in (1, 3):
+            outs = []
+            for v_cache in (b.v_cache, v_kc):
+                out = torch.full_like(q_rot, float("nan"))
+                paged_decode(q_rot, b.k_cache, v_cache, b.meta.block_tables, b.meta.seq_lens, scale, splits,
+                             out=out, config=name, kv_scale=b.kv_scale)
+                outs.append(out)
+            assert torch.isfinite(outs[0]).all()
+            _same(*outs)
+
+    p = make_batch([30, 0, 45], [18, 9, 1], 6, 2, 32, 16, torch.float32, kv_scale=SCALES if fp8 else None)
+    q_rot = _torch_written(p)
+    backend = TritonAttentionBackend(prefill_block_m=32, prefill_block_n=16)
+    outs = [backend.attend(q_rot, p.k_cache, v_cache, p.meta, scale, p.kv_scale, out=torch.full_like(q_rot, 0.0))
+            for v_cache in (p.v_cache, _key_contiguous(p.v_cache))]
+    _same(*outs)
+
+    w = make_batch([5, 20], [3, 1], 4, 2, 32, 16, torch.float32, kv_scale=SCALES if fp8 else None)
+    v_std, v_kc = w.v_cache.clone(), _key_contiguous(w.v_cache)
+    for v_cache in (v_std, v_kc):
+        rotary_cache_write(w.q, w.k, w.v, w.k_cache.clone(), v_cache, w.cos_sin, w.meta.positions,
+                           w.meta.slot_mapping, kv_scale=w.kv_scale)
+    _same(v_kc.contiguous(), v_std)
+    assert not torch.equal(v_std.float().nan_to_num(), w.v_cache.float().nan_to_num())  # something was written
+
+
+def test_triton_basic_backend_refuses_a_v_cache_laid_out_unlike_k():
+    from pagedbatch.engine.attention import triton_paged
+
+    b = make_batch([17], [1], 2, 1, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="K and V caches of one layout"):
+        triton_paged.paged_decode(b.q, b.k_cache, _key_contiguous(b.v_cache), b.meta, 1.0)
+
+
+def test_kernels_refuse_a_k_cache_whose_head_dim_is_strided():
+    b = make_batch([17], [1], 2, 1, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="contiguous head_dim"):
+        paged_decode(b.q, _key_contiguous(b.k_cache), b.v_cache, b.meta.block_tables, b.meta.seq_lens, 1.0, 1)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fp8_cache_without_scales_is_an_error(backend):
     b = make_batch([5], [1], 2, 1, 32, 16, torch.float32, kv_scale=SCALES)
@@ -226,6 +286,21 @@ def test_gpu_every_decode_config_at_real_shapes(name, fp8):
         for n in (3, 24):
             b, ref = _decode_case(group, kvh, n, fp8)
             b = dataclasses.replace(b, k_cache=b.k_cache.clone(), v_cache=b.v_cache.clone())
+            got = _poisoned_attend(TritonAttentionBackend(decode_config=name), b, 128**-0.5)
+            assert (got - ref).abs().max().item() <= GPU_TOL, (name, group, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("name", ["v1", "v2-stages3", "v2-stages3-cast", "v2-lanes"])
+def test_gpu_decode_on_a_key_contiguous_v_cache_at_real_shapes(name, fp8):
+    """The same cases with V stored [blocks, kv_heads, head_dim, block_size] (bench/fp8_v_layout_study.py):
+    the hinted vector loads of the V tile and the cache write through V's strides."""
+    for group, kvh in ((2, 8), (7, 4)):
+        for n in (3, 24):
+            b, ref = _decode_case(group, kvh, n, fp8)
+            b = dataclasses.replace(b, k_cache=b.k_cache.clone(), v_cache=_key_contiguous(b.v_cache))
+            assert v_key_run(b.v_cache, 64) == 16
             got = _poisoned_attend(TritonAttentionBackend(decode_config=name), b, 128**-0.5)
             assert (got - ref).abs().max().item() <= GPU_TOL, (name, group, n)
 

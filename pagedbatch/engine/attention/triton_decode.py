@@ -42,7 +42,7 @@ from .. import pdl
 from ..pdl import wait_for_producer
 from .kv_quant import checked_scale
 from .triton_kernels import (LOG2E, _check_head_dim, _dot_precision, _fp8_to_f16, _last_dim_contiguous,
-                             fp8_tile_convert)
+                             check_k_cache, fp8_tile_convert)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def decode_workspace_shape(num_seqs: int, num_heads: int, num_splits: int, head_
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, O, WO, WLSE, block_tables, seq_lens, KV_SCALE, qk_scale,
-    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_vd, s_ot, s_oh, s_bt,
     s_wot, s_woh, s_wos, s_wlt, s_wlh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
@@ -224,7 +224,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk[:, None] * s_vb + row[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
+        v = tl.load(V + blk[:, None] * s_vb + row[:, None] * s_vs + kvh * s_vh + offs_d[None, :] * s_vd,
                     mask=nmask[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
@@ -264,9 +264,9 @@ def _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE: tl.constexpr, BLOCK_N: 
 
 @triton.jit
 def _decode_tile(
-    m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, offs_n, offs_d,
+    m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd, offs_n, offs_d,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
-    EARLY_V: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr,
+    EARLY_V: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, ASM_V: tl.constexpr, V_KEYS: tl.constexpr,
 ):
     b64 = blk.to(tl.int64)
     if BLOCK_N <= BLOCK_SIZE:
@@ -274,7 +274,12 @@ def _decode_tile(
     else:
         rows = offs_n % BLOCK_SIZE  # tiles start on block boundaries
     k_ptrs = Kh + (b64 * s_kb + rows * s_ks)[:, None] + offs_d[None, :]
-    v_ptrs = Vh + (b64 * s_vb + rows * s_vs)[:, None] + offs_d[None, :]
+    v_off = (b64 * s_vb + rows * s_vs)[:, None] + offs_d[None, :] * s_vd
+    if V_KEYS:
+        # A key-contiguous V (s_vs == 1): a block's keys are adjacent, which Triton cannot see through the
+        # block ids (loaded, and carried across iterations); without the hint it loads V a byte at a time.
+        v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1])
+    v_ptrs = Vh + v_off
     nmask = t * BLOCK_N + offs_n < seq_len
     if MASKED:
         k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)
@@ -286,8 +291,8 @@ def _decode_tile(
             v = tl.load(v_ptrs)
     if ASM:
         k = _fp8_to_f16(k, True)
-        if EARLY_V:
-            v = _fp8_to_f16(v, True)
+    if ASM_V and EARLY_V:
+        v = _fp8_to_f16(v, True)
 
     if DOT:
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
@@ -313,7 +318,7 @@ def _decode_tile(
             v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        if ASM:
+        if ASM_V:
             v = _fp8_to_f16(v, True)
     if DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
@@ -325,12 +330,12 @@ def _decode_tile(
 @triton.jit
 def _decode_v2_kernel(
     Q, K, V, O, WO, WLSE, block_tables, seq_lens, KV_SCALE, qk_scale, num_splits,
-    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_vd, s_ot, s_oh, s_bt,
     s_wot, s_woh, s_wos, s_wlt, s_wlh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-    PDL: tl.constexpr,
+    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_producer(PDL)
     seq = tl.program_id(0)
@@ -380,13 +385,15 @@ def _decode_v2_kernel(
             blk = _tile_blocks(bt_row, t + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         else:
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
-        m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
-                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC, ASM)
+        m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
+                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC, ASM, ASM_V,
+                                 V_KEYS)
     t = tl.maximum(t_lo, t_full)
     if t < t_hi:  # the sequence's partial last tile, if this split has it
         cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
-        m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs,
-                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC, ASM)
+        m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
+                                 offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC, ASM, ASM_V,
+                                 V_KEYS)
 
     if not DOT:  # merge the key slots' states
         m_row = tl.max(m, 1)
@@ -453,16 +460,33 @@ def paged_decode(
 
 
 def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int, num_splits: int,
-                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool, pdl_launch: bool = False) -> dict:
+                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool, pdl_launch: bool = False,
+                  v_key_contiguous: bool = False) -> dict:
     """The compile-time arguments of ``_decode_v2_kernel`` for one launch (also bench/kernel_sass.py's).
     ``paired_fp8_cvt``: the device runs ``_fp8_to_f16``'s inline asm (``fp8_tile_convert``);
-    ``pdl_launch``: launched with programmatic dependent launch (``pdl.enabled``)."""
+    ``pdl_launch``: launched with programmatic dependent launch (``pdl.enabled``);
+    ``v_key_contiguous``: the V cache passes ``v_key_run`` (its keys adjacent within a block)."""
     dot = cfg.uses_dot(group)
     f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32
+    asm = f16 and cfg.fp8_asm and paired_fp8_cvt
+    v_keys = min(cfg.tile(group), block_size) if v_key_contiguous else 0
     return dict(GROUP=group, GROUP_PAD=max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
                 BLOCK_SIZE=block_size, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1, PREC=_dot_precision(q_dtype),
                 KV_SCALED=kv_scaled, DOT=dot, PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
-                F16=f16, ASM=f16 and cfg.fp8_asm and paired_fp8_cvt, PDL=pdl_launch)
+                # A key-contiguous fp8 V tile is read from shared memory as it is and converted by Triton
+                # after the layout change (bench/fp8_v_layout_study.py); converting it first would send
+                # fp16 through shared memory again.
+                F16=f16, ASM=asm, ASM_V=asm and not v_keys, V_KEYS=v_keys, PDL=pdl_launch)
+
+
+def v_key_run(v_cache: torch.Tensor, tile: int) -> int:
+    """Keys per run of adjacent V elements that ``_decode_v2_kernel`` may assume (its ``V_KEYS``): the
+    tile's keys within one block (min(tile, block_size)) when the V cache is key-contiguous (unit key
+    stride) and every other stride is a multiple of it; else 0 (the kernel assumes nothing)."""
+    run = min(tile, v_cache.shape[1])
+    if v_cache.stride(1) != 1 or v_cache.shape[1] == 1:
+        return 0
+    return run if all(v_cache.stride(i) % run == 0 for i in (0, 2, 3)) else 0
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
@@ -475,6 +499,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
         raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({KVH})")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    check_k_cache(k_cache)
     kv_scale = checked_scale(k_cache, kv_scale)
     q = _last_dim_contiguous(q)
     if out is None:
@@ -494,7 +519,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
         ws_strides = (0, 0, 0, 0, 0)
     scale_arg = kv_scale if kv_scale is not None else out  # unused by the kernel for an unscaled cache
     common = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), out.stride(0), out.stride(1),
               block_tables.stride(0), *ws_strides)
     if cfg.kernel == "v1":
         kernel = _decode_split_kernel[(B, KVH, num_splits)](
@@ -509,7 +534,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
             **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
-                            pdl.enabled(q.device)),
+                            pdl.enabled(q.device), v_key_run(v_cache, cfg.tile(group)) > 0),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **pdl.launch_kwargs(q.device),
         )

@@ -9,7 +9,8 @@
    flat list of query tiles (no programs for the padding of short sequences).
 
 Layouts are those of ``metadata.py``: cache ``[num_blocks, block_size,
-num_kv_heads, head_dim]``, tokens ``[T, heads, head_dim]`` with unit stride
+num_kv_heads, head_dim]`` (K with a contiguous head_dim; V with any strides,
+so a key-contiguous V block can be passed as a permuted view), tokens ``[T, heads, head_dim]`` with unit stride
 in the last dim. Softmax runs in float32 in the exp2 domain. Grids are sized
 from host ints only; no launcher reads a device tensor.
 
@@ -45,6 +46,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _check_head_dim(head_dim: int) -> None:
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernels, got {head_dim}")
+
+
+def check_k_cache(k_cache: torch.Tensor) -> None:
+    """The K cache's head_dim must be contiguous (the V cache may have any strides: the kernels take all four,
+    e.g. a key-contiguous V, ``[num_blocks, kv_heads, head_dim, block_size]`` permuted to the logical layout)."""
+    if k_cache.dim() != 4 or k_cache.stride(3) != 1:
+        raise ValueError(f"the K cache must be [num_blocks, block_size, kv_heads, head_dim] with a contiguous "
+                         f"head_dim, got shape {tuple(k_cache.shape)} and strides {k_cache.stride()}")
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +119,7 @@ def _head_rms_norm(x1, x2, W, eps, HALF: tl.constexpr, DTYPE: tl.constexpr):
 def _rotary_cache_write_kernel(
     Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE, QW, KW, eps,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh,
-    s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_cs,
+    s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
     QK_NORM: tl.constexpr, PDL: tl.constexpr,
@@ -165,9 +174,9 @@ def _rotary_cache_write_kernel(
         k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
         tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
         tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
-        v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :]
+        v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :] * s_vcd
         tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=wmask)
-        tl.store(v_dst + HALF, v2.to(VC.dtype.element_ty), mask=wmask)
+        tl.store(v_dst + HALF * s_vcd, v2.to(VC.dtype.element_ty), mask=wmask)
 
 
 def rotary_cache_write(
@@ -191,6 +200,7 @@ def rotary_cache_write(
     T, H, D = q.shape
     KVH = k.shape[1]
     _check_head_dim(D)
+    check_k_cache(k_cache)
     kv_scale = checked_scale(k_cache, kv_scale)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if q_out is None:
@@ -210,7 +220,7 @@ def rotary_cache_write(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos_sin.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), cos_sin.stride(0),
         H=H, KVH=KVH, NUM_Q_BLOCKS=nqb, BLOCK_SIZE=k_cache.shape[1], HALF=D // 2, BLOCK_H=block_h,
         KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, num_warps=4 if block_h * D >= 2048 else 2,
         # Unfused multiply-adds for the fp8 write: the rotated key then rounds exactly as torch's does,
@@ -228,7 +238,7 @@ def rotary_cache_write(
 @triton.jit
 def _attend_kv_range(
     acc, m, l, q, q_pos, bt_row, K, V, kv_off_k, kv_off_v, seq_len, lo, hi, qk_scale,
-    s_kb, s_ks, s_vb, s_vs,
+    s_kb, s_ks, s_vb, s_vs, s_vd,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
@@ -254,10 +264,10 @@ def _attend_kv_range(
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :],
+            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd,
                         mask=nmask[:, None], other=0.0)
         else:
-            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :])
+            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
         m = m_new
     return acc, m, l
@@ -268,7 +278,7 @@ def _attend_kv_range(
 @triton.jit(do_not_specialize=["block_tables", "seq_lens", "query_start_loc", "num_seqs", "search_steps", "s_bt"])
 def _prefill_kernel(
     Q, K, V, O, block_tables, seq_lens, query_start_loc, KV_SCALE, qk_scale, num_seqs, search_steps,
-    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ot, s_oh, s_bt,
+    s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_vd, s_ot, s_oh, s_bt,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     KV_SCALED: tl.constexpr, F16: tl.constexpr,
@@ -322,11 +332,11 @@ def _prefill_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     acc, m, l = _attend_kv_range(acc, m, l, q, q_pos, bt_row, K, V, kvh * s_kh, kvh * s_vh, seq_len,
-                                 0, full_end, qk_scale, s_kb, s_ks, s_vb, s_vs,
+                                 0, full_end, qk_scale, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  D, BLOCK_SIZE, BLOCK_N, False, PREC)
     # Diagonal tiles; nothing past the tile's last query position is loaded.
     acc, m, l = _attend_kv_range(acc, m, l, q, q_pos, bt_row, K, V, kvh * s_kh, kvh * s_vh, seq_len,
-                                 full_end, last + 1, qk_scale, s_kb, s_ks, s_vb, s_vs,
+                                 full_end, last + 1, qk_scale, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  D, BLOCK_SIZE, BLOCK_N, True, PREC)
     l_safe = tl.where(l == 0.0, 1.0, l)
     if KV_SCALED:
@@ -370,6 +380,7 @@ def paged_prefill(
         raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({KVH})")
     if block_n < 16 or block_n & (block_n - 1) or block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m and block_n must be powers of two >= 16, got {block_m}, {block_n}")
+    check_k_cache(k_cache)
     kv_scale = checked_scale(k_cache, kv_scale)
     q = _last_dim_contiguous(q)
     if out is None:
@@ -386,7 +397,7 @@ def paged_prefill(
         kv_scale if kv_scale is not None else out, scale * LOG2E,  # out: a placeholder, unread without scales
         num_seqs, num_seqs.bit_length(),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, D=D, BLOCK_SIZE=BS, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, F16=f16,

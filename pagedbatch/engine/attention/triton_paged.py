@@ -98,7 +98,15 @@ def _prefill_kernel(Q, K, V, O, block_tables, seq_lens, query_start_loc, scale,
              mask=mmask[:, None])
 
 
+def _check_same_layout(k_cache, v_cache) -> None:
+    # These kernels address V with K's strides.
+    if v_cache.stride() != k_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("the triton-basic backend needs K and V caches of one layout with a contiguous head_dim "
+                         f"(K strides {k_cache.stride()}, V strides {v_cache.stride()})")
+
+
 def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None):
+    _check_same_layout(k_cache, v_cache)
     T, H, D = q.shape
     KVH, BS = k_cache.shape[2], k_cache.shape[1]
     group = H // KVH
@@ -112,6 +120,7 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
 
 
 def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None, block_m: int = 64):
+    _check_same_layout(k_cache, v_cache)
     T, H, D = q.shape
     KVH, BS = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q) if out is None else out
