@@ -81,8 +81,10 @@ QUICK_CASES = {  # interpreter sizes: the same group sizes, splits and partial t
 }
 
 
-def build_case(case: Case, fp8: bool, layers: int, device, seed: int = 0):
-    """``layers`` caches of the case's shape under one shuffled block table, queries, per-call lengths."""
+def build_case(case: Case, fp8: bool, layers: int, device, seed: int = 0, v_layout: str = "keys-last"):
+    """``layers`` caches of the case's shape under one shuffled block table, queries, per-call lengths.
+    ``v_layout`` "key-contiguous": V stored [layers, blocks, kv_heads, head_dim, block_size] and passed as the
+    permuted view of the logical [.., blocks, block_size, kv_heads, head_dim] (same values)."""
     import torch
 
     from pagedbatch.engine.attention.kv_quant import quantize
@@ -100,8 +102,11 @@ def build_case(case: Case, fp8: bool, layers: int, device, seed: int = 0):
     caches = []
     for i, scale in enumerate((0.03, 0.2)):
         x = torch.randn(shape, device=device, dtype=dt, generator=torch.Generator(device).manual_seed(seed + i))
-        caches.append(quantize(x, torch.tensor(scale, device=device)) if fp8 else x)
+        c = quantize(x, torch.tensor(scale, device=device)) if fp8 else x
         del x
+        if i == 1 and v_layout == "key-contiguous":
+            c = c.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        caches.append(c)
     q = torch.randn(case.batch, case.heads, case.head_dim, device=device, dtype=dt,
                     generator=torch.Generator(device).manual_seed(seed + 2))
     seq_lens = [lens[min(i, n_calls - 1)].to(device=device, dtype=torch.int32) for i in range(layers)]
@@ -121,7 +126,7 @@ def reference(case: Case, data, layer: int):
                              query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=lens.device),
                              seq_lens=lens, block_tables=data["table"], num_seqs=b, num_tokens=b, max_query_len=1,
                              max_seq_len=int(lens.max()))
-    return paged_attention_reference(data["q"].float(), data["k"][layer], data["v"][layer], meta,
+    return paged_attention_reference(data["q"].float(), data["k"][layer], data["v"][layer].contiguous(), meta,
                                      case.head_dim**-0.5, data["kv_scale"])
 
 
@@ -140,7 +145,8 @@ def occupancy(kernel, num_warps: int) -> dict:
             "programs_per_sm": min(by_regs, by_smem, 64 // num_warps, 32)}
 
 
-def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt: bool) -> tuple:
+def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt: bool,
+               v_key_contiguous: bool = False) -> tuple:
     """Everything that makes two configs' launches differ on one case: v2's constexprs as the launcher
     derives them (``triton_decode.v2_constexprs``), the launch knobs and the split count."""
     from pagedbatch.engine.attention.triton_decode import v2_constexprs
@@ -148,27 +154,29 @@ def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt:
     if cfg.kernel == "v1":
         return ("v1", cfg.block_n, cfg.num_warps, cfg.num_stages, splits)
     const = v2_constexprs(cfg, case.heads // case.kv_heads, case.head_dim, case.block_size, splits, q_dtype, fp8,
-                          paired_fp8_cvt)
+                          paired_fp8_cvt, v_key_contiguous=v_key_contiguous)
     return ("v2", tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, splits)
 
 
-def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, reps: int) -> list[dict]:
+def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, reps: int,
+             v_layout: str = "keys-last") -> list[dict]:
     import torch
 
-    from pagedbatch.engine.attention.triton_decode import DECODE_CONFIGS, _launch, decode_workspace_shape
+    from pagedbatch.engine.attention.triton_decode import DECODE_CONFIGS, _launch, decode_workspace_shape, v_key_run
     from pagedbatch.engine.attention.triton_kernels import fp8_tile_convert
 
     group = case.heads // case.kv_heads
     mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
     bytes_per_call = case.batch * mean_len * case.kv_heads * case.head_dim * 2 * (1 if fp8 else 2)
     layers = 1 if quick else max(2, min(256, -(-4 * L2_BYTES // bytes_per_call)))
-    data = build_case(case, fp8, layers, device)
+    data = build_case(case, fp8, layers, device, v_layout=v_layout)
     refs = {}
     rows, seen = [], {}
     for name in names:
         cfg = DECODE_CONFIGS[name]
         splits = cfg.num_splits(case.batch, case.kv_heads, group, case.max_model_len, num_sms)
-        key = launch_key(cfg, case, splits, data["q"].dtype, fp8, fp8 and fp8_tile_convert(torch.device(device)))
+        key = launch_key(cfg, case, splits, data["q"].dtype, fp8, fp8 and fp8_tile_convert(torch.device(device)),
+                         v_key_run(data["v"][0], cfg.tile(group)) > 0)
         row = {"config": name, "splits": splits, "tile": cfg.tile(group),
                "path": "v1" if cfg.kernel == "v1" else ("dot" if cfg.uses_dot(group) else "lanes")}
         rows.append(row)
@@ -229,7 +237,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
         row["tb_s"] = data["kv_bytes"] / (row["us"] * 1e-6) / 1e12
     info = {"case": case.name, "dtype": "fp8" if fp8 else "bf16", "batch": case.batch, "heads": case.heads,
             "kv_heads": case.kv_heads, "head_dim": case.head_dim, "block_size": case.block_size, "ctx": case.ctx,
-            "layers_per_graph": layers, "kv_bytes_per_call": data["kv_bytes"]}
+            "layers_per_graph": layers, "kv_bytes_per_call": data["kv_bytes"], "v_layout": v_layout}
     for row in rows:
         row.update(info)
     return rows
@@ -294,6 +302,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="sweep",
                     help="comma list of DECODE_CONFIGS names, 'sweep' (SWEEP: per case) or 'all'")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default="keys-last",
+                    help="the V cache as the engine stores it, or with each block's keys contiguous (a permuted "
+                         "view; bench/fp8_v_layout_study.py says why)")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
@@ -329,7 +340,7 @@ def main(argv=None) -> int:
             if args.configs == "sweep":
                 default = DEFAULT_DECODE_CONFIG[1 if fp8 else 2]
                 run_names = SWEEP[case_name, dtype] + ([default] if default not in SWEEP[case_name, dtype] else [])
-            rows = run_case(cases[case_name], fp8, run_names, device, num_sms, args.quick, args.reps)
+            rows = run_case(cases[case_name], fp8, run_names, device, num_sms, args.quick, args.reps, args.v_layout)
             all_rows += rows
             print_table(rows, ceilings)
             timed = [r for r in rows if "us" in r]

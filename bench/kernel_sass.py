@@ -4,7 +4,8 @@ instructions of its loops.
     python bench/kernel_sass.py --kernel decode --config v2-stages3 --kv fp8 --group 2
     python bench/kernel_sass.py --kernel decode --config v2-stages3-cast --kv fp8 --group 2 --out /tmp/sass
     python bench/kernel_sass.py --kernel prefill --kv fp8 --group 7
-    python bench/kernel_sass.py --kernel skinny --weight fp8 --n 4608 --k 3584 --pdl
+    python bench/kernel_sass.py --kernel skinny --kv fp8 --n 4608 --k 3584 --pdl
+    python bench/kernel_sass.py --kernel decode --config v2-stages3-cast --kv fp8 --v-layout key-contiguous
 
 Triton compiles for any NVIDIA target without a GPU (its wheel carries ptxas and nvdisasm). The kernel is
 compiled as the engine launches it: the same constexprs as the launcher, pointers and strides assumed
@@ -53,8 +54,14 @@ def decode_spec(args):
         raise SystemExit(f"kernel_sass: only v2 decode configs are supported, {args.config} is {cfg.kernel}")
     const = td.v2_constexprs(cfg, args.group, args.head_dim, args.block_size, args.splits,
                              getattr(torch, TORCH_DTYPES[args.q]), args.kv == "fp8", paired_fp8_cvt=True,
-                             pdl_launch=args.pdl)
-    return td._decode_v2_kernel, const, cfg.num_warps, cfg.num_stages
+                             pdl_launch=args.pdl, v_key_contiguous=args.v_layout == "key-contiguous")
+    return td._decode_v2_kernel, {**const, **v_strides(args)}, cfg.num_warps, cfg.num_stages
+
+
+def v_strides(args) -> dict:
+    """The V cache stride Triton's runtime specializes to the constant 1 (an int argument equal to 1 is one):
+    head_dim for our cache layout, the key within a block for a key-contiguous V (``--v-layout``)."""
+    return {"s_vd": 1} if args.v_layout == "keys-last" else {"s_vs": 1}
 
 
 def skinny_spec(args):
@@ -83,7 +90,7 @@ def prefill_spec(args):
     const = dict(GROUP=group, D=args.head_dim, BLOCK_SIZE=args.block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group,
                  BLOCK_N=args.block_n, PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=args.kv == "fp8",
                  F16=args.kv == "fp8" and args.q != "fp32")
-    return tk._prefill_kernel, const, 4, 2
+    return tk._prefill_kernel, {**const, **v_strides(args)}, 4, 2
 
 
 def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_warps: int, num_stages: int):
@@ -165,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=1, help="decode: the split count's SPLIT constexpr (>1: split)")
     ap.add_argument("--block-m", type=int, default=64, help="prefill")
     ap.add_argument("--block-n", type=int, default=64, help="prefill")
+    ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default="keys-last",
+                    help="decode, prefill: the V cache as the engine stores it ([block, key, head, d]) or with each "
+                         "block's keys contiguous ([block, head, d, key], passed as a permuted view)")
     ap.add_argument("--m", type=int, default=1, help="skinny: rows of x")
     ap.add_argument("--n", type=int, default=4608, help="skinny: output columns (weight rows)")
     ap.add_argument("--k", type=int, default=3584, help="skinny: reduction length")
