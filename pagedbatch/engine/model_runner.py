@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
-from .attention.kv_quant import check_kv_cache_device, kv_cache_torch_dtype
+from .attention.kv_quant import check_kv_cache_device, key_contiguous_v, kv_cache_torch_dtype, layer_caches
 from .attention.metadata import AttentionMetadata
 from .models.config import ModelArgs, rope_cos_sin
 from .models.loader import load_model
@@ -153,7 +153,7 @@ class ModelRunner:
         # block that CUDA-graph padding rows write into.
         shape = (2, args.num_layers, self.num_blocks + 1, self.block_size, local.num_kv_heads, args.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
-        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(args.num_layers)]
+        self.kv_caches = layer_caches(self.kv_cache, key_contiguous_v(self.kv_dtype, self.backend.name))
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager and self.backend.name.startswith("triton"):
             from .cuda_graphs import DecodeGraphs
@@ -214,7 +214,7 @@ class ModelRunner:
         kv_heads = self.model.local_args.num_kv_heads
         tmp = torch.zeros((2, a.num_layers, blocks, self.block_size, kv_heads, a.head_dim),
                           dtype=self.kv_dtype, device=self.device)
-        caches = [(tmp[0, i], tmp[1, i]) for i in range(a.num_layers)]
+        caches = layer_caches(tmp, key_contiguous_v(self.kv_dtype, self.backend.name))
         dev = self.device
         meta = AttentionMetadata(
             positions=torch.arange(n, device=dev), slot_mapping=torch.arange(n, device=dev),

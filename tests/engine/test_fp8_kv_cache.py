@@ -109,6 +109,26 @@ def test_fp8_generation_is_exact_across_chunking_preemption_and_prefix_caching(s
     assert tight.engine.block_manager.hit_tokens > 0, "the test meant to hit the prefix cache"
 
 
+def test_fp8_cache_with_key_contiguous_v_blocks_gives_the_same_tokens(scaled_dir, monkeypatch):
+    """kv_quant.FP8_V_KEY_CONTIGUOUS (off by default): the runner stores V blocks as [kv_heads, head_dim,
+    block_size] for the Triton kernels (interpreted here), and nothing else changes: the same greedy tokens
+    through chunked prefill, decode and preemption."""
+    pytest.importorskip("triton")
+    from pagedbatch.engine.attention import kv_quant
+
+    kw = dict(attention_backend="triton", num_kv_blocks=8, max_num_batched_tokens=16)
+    usual = _engine(scaled_dir, **kw)
+    prompts = _prompts(usual)[:6]
+    want = [o.token_ids for o in usual.generate(prompts, GREEDY)]
+    assert usual.engine.runner.kv_caches[0][1].stride(1) != 1
+    monkeypatch.setattr(kv_quant, "FP8_V_KEY_CONTIGUOUS", True)
+    eng = _engine(scaled_dir, **kw)
+    v = eng.engine.runner.kv_caches[0][1]
+    assert v.stride(1) == 1 and v.shape == usual.engine.runner.kv_caches[0][1].shape  # the switch took
+    assert [o.token_ids for o in eng.generate(prompts, GREEDY)] == want
+    assert eng.engine.stats()["preemptions"] > 0, "the test meant to force preemption"
+
+
 @pytest.mark.slow
 def test_tp2_fp8_matches_one_process_with_replicated_scales(scaled_dir):
     one = _engine(scaled_dir)

@@ -20,7 +20,12 @@ import torch
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
-# Compute capability with fp8 conversion instructions (Ada, Hopper and later).
+
+# Store an fp8 cache's V blocks key-contiguous ([kv_heads, head_dim, block_size] per block) for the Triton
+# decode kernel, whose P @ V then reads fp8 through shared memory once (bench/fp8_v_layout_study.py). The
+# lead's switch, off until the GPU has measured it (bench/decode_attention.py --v-layout key-contiguous);
+# results do not depend on it (tests/engine/test_fp8_kv_cache.py).
+FP8_V_KEY_CONTIGUOUS = False
 
 
 def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -39,6 +44,26 @@ def check_kv_cache_device(dtype: torch.dtype, device: torch.device) -> None:
     problem = fp8_device_problem(device) if dtype == FP8_KV_DTYPE else None
     if problem:
         raise ValueError(f"kv_cache_dtype 'fp8' needs a GPU with fp8 support ({problem}). Use kv_cache_dtype 'auto'.")
+
+
+def key_contiguous_v(dtype: torch.dtype, backend_name: str) -> bool:
+    """Whether the runner lays out V key-contiguous: an fp8 cache under the Triton backend, with the switch on."""
+    return FP8_V_KEY_CONTIGUOUS and dtype == FP8_KV_DTYPE and backend_name == "triton"
+
+
+def layer_caches(kv_cache: torch.Tensor, key_contiguous: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (k, v) views of the runner's [2, layers, blocks, block_size, kv_heads, head_dim] tensor,
+    both in that logical layout; with ``key_contiguous`` a V block's bytes hold [kv_heads, head_dim,
+    block_size], seen through a permuted view. Whole-block copies of ``kv_cache`` (copy-on-write, the
+    prefix cache) are the same in either layout."""
+    out = []
+    for i in range(kv_cache.shape[1]):
+        v = kv_cache[1, i]
+        if key_contiguous:
+            blocks, block_size, heads, dim = v.shape
+            v = v.view(blocks, heads, dim, block_size).permute(0, 3, 1, 2)
+        out.append((kv_cache[0, i], v))
+    return out
 
 
 def is_scaled(cache: torch.Tensor) -> bool:
