@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from skinny_gemm import model_shapes  # noqa: E402
+from skinny_gemm import graph_ms, model_shapes  # noqa: E402
 from throughput import measure_ceilings  # noqa: E402
 
 
@@ -63,26 +62,6 @@ def chain(x, weights, norms, q_size: int):
     return x
 
 
-def graph_us(fn, x, reps: int) -> float:
-    fn(x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    del graph
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-config", default="qwen2.5-7b.json", help="a file in configs/models/")
@@ -115,7 +94,7 @@ def main(argv=None) -> int:
             t = {}
             for on in (False, True):
                 pdl.USE_PDL = on
-                t[on] = graph_us(lambda v: chain(v, weights, norms, q_size), x, args.reps)
+                t[on] = graph_ms(lambda: chain(x, weights, norms, q_size), args.reps) * 1e3
             pdl.USE_PDL = True
             rows.append({"kind": kind, "round": r, "pdl_off_us": t[False], "pdl_on_us": t[True],
                          "roofline_us": roof_us, "weight_bytes": nbytes})

@@ -8,7 +8,8 @@ resident, load what does not depend on the predecessor (the weights of a
 linear layer, which never change), then wait in ``griddepcontrol.wait``
 until the predecessor has finished and its writes are visible.
 
-The rules every kernel launched with ``launch_kwargs(device)`` follows:
+A PDL kernel takes ``PDL: tl.constexpr = False`` and is launched with
+``kernel[grid](..., **launch_kwargs(device))``. The rules each one follows:
   * before ``wait_for_producer(PDL)`` it reads only constants (weights,
     tables built at load time) and writes nothing;
   * it lets its own dependents launch only after that wait, so when a
@@ -64,8 +65,9 @@ def _interpreted() -> bool:
 
 
 def launch_kwargs(device) -> dict:
-    """The extra launch options of a PDL kernel: ``kernel[grid](..., PDL=on, **launch_kwargs(device))``."""
-    return {"launch_pdl": True} if enabled(device) else {}
+    """A PDL kernel's extra launch arguments on ``device``: its ``PDL`` constexpr and Triton's ``launch_pdl``
+    where PDL is on, none elsewhere (the kernels' ``PDL`` defaults to False)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {}
 
 
 if triton is not None:

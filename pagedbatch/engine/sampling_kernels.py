@@ -205,7 +205,7 @@ if triton is not None:
         PART_VAL, PART_IDX, TOKENS, V, chunk, n_splits,
         ANY_GREEDY: tl.constexpr, ANY_SAMPLED: tl.constexpr, ANY_SEEDED: tl.constexpr, ANY_UNSEEDED: tl.constexpr,
         SINGLE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr, SLACK_ABS: tl.constexpr,
-        SLACK_REL: tl.constexpr, PDL: tl.constexpr,
+        SLACK_REL: tl.constexpr, PDL: tl.constexpr = False,
     ):
         wait_for_producer(PDL)
         row = tl.program_id(0)
@@ -235,7 +235,8 @@ if triton is not None:
             tl.store(PART_IDX + row * n_splits + split, idx)
 
     @triton.jit(do_not_specialize=["n_splits"])
-    def _reduce_kernel(PART_VAL, PART_IDX, TOKENS, n_splits, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    def _reduce_kernel(PART_VAL, PART_IDX, TOKENS, n_splits, SPLITS: tl.constexpr,
+                       PDL: tl.constexpr = False):
         wait_for_producer(PDL)
         row = tl.program_id(0)
         o = tl.arange(0, SPLITS)
@@ -334,11 +335,11 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: Option
         ANY_GREEDY=greedy is not None, ANY_SAMPLED=seed_slot is not None or step_key is not None,
         ANY_SEEDED=seed_slot is not None, ANY_UNSEEDED=step_key is not None,
         SINGLE=single, INTERPRET=_interpreting(), BLOCK=block, SLACK_ABS=SLACK_ABS,
-        SLACK_REL=SLACK_REL, PDL=pdl.enabled(logits.device), num_warps=num_warps,
+        SLACK_REL=SLACK_REL, num_warps=num_warps,
         enable_fp_fusion=False, enable_reflect_ftz=False, **pdl.launch_kwargs(logits.device))
     if not single:
         _reduce_kernel[(B,)](part_val, part_idx, tokens, n_splits, SPLITS=max(MAX_SPLITS, triton.next_power_of_2(n_splits)),
-                             PDL=pdl.enabled(logits.device), num_warps=1, **pdl.launch_kwargs(logits.device))
+                             num_warps=1, **pdl.launch_kwargs(logits.device))
     return tokens
 
 

@@ -335,7 +335,7 @@ def _decode_v2_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, PDL: tl.constexpr,
+    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     seq = tl.program_id(0)
@@ -419,7 +419,7 @@ def _decode_v2_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     WO, WLSE, O, s_wot, s_woh, s_wos, s_wlt, s_wlh, s_ot, s_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     seq = tl.program_id(0)
@@ -460,11 +460,10 @@ def paged_decode(
 
 
 def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int, num_splits: int,
-                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool, pdl_launch: bool = False,
+                  q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool,
                   v_key_contiguous: bool = False) -> dict:
     """The compile-time arguments of ``_decode_v2_kernel`` for one launch (also bench/kernel_sass.py's).
     ``paired_fp8_cvt``: the device runs ``_fp8_to_f16``'s inline asm (``fp8_tile_convert``);
-    ``pdl_launch``: launched with programmatic dependent launch (``pdl.enabled``);
     ``v_key_contiguous``: the V cache passes ``v_key_run`` (its keys adjacent within a block)."""
     dot = cfg.uses_dot(group)
     f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32
@@ -476,7 +475,7 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 # A key-contiguous fp8 V tile is read from shared memory as it is and converted by Triton
                 # after the layout change (bench/fp8_v_layout_study.py); converting it first would send
                 # fp16 through shared memory again.
-                F16=f16, ASM=asm, ASM_V=asm and not v_keys, V_KEYS=v_keys, PDL=pdl_launch)
+                F16=f16, ASM=asm, ASM_V=asm and not v_keys, V_KEYS=v_keys)
 
 
 def v_key_run(v_cache: torch.Tensor, tile: int) -> int:
@@ -534,14 +533,14 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
             **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
-                            pdl.enabled(q.device), v_key_run(v_cache, cfg.tile(group)) > 0),
+                            v_key_run(v_cache, cfg.tile(group)) > 0),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **pdl.launch_kwargs(q.device),
         )
     if num_splits > 1:
         _decode_reduce_kernel[(B, H)](
             wo, wlse, out, *ws_strides, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), D=D, PDL=pdl.enabled(q.device),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), D=D,
             num_warps=1 if D <= 64 else 2, **pdl.launch_kwargs(q.device),
         )
     return out, kernel

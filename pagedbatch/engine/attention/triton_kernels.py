@@ -122,7 +122,7 @@ def _rotary_cache_write_kernel(
     s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
-    QK_NORM: tl.constexpr, PDL: tl.constexpr,
+    QK_NORM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     tok = tl.program_id(0)
@@ -225,7 +225,7 @@ def rotary_cache_write(
         KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, num_warps=4 if block_h * D >= 2048 else 2,
         # Unfused multiply-adds for the fp8 write: the rotated key then rounds exactly as torch's does,
         # so the stored fp8 bytes equal torch's cast (a 1-ulp fp32 difference can flip an fp8 rounding).
-        enable_fp_fusion=kv_scale is None, PDL=pdl.enabled(q.device), **pdl.launch_kwargs(q.device),
+        enable_fp_fusion=kv_scale is None, **pdl.launch_kwargs(q.device),
     )
     return q_out
 

@@ -67,7 +67,8 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(X, R, RO, Y, W, eps, s_xt, s_xh, s_rt, s_rot, s_yt, s_yh,
-                         D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
+                         D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+                         PDL: tl.constexpr = False):
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -85,7 +86,8 @@ if triton is not None:
         tl.store(Y + t * s_yt + h * s_yh + offs, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Y, s_xt, s_yt, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _silu_and_mul_kernel(X, Y, s_xt, s_yt, N: tl.constexpr, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr = False):
         wait_for_producer(PDL)
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -113,7 +115,7 @@ def _rms_norm_triton(x, weight, eps, residual):
         _rms_norm_kernel[(T, H)](
             x3, res, ro, y, weight, eps, x3.stride(0), x3.stride(1), res.stride(0), ro.stride(0),
             y.stride(0), y.stride(1), D=D, BLOCK=triton.next_power_of_2(D), HAS_RES=residual is not None,
-            PDL=pdl.enabled(x.device), num_warps=4 if D <= 4096 else 8, **pdl.launch_kwargs(x.device))
+            num_warps=4 if D <= 4096 else 8, **pdl.launch_kwargs(x.device))
     return y.view(x.shape), new_res
 
 
@@ -126,6 +128,5 @@ def _silu_and_mul_triton(gate_up):
     block = 1024
     if T:
         _silu_and_mul_kernel[(T, triton.cdiv(n, block))](gate_up, y, gate_up.stride(0), y.stride(0), N=n,
-                                                         BLOCK=block, PDL=pdl.enabled(gate_up.device), num_warps=4,
-                                                         **pdl.launch_kwargs(gate_up.device))
+                                                         BLOCK=block, num_warps=4, **pdl.launch_kwargs(gate_up.device))
     return y

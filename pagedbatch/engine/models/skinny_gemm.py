@@ -393,8 +393,8 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-        DOT_IEEE=x.dtype == torch.float32, PDL=pdl.enabled(x.device), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl.launch_kwargs(x.device))
+        DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_kwargs(x.device))
 
 
 # --------------------------------------------------------------------------
@@ -465,7 +465,7 @@ if triton is not None:
                        SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
                        W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PDL: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
