@@ -89,7 +89,8 @@ def prefill_spec(args):
     block_m = tk.prefill_block_m(args.block_m, group, max_query_len=args.block_m)
     const = dict(GROUP=group, D=args.head_dim, BLOCK_SIZE=args.block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group,
                  BLOCK_N=args.block_n, PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=args.kv == "fp8",
-                 F16=args.kv == "fp8" and args.q != "fp32")
+                 F16=args.kv == "fp8" and args.q != "fp32",
+                 V_KEYS=min(args.block_n, args.block_size) if args.v_layout == "key-contiguous" else 0)
     return tk._prefill_kernel, {**const, **v_strides(args)}, 4, 2
 
 

@@ -225,9 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-fused-sampler", action="store_true",
                     help="sample with the torch ops, not the one-pass Triton kernel (A/B of the sampler)")
-    ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default="keys-last",
-                    help="with --kv-cache-dtype fp8 and the Triton backend: store V blocks key-contiguous "
-                         "(kv_quant.FP8_V_KEY_CONTIGUOUS; this process only)")
+    ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default=None,
+                    help="with --kv-cache-dtype fp8 and the Triton backend: how V blocks are stored "
+                         "(kv_quant.FP8_V_KEY_CONTIGUOUS, this process only; default: the engine's)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (A/B of engine/pdl.py; this "
                          "process only: tensor-parallel workers keep it on)")
@@ -242,10 +242,10 @@ def main(argv=None) -> int:
         from pagedbatch.engine import pdl
 
         pdl.USE_PDL = False
-    if args.v_layout == "key-contiguous":
-        from pagedbatch.engine.attention import kv_quant
+    from pagedbatch.engine.attention import kv_quant
 
-        kv_quant.FP8_V_KEY_CONTIGUOUS = True
+    if args.v_layout is not None:
+        kv_quant.FP8_V_KEY_CONTIGUOUS = args.v_layout == "key-contiguous"
 
     w = WORKLOADS[args.workload]()
     if args.model_config:
@@ -314,6 +314,7 @@ def main(argv=None) -> int:
         "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
         "pdl": _pdl_enabled(device),
+        "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
     }
     try:
         import transformers, triton  # noqa: E401

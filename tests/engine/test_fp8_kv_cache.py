@@ -110,13 +110,14 @@ def test_fp8_generation_is_exact_across_chunking_preemption_and_prefix_caching(s
 
 
 def test_fp8_cache_with_key_contiguous_v_blocks_gives_the_same_tokens(scaled_dir, monkeypatch):
-    """kv_quant.FP8_V_KEY_CONTIGUOUS (off by default): the runner stores V blocks as [kv_heads, head_dim,
+    """kv_quant.FP8_V_KEY_CONTIGUOUS (on by default): the runner stores V blocks as [kv_heads, head_dim,
     block_size] for the Triton kernels (interpreted here), and nothing else changes: the same greedy tokens
-    through chunked prefill, decode and preemption."""
+    through chunked prefill, decode and preemption as with the usual layout."""
     pytest.importorskip("triton")
     from pagedbatch.engine.attention import kv_quant
 
     kw = dict(attention_backend="triton", num_kv_blocks=8, max_num_batched_tokens=16)
+    monkeypatch.setattr(kv_quant, "FP8_V_KEY_CONTIGUOUS", False)
     usual = _engine(scaled_dir, **kw)
     prompts = _prompts(usual)[:6]
     want = [o.token_ids for o in usual.generate(prompts, GREEDY)]

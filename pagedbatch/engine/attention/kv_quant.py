@@ -22,10 +22,11 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 # Store an fp8 cache's V blocks key-contiguous ([kv_heads, head_dim, block_size] per block) for the Triton
-# decode kernel, whose P @ V then reads fp8 through shared memory once (bench/fp8_v_layout_study.py). The
-# lead's switch, off until the GPU has measured it (bench/decode_attention.py --v-layout key-contiguous);
-# results do not depend on it (tests/engine/test_fp8_kv_cache.py).
-FP8_V_KEY_CONTIGUOUS = False
+# kernels, whose P @ V then reads fp8 through shared memory once (bench/fp8_v_layout_study.py). H200,
+# 2026-12-04 (bench/decode_attention.py --v-layout key-contiguous, fp8 cache): decode 137.8 against 166.3 us
+# per call on W-nano's shape, 113.4 against 134.7 on W1's. Results do not depend on it
+# (tests/engine/test_fp8_kv_cache.py); the torch backend keeps the usual layout.
+FP8_V_KEY_CONTIGUOUS = True
 
 
 def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

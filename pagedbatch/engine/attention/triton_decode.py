@@ -42,7 +42,7 @@ from .. import pdl
 from ..pdl import wait_for_producer
 from .kv_quant import checked_scale
 from .triton_kernels import (LOG2E, _check_head_dim, _dot_precision, _fp8_to_f16, _last_dim_contiguous,
-                             check_k_cache, fp8_tile_convert)
+                             check_k_cache, fp8_tile_convert, v_key_run)
 
 
 @dataclass(frozen=True)
@@ -281,13 +281,17 @@ def _decode_tile(
         v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1])
     v_ptrs = Vh + v_off
     nmask = t * BLOCK_N + offs_n < seq_len
+    # A key-contiguous V is loaded whole and its keys past the end zeroed after (as in the prefill kernel's
+    # _attend_kv_range): a mask along its contiguous keys would load it a byte at a time.
+    V_MASKED: tl.constexpr = MASKED and not V_KEYS
     if MASKED:
         k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)
-        if EARLY_V:
-            v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-        if EARLY_V:
+    if EARLY_V:
+        if V_MASKED:
+            v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
+        else:
             v = tl.load(v_ptrs)
     if ASM:
         k = _fp8_to_f16(k, True)
@@ -314,12 +318,14 @@ def _decode_tile(
         l = l * alpha + p
 
     if not EARLY_V:
-        if MASKED:
+        if V_MASKED:
             v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
         if ASM_V:
             v = _fp8_to_f16(v, True)
+    if MASKED and V_KEYS:
+        v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # stale slots may hold NaN patterns: 0 * NaN is NaN
     if DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     else:
@@ -474,18 +480,11 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 KV_SCALED=kv_scaled, DOT=dot, PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
                 # A key-contiguous fp8 V tile is read from shared memory as it is and converted by Triton
                 # after the layout change (bench/fp8_v_layout_study.py); converting it first would send
-                # fp16 through shared memory again.
-                F16=f16, ASM=asm, ASM_V=asm and not v_keys, V_KEYS=v_keys)
-
-
-def v_key_run(v_cache: torch.Tensor, tile: int) -> int:
-    """Keys per run of adjacent V elements that ``_decode_v2_kernel`` may assume (its ``V_KEYS``): the
-    tile's keys within one block (min(tile, block_size)) when the V cache is key-contiguous (unit key
-    stride) and every other stride is a multiple of it; else 0 (the kernel assumes nothing)."""
-    run = min(tile, v_cache.shape[1])
-    if v_cache.stride(1) != 1 or v_cache.shape[1] == 1:
-        return 0
-    return run if all(v_cache.stride(i) % run == 0 for i in (0, 2, 3)) else 0
+                # fp16 through shared memory again. K then takes Triton's cast too: with K alone converted
+                # by the asm, H200 2026-12-04 (bench/decode_attention.py --v-layout key-contiguous):
+                # 200.2 against 137.8 us on W-nano's shape, 163.1 against 113.4 on W1's (192 against 168
+                # registers, 2 against 3 programs per SM).
+                F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,

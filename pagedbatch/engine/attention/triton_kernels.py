@@ -56,6 +56,16 @@ def check_k_cache(k_cache: torch.Tensor) -> None:
                          f"head_dim, got shape {tuple(k_cache.shape)} and strides {k_cache.stride()}")
 
 
+def v_key_run(v_cache: torch.Tensor, tile: int) -> int:
+    """Keys per run of adjacent V elements that the decode and prefill kernels may assume (their ``V_KEYS``): the
+    tile's keys within one block (min(tile, block_size)) when the V cache is key-contiguous (unit key
+    stride) and every other stride is a multiple of it; else 0 (the kernel assumes nothing)."""
+    run = min(tile, v_cache.shape[1])
+    if v_cache.stride(1) != 1 or v_cache.shape[1] == 1:
+        return 0
+    return run if all(v_cache.stride(i) % run == 0 for i in (0, 2, 3)) else 0
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -240,6 +250,7 @@ def _attend_kv_range(
     acc, m, l, q, q_pos, bt_row, K, V, kv_off_k, kv_off_v, seq_len, lo, hi, qk_scale,
     s_kb, s_ks, s_vb, s_vs, s_vd,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+    V_KEYS: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -263,11 +274,21 @@ def _attend_kv_range(
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd,
-                        mask=nmask[:, None], other=0.0)
+        v_off = kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd
+        if V_KEYS:
+            # A key-contiguous V (s_vs == 1; tiles start on multiples of BLOCK_N): runs of V_KEYS adjacent
+            # keys, which Triton cannot see through the loaded block ids (see the decode kernel).
+            v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1])
+        if MASKED and not V_KEYS:
+            v = tl.load(V + v_off, mask=nmask[:, None], other=0.0)
         else:
-            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd)
+            v = tl.load(V + v_off)
+        if MASKED and V_KEYS:
+            # A mask that varies along the contiguous keys makes Triton load a byte at a time (sm_90 SASS,
+            # bench/kernel_sass.py: 1,226 instructions per tile against 472). Every address is in the cache
+            # (past the sequence's blocks the table's masked load gives block 0), so load all and zero the
+            # keys past the end after: stale slots may hold NaN patterns, and 0 * NaN is NaN in P @ V.
+            v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
         m = m_new
     return acc, m, l
@@ -281,7 +302,7 @@ def _prefill_kernel(
     s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_vd, s_ot, s_oh, s_bt,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    KV_SCALED: tl.constexpr, F16: tl.constexpr,
+    KV_SCALED: tl.constexpr, F16: tl.constexpr, V_KEYS: tl.constexpr = 0,
 ):
     # Reversed so that the last tiles of each sequence (the longest KV
     # ranges) start first and short ones fill the tail of the wave.
@@ -333,11 +354,11 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     acc, m, l = _attend_kv_range(acc, m, l, q, q_pos, bt_row, K, V, kvh * s_kh, kvh * s_vh, seq_len,
                                  0, full_end, qk_scale, s_kb, s_ks, s_vb, s_vs, s_vd,
-                                 D, BLOCK_SIZE, BLOCK_N, False, PREC)
+                                 D, BLOCK_SIZE, BLOCK_N, False, PREC, V_KEYS)
     # Diagonal tiles; nothing past the tile's last query position is loaded.
     acc, m, l = _attend_kv_range(acc, m, l, q, q_pos, bt_row, K, V, kvh * s_kh, kvh * s_vh, seq_len,
                                  full_end, last + 1, qk_scale, s_kb, s_ks, s_vb, s_vs, s_vd,
-                                 D, BLOCK_SIZE, BLOCK_N, True, PREC)
+                                 D, BLOCK_SIZE, BLOCK_N, True, PREC, V_KEYS)
     l_safe = tl.where(l == 0.0, 1.0, l)
     if KV_SCALED:
         out = acc * (tl.load(KV_SCALE + 1) / l_safe)[:, None]
@@ -401,6 +422,6 @@ def paged_prefill(
         block_tables.stride(0),
         GROUP=group, D=D, BLOCK_SIZE=BS, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         PREC=_dot_precision(q.dtype), KV_SCALED=kv_scale is not None, F16=f16,
-        num_warps=num_warps, num_stages=num_stages,
+        V_KEYS=v_key_run(v_cache, block_n), num_warps=num_warps, num_stages=num_stages,
     )
     return out
