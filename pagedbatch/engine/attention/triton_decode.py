@@ -66,6 +66,11 @@ class DecodeConfig:
     # the tile into the dot's operand layout, reading the V tile from shared memory a byte at a time.
     # H200, 2026-12-04: 132.9 us against 141.5 on W1's shape, 170.2 against 171.8 on W-nano's.
     fp8_asm: bool = True
+    # v2, key-contiguous V: load the sequence's last (masked) tile of V whole and zero the keys past the end,
+    # instead of a masked load (which Triton issues a byte at a time along the contiguous keys). Off: on
+    # the H200 the kernel with it was slower on the W-nano and W1 shapes (150.0 / 118.0 us against 137.8 /
+    # 113.4, two calls of 2026-12-04), although only the last tile changes; see DECODE_CONFIGS.
+    whole_v_tail: bool = False
     # Split-K: aim for programs_per_sm programs per SM, splits of at least
     # min_tiles_per_split tiles, at most max_splits splits.
     programs_per_sm: int = 4
@@ -126,6 +131,10 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # fp8 caches: Triton's own cast to fp16 (the default until 2026-12-04), for comparison.
     "v2-cast": dataclasses.replace(_V2, fp8_asm=False),
     "v2-stages3-cast": dataclasses.replace(_V2, num_stages=3, fp8_asm=False),
+    # Key-contiguous fp8 V: the masked last tile loaded whole, and longer or deeper-pipelined tiles.
+    "v2-stages3-vtail": dataclasses.replace(_V2, num_stages=3, whole_v_tail=True),
+    "v2-n128-s3": dataclasses.replace(_V2, block_n=128, num_stages=3),
+    "v2-stages4": dataclasses.replace(_V2, num_stages=4),
     # fp8: with the paired conversion a 64-key tile costs the instructions of a bf16 tile of twice the bytes;
     # longer tiles amortize the softmax (measured: no faster, 2026-12-04).
     "v2-n128": dataclasses.replace(_V2, block_n=128),
@@ -267,6 +276,7 @@ def _decode_tile(
     m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd, offs_n, offs_d,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
     EARLY_V: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, ASM_V: tl.constexpr, V_KEYS: tl.constexpr,
+    WHOLE_V_TAIL: tl.constexpr,
 ):
     b64 = blk.to(tl.int64)
     if BLOCK_N <= BLOCK_SIZE:
@@ -281,9 +291,9 @@ def _decode_tile(
         v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1])
     v_ptrs = Vh + v_off
     nmask = t * BLOCK_N + offs_n < seq_len
-    # A key-contiguous V is loaded whole and its keys past the end zeroed after (as in the prefill kernel's
-    # _attend_kv_range): a mask along its contiguous keys would load it a byte at a time.
-    V_MASKED: tl.constexpr = MASKED and not V_KEYS
+    # WHOLE_V_TAIL: a key-contiguous V is loaded whole and its keys past the end zeroed after (as in the
+    # prefill kernel's _attend_kv_range): a mask along its contiguous keys loads it a byte at a time.
+    V_MASKED: tl.constexpr = MASKED and not (V_KEYS and WHOLE_V_TAIL)
     if MASKED:
         k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)
     else:
@@ -324,7 +334,7 @@ def _decode_tile(
             v = tl.load(v_ptrs)
         if ASM_V:
             v = _fp8_to_f16(v, True)
-    if MASKED and V_KEYS:
+    if MASKED and V_KEYS and WHOLE_V_TAIL:
         v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # stale slots may hold NaN patterns: 0 * NaN is NaN
     if DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
@@ -341,7 +351,7 @@ def _decode_v2_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, PDL: tl.constexpr = False,
+    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, WHOLE_V_TAIL: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     seq = tl.program_id(0)
@@ -393,13 +403,13 @@ def _decode_v2_kernel(
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC, ASM, ASM_V,
-                                 V_KEYS)
+                                 V_KEYS, WHOLE_V_TAIL)
     t = tl.maximum(t_lo, t_full)
     if t < t_hi:  # the sequence's partial last tile, if this split has it
         cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC, ASM, ASM_V,
-                                 V_KEYS)
+                                 V_KEYS, WHOLE_V_TAIL)
 
     if not DOT:  # merge the key slots' states
         m_row = tl.max(m, 1)
@@ -484,7 +494,8 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 # by the asm, H200 2026-12-04 (bench/decode_attention.py --v-layout key-contiguous):
                 # 200.2 against 137.8 us on W-nano's shape, 163.1 against 113.4 on W1's (192 against 168
                 # registers, 2 against 3 programs per SM).
-                F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys)
+                F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys,
+                WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
