@@ -274,21 +274,22 @@ def _attend_kv_range(
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v_off = kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd
         if V_KEYS:
             # A key-contiguous V (s_vs == 1; tiles start on multiples of BLOCK_N): runs of V_KEYS adjacent
-            # keys, which Triton cannot see through the loaded block ids (see the decode kernel).
-            v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1])
-        if MASKED and not V_KEYS:
-            v = tl.load(V + v_off, mask=nmask[:, None], other=0.0)
+            # keys, which Triton cannot see through the loaded block ids (see the decode kernel). Loaded
+            # whole even in masked tiles: a mask along the contiguous keys makes Triton load a byte at a time
+            # (sm_90 SASS, bench/kernel_sass.py: 1,226 instructions per masked tile against 874). Every
+            # address is in the cache (past the sequence's blocks the table's masked load gives block 0);
+            # keys past the end are zeroed after, since stale slots may hold NaN patterns (0 * NaN is NaN).
+            v_off = kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd
+            v = tl.load(V + tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1]))
+            if MASKED:
+                v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)
+        elif MASKED:
+            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd,
+                        mask=nmask[:, None], other=0.0)
         else:
-            v = tl.load(V + v_off)
-        if MASKED and V_KEYS:
-            # A mask that varies along the contiguous keys makes Triton load a byte at a time (sm_90 SASS,
-            # bench/kernel_sass.py: 1,226 instructions per tile against 472). Every address is in the cache
-            # (past the sequence's blocks the table's masked load gives block 0), so load all and zero the
-            # keys past the end after: stale slots may hold NaN patterns, and 0 * NaN is NaN in P @ V.
-            v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)
+            v = tl.load(V + kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
         m = m_new
     return acc, m, l
