@@ -228,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default=None,
                     help="with --kv-cache-dtype fp8 and the Triton backend: how V blocks are stored "
                          "(kv_quant.FP8_V_KEY_CONTIGUOUS, this process only; default: the engine's)")
+    ap.add_argument("--fuse-fp8-quant", action="store_true",
+                    help="with --quantization fp8: the norms and SiLU·mul quantize the activations of the fp8 "
+                         "linears they feed (linear.FUSE_FP8_QUANT; this process only)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (A/B of engine/pdl.py; this "
                          "process only: tensor-parallel workers keep it on)")
@@ -243,6 +246,10 @@ def main(argv=None) -> int:
 
         pdl.USE_PDL = False
     from pagedbatch.engine.attention import kv_quant
+    from pagedbatch.engine.models import linear as linear_mod
+
+    if args.fuse_fp8_quant:
+        linear_mod.FUSE_FP8_QUANT = True
 
     if args.v_layout is not None:
         kv_quant.FP8_V_KEY_CONTIGUOUS = args.v_layout == "key-contiguous"
@@ -314,6 +321,7 @@ def main(argv=None) -> int:
         "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
         "pdl": _pdl_enabled(device),
+        "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
     }
     try:

@@ -143,3 +143,59 @@ def test_fp8_on_a_gpu_without_fp8_is_a_clear_error_naming_the_gpu(monkeypatch, t
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(ValueError, match="needs a GPU with fp8 matmuls"):
         load_model(d, ModelArgs.from_dir(d), torch.bfloat16, torch.device("cuda", 0), quantization="fp8")
+
+
+def test_rows_quantized_by_the_producing_kernel_change_nothing_but_the_kernel_count(monkeypatch, tiny_model):
+    """linear.FUSE_FP8_QUANT through the whole model on the CPU: with the GPU's routing stood in for (every
+    fp8 linear of more than 2 rows on the _scaled_mm route, _scaled_mm as float32 torch ops), the norms and
+    the SiLU·mul hand qkv, gate_up and down their input already quantized, o_proj still quantizes its own,
+    and the greedy tokens are those of the unfused path."""
+    from pagedbatch import InferenceEngine, SamplingParams
+
+    real_route = linear_mod.route
+    monkeypatch.setattr(linear_mod, "route", lambda M, N, K, dt, dev, fp8: "scaled_mm" if fp8 and M > 2
+                        else real_route(M, N, K, dt, dev, fp8))
+    calls = {"rows": 0, "own": 0}
+
+    def fake_scaled_mm(xq, xs, weight, weight_scale, bias, dtype):
+        out = dequantize_rows(xq, xs[:, 0]) @ dequantize_rows(weight, weight_scale).t()
+        return (out if bias is None else out + bias.float()).to(dtype)
+
+    def counted(key):
+        def run(*a):
+            calls[key] += 1
+            return fake_scaled_mm(*a)
+        return run
+
+    d = tiny_model("llama")
+    prompts = [[5, 9, 13, 2, 7], [3, 3, 8, 1, 4, 6, 2], [11, 12]]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    monkeypatch.setattr(linear_mod, "_scaled_mm", fake_scaled_mm)
+    want = [o.token_ids for o in InferenceEngine(d, quantization="fp8", skip_tokenizer_init=True)
+            .generate(prompts, greedy)]
+    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", True)
+    eng = InferenceEngine(d, quantization="fp8", skip_tokenizer_init=True)
+    real_linear_rows = linear_mod.linear
+
+    def spy_linear(x, *a, **k):
+        if isinstance(x, fp8.Fp8Rows):
+            calls["rows"] += 1
+        return real_linear_rows(x, *a, **k)
+
+    for mod in ("pagedbatch.engine.models.llama", "pagedbatch.engine.models.linear"):
+        monkeypatch.setattr(f"{mod}.linear", spy_linear)
+    monkeypatch.setattr(linear_mod, "fp8_linear_scaled_mm", lambda x, w, ws, b=None: counted("own")(
+        *fp8.quantize_per_token(x), w, ws, b, x.dtype))
+    assert [o.token_ids for o in eng.generate(prompts, greedy)] == want
+    layers = eng.engine.runner.model.args.num_layers
+    assert calls["rows"] > 0 and calls["rows"] == 3 * calls["own"], calls  # qkv, gate_up, down vs o_proj
+    assert calls["own"] % layers == 0, calls
+
+
+def test_pre_quantized_rows_go_only_to_the_scaled_mm_route():
+    x = torch.randn(4, 64)
+    w, ws = quantize_rows(torch.randn(32, 64))
+    rows = fp8.Fp8Rows(*fp8.quantize_per_token(x), torch.float32)
+    assert not linear_mod.takes_fp8_rows(4, w, ws, torch.device("cpu"))
+    with pytest.raises(ValueError, match="takes_fp8_rows"):
+        linear(rows, w, None, ws)

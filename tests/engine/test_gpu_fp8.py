@@ -207,3 +207,26 @@ def test_fp8_engine_with_cuda_graphs_stays_close_to_hf_bf16(tmp_path, layers, vo
         cross = kl_and_top1(ref, ours_fp8)
         print(f"GPU fp8 vs CPU fp8 reference {cross}")
         assert cross[0] <= 0.03 and cross[1] >= 0.9, cross
+
+
+def test_fp8_engine_with_quantization_fused_into_the_norms_gives_the_same_logits(tmp_path, monkeypatch):
+    """linear.FUSE_FP8_QUANT: at 32 rows (the _scaled_mm route) the norms and SiLU·mul quantize the
+    activations of qkv, gate_up and down themselves; the bits are those of the separate quantize kernel,
+    so teacher-forced logits through CUDA graphs are identical."""
+    from pagedbatch.engine.models import linear as linear_mod
+
+    d = build_shaped_model("qwen2.5-0.5b.json", tmp_path / "m", num_layers=2, vocab_size=4096)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 4096, (int(torch.randint(20, 60, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(32)]
+    kw = dict(device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_num_seqs=32, num_kv_blocks=512,
+              quantization="fp8")
+    eng = InferenceEngine(d, **kw)
+    tokens = greedy_tokens(eng, prompts, 16)
+    want = forced_logits(eng, prompts, tokens, decode=True)
+    del eng
+    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", True)
+    fused = InferenceEngine(d, **kw)
+    assert fused.engine.runner.graphs is not None
+    assert torch.equal(greedy_tokens(fused, prompts, 16), tokens)
+    assert torch.equal(forced_logits(fused, prompts, tokens, decode=True), want)

@@ -14,7 +14,7 @@ are bit-identical to the torch formula the CPU reference path uses.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -28,6 +28,15 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # fp8 matmuls (torch._scaled_mm, Triton fp8 dots) exist from Ada (8.9) and Hopper (9.0) on.
 MIN_CAPABILITY = (8, 9)
+
+
+class Fp8Rows(NamedTuple):
+    """An activation [M, K] already quantized per token by the kernel that produced it (RMSNorm, SiLU·mul):
+    what ``quantize_per_token`` returns, and the model dtype the rows were in (the matmul's output dtype)."""
+
+    q: torch.Tensor  # [M, K] float8_e4m3fn
+    scale: torch.Tensor  # [M, 1] float32
+    dtype: torch.dtype
 
 
 def row_scales(amax: torch.Tensor) -> torch.Tensor:
@@ -111,6 +120,16 @@ def check_fp8_support(device: torch.device) -> None:
 
 
 if triton is not None:
+
+    # The rule above for kernels that produce an activation and quantize it in the same pass (fused_ops):
+    # the scale of a row whose largest magnitude is ``amax``, and its values (float32; the store casts).
+    @triton.jit
+    def fp8_row_scale(amax):
+        return tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+
+    @triton.jit
+    def fp8_row_values(y, scale):
+        return tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
 
     @triton.jit
     def _quant_rows_kernel(X, Q, S, s_x, s_q, K, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):

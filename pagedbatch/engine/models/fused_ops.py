@@ -11,18 +11,20 @@ operation order, so float32 greedy decoding matches it bit for bit.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import pdl
+from .fp8 import FP8, Fp8Rows, quantize_rows
 
 try:
     import triton
     import triton.language as tl
 
     from ..pdl import wait_for_producer
+    from .fp8 import fp8_row_scale, fp8_row_values
 except ImportError:  # the CPU path needs no Triton
     triton = None
 
@@ -38,25 +40,34 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * xf.to(dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
+             quant: bool = False) -> tuple[Union[torch.Tensor, Fp8Rows], Optional[torch.Tensor]]:
     """``norm(x + residual)`` and the new residual ``x + residual`` (None when no residual was given).
 
-    ``x`` is [T, D] or [T, H, D] (per-head norms); the last dim must be contiguous.
+    ``x`` is [T, D] or [T, H, D] (per-head norms); the last dim must be contiguous. ``quant`` (2-D ``x``):
+    the normed rows quantized per token to e4m3 for an fp8 linear (``Fp8Rows``), in the same pass on the GPU;
+    the same bits as ``quantize_per_token`` of the unquantized output.
     """
     if _use_triton(x):
-        return _rms_norm_triton(x, weight, eps, residual)
+        return _rms_norm_triton(x, weight, eps, residual, quant)
     if residual is not None:
         x = residual = x + residual
-    return rms_norm_torch(x, weight, eps), residual
+    y = rms_norm_torch(x, weight, eps)
+    return (_rows(y) if quant else y), residual
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim."""
+def silu_and_mul(gate_up: torch.Tensor, quant: bool = False) -> Union[torch.Tensor, Fp8Rows]:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim; ``quant`` (2-D): as ``rms_norm``'s."""
     if _use_triton(gate_up):
-        return _silu_and_mul_triton(gate_up)
+        return _silu_and_mul_quant_triton(gate_up) if quant else _silu_and_mul_triton(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    y = F.silu(gate) * up
+    return _rows(y) if quant else y
+
+
+def _rows(y: torch.Tensor) -> Fp8Rows:
+    q, s = quantize_rows(y)
+    return Fp8Rows(q, s.view(-1, 1), y.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -66,9 +77,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(X, R, RO, Y, W, eps, s_xt, s_xh, s_rt, s_rot, s_yt, s_yh,
-                         D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    def _rms_norm_kernel(X, R, RO, Y, W, S, eps, s_xt, s_xh, s_rt, s_rot, s_yt, s_yh,
+                         D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr = False,
                          PDL: tl.constexpr = False):
+        # QUANT: Y is e4m3 and S the rows' float32 scales; the row is rounded to X's dtype first, as the
+        # unfused pair (this kernel, then fp8's _quant_rows_kernel reading its output) rounds it.
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -83,7 +96,13 @@ if triton is not None:
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
         normed = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
-        tl.store(Y + t * s_yt + h * s_yh + offs, (normed * w).to(Y.dtype.element_ty), mask=mask)
+        if QUANT:
+            y = (normed * w).to(X.dtype.element_ty).to(tl.float32)
+            scale = fp8_row_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), 0))
+            tl.store(S + t, scale)
+            tl.store(Y + t * s_yt + offs, fp8_row_values(y, scale).to(Y.dtype.element_ty), mask=mask)
+        else:
+            tl.store(Y + t * s_yt + h * s_yh + offs, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(X, Y, s_xt, s_yt, N: tl.constexpr, BLOCK: tl.constexpr,
@@ -98,12 +117,42 @@ if triton is not None:
         tl.store(Y + t * s_yt + offs, (s * u).to(Y.dtype.element_ty), mask=mask)
 
 
-def _rms_norm_triton(x, weight, eps, residual):
+    @triton.jit
+    def _silu_and_mul_quant_kernel(X, Q, S, s_xt, s_qt, N: tl.constexpr, BLOCK: tl.constexpr,
+                                   PDL: tl.constexpr = False):
+        # One program per row, two passes over it: the row's largest magnitude, then its e4m3 values
+        # (recomputed: the second read of gate_up comes from L2). Rounded to X's dtype at the points of
+        # _silu_and_mul_kernel, so the bits are those of that kernel followed by fp8's _quant_rows_kernel.
+        wait_for_producer(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(0, N, BLOCK):
+            mask = k + offs < N
+            g = tl.load(X + t * s_xt + k + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(X + t * s_xt + N + k + offs, mask=mask, other=0.0).to(tl.float32)
+            sg = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs((sg * u).to(X.dtype.element_ty).to(tl.float32)))
+        scale = fp8_row_scale(tl.max(amax, 0))
+        tl.store(S + t, scale)
+        for k in range(0, N, BLOCK):
+            mask = k + offs < N
+            g = tl.load(X + t * s_xt + k + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(X + t * s_xt + N + k + offs, mask=mask, other=0.0).to(tl.float32)
+            sg = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)
+            y = (sg * u).to(X.dtype.element_ty).to(tl.float32)
+            tl.store(Q + t * s_qt + k + offs, fp8_row_values(y, scale).to(Q.dtype.element_ty), mask=mask)
+
+
+def _rms_norm_triton(x, weight, eps, residual, quant: bool = False):
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if quant and x.dim() != 2:
+        raise ValueError("only 2-D (per-token) norms are quantized")
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
     T, H, D = x3.shape
-    y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    y = torch.empty((T, H, D), dtype=FP8 if quant else x.dtype, device=x.device)
+    scales = torch.empty((T, 1), dtype=torch.float32, device=x.device) if quant else y
     new_res = None
     if residual is not None:
         if H != 1:
@@ -113,9 +162,11 @@ def _rms_norm_triton(x, weight, eps, residual):
     ro = new_res if new_res is not None else x3
     if T:
         _rms_norm_kernel[(T, H)](
-            x3, res, ro, y, weight, eps, x3.stride(0), x3.stride(1), res.stride(0), ro.stride(0),
+            x3, res, ro, y, weight, scales, eps, x3.stride(0), x3.stride(1), res.stride(0), ro.stride(0),
             y.stride(0), y.stride(1), D=D, BLOCK=triton.next_power_of_2(D), HAS_RES=residual is not None,
-            num_warps=4 if D <= 4096 else 8, **pdl.launch_kwargs(x.device))
+            QUANT=quant, num_warps=4 if D <= 4096 else 8, **pdl.launch_kwargs(x.device))
+    if quant:
+        return Fp8Rows(y.view(x.shape), scales, x.dtype), new_res
     return y.view(x.shape), new_res
 
 
@@ -130,3 +181,17 @@ def _silu_and_mul_triton(gate_up):
         _silu_and_mul_kernel[(T, triton.cdiv(n, block))](gate_up, y, gate_up.stride(0), y.stride(0), N=n,
                                                          BLOCK=block, num_warps=4, **pdl.launch_kwargs(gate_up.device))
     return y
+
+
+def _silu_and_mul_quant_triton(gate_up):
+    if gate_up.stride(-1) != 1:
+        gate_up = gate_up.contiguous()
+    T, N2 = gate_up.shape
+    n = N2 // 2
+    q = torch.empty((T, n), dtype=FP8, device=gate_up.device)
+    scales = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
+    if T:
+        _silu_and_mul_quant_kernel[(T,)](gate_up, q, scales, gate_up.stride(0), q.stride(0), N=n,
+                                         BLOCK=min(triton.next_power_of_2(n), 2048), num_warps=4,
+                                         **pdl.launch_kwargs(gate_up.device))
+    return Fp8Rows(q, scales, gate_up.dtype)

@@ -24,6 +24,12 @@ syncs with the host:
   per token to e4m3 and back first. Few rows run weights-only on the GPU
   (bf16 activations into the skinny kernel), and the reference follows.
 
+With ``FUSE_FP8_QUANT`` the model asks ``takes_fp8_rows`` before the
+kernel that produces a linear's input (RMSNorm, SiLU·mul) and, on the
+``_scaled_mm`` route, has that kernel quantize its output per token
+(``fp8.Fp8Rows``, the same bits): one kernel fewer per linear layer.
+``linear`` takes such rows as ``x``.
+
 ``silu_mul_linear(gate_up, weight, weight_scale)`` is the MLP's down
 projection of ``silu(gate) * up``: for a single row on the skinny route the
 activation runs inside the GEMM's operand load (one kernel instead of two),
@@ -38,13 +44,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .fused_ops import silu_and_mul
-from .fp8 import dequantize_rows, quantize_per_token, quantize_rows
+from .fp8 import Fp8Rows, dequantize_rows, quantize_per_token, quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,11 @@ log = logging.getLogger(__name__)
 # the shape. A module constant, not an engine option: it is the lead's switch
 # to flip after measuring, and it must not change results beyond rounding.
 USE_SKINNY_BF16 = True
+
+# Quantize an fp8 linear's activation in the kernel that produces it (RMSNorm before qkv and gate_up,
+# SiLU·mul before down) instead of in a kernel of its own before torch._scaled_mm. The same bits either way
+# (tests/engine/test_fused_ops.py); the lead's switch, off until the GPU has measured it.
+FUSE_FP8_QUANT = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,9 +93,20 @@ def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.devic
     return "scaled_mm"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def takes_fp8_rows(M: int, weight: torch.Tensor, weight_scale: Optional[torch.Tensor], device: torch.device) -> bool:
+    """Whether ``linear`` wants its M-row input as ``Fp8Rows``, quantized by the kernel that produces it."""
+    return (FUSE_FP8_QUANT and weight_scale is not None
+            and route(M, weight.shape[0], weight.shape[1], weight.dtype, device, True) == "scaled_mm")
+
+
+def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)``; ``weight_scale`` [N] float32 marks ``weight`` as fp8 (see the module docstring)."""
+    """``x @ weight.T (+ bias)``; ``weight_scale`` [N] float32 marks ``weight`` as fp8 (see the module docstring).
+    ``x`` may be ``Fp8Rows`` [M, K] where ``takes_fp8_rows`` said so."""
+    if isinstance(x, Fp8Rows):
+        if not takes_fp8_rows(x.q.shape[0], weight, weight_scale, x.q.device):
+            raise ValueError("pre-quantized rows go only to an fp8 linear on the _scaled_mm route (takes_fp8_rows)")
+        return _scaled_mm(x.q, x.scale, weight, weight_scale, bias, x.dtype)
     if weight_scale is None and not x.is_cuda:
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
@@ -117,7 +139,8 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     if 0 < M <= FUSE_SILU_MAX_M and gate_up.shape[-1] == 2 * K \
             and route(M, N, K, weight.dtype, gate_up.device, weight_scale is not None) == "skinny":
         return _skinny().skinny_linear(gate_up, weight, weight_scale, act="silu_mul")
-    return linear(silu_and_mul(gate_up), weight, None, weight_scale)
+    quant = gate_up.dim() == 2 and takes_fp8_rows(M, weight, weight_scale, gate_up.device)
+    return linear(silu_and_mul(gate_up, quant=quant), weight, None, weight_scale)
 
 
 def weights_only_rows() -> int:
@@ -147,13 +170,18 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token fp8 activation (fused Triton kernel) times the fp8 weight through ``torch._scaled_mm``."""
     xq, xs = quantize_per_token(x)
+    return _scaled_mm(xq, xs, weight, weight_scale, bias, x.dtype)
+
+
+def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     # Row-wise scaling produces bf16 on every torch/cuBLAS version we run on (fp16 only on some), and a
     # bias must then be bf16 too: fp16/fp32 models pay one cast each way.
     if bias is not None and bias.dtype != torch.bfloat16:
         bias = bias.to(torch.bfloat16)
     out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.view(1, -1), bias=bias,
                            out_dtype=torch.bfloat16)
-    return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+    return out if dtype == torch.bfloat16 else out.to(dtype)
 
 
 @functools.lru_cache(maxsize=None)

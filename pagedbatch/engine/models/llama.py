@@ -33,7 +33,7 @@ from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
 from .fp8 import FP8
 from .fused_ops import rms_norm
-from .linear import linear, silu_mul_linear
+from .linear import linear, silu_mul_linear, takes_fp8_rows
 from .sharding import TPShard, local_args, vocab_range
 
 
@@ -56,9 +56,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(dim)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """``norm(x)``; with a residual, ``(norm(x + residual), x + residual)`` in one pass on the GPU."""
-        y, new_residual = rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, quant: bool = False):
+        """``norm(x)``; with a residual, ``(norm(x + residual), x + residual)`` in one pass on the GPU.
+        ``quant``: the output as ``Fp8Rows`` for an fp8 linear (see ``linear.takes_fp8_rows``)."""
+        y, new_residual = rms_norm(x, self.weight, self.eps, residual, quant)
         return y if residual is None else (y, new_residual)
 
 
@@ -85,6 +86,10 @@ class Attention(nn.Module):
         # An fp8 KV cache's [k_scale, v_scale] (value = stored * scale): from the checkpoint, else 1.0.
         # A device tensor, not floats, so captured CUDA graphs read it; ignored by a cache in the model dtype.
         self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32), persistent=False)
+
+    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` wants ``x`` quantized by the norm before it (``linear.takes_fp8_rows``)."""
+        return takes_fp8_rows(x.shape[0], self.qkv_proj_weight, self.qkv_proj_weight_scale, x.device)
 
     def forward(self, x, kv_cache, cos_sin, meta: AttentionMetadata, backend: AttentionBackend):
         qkv = linear(x, self.qkv_proj_weight, self.qkv_proj_bias, self.qkv_proj_weight_scale)
@@ -114,6 +119,9 @@ class MLP(nn.Module):
         self.down_proj_weight, self.down_proj_weight_scale = _linear_params(
             args.hidden_size, args.intermediate_size, "down_proj_weight" in fp8)
 
+    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
+        return takes_fp8_rows(x.shape[0], self.gate_up_proj_weight, self.gate_up_proj_weight_scale, x.device)
+
     def forward(self, x):
         gate_up = linear(x, self.gate_up_proj_weight, None, self.gate_up_proj_weight_scale)
         out = silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale)
@@ -132,12 +140,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, kv_cache, cos_sin, meta, backend):
         # The residual add of each block is folded into the next norm (one pass on the GPU).
+        # On the fp8 _scaled_mm route the norm also quantizes its output for the linear after it.
+        quant = self.self_attn.takes_fp8_rows(x)
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(x, quant=quant), x
         else:
-            h, residual = self.input_layernorm(x, residual)
+            h, residual = self.input_layernorm(x, residual, quant)
         h = self.self_attn(h, kv_cache, cos_sin, meta, backend)
-        h, residual = self.post_attention_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(h, residual, self.mlp.takes_fp8_rows(h))
         return self.mlp(h), residual
 
 
