@@ -61,7 +61,9 @@ USE_SKINNY_BF16 = True
 
 # Quantize an fp8 linear's activation in the kernel that produces it (RMSNorm before qkv and gate_up,
 # SiLU·mul before down) instead of in a kernel of its own before torch._scaled_mm. The same bits either way
-# (tests/engine/test_fused_ops.py); the lead's switch, off until the GPU has measured it.
+# (tests/engine/test_fused_ops.py). Off: measured once on the H200 (2026-12-04, W-nano with fp8 weights and
+# cache, bench/throughput.py --fuse-fp8-quant, on first then off in one call) at 20,624 against 21,901
+# out tok/s; not yet profiled, nor repeated in the other order.
 FUSE_FP8_QUANT = False
 
 
