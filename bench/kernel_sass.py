@@ -174,8 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--block-m", type=int, default=64, help="prefill")
     ap.add_argument("--block-n", type=int, default=64, help="prefill")
     ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default="keys-last",
-                    help="decode, prefill: the V cache as the engine stores it ([block, key, head, d]) or with each "
-                         "block's keys contiguous ([block, head, d, key], passed as a permuted view)")
+                    help="decode, prefill: the V cache stored like K ([block, key, head, d]) or with each block's "
+                         "keys contiguous ([block, head, d, key], passed as a permuted view: how the engine stores an "
+                         "fp8 cache's V under the Triton backend)")
     ap.add_argument("--m", type=int, default=1, help="skinny: rows of x")
     ap.add_argument("--n", type=int, default=4608, help="skinny: output columns (weight rows)")
     ap.add_argument("--k", type=int, default=3584, help="skinny: reduction length")
