@@ -291,9 +291,10 @@ def _decode_tile(
         v_off = tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1])
     v_ptrs = Vh + v_off
     nmask = t * BLOCK_N + offs_n < seq_len
-    # WHOLE_V_TAIL: a key-contiguous V is loaded whole and its keys past the end zeroed after (as in the
-    # prefill kernel's _attend_kv_range): a mask along its contiguous keys loads it a byte at a time.
-    V_MASKED: tl.constexpr = MASKED and not (V_KEYS and WHOLE_V_TAIL)
+    # WHOLE_V_TAIL (set only with V_KEYS): a key-contiguous V is loaded whole and its keys past the end zeroed
+    # after (as in the prefill kernel's _attend_kv_range): a mask along its contiguous keys loads it a byte
+    # at a time.
+    V_MASKED: tl.constexpr = MASKED and not WHOLE_V_TAIL
     if MASKED:
         k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)
     else:
@@ -334,7 +335,7 @@ def _decode_tile(
             v = tl.load(v_ptrs)
         if ASM_V:
             v = _fp8_to_f16(v, True)
-    if MASKED and V_KEYS and WHOLE_V_TAIL:
+    if MASKED and WHOLE_V_TAIL:
         v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # stale slots may hold NaN patterns: 0 * NaN is NaN
     if DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)

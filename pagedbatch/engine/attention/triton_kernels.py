@@ -276,12 +276,13 @@ def _attend_kv_range(
         l = l * alpha + tl.sum(p, 1)
         if V_KEYS:
             # A key-contiguous V (s_vs == 1; tiles start on multiples of BLOCK_N): runs of V_KEYS adjacent
-            # keys, which Triton cannot see through the loaded block ids (see the decode kernel). Loaded
-            # whole even in masked tiles: a mask along the contiguous keys makes Triton load a byte at a time
-            # (sm_90 SASS, bench/kernel_sass.py: 1,226 instructions per masked tile against 874). Every
-            # address is in the cache (past the sequence's blocks the table's masked load gives block 0);
-            # keys past the end are zeroed after, since stale slots may hold NaN patterns (0 * NaN is NaN).
+            # keys, which Triton cannot see through the loaded block ids (see the decode kernel). Loaded whole
+            # even in masked tiles: a mask along the contiguous keys makes Triton load a byte at a time (sm_90
+            # SASS, bench/kernel_sass.py: 1,226 instructions per masked tile against 874). Every address is in
+            # the cache (past the sequence's blocks the table's masked load gives block 0); keys past the end
+            # are zeroed after, since stale slots may hold NaN patterns (0 * NaN is NaN).
             v_off = kv_off_v + blk[:, None] * s_vb + row[:, None] * s_vs + offs_d[None, :] * s_vd
+            # The hint inline: given inside a jit helper it is lost (sm_90 SASS: LDG.E.U8 again).
             v = tl.load(V + tl.max_contiguous(tl.multiple_of(v_off, [V_KEYS, 1]), [V_KEYS, 1]))
             if MASKED:
                 v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)
