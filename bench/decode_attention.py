@@ -39,19 +39,21 @@ sys.path.insert(0, os.path.dirname(HERE))
 # the bandwidth-bound big batches get v2's one-knob ablations (does each idea pay?) and the tile/warp/stage
 # variants; batch 1 and the long contexts get the split policies, where splits decide; fp8 gets the tiles
 # and warps that could move its optimum (half the bytes per tile). --configs all runs everything everywhere.
-_ABLATIONS = ["v2-no-prefetch", "v2-late-v", "v2-stages1", "v2-stages3", "v2-warps8"]
+_ABLATIONS = ["v2-no-prefetch", "v2-late-v", "v2-stages1", "v2-stages3", "v2-stages3-lt", "v2-warps8"]
 SWEEP = {
     ("wnano", "bf16"): ["v1", "v2", *_ABLATIONS, "v2-n128-w8", "v2-lanes", "v2-lanes32-w8", "v2-pps16"],
     ("w1", "bf16"): ["v1", "v2", *_ABLATIONS, "v2-n32", "v2-n128-w8", "v2-pps16"],
-    ("single", "bf16"): ["v1", "v2", "v2-n32", "v2-stages3", "v2-nosplit", "v2-splits4"],
-    ("long", "bf16"): ["v1", "v2", "v2-n128-w8", "v2-stages3", "v2-pps16", "v2-nosplit", "v2-splits4"],
+    ("single", "bf16"): ["v1", "v2", "v2-n32", "v2-stages3", "v2-stages3-lt", "v2-nosplit", "v2-splits4"],
+    ("long", "bf16"): ["v1", "v2", "v2-n128-w8", "v2-stages3", "v2-stages3-lt", "v2-pps16", "v2-nosplit",
+                       "v2-splits4"],
     # fp8: on the engine's key-contiguous V both conversions are Triton's cast (the -cast names launch the
     # same kernel); the masked last tile loaded whole, then tiles and stages (2026-12-04, third session).
     # With --v-layout keys-last the -cast names compare Triton's cast with the paired conversion.
-    ("wnano", "fp8"): ["v2-stages3-cast", "v2", "v2-stages3", "v2-stages3-vtail", "v2-stages4", "v2-n128-s3"],
-    ("w1", "fp8"): ["v2-stages3-cast", "v2", "v2-stages3", "v2-stages3-vtail", "v2-stages4", "v2-n128-s3"],
-    ("single", "fp8"): ["v2-stages3-cast", "v2", "v2-stages3"],
-    ("long", "fp8"): ["v2-stages3-cast", "v2", "v2-stages3", "v2-stages3-vtail", "v2-n128-s3"],
+    # Fourth session: the row sums deferred (-lt), and both products on fp8 MMAs (v2-f8mma-lt).
+    ("wnano", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-stages4", "v2-n128-s3"],
+    ("w1", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-stages4", "v2-n128-s3"],
+    ("single", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt"],
+    ("long", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-n128-s3"],
 }
 def engine_v_layout(fp8: bool) -> str:
     """How the engine's runner stores V under the Triton backend (kv_quant.key_contiguous_v)."""
@@ -155,7 +157,7 @@ def occupancy(kernel, num_warps: int) -> dict:
 
 
 def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt: bool,
-               v_key_contiguous: bool = False) -> tuple:
+               v_key_contiguous: bool = False, fp8_mma_runs: bool = False) -> tuple:
     """Everything that makes two configs' launches differ on one case: v2's constexprs as the launcher
     derives them (``triton_decode.v2_constexprs``), the launch knobs and the split count."""
     from pagedbatch.engine.attention.triton_decode import v2_constexprs
@@ -163,7 +165,7 @@ def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt:
     if cfg.kernel == "v1":
         return ("v1", cfg.block_n, cfg.num_warps, cfg.num_stages, splits)
     const = v2_constexprs(cfg, case.heads // case.kv_heads, case.head_dim, case.block_size, splits, q_dtype, fp8,
-                          paired_fp8_cvt, v_key_contiguous=v_key_contiguous)
+                          paired_fp8_cvt, v_key_contiguous=v_key_contiguous, fp8_mma_runs=fp8_mma_runs)
     return ("v2", tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, splits)
 
 
@@ -172,7 +174,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
     import torch
 
     from pagedbatch.engine.attention.triton_decode import DECODE_CONFIGS, _launch, decode_workspace_shape, v_key_run
-    from pagedbatch.engine.attention.triton_kernels import fp8_tile_convert
+    from pagedbatch.engine.attention.triton_kernels import fp8_mma_runs, fp8_tile_convert
 
     group = case.heads // case.kv_heads
     mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
@@ -185,7 +187,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
         cfg = DECODE_CONFIGS[name]
         splits = cfg.num_splits(case.batch, case.kv_heads, group, case.max_model_len, num_sms)
         key = launch_key(cfg, case, splits, data["q"].dtype, fp8, fp8 and fp8_tile_convert(torch.device(device)),
-                         v_key_run(data["v"][0], cfg.tile(group)) > 0)
+                         v_key_run(data["v"][0], cfg.tile(group)) > 0, fp8 and fp8_mma_runs(torch.device(device)))
         row = {"config": name, "splits": splits, "tile": cfg.tile(group),
                "path": "v1" if cfg.kernel == "v1" else ("dot" if cfg.uses_dot(group) else "lanes")}
         rows.append(row)

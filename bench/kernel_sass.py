@@ -54,6 +54,7 @@ def decode_spec(args):
         raise SystemExit(f"kernel_sass: only v2 decode configs are supported, {args.config} is {cfg.kernel}")
     const = td.v2_constexprs(cfg, args.group, args.head_dim, args.block_size, args.splits,
                              getattr(torch, TORCH_DTYPES[args.q]), args.kv == "fp8", paired_fp8_cvt=True,
+                             fp8_mma_runs=args.arch >= 89,
                              v_key_contiguous=args.v_layout == "key-contiguous")
     return td._decode_v2_kernel, {**const, "PDL": args.pdl, **v_strides(args)}, cfg.num_warps, cfg.num_stages
 

@@ -135,6 +135,33 @@ def test_fp8_decode_reads_torch_written_cache_with_scales(name):
         assert (out - ref).abs().max().item() <= 1e-5, (name, splits)
 
 
+def test_fp8_mma_decode_with_bf16_queries_is_as_close_to_the_reference_as_the_converting_path():
+    # DecodeConfig.fp8_mma runs only for 16-bit queries (the float32 tests above take the converting path). The
+    # query and the probabilities each go in as two e4m3 terms; with one term each (the obvious kernel) the
+    # error here is 0.09-0.13, ten times the converting path's, which this bound catches.
+    from pagedbatch.engine.attention.triton_decode import v2_constexprs
+    from pagedbatch.engine.attention.triton_kernels import fp8_mma_runs
+
+    cfg = DECODE_CONFIGS["v2-f8mma-lt"]
+    runs = fp8_mma_runs(torch.device(DEV))
+    assert v2_constexprs(cfg, 2, 32, 16, 1, torch.bfloat16, True, False, fp8_mma_runs=runs)["F8MMA"]
+    for heads, kv_heads in ((2, 1), (6, 2)):
+        b = make_batch([0, 17, 40, 100], [1] * 4, heads, kv_heads, 32, 16, torch.float32, kv_scale=SCALES)
+        scale = 32**-0.5
+        ref, _, _ = reference(b, scale)
+        q = _torch_written(b).to(torch.bfloat16)
+        errs = {}
+        for name in ("v2-stages3-lt", "v2-f8mma-lt"):
+            for splits in (1, 3):
+                out = torch.full_like(q, float("nan"))
+                paged_decode(q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale, splits,
+                             out=out, config=name, kv_scale=b.kv_scale)
+                errs[name, splits] = (out.float() - ref).abs().max().item()
+        converting = max(errs["v2-stages3-lt", 1], errs["v2-stages3-lt", 3])
+        for splits in (1, 3):
+            assert errs["v2-f8mma-lt", splits] <= max(2 * converting, 1e-2), (heads, errs)
+
+
 def test_fp8_prefill_reads_torch_written_cache_with_scales():
     b = make_batch([30, 0, 45], [18, 9, 1], 6, 2, 32, 16, torch.float32, kv_scale=SCALES)
     scale = 32**-0.5

@@ -42,7 +42,7 @@ from .. import pdl
 from ..pdl import wait_for_producer
 from .kv_quant import checked_scale
 from .triton_kernels import (LOG2E, _check_head_dim, _dot_precision, _fp8_to_f16, _last_dim_contiguous,
-                             check_k_cache, fp8_tile_convert, v_key_run)
+                             check_k_cache, fp8_mma_runs, fp8_tile_convert, v_key_run)
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,17 @@ class DecodeConfig:
     # the H200 the kernel with it was slower on the W-nano and W1 shapes (150.0 / 118.0 us against 137.8 /
     # 113.4, two calls of 2026-12-04), although only the last tile changes; see DECODE_CONFIGS.
     whole_v_tail: bool = False
+    # v2 with tl.dot: keep the softmax denominators per (head, key slot) and sum them over the keys once after
+    # the loop. A tile's keys are spread over the warps, so a per-tile sum crosses warps (shared memory and a
+    # barrier) on the loop's critical path; the tile-shaped accumulator costs 8 registers a thread.
+    defer_l_sum: bool = False
+    # v2, fp8 caches, GPUs with fp8 MMAs (sm_89+): both tile products on fp8 tensor cores, so no tile element is
+    # converted. Hopper's wgmma needs 64 rows, so the products are transposed (S^T = K Q^T, O^T += V^T P^T:
+    # keys and head_dim as M, the group padded to 16 as N) and read K and the key-contiguous V straight from
+    # shared memory. The query (per-head scale) and the probabilities (times 2^8, into e4m3's normal range)
+    # each go in as two e4m3 terms, hi + lo: one e4m3 query had errors up to 0.3 on peaked attention (torch
+    # emulation, D 128), hi + lo is as close to the float32 reference as bf16.
+    fp8_mma: bool = False
     # Split-K: aim for programs_per_sm programs per SM, splits of at least
     # min_tiles_per_split tiles, at most max_splits splits.
     programs_per_sm: int = 4
@@ -138,13 +149,21 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # fp8: with the paired conversion a 64-key tile costs the instructions of a bf16 tile of twice the bytes;
     # longer tiles amortize the softmax (measured: no faster, 2026-12-04).
     "v2-n128": dataclasses.replace(_V2, block_n=128),
+    # Each softmax row sum kept per key slot and reduced once after the loop: one cross-warp reduction (shared
+    # memory and a barrier) less per tile. H200 2026-12-04: bf16 156.8 against 177.7 us on W-nano's shape.
+    "v2-stages3-lt": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True),
+    # fp8 caches: both tile products on Hopper's fp8 MMAs (wgmma), see DecodeConfig.fp8_mma.
+    "v2-f8mma-lt": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
 # Measured on the H200 2026-12-03 (bench/decode_attention.py): bf16 v2-stages3 reads KV at 3.8-3.9 TB/s
 # on the W-nano and W1 shapes (v1 3.3). fp8, 2026-12-04: v2-stages3 (paired conversion) the best on the
 # W-nano, W1 and single shapes, 1.8-1.9 TB/s of fp8 bytes: bound by shared-memory traffic (ncu), not bytes.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-stages3", 2: "v2-stages3", 4: "v2"}
+# 2026-12-04 (fourth session): v2-stages3-lt faster than v2-stages3 on every batch shape, bf16 4.04 TB/s on
+# W-nano's (96% of copy) against 3.57; fp8 v2-f8mma-lt 3-4% faster still on the W-nano and W1 shapes but
+# 21% slower on the long one (132.2 against 108.9 us), so it stays a named config.
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-stages3-lt", 2: "v2-stages3-lt", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
@@ -276,7 +295,7 @@ def _decode_tile(
     m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd, offs_n, offs_d,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
     EARLY_V: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, ASM_V: tl.constexpr, V_KEYS: tl.constexpr,
-    WHOLE_V_TAIL: tl.constexpr,
+    WHOLE_V_TAIL: tl.constexpr, F8MMA: tl.constexpr, q_lo, L_TILE: tl.constexpr,
 ):
     b64 = blk.to(tl.int64)
     if BLOCK_N <= BLOCK_SIZE:
@@ -309,14 +328,30 @@ def _decode_tile(
     if ASM_V and EARLY_V:
         v = _fp8_to_f16(v, True)
 
-    if DOT:
+    if F8MMA:  # DecodeConfig.fp8_mma: transposed products, every operand e4m3 (q = q + q_lo)
+        st = tl.dot(k, tl.trans(q_lo))
+        st = tl.dot(k, tl.trans(q), st) * qk_scale
+        if MASKED:
+            st = tl.where(nmask[:, None], st, float("-inf"))
+        m_new = tl.maximum(m, tl.max(st, 0))
+        alpha = tl.exp2(m - m_new)
+        # p times 2^8 (l too, so it cancels): e4m3 keeps its 3 mantissa bits down to 2^-14 of the max.
+        p = tl.exp2(st - m_new[None, :] + 8.0)
+        if L_TILE:
+            l = l * alpha[None, :] + p
+        else:
+            l = l * alpha + tl.sum(p, 0)
+    elif DOT:
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
         if MASKED:
             s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid key
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        if L_TILE:
+            l = l * alpha[:, None] + p
+        else:
+            l = l * alpha + tl.sum(p, 1)
     else:
         # One online-softmax state per (head, key slot): no reduction over keys in the loop.
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * qk_scale
@@ -337,7 +372,11 @@ def _decode_tile(
             v = _fp8_to_f16(v, True)
     if MASKED and WHOLE_V_TAIL:
         v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # stale slots may hold NaN patterns: 0 * NaN is NaN
-    if DOT:
+    if F8MMA:
+        p_hi = p.to(v.dtype)
+        acc = tl.dot(tl.trans(v), p_hi, acc * alpha[None, :])
+        acc = tl.dot(tl.trans(v), (p - p_hi.to(tl.float32)).to(v.dtype), acc)
+    elif DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     else:
         acc = acc * alpha[:, :, None] + p[:, :, None] * v.to(tl.float32)[None, :, :]
@@ -352,7 +391,8 @@ def _decode_v2_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, WHOLE_V_TAIL: tl.constexpr = False, PDL: tl.constexpr = False,
+    ASM_V: tl.constexpr, V_KEYS: tl.constexpr, WHOLE_V_TAIL: tl.constexpr = False, F8MMA: tl.constexpr = False,
+    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     seq = tl.program_id(0)
@@ -382,9 +422,30 @@ def _decode_v2_kernel(
         q = q.to(tl.float16)
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(KV_SCALE)
-    if DOT:
+    if F8MMA:
+        # Each head's query to e4m3 with its own scale (its max maps to 448), folded into that row's score scale.
+        q = q.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
+        q = q / q_scale[:, None]
+        q_hi = q.to(K.dtype.element_ty)
+        q_lo = (q - q_hi.to(tl.float32)).to(K.dtype.element_ty)
+        q = q_hi
+        qk_scale = (qk_scale * q_scale)[None, :]
+    else:
+        q_lo = q
+    if F8MMA:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
+        if L_TILE:
+            l = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
+        else:
+            l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([D, GROUP_PAD], tl.float32)
+    elif DOT:
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        if L_TILE:
+            l = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
+        else:
+            l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
     else:
         m = tl.full([GROUP_PAD, BLOCK_N], float("-inf"), tl.float32)
@@ -404,14 +465,20 @@ def _decode_v2_kernel(
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC, ASM, ASM_V,
-                                 V_KEYS, WHOLE_V_TAIL)
+                                 V_KEYS, WHOLE_V_TAIL, F8MMA, q_lo, L_TILE)
     t = tl.maximum(t_lo, t_full)
     if t < t_hi:  # the sequence's partial last tile, if this split has it
         cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC, ASM, ASM_V,
-                                 V_KEYS, WHOLE_V_TAIL)
+                                 V_KEYS, WHOLE_V_TAIL, F8MMA, q_lo, L_TILE)
 
+    if F8MMA:
+        acc = tl.trans(acc)
+        if L_TILE:
+            l = tl.sum(l, 0)
+    elif DOT and L_TILE:
+        l = tl.sum(l, 1)
     if not DOT:  # merge the key slots' states
         m_row = tl.max(m, 1)
         w = tl.exp2(m - tl.where(m_row == float("-inf"), 0.0, m_row)[:, None])
@@ -478,12 +545,15 @@ def paged_decode(
 
 def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int, num_splits: int,
                   q_dtype: torch.dtype, kv_scaled: bool, paired_fp8_cvt: bool,
-                  v_key_contiguous: bool = False) -> dict:
+                  v_key_contiguous: bool = False, fp8_mma_runs: bool = False) -> dict:
     """The compile-time arguments of ``_decode_v2_kernel`` for one launch (also bench/kernel_sass.py's).
     ``paired_fp8_cvt``: the device runs ``_fp8_to_f16``'s inline asm (``fp8_tile_convert``);
-    ``v_key_contiguous``: the V cache passes ``v_key_run`` (its keys adjacent within a block)."""
+    ``v_key_contiguous``: the V cache passes ``v_key_run`` (its keys adjacent within a block);
+    ``fp8_mma_runs``: the device runs a dot of two e4m3 tiles (``triton_kernels.fp8_mma_runs``)."""
     dot = cfg.uses_dot(group)
     f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32
+    f8mma = dot and kv_scaled and cfg.fp8_mma and fp8_mma_runs and q_dtype != torch.float32
+    f16 = f16 and not f8mma
     asm = f16 and cfg.fp8_asm and paired_fp8_cvt
     v_keys = min(cfg.tile(group), block_size) if v_key_contiguous else 0
     return dict(GROUP=group, GROUP_PAD=max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
@@ -496,7 +566,7 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 # 200.2 against 137.8 us on W-nano's shape, 163.1 against 113.4 on W1's (192 against 168
                 # registers, 2 against 3 programs per SM).
                 F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys,
-                WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail)
+                WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail, F8MMA=f8mma, L_TILE=dot and cfg.defer_l_sum)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
@@ -544,7 +614,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
             **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
-                            v_key_run(v_cache, cfg.tile(group)) > 0),
+                            v_key_run(v_cache, cfg.tile(group)) > 0, scaled and fp8_mma_runs(q.device)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **pdl.launch_kwargs(q.device),
         )

@@ -78,6 +78,13 @@ def fp8_tile_convert(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
+@functools.lru_cache(maxsize=None)
+def fp8_mma_runs(device: torch.device) -> bool:
+    """Whether a ``tl.dot`` of two e4m3 tiles compiles for ``device``: NVIDIA sm_89+ (fp8 tensor cores), and the
+    interpreter (CPU tensors), which computes it in float32."""
+    return device.type == "cpu" or fp8_tile_convert(device)
+
+
 @triton.jit
 def _fp8_to_f16(x, ASM: tl.constexpr):
     # e4m3 -> fp16 is exact. With ASM the conversion is one PTX instruction per pair, done in the layout
