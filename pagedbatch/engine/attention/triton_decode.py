@@ -154,6 +154,14 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     "v2-stages3-lt": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True),
     # fp8 caches: both tile products on Hopper's fp8 MMAs (wgmma), see DecodeConfig.fp8_mma.
     "v2-f8mma-lt": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True),
+    # Split counts (H200 2026-12-04, fourth session): at batch 1 fewer splits (8: 5.3 against 5.8 us, fp8); on
+    # 32 x 8,192 keys the wave count decides: v2-f8mma-lt fits 4 programs per SM, so 4 splits (pps3: 512
+    # programs, one wave) take 101.3 us and 5 splits (640, a second wave) 134.2.
+    "v2-lt-splits4": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, max_splits=4),
+    "v2-lt-splits8": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, max_splits=8),
+    "v2-f8mma-lt-pps3": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, programs_per_sm=3),
+    "v2-f8mma-lt-pps8": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, programs_per_sm=8),
+    "v2-f8mma-lt-s2": dataclasses.replace(_V2, fp8_mma=True, defer_l_sum=True),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
