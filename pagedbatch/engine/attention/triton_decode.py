@@ -441,20 +441,17 @@ def _decode_v2_kernel(
         qk_scale = (qk_scale * q_scale)[None, :]
     else:
         q_lo = q
-    if F8MMA:
+    if DOT:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        if L_TILE:
-            l = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
-        else:
-            l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([D, GROUP_PAD], tl.float32)
-    elif DOT:
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        if L_TILE:
-            l = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
-        else:
-            l = tl.zeros([GROUP_PAD], tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        if F8MMA:  # the transposed products' orientation: heads last
+            acc = tl.zeros([D, GROUP_PAD], tl.float32)
+        if L_TILE:  # a denominator per (head, key slot), laid out as the score tile
+            if F8MMA:
+                l = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
+            else:
+                l = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
     else:
         m = tl.full([GROUP_PAD, BLOCK_N], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
@@ -483,10 +480,8 @@ def _decode_v2_kernel(
 
     if F8MMA:
         acc = tl.trans(acc)
-        if L_TILE:
-            l = tl.sum(l, 0)
-    elif DOT and L_TILE:
-        l = tl.sum(l, 1)
+    if DOT and L_TILE:
+        l = tl.sum(l, 0 if F8MMA else 1)
     if not DOT:  # merge the key slots' states
         m_row = tl.max(m, 1)
         w = tl.exp2(m - tl.where(m_row == float("-inf"), 0.0, m_row)[:, None])
@@ -559,9 +554,8 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
     ``v_key_contiguous``: the V cache passes ``v_key_run`` (its keys adjacent within a block);
     ``fp8_mma_runs``: the device runs a dot of two e4m3 tiles (``triton_kernels.fp8_mma_runs``)."""
     dot = cfg.uses_dot(group)
-    f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32
     f8mma = dot and kv_scaled and cfg.fp8_mma and fp8_mma_runs and q_dtype != torch.float32
-    f16 = f16 and not f8mma
+    f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32 and not f8mma
     asm = f16 and cfg.fp8_asm and paired_fp8_cvt
     v_keys = min(cfg.tile(group), block_size) if v_key_contiguous else 0
     return dict(GROUP=group, GROUP_PAD=max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
