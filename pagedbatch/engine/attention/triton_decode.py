@@ -80,7 +80,7 @@ class DecodeConfig:
     # keys and head_dim as M, the group padded to 16 as N) and read K and the key-contiguous V straight from
     # shared memory. The query (per-head scale) and the probabilities (times 2^8, into e4m3's normal range)
     # each go in as two e4m3 terms, hi + lo: one e4m3 query had errors up to 0.3 on peaked attention (torch
-    # emulation, D 128), hi + lo is as close to the float32 reference as bf16.
+    # emulation, bench/fp8_attention_precision.py), hi + lo is as close to the float32 reference as bf16.
     fp8_mma: bool = False
     # Split-K: aim for programs_per_sm programs per SM, splits of at least
     # min_tiles_per_split tiles, at most max_splits splits.
