@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
                     help="also run the workload's first N steps again, one at a time with a sync after each, and "
                          "print each step's shape, host time and GPU wait, then profile those steps' kernels")
+    ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
+                    help="also run the workload's first N steps again under torch.cuda.set_sync_debug_mode and "
+                         "print where the host synchronized with the GPU (stack, count)")
     args = ap.parse_args(argv)
 
     w = WORKLOADS[args.workload]()
@@ -102,17 +105,26 @@ def main(argv=None) -> int:
         eng.add_request(str(i), p, params[i])
     compiled_before = triton_variants()
     per_step = []  # (kind, wall s, LM head launch s) of the first steps
+    # Decode-only steps by batch size: steps, wall s, s waiting for the GPU in collect. A bucket whose steps
+    # hardly wait is host-bound: a faster kernel cannot shorten it.
+    by_rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
     sync()
     t0 = time.perf_counter()
     while eng.has_unfinished_requests():
         before = e.scheduler.stats.prefill_tokens
         lm_before = t.s["  LM head (launch)"]
+        wait_before = t.s["runner.collect (waits for GPU)"]
         s0 = time.perf_counter()
         e.step()
         dt = time.perf_counter() - s0
         k = "with prefill" if e.scheduler.stats.prefill_tokens > before else "decode-only"
         kinds[k] += 1
         kind_s[k] += dt
+        if k == "decode-only" and e._inflight is not None:
+            b = by_rows[_bucket(len(e._inflight.sample_seqs))]
+            b[0] += 1
+            b[1] += dt
+            b[2] += t.s["runner.collect (waits for GPU)"] - wait_before
         if len(per_step) < 30:
             per_step.append((k, dt, t.s["  LM head (launch)"] - lm_before))
     sync()
@@ -132,6 +144,12 @@ def main(argv=None) -> int:
     print(f"\n{args.workload}: {wall:.2f} s, {out_tokens / wall:,.0f} output tok/s, {sum(kinds.values())} steps")
     for k in kinds:
         print(f"  {k:>14}: {kinds[k]:5d} steps, {kind_s[k]:7.2f} s, {1e3 * kind_s[k] / kinds[k]:7.2f} ms/step")
+    print("  decode-only steps by rows: rows, steps, s, ms/step, of which ms waiting for the GPU "
+          "(the previous step's tokens)")
+    for lo in sorted(by_rows, reverse=True):
+        n, wall_s, wait_s = by_rows[lo]
+        print(f"    {_bucket_name(lo):>9}: {n:5d} steps, {wall_s:6.2f} s, {1e3 * wall_s / n:6.2f} ms/step, "
+              f"wait {1e3 * wait_s / n:6.2f}")
     for k in t.s:
         print(f"  {k:>32}: {t.s[k]:7.3f} s over {t.n[k]} calls, {1e3 * t.s[k] / max(1, t.n[k]):.3f} ms/call")
     # inside launch_forward / launch_sampling / engine._collect
@@ -143,6 +161,8 @@ def main(argv=None) -> int:
         host_profile(eng, w, args)
     if args.trace_steps:
         trace_steps(eng, w, args, sync)
+    if args.sync_debug:
+        find_syncs(eng, w, args)
     if args.device == "cpu":
         return 0
     from torch.profiler import ProfilerActivity, profile
@@ -165,6 +185,20 @@ def main(argv=None) -> int:
         while eng.has_unfinished_requests():
             e.step()
     return 0
+
+
+_BUCKETS = (256, 192, 128, 64, 32, 16, 1)
+
+
+def _bucket(rows: int) -> int:
+    return next(lo for lo in _BUCKETS if rows >= lo) if rows >= 1 else 0
+
+
+def _bucket_name(lo: int) -> str:
+    i = _BUCKETS.index(lo) if lo in _BUCKETS else -1
+    if i <= 0:
+        return f"{lo}+"
+    return f"{lo}-{_BUCKETS[i - 1] - 1}"
 
 
 def triton_variants():
@@ -229,6 +263,48 @@ def trace_steps(eng, w, args, sync) -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
         while eng.has_unfinished_requests():
             e.step()
+
+
+def find_syncs(eng, w, args) -> None:
+    """The workload's first N steps with torch's sync debug mode on: every host-device synchronization that
+    torch flags (an .item(), a blocking copy, a nonzero, ...), counted by the engine's stack frames."""
+    import traceback
+    import warnings
+
+    from pagedbatch import SamplingParams
+
+    e = eng.engine
+    sites = collections.Counter()
+    here = os.path.dirname(HERE)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(here) and "bench" not in f.filename]
+        sites[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
+    for i, p in enumerate(w.prompts):
+        eng.add_request(f"s{i}", [(x + 11) % 10000 for x in p], params[i])
+    old = warnings.showwarning
+    warnings.showwarning = record
+    cuda = args.device != "cpu"
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            for _ in range(args.sync_debug):
+                if eng.has_unfinished_requests():
+                    e.step()
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    print(f"\n== host-device syncs torch flagged in the first {args.sync_debug} steps ({sum(sites.values())}) ==")
+    for site, n in sites.most_common(20):
+        print(f"  {n:5d}  {site}")
+    while eng.has_unfinished_requests():
+        e.step()
 
 
 def host_profile(eng, w, args) -> None:
