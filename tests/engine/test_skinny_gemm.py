@@ -226,6 +226,21 @@ def test_heuristic_splits_k_only_for_narrow_outputs():
     assert sg._heuristic_config(16, *shapes["down"], "fp8", 132).kind == "dot"
 
 
+def test_variant_rows_reach_every_bucket_and_specialization_of_m():
+    """The runner's LM-head warm-up runs these row counts: between them every row count up to skinny_max_m
+    must be met by one with the same tuning bucket and Triton specialization of M (1, multiple of 16,
+    other), else that variant compiles mid-job when a shrinking batch first reaches it."""
+    def variant_class(m):
+        return sg.m_bucket(m), 1 if m == 1 else 16 if m % 16 == 0 else 0
+
+    for dtype in (torch.bfloat16, FP8):
+        rows = sg.variant_rows(dtype)
+        assert max(rows) <= sg.skinny_max_m(dtype)
+        covered = {variant_class(m) for m in rows}
+        missing = [m for m in range(1, sg.skinny_max_m(dtype) + 1) if variant_class(m) not in covered]
+        assert not missing, (dtype, rows, missing)
+
+
 def test_not_supported_off_the_gpu_or_for_unaligned_k():
     assert not sg.skinny_supported(1, 4608, 3584, torch.bfloat16, "cpu")
     assert sg.skinny_max_m() == min(sg.MAX_M.values())

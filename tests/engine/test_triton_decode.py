@@ -353,7 +353,7 @@ def test_gpu_every_decode_config_at_real_shapes(name, fp8):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("name", ["v1", "v2-stages3", "v2-stages3-cast", "v2-lanes"])
+@pytest.mark.parametrize("name", ["v1", "v2-stages3", "v2-stages3-cast", "v2-lanes", "v2-lt-waves", "v2-f8mma-lt-waves"])
 def test_gpu_decode_on_a_key_contiguous_v_cache_at_real_shapes(name, fp8):
     """The same cases with V stored [blocks, kv_heads, head_dim, block_size] (bench/fp8_v_layout_study.py):
     the hinted vector loads of the V tile and the cache write through V's strides."""

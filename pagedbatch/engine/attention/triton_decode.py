@@ -87,6 +87,11 @@ class DecodeConfig:
     programs_per_sm: int = 4
     min_tiles_per_split: int = 4
     max_splits: int = 16
+    # Split-K by waves instead (when > 0): how many of this kernel's programs fit on one SM at once (registers
+    # and shared memory of its sm_90 build, bench/kernel_sass.py). The split count then minimizes the waves of
+    # programs times the tiles per split: one program too many starts a second wave that costs as much as the
+    # first (H200 2026-12-04, 32 x 8,192 keys, fp8: 4 splits in one wave 101.3 us, 5 in two 134.2).
+    resident_per_sm: int = 0
 
     def __post_init__(self) -> None:
         if self.kernel not in ("v1", "v2"):
@@ -99,6 +104,8 @@ class DecodeConfig:
             raise ValueError(f"bad num_warps/num_stages: {self.num_warps}/{self.num_stages}")
         if min(self.programs_per_sm, self.min_tiles_per_split, self.max_splits) < 1:
             raise ValueError("programs_per_sm, min_tiles_per_split and max_splits must be >= 1")
+        if self.resident_per_sm < 0:
+            raise ValueError(f"resident_per_sm must be >= 0, got {self.resident_per_sm}")
 
     def uses_dot(self, group: int) -> bool:
         return self.kernel == "v1" or group > self.lanes_max_group
@@ -108,6 +115,9 @@ class DecodeConfig:
         return self.block_n if self.uses_dot(group) else self.lanes_block_n
 
     def num_splits(self, num_seqs: int, num_kv_heads: int, group: int, max_seq_len: int, num_sms: int) -> int:
+        if self.resident_per_sm:
+            return choose_num_splits_by_waves(num_seqs, num_kv_heads, max_seq_len, self.tile(group), num_sms,
+                                              self.resident_per_sm, self.max_splits, self.min_tiles_per_split)
         return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, self.tile(group), num_sms, self.max_splits,
                                  self.min_tiles_per_split, self.programs_per_sm)
 
@@ -162,6 +172,14 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     "v2-f8mma-lt-pps3": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, programs_per_sm=3),
     "v2-f8mma-lt-pps8": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, programs_per_sm=8),
     "v2-f8mma-lt-s2": dataclasses.replace(_V2, fp8_mma=True, defer_l_sum=True),
+    # fp8 MMAs on 128-key tiles: the per-tile chain (cross-warp max, probabilities through shared memory)
+    # amortized over twice the keys, as two m64 wgmmas (4 warps) or one per warpgroup (8 warps).
+    "v2-f8mma-lt-n128": dataclasses.replace(_V2, block_n=128, fp8_mma=True, defer_l_sum=True),
+    "v2-f8mma-lt-n128-w8": dataclasses.replace(_V2, block_n=128, num_warps=8, fp8_mma=True, defer_l_sum=True),
+    # Split counts by waves (DecodeConfig.resident_per_sm, from the sm_90 builds: v2-stages3-lt 168 registers
+    # and 70 KB (bf16) or 38 KB (fp8) of shared memory, 3 programs per SM; v2-f8mma-lt 128 and 53 KB, 4).
+    "v2-lt-waves": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, resident_per_sm=3),
+    "v2-f8mma-lt-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
@@ -171,7 +189,10 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 # 2026-12-04 (fourth session): v2-stages3-lt faster than v2-stages3 on every batch shape, bf16 4.04 TB/s on
 # W-nano's (96% of copy) against 3.57; fp8 v2-f8mma-lt 3-4% faster still on the W-nano and W1 shapes but
 # 21% slower on the long one (132.2 against 108.9 us), so it stays a named config.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-stages3-lt", 2: "v2-stages3-lt", 4: "v2"}
+# 2026-12-04 (fifth session, call A): split counts by waves; fp8 v2-f8mma-lt-waves the fastest on every batch
+# shape (W-nano 125.8 against v2-stages3-lt's 138.9 us, W1 104.4 / 113.7, 32 x 8,192 keys 99.7 / 120.1; batch
+# 1 6.2 / 6.0), bf16 v2-lt-waves 151.8 against 156.6 on 32 x 8,192 keys and the same launch elsewhere.
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-lt-waves", 2: "v2-lt-waves", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
@@ -202,6 +223,35 @@ def choose_num_splits(
     want = triton.cdiv(programs_per_sm * num_sms, base)
     by_length = max(1, triton.cdiv(max(max_seq_len, 1), block_n) // min_tiles_per_split)
     return max(1, min(want, by_length, max_splits))
+
+
+def choose_num_splits_by_waves(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    num_sms: int,
+    resident_per_sm: int,
+    max_splits: int = 16,
+    min_tiles_per_split: int = 4,
+) -> int:
+    """Host-only split-K choice for a kernel of which ``resident_per_sm`` programs run on an SM at once.
+
+    Without splitting, a batch that already fills every slot of the GPU once (programs >= slots) runs
+    unsplit: over several waves the GPU's scheduler balances uneven sequences, and splits only add
+    partial-output traffic. A smaller batch takes the split count s minimizing waves(s) x tiles per split
+    (waves(s) = ceil(programs / slots), as for equally long sequences), the fewest splits within 5% of
+    the best. Never a split shorter than ``min_tiles_per_split`` tiles. Like ``choose_num_splits``, a
+    function of its ints alone (a CUDA-graph bucket's ``max_seq_len`` bound gives a fixed count)."""
+    base = max(1, num_seqs * num_kv_heads)
+    slots = max(1, resident_per_sm * num_sms)
+    if base >= slots:
+        return 1
+    n_tiles = triton.cdiv(max(max_seq_len, 1), block_n)
+    most = max(1, min(max_splits, n_tiles // min_tiles_per_split))
+    cost = [triton.cdiv(base * s, slots) * triton.cdiv(n_tiles, s) for s in range(1, most + 1)]
+    best = min(cost)
+    return next(s for s, c in enumerate(cost, 1) if c <= 1.05 * best)
 
 
 def decode_workspace_shape(num_seqs: int, num_heads: int, num_splits: int, head_dim: int):

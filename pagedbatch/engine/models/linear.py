@@ -95,6 +95,17 @@ def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.devic
     return "scaled_mm"
 
 
+def skinny_variant_rows(weight: torch.Tensor, device: torch.device) -> list[int]:
+    """Row counts whose ``linear`` calls on ``weight`` (without ``weight_scale`` iff not fp8) compile, between
+    them, every skinny-GEMM variant any number of rows can need; [] where no row count takes that route."""
+    sk = _skinny()
+    if sk is None or device.type != "cuda":
+        return []
+    N, K = weight.shape
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    return [m for m in sk.variant_rows(weight.dtype) if route(m, N, K, weight.dtype, device, fp8) == "skinny"]
+
+
 def takes_fp8_rows(M: int, weight: torch.Tensor, weight_scale: Optional[torch.Tensor], device: torch.device) -> bool:
     """Whether ``linear`` wants its M-row input as ``Fp8Rows``, quantized by the kernel that produces it."""
     return (FUSE_FP8_QUANT and weight_scale is not None

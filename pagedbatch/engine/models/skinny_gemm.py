@@ -244,6 +244,20 @@ def m_bucket(M: int) -> int:
     return _M_BUCKETS[-1]
 
 
+def variant_rows(weight_dtype: Optional[torch.dtype] = None) -> list[int]:
+    """Row counts that, run once each, compile every variant ``skinny_linear`` launches for 1..skinny_max_m
+    rows of one [N, K] weight: the variant follows M's tuning bucket and Triton's specialization of M
+    (equal to 1, a multiple of 16, neither), so each bucket's smallest and largest M."""
+    top = skinny_max_m(weight_dtype)
+    rows, lo = set(), 1
+    for b in _M_BUCKETS:
+        if b > top:
+            break
+        rows.update((lo, b))
+        lo = b + 1
+    return sorted(rows)
+
+
 def skinny_max_m(weight_dtype: Optional[torch.dtype] = None) -> int:
     """The largest M the kernel is meant for (for ``weight_dtype``; without one, for every weight dtype)."""
     if weight_dtype is None:
