@@ -33,9 +33,11 @@ POINTER_TYPES = {  # argument name -> Triton pointer type; {kv} is the cache's e
                "block_tables": "*i32", "seq_lens": "*i32", "KV_SCALE": "*fp32"},
     "prefill": {"Q": "*{q}", "K": "*{kv}", "V": "*{kv}", "O": "*{q}", "block_tables": "*i32", "seq_lens": "*i32",
                 "query_start_loc": "*i32", "KV_SCALE": "*fp32"},
+    "rotary": {"Q": "*{q}", "K": "*{q}", "V": "*{q}", "QO": "*{q}", "KC": "*{kv}", "VC": "*{kv}", "cos_sin": "*fp32",
+               "positions": "*i64", "slot_mapping": "*i64", "KV_SCALE": "*fp32", "QW": "*{q}", "KW": "*{q}"},
     "skinny": {"X": "*{q}", "W": "*{kv}", "S": "*fp32", "B": "*{q}", "Y": "*{q}", "WS": "*fp32", "LOCKS": "*i32"},
 }
-FLOAT_ARGS = {"qk_scale"}
+FLOAT_ARGS = {"qk_scale", "eps"}
 TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8e4nv", "fp32": "fp32"}
 
 
@@ -63,6 +65,27 @@ def v_strides(args) -> dict:
     """The V cache stride Triton's runtime specializes to the constant 1 (an int argument equal to 1 is one):
     head_dim for our cache layout, the key within a block for a key-contiguous V (``--v-layout``)."""
     return {"s_vd": 1} if args.v_layout == "keys-last" else {"s_vs": 1}
+
+
+def rotary_spec(args):
+    """The fused rotary + cache write as ``rotary_cache_write`` launches it: W-nano's heads (16 q, 8 kv, Qwen3's
+    q/k norms) for ``--group 2``, else 4 KV heads of ``group`` queries each (Qwen2.5-7B's 28 / 4 for 7)."""
+    import triton
+
+    kvh = 8 if args.group == 2 else 4
+    h = kvh * args.group
+    d = args.head_dim
+    block_h = min(triton.next_power_of_2(max(h, kvh)), max(1, 2048 // d))
+    const = dict(H=h, KVH=kvh, NUM_Q_BLOCKS=triton.cdiv(h, block_h), BLOCK_SIZE=args.block_size, HALF=d // 2,
+                 BLOCK_H=block_h, BLOCK_KVH=min(triton.next_power_of_2(kvh), block_h), KV_SCALED=args.kv == "fp8", QK_NORM=args.group == 2, PDL=args.pdl,
+                 **({"s_vcs": 1} if args.v_layout == "key-contiguous" else {"s_vcd": 1}))
+    return tk_rotary(), const, 4 if block_h * d >= 2048 else 2, 3
+
+
+def tk_rotary():
+    from pagedbatch.engine.attention import triton_kernels as tk
+
+    return tk._rotary_cache_write_kernel
 
 
 def skinny_spec(args):
@@ -95,7 +118,8 @@ def prefill_spec(args):
     return tk._prefill_kernel, {**const, **v_strides(args)}, 4, 2
 
 
-def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_warps: int, num_stages: int):
+def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_warps: int, num_stages: int,
+                fp_fusion: bool = True):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -117,7 +141,7 @@ def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(kernel, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion))
 
 
 def _tool(name: str) -> str:
@@ -164,7 +188,7 @@ def pdl_order(sass: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernel", choices=["decode", "prefill", "skinny"], default="decode")
+    ap.add_argument("--kernel", choices=["decode", "prefill", "skinny", "rotary"], default="decode")
     ap.add_argument("--config", default="v2-stages3", help="decode: a name in DECODE_CONFIGS")
     ap.add_argument("--kv", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16", help="cache element type")
     ap.add_argument("--q", choices=["bf16", "fp16", "fp32"], default="bf16", help="query / model dtype")
@@ -190,9 +214,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's default; silences Triton >= 3.9
     import triton
 
-    spec = {"decode": decode_spec, "prefill": prefill_spec, "skinny": skinny_spec}[args.kernel]
+    spec = {"decode": decode_spec, "prefill": prefill_spec, "skinny": skinny_spec, "rotary": rotary_spec}[args.kernel]
     kernel, const, warps, stages = spec(args)
-    compiled = compile_for(kernel, const, args.kernel, args.q, args.kv, args.arch, warps, stages)
+    # The rotary kernel's fp8 write is compiled without fused multiply-adds, as its launcher asks.
+    compiled = compile_for(kernel, const, args.kernel, args.q, args.kv, args.arch, warps, stages,
+                           fp_fusion=not (args.kernel == "rotary" and args.kv == "fp8"))
     cubin = compiled.asm["cubin"]
     tmp = os.path.join(args.out or "/tmp", f"kernel_sass-{os.getpid()}.cubin")
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
@@ -201,7 +227,8 @@ def main(argv=None) -> int:
     sass = subprocess.run([_tool("nvdisasm"), "-c", tmp], capture_output=True, text=True, check=True).stdout
     res = subprocess.run([_tool("cuobjdump"), "-res-usage", tmp], capture_output=True, text=True, check=True).stdout
     if args.out:
-        name = {"decode": args.config, "prefill": "prefill", "skinny": f"m{args.m}n{args.n}k{args.k}"}[args.kernel]
+        name = {"decode": args.config, "prefill": "prefill", "skinny": f"m{args.m}n{args.n}k{args.k}",
+                "rotary": f"g{args.group}"}[args.kernel]
         base = os.path.join(args.out, f"{args.kernel}-{name}-{args.kv}")
         for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(f"{base}.{ext}", "w") as f:
@@ -219,7 +246,10 @@ def main(argv=None) -> int:
         print(pdl_order(sass))
     found = loops(sass)
     if not found:
-        print("no loop found")
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", m.group(1).strip()).split()[0]
+                                  for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", sass))
+        print(f"no loop; {sum(ops.values())} instructions: "
+              + ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top)))
     for i, (n, ops) in enumerate(found):
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top))
         print(f"loop {i}: {n} instructions: {top}")

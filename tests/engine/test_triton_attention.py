@@ -15,11 +15,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from attention_cases import DEV, PAD_BLOCK_ID, check, make_batch, reference  # noqa: E402
 from pagedbatch.engine.attention.torch_ref import apply_rotary, rotary_for_positions  # noqa: E402
 from pagedbatch.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from pagedbatch.engine.attention.triton_decode import choose_num_splits, choose_num_splits_by_waves  # noqa: E402
+from pagedbatch.engine.attention import triton_kernels  # noqa: E402
 from pagedbatch.engine.attention.triton_kernels import rotary_cache_write  # noqa: E402
 
 # ---------------------------------------------------------------- CPU (interpreter), float32
@@ -49,6 +51,50 @@ def test_rotary_cache_write_matches_reference_for_strided_q_and_skips_negative_s
     q2 = q.clone()
     rotary_cache_write(q2, k, v, kc, vc, cos_sin, positions, slots, q_out=q2)
     assert torch.equal(q2, q_rot)
+
+
+def _near_fp8_ties(scale: float, n: int, g: torch.Generator) -> torch.Tensor:
+    """float32 values whose quotients by ``scale`` lie within a few ulps of e4m3 rounding ties (and some
+    random ones): where a quotient one ulp off stores a different byte."""
+    from pagedbatch.engine.attention.kv_quant import FP8_KV_DTYPE
+
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8_KV_DTYPE).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    ties = (grid[1:] + grid[:-1]) / 2  # exactly representable: e4m3 has 3 mantissa bits
+    x = (ties[torch.randint(len(ties), (n,), generator=g)] * scale).float()
+    bits = x.view(torch.int32) + torch.randint(-3, 4, (n,), generator=g, dtype=torch.int32)
+    x = bits.view(torch.float32)
+    x[: n // 8] = torch.randn(n // 8, generator=g) * 500 * scale
+    x[n // 8: n // 8 + 4] = torch.tensor([1e38, -1e38, 3.3e38, -3.3e38])  # quotients overflow: saturate
+    return x
+
+
+@triton.jit
+def _quotients_kernel(X, OUT, SCALE, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(SCALE)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(OUT + offs, triton_kernels._quantize(x, scale, tl.math.div_rn(1.0, scale)), mask=offs < n)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the saturating cases
+@pytest.mark.parametrize("scale", [0.0371, 0.2, 1.0, 3.7e-3])
+def test_fp8_cache_write_divides_exactly_as_ieee_near_rounding_ties(scale):
+    """The fp8 write divides by the scale as a multiply by the correctly rounded reciprocal plus one
+    correction (an exact fma remainder): the quotient must be IEEE division's even within an ulp of an
+    e4m3 rounding tie, or a byte differs from torch's cast (the H200 once stored 18 for torch's 20 with an
+    approximate division). Checked before the cast, which the interpreter does not round as the GPU does
+    (DEVELOPERS.md); the GPU test of the whole write compares bytes
+    (test_gpu_fp8_kernels_contexts_1_to_8192_with_bit_exact_writes)."""
+    from pagedbatch.engine.attention.kv_quant import FP8_MAX
+
+    g = torch.Generator().manual_seed(5)
+    n = 4096
+    x = _near_fp8_ties(scale, n, g)
+    out = torch.empty_like(x)
+    _quotients_kernel[(triton.cdiv(n, 1024),)](x, out, torch.tensor([scale]), n, BLOCK=1024)
+    want = (x / torch.tensor(scale)).clamp(-FP8_MAX, FP8_MAX)
+    assert torch.equal(out, want), f"{(out != want).sum().item()} of {n} quotients differ from IEEE division"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -110,11 +110,20 @@ def _fp8_to_f16(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize(x, scale):
-    # kv_quant.quantize: IEEE division, then saturation. div_rn is PTX's div.rn.f32; plain `/` and even
-    # tl.fdiv(..., ieee_rounding=True) compile to div.full.f32 (up to 2 ulp off; Triton 3.6, checked in the
-    # PTX), which the H200 showed storing 18 where torch's cast stores 20 (a quotient at their 19.0 tie).
-    return tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
+def _quantize(x, scale, inv_scale):
+    # kv_quant.quantize: IEEE division, then saturation. ``inv_scale`` is div_rn(1, scale), the correctly
+    # rounded reciprocal; one multiply and Markstein's correction (remainder by an exact fma, then
+    # q + r / scale) give the correctly rounded quotient, as CUDA's own div.rn.f32 does on its fast path
+    # (bench/fp8_quantize_division.py checks it against IEEE division, near-ties included). div_rn itself
+    # per element compiled to a branchy sequence with a slow-path call (sm_90 SASS: 1,312 instructions per
+    # program against 600 for a bf16 cache); plain `/` is div.full.f32, up to 2 ulp off, which the H200
+    # showed storing 18 where torch's cast stores 20 (a quotient at their 19.0 tie). Quotients beyond
+    # twice the clamp keep the plain product: there the correction could overflow to NaN, and the clamp
+    # gives 448 either way.
+    q0 = x * inv_scale
+    q1 = tl.fma(tl.fma(-q0, scale, x), inv_scale, q0)
+    q = tl.where(tl.abs(q0) <= 2 * _FP8_MAX, q1, q0)
+    return tl.clamp(q, -_FP8_MAX, _FP8_MAX)
 
 
 @triton.jit
@@ -139,7 +148,7 @@ def _rotary_cache_write_kernel(
     s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
-    QK_NORM: tl.constexpr, PDL: tl.constexpr = False,
+    QK_NORM: tl.constexpr, PDL: tl.constexpr = False, BLOCK_KVH: tl.constexpr = 0,
 ):
     wait_for_producer(PDL)
     tok = tl.program_id(0)
@@ -161,39 +170,52 @@ def _rotary_cache_write_kernel(
         tl.store(dst, (x1 * cos - x2 * sin).to(QO.dtype.element_ty), mask=hmask)
         tl.store(dst + HALF, (x2 * cos + x1 * sin).to(QO.dtype.element_ty), mask=hmask)
     else:
-        heads = (hb - NUM_Q_BLOCKS) * BLOCK_H + offs_h
-        slot = tl.load(slot_mapping + tok)
-        blk = slot // BLOCK_SIZE
-        row = slot % BLOCK_SIZE
-        hmask = (heads < KVH)[:, None]
-        # A negative slot marks a padding token (e.g. a CUDA-graph batch
-        # slot with no sequence): it is rotated for nothing and never stored.
-        wmask = ((heads < KVH) & (heads * 0 + slot >= 0))[:, None]
-        src = K + tok * s_kt + heads[:, None] * s_kh + offs_d[None, :]
-        x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
-        if QK_NORM:
-            x1, x2 = _head_rms_norm(x1, x2, KW, eps, HALF, K.dtype.element_ty)
-        k1 = x1 * cos - x2 * sin
-        k2 = x2 * cos + x1 * sin
-        src = V + tok * s_vt + heads[:, None] * s_vh + offs_d[None, :]
-        v1 = tl.load(src, mask=hmask, other=0.0)
-        v2 = tl.load(src + HALF, mask=hmask, other=0.0)
-        if KV_SCALED:
-            k_scale = tl.load(KV_SCALE)
-            v_scale = tl.load(KV_SCALE + 1)
-            k1 = _quantize(k1, k_scale)
-            k2 = _quantize(k2, k_scale)
-            v1 = _quantize(v1.to(tl.float32), v_scale)
-            v2 = _quantize(v2.to(tl.float32), v_scale)
-        # Names of their own: the compiler refuses a variable that is a bf16 pointer in one branch
-        # and an fp8 one in the other (the interpreter does not check).
-        k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
-        tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
-        tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
-        v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :] * s_vcd
-        tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=wmask)
-        tl.store(v_dst + HALF * s_vcd, v2.to(VC.dtype.element_ty), mask=wmask)
+        _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, hb - NUM_Q_BLOCKS, slot_mapping, cos, sin, offs_d,
+                         s_kt, s_kh, s_vt, s_vh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd,
+                         KVH, BLOCK_SIZE, HALF, BLOCK_KVH if BLOCK_KVH > 0 else BLOCK_H, KV_SCALED, QK_NORM)
+
+
+@triton.jit
+def _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, kb, slot_mapping, cos, sin, offs_d,
+                     s_kt, s_kh, s_vt, s_vh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd,
+                     KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
+                     KV_SCALED: tl.constexpr, QK_NORM: tl.constexpr):
+    # KV heads in blocks of their own size (a function of its own: the compiler refuses a name whose shape
+    # differs between the kernel's two branches). In a block of the query heads' 16 rows Qwen2.5-7B's 4
+    # (W-nano's 8) KV heads left 3/4 (1/2) of the rows, and of an fp8 write's divisions, masked.
+    heads = kb * ROWS + tl.arange(0, ROWS)
+    slot = tl.load(slot_mapping + tok)
+    blk = slot // BLOCK_SIZE
+    row = slot % BLOCK_SIZE
+    hmask = (heads < KVH)[:, None]
+    # A negative slot marks a padding token (e.g. a CUDA-graph batch
+    # slot with no sequence): it is rotated for nothing and never stored.
+    wmask = ((heads < KVH) & (heads * 0 + slot >= 0))[:, None]
+    src = K + tok * s_kt + heads[:, None] * s_kh + offs_d[None, :]
+    x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        x1, x2 = _head_rms_norm(x1, x2, KW, eps, HALF, K.dtype.element_ty)
+    k1 = x1 * cos - x2 * sin
+    k2 = x2 * cos + x1 * sin
+    src = V + tok * s_vt + heads[:, None] * s_vh + offs_d[None, :]
+    v1 = tl.load(src, mask=hmask, other=0.0)
+    v2 = tl.load(src + HALF, mask=hmask, other=0.0)
+    if KV_SCALED:
+        k_scale = tl.load(KV_SCALE)
+        v_scale = tl.load(KV_SCALE + 1)
+        k_inv = tl.math.div_rn(1.0, k_scale)
+        v_inv = tl.math.div_rn(1.0, v_scale)
+        k1 = _quantize(k1, k_scale, k_inv)
+        k2 = _quantize(k2, k_scale, k_inv)
+        v1 = _quantize(v1.to(tl.float32), v_scale, v_inv)
+        v2 = _quantize(v2.to(tl.float32), v_scale, v_inv)
+    k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
+    tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
+    tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
+    v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :] * s_vcd
+    tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=wmask)
+    tl.store(v_dst + HALF * s_vcd, v2.to(VC.dtype.element_ty), mask=wmask)
 
 
 def rotary_cache_write(
@@ -229,7 +251,8 @@ def rotary_cache_write(
     # Enough heads per program to move a few KiB; Qwen's 28 q heads take 2
     # programs per token, its 4 kv heads 1.
     block_h = min(triton.next_power_of_2(max(H, KVH)), max(1, 2048 // D))
-    nqb, nkb = triton.cdiv(H, block_h), triton.cdiv(KVH, block_h)
+    block_kvh = min(triton.next_power_of_2(KVH), block_h)
+    nqb, nkb = triton.cdiv(H, block_h), triton.cdiv(KVH, block_kvh)
     _rotary_cache_write_kernel[(T, nqb + nkb)](
         q, k, v, q_out, k_cache, v_cache, cos_sin, positions, slot_mapping,
         kv_scale if kv_scale is not None else cos_sin,  # unused for an unscaled cache
@@ -239,7 +262,8 @@ def rotary_cache_write(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), cos_sin.stride(0),
         H=H, KVH=KVH, NUM_Q_BLOCKS=nqb, BLOCK_SIZE=k_cache.shape[1], HALF=D // 2, BLOCK_H=block_h,
-        KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, num_warps=4 if block_h * D >= 2048 else 2,
+        KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, BLOCK_KVH=block_kvh,
+        num_warps=4 if block_h * D >= 2048 else 2,
         # Unfused multiply-adds for the fp8 write: the rotated key then rounds exactly as torch's does,
         # so the stored fp8 bytes equal torch's cast (a 1-ulp fp32 difference can flip an fp8 rounding).
         enable_fp_fusion=kv_scale is None, **pdl.launch_kwargs(q.device),
