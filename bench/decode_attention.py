@@ -43,17 +43,19 @@ _ABLATIONS = ["v2-no-prefetch", "v2-late-v", "v2-stages1", "v2-stages3", "v2-sta
 SWEEP = {
     ("wnano", "bf16"): ["v1", "v2", *_ABLATIONS, "v2-n128-w8", "v2-lanes", "v2-lanes32-w8", "v2-pps16"],
     ("w1", "bf16"): ["v1", "v2", *_ABLATIONS, "v2-n32", "v2-n128-w8", "v2-pps16"],
-    ("single", "bf16"): ["v1", "v2", "v2-n32", "v2-stages3", "v2-stages3-lt", "v2-nosplit", "v2-splits4"],
-    ("long", "bf16"): ["v1", "v2", "v2-n128-w8", "v2-stages3", "v2-stages3-lt", "v2-pps16", "v2-nosplit",
-                       "v2-splits4"],
+    ("single", "bf16"): ["v1", "v2", "v2-n32", "v2-stages3", "v2-stages3-lt", "v2-lt-waves", "v2-lt-splits8",
+                         "v2-nosplit", "v2-splits4"],
+    ("long", "bf16"): ["v1", "v2", "v2-n128-w8", "v2-stages3", "v2-stages3-lt", "v2-lt-waves", "v2-pps16",
+                       "v2-nosplit", "v2-splits4"],
     # fp8: on the engine's key-contiguous V both conversions are Triton's cast (the -cast names launch the
     # same kernel); the masked last tile loaded whole, then tiles and stages (2026-12-04, third session).
     # With --v-layout keys-last the -cast names compare Triton's cast with the paired conversion.
-    # Fourth session: the row sums deferred (-lt), and both products on fp8 MMAs (v2-f8mma-lt).
-    ("wnano", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-stages4", "v2-n128-s3"],
-    ("w1", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-stages4", "v2-n128-s3"],
-    ("single", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt"],
-    ("long", "fp8"): ["v2-stages3-cast", "v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-n128-s3"],
+    # Fourth session: the row sums deferred (-lt), and both products on fp8 MMAs (v2-f8mma-lt). Fifth: split
+    # counts by waves (-waves, the defaults), 128-key fp8-MMA tiles.
+    ("wnano", "fp8"): ["v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-lt-waves", "v2-f8mma-lt-n128-w8"],
+    ("w1", "fp8"): ["v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-lt-waves", "v2-f8mma-lt-n128-w8"],
+    ("single", "fp8"): ["v2-stages3-lt", "v2-f8mma-lt-waves", "v2-lt-splits8"],
+    ("long", "fp8"): ["v2-stages3-lt", "v2-lt-waves", "v2-f8mma-lt", "v2-f8mma-lt-pps3", "v2-f8mma-lt-waves"],
 }
 def engine_v_layout(fp8: bool) -> str:
     """How the engine's runner stores V under the Triton backend (kv_quant.key_contiguous_v)."""
