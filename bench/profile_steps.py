@@ -284,13 +284,12 @@ def find_syncs(eng, w, args) -> None:
 
     def record(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(here) and "bench" not in f.filename]
-        sites[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+        site = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+        sites[site or "(outside pagedbatch: torch or the profiler itself)"] += 1
 
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
     for i, p in enumerate(w.prompts):
         eng.add_request(f"s{i}", [(x + 11) % 10000 for x in p], params[i])
-    old = warnings.showwarning
-    warnings.showwarning = record
     cuda = args.device != "cpu"
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
@@ -304,7 +303,6 @@ def find_syncs(eng, w, args) -> None:
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = old
     print(f"\n== host-device syncs torch flagged in the first {args.sync_debug} steps ({sum(sites.values())}) ==")
     for site, n in sites.most_common(20):
         print(f"  {n:5d}  {site}")

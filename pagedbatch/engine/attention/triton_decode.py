@@ -172,9 +172,8 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     "v2-f8mma-lt-pps3": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, programs_per_sm=3),
     "v2-f8mma-lt-pps8": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, programs_per_sm=8),
     "v2-f8mma-lt-s2": dataclasses.replace(_V2, fp8_mma=True, defer_l_sum=True),
-    # fp8 MMAs on 128-key tiles: the per-tile chain (cross-warp max, probabilities through shared memory)
-    # amortized over twice the keys, as two m64 wgmmas (4 warps) or one per warpgroup (8 warps).
-    "v2-f8mma-lt-n128": dataclasses.replace(_V2, block_n=128, fp8_mma=True, defer_l_sum=True),
+    # fp8 MMAs on 128-key tiles, one m64 wgmma per warpgroup: the per-tile chain (cross-warp max, probabilities
+    # through shared memory) amortized over twice the keys. H200 2026-12-04: 28-40% slower (2 programs per SM).
     "v2-f8mma-lt-n128-w8": dataclasses.replace(_V2, block_n=128, num_warps=8, fp8_mma=True, defer_l_sum=True),
     # Split counts by waves (DecodeConfig.resident_per_sm, from the sm_90 builds: v2-stages3-lt 168 registers
     # and 70 KB (bf16) or 38 KB (fp8) of shared memory, 3 programs per SM; v2-f8mma-lt 128 and 53 KB, 4).
@@ -183,15 +182,10 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
-# Measured on the H200 2026-12-03 (bench/decode_attention.py): bf16 v2-stages3 reads KV at 3.8-3.9 TB/s
-# on the W-nano and W1 shapes (v1 3.3). fp8, 2026-12-04: v2-stages3 (paired conversion) the best on the
-# W-nano, W1 and single shapes, 1.8-1.9 TB/s of fp8 bytes: bound by shared-memory traffic (ncu), not bytes.
-# 2026-12-04 (fourth session): v2-stages3-lt faster than v2-stages3 on every batch shape, bf16 4.04 TB/s on
-# W-nano's (96% of copy) against 3.57; fp8 v2-f8mma-lt 3-4% faster still on the W-nano and W1 shapes but
-# 21% slower on the long one (132.2 against 108.9 us), so it stays a named config.
-# 2026-12-04 (fifth session, call A): split counts by waves; fp8 v2-f8mma-lt-waves the fastest on every batch
-# shape (W-nano 125.8 against v2-stages3-lt's 138.9 us, W1 104.4 / 113.7, 32 x 8,192 keys 99.7 / 120.1; batch
-# 1 6.2 / 6.0), bf16 v2-lt-waves 151.8 against 156.6 on 32 x 8,192 keys and the same launch elsewhere.
+# H200, 2026-12-04 (docs/benchmarks.md, fifth session, call A): fp8 v2-f8mma-lt-waves the fastest on every
+# batch shape (W-nano 125.8 against v2-stages3-lt's 138.9 us, W1 104.4 / 113.7, 32 x 8,192 keys 99.7 / 120.1;
+# batch 1 6.2 / 6.0); bf16 v2-lt-waves (deferred row sums: 4.04 TB/s on W-nano's shape, 96% of copy) 151.8
+# against v2-stages3-lt's 156.6 on 32 x 8,192 keys and the same launch elsewhere.
 DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-lt-waves", 2: "v2-lt-waves", 4: "v2"}
 
 

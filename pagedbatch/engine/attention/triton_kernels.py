@@ -148,7 +148,7 @@ def _rotary_cache_write_kernel(
     s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
-    QK_NORM: tl.constexpr, PDL: tl.constexpr = False, BLOCK_KVH: tl.constexpr = 0,
+    QK_NORM: tl.constexpr, BLOCK_KVH: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     tok = tl.program_id(0)
@@ -172,7 +172,7 @@ def _rotary_cache_write_kernel(
     else:
         _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, hb - NUM_Q_BLOCKS, slot_mapping, cos, sin, offs_d,
                          s_kt, s_kh, s_vt, s_vh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd,
-                         KVH, BLOCK_SIZE, HALF, BLOCK_KVH if BLOCK_KVH > 0 else BLOCK_H, KV_SCALED, QK_NORM)
+                         KVH, BLOCK_SIZE, HALF, BLOCK_KVH, KV_SCALED, QK_NORM)
 
 
 @triton.jit
