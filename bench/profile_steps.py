@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
                     help="also run the workload's first N steps again under torch.cuda.set_sync_debug_mode and "
                          "print where the host synchronized with the GPU (stack, count)")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="also run N consecutive decode steps at full batch (after 8 unprofiled ones) under "
+                         "torch.profiler and compare their wall time with the GPU's busy time: idle gaps between "
+                         "kernels (where, how long) against kernels slower than in a short burst")
     args = ap.parse_args(argv)
 
     if args.fuse_fp8_quant:
@@ -168,6 +172,8 @@ def main(argv=None) -> int:
         trace_steps(eng, w, args, sync)
     if args.sync_debug:
         find_syncs(eng, w, args)
+    if args.timeline and args.device != "cpu":
+        timeline(eng, w, args, sync)
     if args.device == "cpu":
         return 0
     from torch.profiler import ProfilerActivity, profile
@@ -306,6 +312,77 @@ def find_syncs(eng, w, args) -> None:
     print(f"\n== host-device syncs torch flagged in the first {args.sync_debug} steps ({sum(sites.values())}) ==")
     for site, n in sites.most_common(20):
         print(f"  {n:5d}  {site}")
+    while eng.has_unfinished_requests():
+        e.step()
+
+
+def timeline(eng, w, args, sync) -> None:
+    """N consecutive full-batch decode steps as the engine runs them (overlapped): wall time against the union of
+    the GPU's kernel and copy intervals. Busy close to wall with kernels slower than the short profile's means the
+    GPU itself ran slower (clocks); busy well under wall means idle gaps, listed with the kernels around them."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedbatch import SamplingParams
+
+    e = eng.engine
+    n = args.timeline
+    for i, p in enumerate(w.prompts[: args.max_num_seqs]):
+        eng.add_request(f"tl{i}", [(x + 5) % 10000 for x in p], SamplingParams(max_tokens=n + 24, ignore_eos=True,
+                                                                               temperature=w.temperature))
+    while e.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in e.scheduler.running):
+        e.step()
+    for _ in range(8):
+        e.step()
+    rows = len(e.scheduler.running)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            e.step()
+        wall = time.perf_counter() - t0
+    sync()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f).get("traceEvents", [])
+    gpu = sorted((ev["ts"], ev["ts"] + ev.get("dur", 0), ev.get("name", "?")) for ev in events
+                 if ev.get("ph") == "X" and ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not gpu:
+        print("\n== timeline: the profiler recorded no GPU events ==")
+        return
+    busy, gaps = 0.0, []
+    cur_s, cur_e, cur_name = gpu[0]
+    for s, t_end, name in gpu[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_name, name))
+            cur_s = s
+        if t_end >= cur_e:
+            cur_e, cur_name = t_end, name
+    busy += cur_e - cur_s
+    span = gpu[-1][1] - gpu[0][0]
+    ksum = sum(t_end - s for s, t_end, _ in gpu)
+    print(f"\n== timeline: {n} decode steps at {rows} rows, overlapped as the engine runs ==")
+    print(f"  wall {1e3 * wall / n:.2f} ms/step; GPU span {span / 1e3 / n:.2f} ms/step, busy {busy / 1e3 / n:.2f}, "
+          f"kernel sum {ksum / 1e3 / n:.2f}; idle {sum(g[0] for g in gaps) / 1e3 / n:.3f} ms/step in "
+          f"{len(gaps) / n:.1f} gaps/step")
+    by_pair = collections.defaultdict(lambda: [0, 0.0])
+    for g, a, b in gaps:
+        k = (a[:48], b[:48])
+        by_pair[k][0] += 1
+        by_pair[k][1] += g
+    print("  idle gaps by the kernels around them: count, us per step, after -> before")
+    for (a, b), (c, g) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"    {c:5d} {g / n:8.1f}  {a} -> {b}")
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for s, t_end, name in gpu:
+        per[name[:60]][0] += 1
+        per[name[:60]][1] += t_end - s
+    print("  kernels by time: calls per step, us per call, us per step")
+    for name, (c, d) in sorted(per.items(), key=lambda kv: -kv[1][1])[:14]:
+        print(f"    {c / n:7.1f} {d / c:9.1f} {d / n:9.1f}  {name}")
     while eng.has_unfinished_requests():
         e.step()
 
