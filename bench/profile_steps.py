@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
                     help="also run the workload's first N steps again under torch.cuda.set_sync_debug_mode and "
                          "print where the host synchronized with the GPU (stack, count)")
+    ap.add_argument("--cprofile-prefill", action="store_true",
+                    help="also run the step that prefills the workload's first prompt (fresh ids) under cProfile, "
+                         "then wait for it, and print the host functions by own time")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
     ap.add_argument("--timeline", type=int, default=0, metavar="N",
                     help="also run N consecutive decode steps at full batch (after 8 unprofiled ones) under "
                          "torch.profiler and compare their wall time with the GPU's busy time: idle gaps between "
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
     eng = InferenceEngine(model_dir_for(w, tmp), load_format="dummy", skip_tokenizer_init=True, device=args.device,
                           dtype="bfloat16" if args.device != "cpu" else "float32", block_size=args.block_size,
                           max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
-                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                          prefill_graph_max_tokens=args.prefill_graph_max_tokens)
     e = eng.engine
     sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
     rng = random.Random(7)
@@ -168,6 +173,8 @@ def main(argv=None) -> int:
 
     if args.cprofile:
         host_profile(eng, w, args)
+    if args.cprofile_prefill:
+        prefill_host_profile(eng, w, sync)
     if args.trace_steps:
         trace_steps(eng, w, args, sync)
     if args.sync_debug:
@@ -385,6 +392,36 @@ def timeline(eng, w, args, sync) -> None:
         print(f"    {c / n:7.1f} {d / c:9.1f} {d / n:9.1f}  {name}")
     while eng.has_unfinished_requests():
         e.step()
+
+
+def prefill_host_profile(eng, w, sync) -> None:
+    """One step prefilling one prompt, as a single-stream job's first step: host time under cProfile (the step
+    runs eagerly, outside the decode graphs), then the GPU time left after it, twice (the second with warm
+    caches of every kind: allocator, cuBLAS heuristics, sampling batch)."""
+    import cProfile
+    import pstats
+
+    from pagedbatch import SamplingParams
+
+    e = eng.engine
+    for rnd in (1, 2):
+        eng.add_request(f"cp{rnd}", [(x + 17 * rnd) % 10000 for x in w.prompts[0]],
+                        SamplingParams(max_tokens=2, ignore_eos=True, temperature=w.temperature))
+        sync()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        e.step()
+        prof.disable()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        print(f"\n== prefill step of one {len(w.prompts[0])}-token prompt ({rnd}): host {1e3 * (t1 - t0):.2f} ms "
+              f"under cProfile, then {1e3 * (t2 - t1):.2f} ms waiting for the GPU ==")
+        if rnd == 2:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(24)
+        while eng.has_unfinished_requests():
+            e.step()
 
 
 def host_profile(eng, w, args) -> None:

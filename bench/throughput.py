@@ -42,10 +42,16 @@ from roofline import Shape, roofline_seconds  # noqa: E402
 from workloads import WORKLOADS, Workload  # noqa: E402
 
 
-def measure_ceilings(device: torch.device) -> dict:
-    """Device copy bandwidth (bytes read + written) and bf16 matmul rate, CUDA events, median of repeats."""
+def measure_ceilings(device: torch.device, sustain_s: float = 0.0) -> dict:
+    """Device copy bandwidth (bytes read + written) and bf16 matmul rate, CUDA events, median of repeats.
+
+    The matmul rate is a burst's (10 matmuls of 1.4 ms). With ``sustain_s`` the same matmul also runs back to
+    back for that many seconds, and the last quarter's rate is ``matmul_rate_sustained``: an H200 at full
+    matmul load reaches its 700 W power cap within a second and lowers its clocks (1.98 to ~1.45 GHz seen in
+    W1's decode), so a long FLOP-bound phase cannot run at the burst rate.
+    """
     if device.type != "cuda":
-        return {"copy_bw": 20e9, "matmul_rate": 0.5e12, "measured": False}
+        return {"copy_bw": 20e9, "matmul_rate": 0.5e12, "matmul_rate_sustained": None, "measured": False}
     x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
@@ -66,9 +72,22 @@ def measure_ceilings(device: torch.device) -> dict:
 
     copy_s = timed(lambda: y.copy_(x))
     mm_s = timed(lambda: a @ b)
+    sustained = None
+    if sustain_s > 0:
+        reps = max(8, int(sustain_s / mm_s))
+        tail = max(4, reps // 4)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for i in range(reps):
+            if i == reps - tail:
+                s.record()
+            a @ b
+        e.record()
+        torch.cuda.synchronize()
+        sustained = 2 * 8192**3 * tail / (s.elapsed_time(e) / 1e3)
     del x, y, a, b
     torch.cuda.empty_cache()
-    return {"copy_bw": 2 * 2 * 2**30 / copy_s, "matmul_rate": 2 * 8192**3 / mm_s, "measured": True}
+    return {"copy_bw": 2 * 2 * 2**30 / copy_s, "matmul_rate": 2 * 8192**3 / mm_s,
+            "matmul_rate_sustained": sustained, "measured": True}
 
 
 def model_dir_for(w: Workload, tmp: str) -> str:
@@ -98,6 +117,7 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
     eng = InferenceEngine(model_dir, load_format="dummy", skip_tokenizer_init=True, device=args.device,
                           dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                          prefill_graph_max_tokens=args.prefill_graph_max_tokens,
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
                           decode_attention_config=args.decode_config,
                           gpu_memory_utilization=args.gpu_memory_utilization,
@@ -205,6 +225,11 @@ def free(device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=512,
+                    help="steps with prefill of up to this many tokens replay CUDA graphs (0: none)")
+    ap.add_argument("--sustained-s", type=float, default=3.0, metavar="S",
+                    help="also measure the bf16 matmul rate over S seconds of back-to-back matmuls (the GPU at "
+                         "its power cap) and report SOL%% against that roofline too (0: skip)")
     ap.add_argument("--peers", default="hf-static,hf-generate_batch",
                     help="comma list of hf-static, hf-static-best, hf-generate_batch, or none")
     ap.add_argument("--hf-max-prompts", type=int, default=128,
@@ -258,12 +283,17 @@ def main(argv=None) -> int:
     if args.model_config:
         w = on_model(w, args.model_config)
     device = torch.device(args.device)
-    ceilings = measure_ceilings(device)
+    ceilings = measure_ceilings(device, args.sustained_s)
     cfg = json.load(open(os.path.join(ROOT, "configs", "models", w.model_config)))
     tp = args.tensor_parallel_size
-    roof = roofline_seconds(Shape.from_hf(cfg), list(map(len, w.prompts)), w.max_tokens, ceilings["copy_bw"],
-                            ceilings["matmul_rate"], num_gpus=tp,
-                            kv_dtype_bytes=1 if args.kv_cache_dtype != "auto" else None)
+
+    def roofline(rate):
+        return roofline_seconds(Shape.from_hf(cfg), list(map(len, w.prompts)), w.max_tokens, ceilings["copy_bw"],
+                                rate, num_gpus=tp, kv_dtype_bytes=1 if args.kv_cache_dtype != "auto" else None)
+
+    roof = roofline(ceilings["matmul_rate"])
+    # The same roofline at the sustained (power-capped) matmul rate: what a long FLOP-bound run can reach.
+    roof_sus = roofline(ceilings["matmul_rate_sustained"]) if ceilings.get("matmul_rate_sustained") else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model_dir_for(w, tmp)
@@ -289,13 +319,18 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gpus = f" x {tp} (tensor parallel; roofline of {tp} GPUs)" if tp > 1 else ""
     quant = f", our weights {args.quantization} (roofline of bf16 weights)" if args.quantization else ""
+    sus = sus_roof = ""
+    if roof_sus is not None:
+        sus = f" ({ceilings['matmul_rate_sustained'] / 1e12:.0f} sustained)"
+        sus_roof = f", {roof_sus['total_s']:.2f} s at the sustained rate (SOL@sus%)"
     print(f"\n{w.name} on {w.model_config}: {len(w.prompts)} prompts, {w.prompt_tokens} prompt / {w.output_tokens} "
           f"output tokens, {device_name}{gpus}{quant}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s, bf16 matmul "
           f"{ceilings['matmul_rate'] / 1e12:.0f} "
-          f"TFLOP/s; roofline {roof['total_s']:.2f} s (prefill {roof['prefill_s']:.2f} + decode {roof['decode_s']:.2f})")
+          f"TFLOP/s{sus}; roofline {roof['total_s']:.2f} s (prefill {roof['prefill_s']:.2f} + decode "
+          f"{roof['decode_s']:.2f}){sus_roof}")
     prefill_only = max(w.max_tokens) == 1  # then the roofline is the matmul rate: SOL% = share of it reached
     print(f"{'engine':<22}{'prompts':>8}{'out tok/s':>12}{'total tok/s':>13}{'wall s':>10}{'ours/peer':>11}{'SOL%':>7}"
-          + (f"{'TFLOP/s':>9}" if prefill_only else ""))
+          + (f"{'SOL@sus%':>10}" if roof_sus else "") + (f"{'TFLOP/s':>9}" if prefill_only else ""))
     for r in rows:
         if "error" in r:
             print(f"{r['engine']:<22} failed: {r['error']}")
@@ -307,10 +342,13 @@ def main(argv=None) -> int:
         ratio = ours_tps / tps
         r["ours_over_this"] = ratio
         extra = ""
+        if roof_sus is not None:
+            r["sol_pct_sustained"] = 100 * tps * roof_sus["total_s"] / w.output_tokens
+            extra += f"{r['sol_pct_sustained']:>9.1f}%"
         if prefill_only:
             share = r.get("prompt_tokens", w.prompt_tokens) / w.prompt_tokens  # a peer may run fewer prompts
             r["prefill_tflop_s"] = roof["prefill_tflop"] * share / r["wall_s"]
-            extra = f"{r['prefill_tflop_s']:>9.0f}"
+            extra += f"{r['prefill_tflop_s']:>9.0f}"
         print(f"{r['engine']:<22}{r.get('prompts', len(w.prompts)):>8}{tps:>12.0f}{tot:>13.0f}{r['wall_s']:>10.2f}"
               f"{ratio:>10.1f}x{r['sol_pct']:>6.1f}%{extra}")
     result = {
@@ -319,6 +357,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device_name, "torch": torch.__version__, "ceilings": ceilings, "roofline": roof,
+        "roofline_sustained": roof_sus,
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
         "pdl": _pdl_enabled(device),
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,

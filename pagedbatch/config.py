@@ -63,6 +63,10 @@ class EngineConfig:
     # A/B benchmarks (bench/throughput.py --decode-config); an unknown name fails at engine start.
     decode_attention_config: Optional[str] = None
     enforce_eager: bool = False  # GPU: disable CUDA graphs
+    # GPU: steps with prefill of up to this many tokens also replay CUDA graphs (0: only decode steps do).
+    # Such steps are bound by eager launches, larger ones by the GPU; the graphs' activations take
+    # about this share of the largest step's from the KV cache's budget.
+    prefill_graph_max_tokens: int = 512
     # Split the model over this many processes (GPUs cuda:0..N-1, or CPU ranks
     # over gloo); must divide the attention heads. See docs/parallel.md.
     tensor_parallel_size: int = 1
@@ -115,6 +119,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if isinstance(self.prefill_graph_max_tokens, bool) or not isinstance(self.prefill_graph_max_tokens, int) \
+                or self.prefill_graph_max_tokens < 0:
+            raise ValueError(f"prefill_graph_max_tokens must be an integer >= 0, got {self.prefill_graph_max_tokens!r}")
         if self.sjf_max_skipped_steps < 0:
             raise ValueError(f"sjf_max_skipped_steps must be >= 0, got {self.sjf_max_skipped_steps}")
 

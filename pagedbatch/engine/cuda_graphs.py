@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps, one per batch-size bucket.
+"""CUDA graphs for decode steps, one per batch-size bucket, and for small prefill steps, one per token bucket.
 
 A decode step of a 7B model is ~6-8 ms of GPU work but ~1 ms of kernel
 launches when run eagerly, so decode runs as a replayed graph. Inputs live
@@ -8,6 +8,12 @@ block that no sequence owns and attend to it alone.
 
 The attention backend must size its launches from host ints that are fixed
 per bucket: the graphs are captured with ``max_seq_len = max_model_len``.
+
+Prefill and mixed steps of up to ``prefill_graph_max_tokens`` tokens run as
+graphs too (``PrefillGraphs``): a single-stream job's first step, 128 tokens
+of a 7B model, is ~5 ms of GPU work behind ~30 ms of eager launches (H200,
+2026-12-04: Triton's Python launch path and cuBLAS's per-call heuristics cost
+40-80 us each, ~250 of them). Larger steps are GPU-bound and stay eager.
 
 Tensor parallel: the model's NCCL all-reduces are captured into the graphs
 (NCCL kernels are capturable), so every rank captures the same buckets in
@@ -97,3 +103,112 @@ class DecodeGraphs:
             self.block_tables[b:size, 0].fill_(self.scratch_block)
         self.graphs[size].replay()
         return self.out[:b]
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token counts the prefill graphs are captured for: powers of two from 16, and ``max_tokens`` itself."""
+    out, t = [], 16
+    while t < max_tokens:
+        out.append(t)
+        t *= 2
+    return out + [max_tokens]
+
+
+class PrefillGraphs:
+    """Graphs for steps that are not decode-only, of up to ``max_tokens`` tokens, one per token bucket.
+
+    A step of T tokens and S sequences runs the bucket Tb >= T, captured for Sb = min(Tb, max_seqs)
+    sequences. The padding follows what the Triton prefill kernel already allows: sequences S..Sb-1 are
+    empty (their query_start_loc entries repeat T), so their tiles return at once, and tokens T..Tb-1
+    belong to no sequence: no tile reads or writes them, their K/V go to the scratch block, and their
+    rows of the output are never read (the LM head takes only the step's sampling rows, all below T).
+    Every other op of the forward is row-wise, so padding rows cannot reach a real row.
+    The kernels' launch sizes depend only on (Tb, Sb): the attention grid is Tb // BLOCK_Q + Sb tiles,
+    its tile height is the one for a Tb-token query.
+    """
+
+    def __init__(self, model, kv_caches, cos_sin, backend, *, max_tokens: int, max_seqs: int,
+                 max_blocks_per_seq: int, max_model_len: int, scratch_block: int, block_size: int,
+                 hidden_size: int, dtype, device, synchronize=torch.cuda.synchronize,
+                 capture_error_mode: str = "global"):
+        self.model, self.kv_caches, self.cos_sin, self.backend = model, kv_caches, cos_sin, backend
+        self.buckets = prefill_buckets(max_tokens)
+        self.max_tokens = self.buckets[-1]
+        self.max_seqs = max_seqs
+        self.max_model_len = max_model_len
+        self.scratch_slot = scratch_block * block_size
+        t, s = self.max_tokens, self.seqs_for(self.max_tokens)
+        self.ids = torch.zeros(t, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(t, dtype=torch.int64, device=device)
+        self.slots = torch.full((t,), self.scratch_slot, dtype=torch.int64, device=device)
+        self.qsl = torch.zeros(s + 1, dtype=torch.int32, device=device)  # every sequence empty until a run
+        self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((s, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.out = torch.zeros(t, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.replays = 0
+        self._synchronize = synchronize
+        self._capture_error_mode = capture_error_mode
+
+    def seqs_for(self, tokens: int) -> int:
+        return min(tokens, self.max_seqs)
+
+    def _meta(self, t: int) -> AttentionMetadata:
+        s = self.seqs_for(t)
+        return AttentionMetadata(
+            positions=self.positions[:t], slot_mapping=self.slots[:t], query_start_loc=self.qsl[: s + 1],
+            seq_lens=self.seq_lens[:s], block_tables=self.block_tables[:s], num_seqs=s, num_tokens=t,
+            max_query_len=t, max_seq_len=self.max_model_len)
+
+    def fits(self, meta: AttentionMetadata) -> bool:
+        return not meta.is_decode_only and meta.num_tokens <= self.max_tokens
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> None:
+        """``pool``: a memory pool to share (the decode graphs'): only one graph runs at a time, and each
+        copies its result into a buffer of its own, so no graph's memory outlives its replay."""
+        self.pool = pool
+        for t in reversed(self.buckets):
+            meta = self._meta(t)
+            for _ in range(2):  # warm-up: compile kernels, settle allocations
+                self.out[:t] = self.model(self.ids[:t], self.kv_caches, self.cos_sin, meta, self.backend)
+            self._synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
+                self.out[:t] = self.model(self.ids[:t], self.kv_caches, self.cos_sin, meta, self.backend)
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[t] = g
+        self._synchronize()
+
+    def bucket_for(self, t: int) -> int:
+        for size in self.buckets:
+            if size >= t:
+                return size
+        raise ValueError(f"{t} tokens exceed the largest prefill graph bucket {self.max_tokens}")
+
+    def stage(self, ids: torch.Tensor, meta: AttentionMetadata) -> tuple[int, AttentionMetadata]:
+        """Copy one step's inputs into the static buffers, padded to its bucket; return the bucket and the
+        padded batch's metadata (what the graph was captured with)."""
+        t, s = meta.num_tokens, meta.num_seqs
+        size = self.bucket_for(t)
+        w = meta.block_tables.shape[1]
+        self.ids[:t].copy_(ids)
+        self.positions[:t].copy_(meta.positions)
+        self.slots[:t].copy_(meta.slot_mapping)
+        self.qsl[: s + 1].copy_(meta.query_start_loc)
+        self.seq_lens[:s].copy_(meta.seq_lens)
+        self.block_tables[:s, :w].copy_(meta.block_tables)
+        if size > t:  # tokens of no sequence: position 0, K/V into the scratch block
+            self.positions[t:size].zero_()
+            self.slots[t:size].fill_(self.scratch_slot)
+        if self.seqs_for(size) > s:  # empty sequences after the last real one
+            self.qsl[s + 1 : self.seqs_for(size) + 1].fill_(t)
+        return size, self._meta(size)
+
+    def run(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        size, _ = self.stage(ids, meta)
+        self.graphs[size].replay()
+        self.replays += 1
+        return self.out[: meta.num_tokens]

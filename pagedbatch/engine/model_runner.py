@@ -155,7 +155,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self.kv_caches = layer_caches(self.kv_cache, key_contiguous_v(self.kv_dtype, self.backend.name))
         self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager and self.backend.name.startswith("triton"):
+        if self._graphs_on():
             from .cuda_graphs import DecodeGraphs
 
             # With TP the graphs hold the NCCL all-reduces too; every rank captures the same buckets in order.
@@ -171,6 +171,19 @@ class ModelRunner:
                 capture_error_mode="thread_local" if tp is not None else "global")
             with self._span("capturing CUDA graphs"):
                 self.graphs.capture()
+        self.prefill_graphs = None
+        if self.graphs is not None and self._prefill_graph_tokens():
+            from .cuda_graphs import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.kv_caches, self.cos_sin, self.backend, max_tokens=self._prefill_graph_tokens(),
+                max_seqs=config.max_num_seqs, max_blocks_per_seq=-(-max_model_len // self.block_size),
+                max_model_len=max_model_len, scratch_block=self.num_blocks, block_size=self.block_size,
+                hidden_size=args.hidden_size, dtype=self.dtype, device=device,
+                synchronize=tp.synchronize if tp is not None else functools.partial(torch.cuda.synchronize, device),
+                capture_error_mode="thread_local" if tp is not None else "global")
+            with self._span("capturing CUDA graphs for prefill steps"):
+                self.prefill_graphs.capture(pool=self.graphs.pool)
         self._warm_up_lm_head()
         self.inputs = StepInputBuilder(device, self.block_size, max_blocks_per_seq=-(-max_model_len // self.block_size))
         self.prepare_s = 0.0  # host time spent building step inputs (reported by benchmarks)
@@ -187,6 +200,16 @@ class ModelRunner:
 
         for m in skinny_variant_rows(self.model.lm_head, self.device):
             self.model.compute_logits(torch.zeros(m, self.args.hidden_size, dtype=self.dtype, device=self.device))
+
+    def _graphs_on(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name.startswith("triton")
+
+    def _prefill_graph_tokens(self) -> int:
+        """The largest step with prefill that replays a graph (0: none): the config's, within a step's size."""
+        if not self._graphs_on():
+            return 0
+        c = self.config
+        return min(c.prefill_graph_max_tokens, c.max_num_batched_tokens)
 
     # -- KV cache size -------------------------------------------------
 
@@ -221,6 +244,7 @@ class ModelRunner:
         self._synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         a = self.args
         blocks = -(-n // self.block_size)
@@ -245,7 +269,10 @@ class ModelRunner:
         del tmp, caches, hidden, logits
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = total * self.config.gpu_memory_utilization - peak
+        # The prefill graphs keep their activations in a pool of their own: about their largest step's share
+        # of this n-token step's (activations grow with tokens).
+        graph_pool = max(0, peak - base) * min(1.0, self._prefill_graph_tokens() / n)
+        budget = total * self.config.gpu_memory_utilization - peak - graph_pool
         num = int(budget // self.bytes_per_block()) - 1  # minus the scratch block
         if num < 1:
             raise ValueError(
@@ -379,6 +406,8 @@ class ModelRunner:
         # Every rank takes the same branch: it depends only on the broadcast header.
         if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
             return self.graphs.run(ids, meta)
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(meta):
+            return self.prefill_graphs.run(ids, meta)
         return self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)
 
     def _logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:

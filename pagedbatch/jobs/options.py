@@ -32,6 +32,7 @@ ENGINE_FIELDS = {
     "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
     "scheduling_policy": "scheduling_policy", "sjf_max_skipped_steps": "sjf_max_skipped_steps",
     "attention_backend": "attention_backend", "enforce_eager": "enforce_eager",
+    "prefill_graph_max_tokens": "prefill_graph_max_tokens",
     "tensor_parallel_size": "tensor_parallel_size",
     "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s", "quantization": "quantization",
 }
@@ -92,6 +93,7 @@ class JobOptions:
     sjf_max_skipped_steps: Optional[int] = None
     attention_backend: Optional[str] = None
     enforce_eager: Optional[bool] = None
+    prefill_graph_max_tokens: Optional[int] = None
     tensor_parallel_size: Optional[int] = None
     tp_timeout_s: Optional[float] = None
     tp_setup_timeout_s: Optional[float] = None

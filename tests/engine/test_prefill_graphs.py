@@ -1,0 +1,113 @@
+"""CUDA graphs for steps with prefill (engine/cuda_graphs.PrefillGraphs): a step padded to its token bucket
+computes exactly what it computes unpadded, and the engine's outputs do not depend on whether its small
+prefill steps replay graphs."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
+triton = pytest.importorskip("triton")
+
+from pagedbatch.config import EngineConfig  # noqa: E402
+from pagedbatch.engine.attention.triton_paged import TritonAttentionBackend  # noqa: E402
+from pagedbatch.engine.cuda_graphs import PrefillGraphs, prefill_buckets  # noqa: E402
+from test_triton_paged import DEV, make_batch  # noqa: E402
+
+
+def test_prefill_buckets_are_powers_of_two_from_16_up_to_the_cap():
+    assert prefill_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert prefill_buckets(300) == [16, 32, 64, 128, 256, 300]
+    assert prefill_buckets(16) == [16]
+    assert prefill_buckets(5) == [5]
+
+
+def test_prefill_graph_max_tokens_must_be_a_non_negative_integer():
+    assert EngineConfig(model="m", prefill_graph_max_tokens=0).prefill_graph_max_tokens == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prefill_graph_max_tokens"):
+            EngineConfig(model="m", prefill_graph_max_tokens=bad)
+
+
+def _graphs(max_tokens, max_seqs, width, scratch_block, block_size):
+    # stage() only fills the static buffers: no model is needed to check what the graph would see.
+    return PrefillGraphs(None, None, None, None, max_tokens=max_tokens, max_seqs=max_seqs, max_blocks_per_seq=width,
+                         max_model_len=4096, scratch_block=scratch_block, block_size=block_size, hidden_size=1,
+                         dtype=torch.float32, device=DEV)
+
+
+@pytest.mark.parametrize("ctx_lens,q_lens", [([30, 0, 45], [18, 9, 1]), ([0], [20]), ([3, 0], [1, 2])])
+def test_a_step_padded_to_its_bucket_attends_and_writes_the_cache_as_unpadded(ctx_lens, q_lens):
+    """The Triton backend (prefill kernel and fused rotary + cache write) on the padded batch the graph replays:
+    padding tokens (NaN q/k/v) and empty sequences change no real row and no cache slot but the scratch block's."""
+    bs = 16
+    q, k, v, kc, vc, cs, meta = make_batch(ctx_lens, q_lens, heads=4, kv_heads=2, head_dim=32, block_size=bs,
+                                           dtype=torch.float32)
+    scratch = kc.shape[0]  # one block past the batch's own: the scratch block
+    kc = torch.cat([kc, torch.zeros_like(kc[:1])])
+    vc = torch.cat([vc, torch.zeros_like(vc[:1])])
+    g = _graphs(64, 8, meta.block_tables.shape[1] + 3, scratch, bs)
+    T = meta.num_tokens
+    size, pmeta = g.stage(torch.arange(T, device=DEV), meta)
+    assert size == max(16, 1 << (T - 1).bit_length()) and pmeta.num_tokens == size and pmeta.num_seqs == min(size, 8)
+    assert g.qsl[: pmeta.num_seqs + 1].tolist() == meta.query_start_loc.tolist() + [T] * (pmeta.num_seqs - meta.num_seqs)
+    assert (g.slots[T:size] == scratch * bs).all() and (g.positions[T:size] == 0).all()
+
+    def pad(x):
+        return torch.cat([x, torch.full((size - T,) + x.shape[1:], float("nan"), dtype=x.dtype, device=x.device)])
+
+    be = TritonAttentionBackend()
+    scale = 32**-0.5
+    kc1, vc1 = kc.clone(), vc.clone()
+    want = be.forward(q, k, v, kc1, vc1, cs, meta, scale)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = be.forward(pad(q), pad(k), pad(v), kc2, vc2, cs, pmeta, scale)
+    assert torch.isfinite(got[:T]).all()
+    torch.testing.assert_close(got[:T], want, rtol=1e-5, atol=1e-5)
+    real = slice(0, scratch)
+    assert torch.equal(kc2[real].nan_to_num(7.0), kc1[real].nan_to_num(7.0))
+    assert torch.equal(vc2[real].nan_to_num(7.0), vc1[real].nan_to_num(7.0))
+
+
+def test_a_step_larger_than_the_last_bucket_is_not_the_graphs():
+    g = _graphs(32, 8, 4, 0, 16)
+    _, _, _, _, _, _, meta = make_batch([0, 0], [20, 13], heads=4, kv_heads=2, head_dim=32, block_size=16,
+                                        dtype=torch.float32)
+    assert not g.fits(meta)  # 33 tokens
+    _, _, _, _, _, _, meta = make_batch([0, 0], [20, 12], heads=4, kv_heads=2, head_dim=32, block_size=16,
+                                        dtype=torch.float32)
+    assert g.fits(meta)
+    _, _, _, _, _, _, meta = make_batch([5, 9], [1, 1], heads=4, kv_heads=2, head_dim=32, block_size=16,
+                                        dtype=torch.float32)
+    assert not g.fits(meta)  # decode-only: the decode graphs' step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_engine_tokens_with_prefill_graphs_equal_eager_prefill_and_steps_replay_them(tmp_path, kind):
+    """float32 greedy through chunked prefill, prefix-cache hits and mixed steps: identical token ids with the
+    small prefill steps replayed from graphs and run eagerly, and the graphs did run."""
+    from model_factory import build_model
+    from pagedbatch import InferenceEngine, SamplingParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    d = build_model(kind, tmp_path / kind)
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(0, 300, (40,), generator=g).tolist()
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 90, 200)]
+    prompts += [shared + torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 30)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    got = {}
+    for cap in (0, 128):
+        eng = InferenceEngine(d, dtype="float32", device="cuda", max_num_batched_tokens=96, max_num_seqs=4,
+                              gpu_memory_utilization=0.3, prefill_graph_max_tokens=cap)
+        runner = eng.engine.runner
+        got[cap] = [o.token_ids for o in eng.generate(prompts, params)]
+        if cap:
+            assert runner.prefill_graphs is not None and runner.prefill_graphs.max_tokens == 96
+            assert runner.prefill_graphs.replays >= 5
+        else:
+            assert runner.prefill_graphs is None
+        del eng, runner
+    assert got[128] == got[0]
