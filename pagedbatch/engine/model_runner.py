@@ -154,36 +154,30 @@ class ModelRunner:
         shape = (2, args.num_layers, self.num_blocks + 1, self.block_size, local.num_kv_heads, args.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self.kv_caches = layer_caches(self.kv_cache, key_contiguous_v(self.kv_dtype, self.backend.name))
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if self._graphs_on():
-            from .cuda_graphs import DecodeGraphs
+            from .cuda_graphs import DecodeGraphs, PrefillGraphs
 
-            # With TP the graphs hold the NCCL all-reduces too; every rank captures the same buckets in order.
-            # NCCL's watchdog thread queries CUDA events meanwhile, which a "global" capture forbids.
-            self.graphs = DecodeGraphs(
-                self.model, self.kv_caches, self.cos_sin, self.backend, max_batch=config.max_num_seqs,
+            common = dict(
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len,
                 scratch_block=self.num_blocks, block_size=self.block_size, hidden_size=args.hidden_size,
+                dtype=self.dtype, device=device,
                 # Not the bound self._synchronize: graphs -> runner would be a reference cycle, and a
                 # dropped engine's KV cache would stay allocated on the GPU until the next gc pass.
-                dtype=self.dtype, device=device,
                 synchronize=tp.synchronize if tp is not None else functools.partial(torch.cuda.synchronize, device),
+                # With TP the graphs hold the NCCL all-reduces too; every rank captures the same buckets in
+                # order. NCCL's watchdog thread queries CUDA events meanwhile, which a "global" capture forbids.
                 capture_error_mode="thread_local" if tp is not None else "global")
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, self.backend,
+                                       max_batch=config.max_num_seqs, **common)
             with self._span("capturing CUDA graphs"):
                 self.graphs.capture()
-        self.prefill_graphs = None
-        if self.graphs is not None and self._prefill_graph_tokens():
-            from .cuda_graphs import PrefillGraphs
-
-            self.prefill_graphs = PrefillGraphs(
-                self.model, self.kv_caches, self.cos_sin, self.backend, max_tokens=self._prefill_graph_tokens(),
-                max_seqs=config.max_num_seqs, max_blocks_per_seq=-(-max_model_len // self.block_size),
-                max_model_len=max_model_len, scratch_block=self.num_blocks, block_size=self.block_size,
-                hidden_size=args.hidden_size, dtype=self.dtype, device=device,
-                synchronize=tp.synchronize if tp is not None else functools.partial(torch.cuda.synchronize, device),
-                capture_error_mode="thread_local" if tp is not None else "global")
-            with self._span("capturing CUDA graphs for prefill steps"):
-                self.prefill_graphs.capture(pool=self.graphs.pool)
+            if self._prefill_graph_tokens():
+                self.prefill_graphs = PrefillGraphs(self.model, self.kv_caches, self.cos_sin, self.backend,
+                                                    max_tokens=self._prefill_graph_tokens(),
+                                                    max_seqs=config.max_num_seqs, **common)
+                with self._span("capturing CUDA graphs for prefill steps"):
+                    self.prefill_graphs.capture(pool=self.graphs.pool)
         self._warm_up_lm_head()
         self.inputs = StepInputBuilder(device, self.block_size, max_blocks_per_seq=-(-max_model_len // self.block_size))
         self.prepare_s = 0.0  # host time spent building step inputs (reported by benchmarks)
