@@ -24,7 +24,8 @@ _ENGINE_FIELDS = {
     "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens", "scheduling_policy": "scheduling_policy",
     "sjf_max_skipped_steps": "sjf_max_skipped_steps", "attention_backend": "attention_backend",
-    "enforce_eager": "enforce_eager", "tensor_parallel_size": "tensor_parallel_size",
+    "enforce_eager": "enforce_eager", "prefill_graph_max_tokens": "prefill_graph_max_tokens",
+    "tensor_parallel_size": "tensor_parallel_size",
     "tp_timeout_s": "tp_timeout_s", "tp_setup_timeout_s": "tp_setup_timeout_s",
     "quantization": "quantization",
 }
@@ -63,6 +64,9 @@ _OPTIONS = [
     click.option("--sjf-max-skipped-steps", type=int, default=None, help="sjf-align starvation bound [8]."),
     click.option("--attention-backend", type=click.Choice(ATTENTION_BACKENDS), default=None, help="[auto]"),
     click.option("--enforce-eager/--no-enforce-eager", default=None, help="GPU: disable CUDA graphs."),
+    click.option("--prefill-graph-max-tokens", type=int, default=None,
+                 help="GPU: steps with prefill of up to this many tokens replay CUDA graphs too; 0: only decode "
+                      "steps do [512]."),
     click.option("--tensor-parallel-size", type=int, default=None,
                  help="Split the model over N GPUs (cuda:0..N-1) or N CPU processes [1]."),
     click.option("--tp-timeout-s", type=float, default=None,

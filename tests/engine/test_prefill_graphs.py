@@ -111,3 +111,33 @@ def test_engine_tokens_with_prefill_graphs_equal_eager_prefill_and_steps_replay_
             assert runner.prefill_graphs is None
         del eng, runner
     assert got[128] == got[0]
+
+
+def test_server_and_job_options_reach_the_engine_config(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import pagedbatch.engine.llm_engine as llm_engine
+    from pagedbatch.server.cli import serve
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, config):
+            seen.append(config)
+            raise ValueError("stop before serving")
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", Recorder)
+    r = CliRunner().invoke(serve, ["--model", str(tmp_path), "--device", "cpu", "--prefill-graph-max-tokens", "0"])
+    assert r.exit_code == 1 and "stop before serving" in r.output
+    assert seen[-1].prefill_graph_max_tokens == 0
+
+    # The job runner: a bad value stops the job before any model is read, naming the option.
+    from model_factory import build_model
+    from pagedbatch.cli import run
+
+    model = build_model("llama", tmp_path / "llama")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    r = CliRunner().invoke(run, ["--input", str(src), "--output", str(tmp_path / "out"), "--model", str(model),
+                                 "--device", "cpu", "--prefill-graph-max-tokens", "-1"])
+    assert r.exit_code != 0 and "prefill_graph_max_tokens must be an integer >= 0" in r.output, r.output
