@@ -31,16 +31,53 @@ def graph_buckets(max_batch: int) -> list[int]:
     return small + list(range(16, max_batch + 1, 16)) + ([max_batch] if max_batch % 16 else [])
 
 
-class DecodeGraphs:
-    def __init__(self, model, kv_caches, cos_sin, backend, *, max_batch: int, max_blocks_per_seq: int,
-                 max_model_len: int, scratch_block: int, block_size: int, hidden_size: int, dtype, device,
-                 synchronize=torch.cuda.synchronize, capture_error_mode: str = "global"):
+class _BucketGraphs:
+    """One graph per bucket of a step's size, replayed on static input buffers; what both kinds share."""
+
+    def __init__(self, model, kv_caches, cos_sin, backend, buckets: list[int], *, max_model_len: int,
+                 scratch_block: int, block_size: int, synchronize, capture_error_mode: str):
         self.model, self.kv_caches, self.cos_sin, self.backend = model, kv_caches, cos_sin, backend
-        self.buckets = graph_buckets(max_batch)
-        self.max_batch = self.buckets[-1]
+        self.buckets = buckets
         self.max_model_len = max_model_len
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self._synchronize = synchronize  # the runner's: with TP it fails instead of hanging on a dead worker
+        self._capture_error_mode = capture_error_mode
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        raise NotImplementedError
+
+    def _capture_buckets(self) -> None:
+        for size in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
+            meta = self._meta(size)
+            for _ in range(2):  # warm-up: compile kernels, settle allocations
+                self.out[:size] = self.model(self.ids[:size], self.kv_caches, self.cos_sin, meta, self.backend)
+            self._synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
+                self.out[:size] = self.model(self.ids[:size], self.kv_caches, self.cos_sin, meta, self.backend)
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[size] = g
+        self._synchronize()
+
+    def bucket_for(self, n: int) -> int:
+        for size in self.buckets:
+            if size >= n:
+                return size
+        raise ValueError(f"{n} exceeds the largest graph bucket {self.buckets[-1]}")
+
+
+class DecodeGraphs(_BucketGraphs):
+    def __init__(self, model, kv_caches, cos_sin, backend, *, max_batch: int, max_blocks_per_seq: int,
+                 max_model_len: int, scratch_block: int, block_size: int, hidden_size: int, dtype, device,
+                 synchronize=torch.cuda.synchronize, capture_error_mode: str = "global"):
+        super().__init__(model, kv_caches, cos_sin, backend, graph_buckets(max_batch), max_model_len=max_model_len,
+                         scratch_block=scratch_block, block_size=block_size, synchronize=synchronize,
+                         capture_error_mode=capture_error_mode)
+        self.max_batch = self.buckets[-1]
         n = self.max_batch
         self.ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -49,10 +86,6 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.out = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
-        self._synchronize = synchronize  # the runner's: with TP it fails instead of hanging on a dead worker
-        self._capture_error_mode = capture_error_mode
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -68,24 +101,7 @@ class DecodeGraphs:
             kv_dtype = self.kv_caches[0][0].dtype
             for b in self.buckets:
                 reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device, kv_dtype)
-        for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
-            meta = self._meta(b)
-            for _ in range(2):  # warm-up: compile kernels, settle allocations
-                self.out[:b] = self.model(self.ids[:b], self.kv_caches, self.cos_sin, meta, self.backend)
-            self._synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
-                self.out[:b] = self.model(self.ids[:b], self.kv_caches, self.cos_sin, meta, self.backend)
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[b] = g
-        self._synchronize()
-
-    def bucket_for(self, b: int) -> int:
-        for size in self.buckets:
-            if size >= b:
-                return size
-        raise ValueError(f"batch {b} exceeds the largest graph bucket {self.max_batch}")
+        self._capture_buckets()
 
     def run(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         b = meta.num_seqs
@@ -114,7 +130,7 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return out + [max_tokens]
 
 
-class PrefillGraphs:
+class PrefillGraphs(_BucketGraphs):
     """Graphs for steps that are not decode-only, of up to ``max_tokens`` tokens, one per token bucket.
 
     A step of T tokens and S sequences runs the bucket Tb >= T, captured for Sb = min(Tb, max_seqs)
@@ -131,12 +147,11 @@ class PrefillGraphs:
                  max_blocks_per_seq: int, max_model_len: int, scratch_block: int, block_size: int,
                  hidden_size: int, dtype, device, synchronize=torch.cuda.synchronize,
                  capture_error_mode: str = "global"):
-        self.model, self.kv_caches, self.cos_sin, self.backend = model, kv_caches, cos_sin, backend
-        self.buckets = prefill_buckets(max_tokens)
+        super().__init__(model, kv_caches, cos_sin, backend, prefill_buckets(max_tokens),
+                         max_model_len=max_model_len, scratch_block=scratch_block, block_size=block_size,
+                         synchronize=synchronize, capture_error_mode=capture_error_mode)
         self.max_tokens = self.buckets[-1]
         self.max_seqs = max_seqs
-        self.max_model_len = max_model_len
-        self.scratch_slot = scratch_block * block_size
         t, s = self.max_tokens, self.seqs_for(self.max_tokens)
         self.ids = torch.zeros(t, dtype=torch.int64, device=device)
         self.positions = torch.zeros(t, dtype=torch.int64, device=device)
@@ -145,16 +160,17 @@ class PrefillGraphs:
         self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
         self.block_tables = torch.full((s, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.out = torch.zeros(t, hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
         self.replays = 0
-        self._synchronize = synchronize
-        self._capture_error_mode = capture_error_mode
+        # Each bucket's batch (views of the buffers above): built once, not at every step.
+        self._metas = {size: self._bucket_meta(size) for size in self.buckets}
 
     def seqs_for(self, tokens: int) -> int:
         return min(tokens, self.max_seqs)
 
     def _meta(self, t: int) -> AttentionMetadata:
+        return self._metas[t]
+
+    def _bucket_meta(self, t: int) -> AttentionMetadata:
         s = self.seqs_for(t)
         return AttentionMetadata(
             positions=self.positions[:t], slot_mapping=self.slots[:t], query_start_loc=self.qsl[: s + 1],
@@ -169,24 +185,7 @@ class PrefillGraphs:
         """``pool``: a memory pool to share (the decode graphs'): only one graph runs at a time, and each
         copies its result into a buffer of its own, so no graph's memory outlives its replay."""
         self.pool = pool
-        for t in reversed(self.buckets):
-            meta = self._meta(t)
-            for _ in range(2):  # warm-up: compile kernels, settle allocations
-                self.out[:t] = self.model(self.ids[:t], self.kv_caches, self.cos_sin, meta, self.backend)
-            self._synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=self._capture_error_mode):
-                self.out[:t] = self.model(self.ids[:t], self.kv_caches, self.cos_sin, meta, self.backend)
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[t] = g
-        self._synchronize()
-
-    def bucket_for(self, t: int) -> int:
-        for size in self.buckets:
-            if size >= t:
-                return size
-        raise ValueError(f"{t} tokens exceed the largest prefill graph bucket {self.max_tokens}")
+        self._capture_buckets()
 
     def stage(self, ids: torch.Tensor, meta: AttentionMetadata) -> tuple[int, AttentionMetadata]:
         """Copy one step's inputs into the static buffers, padded to its bucket; return the bucket and the
@@ -203,9 +202,10 @@ class PrefillGraphs:
         if size > t:  # tokens of no sequence: position 0, K/V into the scratch block
             self.positions[t:size].zero_()
             self.slots[t:size].fill_(self.scratch_slot)
-        if self.seqs_for(size) > s:  # empty sequences after the last real one
-            self.qsl[s + 1 : self.seqs_for(size) + 1].fill_(t)
-        return size, self._meta(size)
+        meta_b = self._metas[size]
+        if meta_b.num_seqs > s:  # empty sequences after the last real one
+            self.qsl[s + 1 : meta_b.num_seqs + 1].fill_(t)
+        return size, meta_b
 
     def run(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         size, _ = self.stage(ids, meta)
