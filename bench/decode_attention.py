@@ -94,7 +94,8 @@ QUICK_CASES = {  # interpreter sizes: the same group sizes, splits and partial t
 }
 
 
-def build_case(case: Case, fp8: bool, layers: int, device, seed: int = 0, v_layout: str = "keys-last"):
+def build_case(case: Case, fp8: bool, layers: int, device, seed: int = 0, v_layout: str = "keys-last",
+               k_layout: str = "slot-major"):
     """``layers`` caches of the case's shape under one shuffled block table, queries, per-call lengths.
     ``v_layout`` "key-contiguous": V stored [layers, blocks, kv_heads, head_dim, block_size] and passed as the
     permuted view of the logical [.., blocks, block_size, kv_heads, head_dim] (same values)."""
@@ -117,6 +118,8 @@ def build_case(case: Case, fp8: bool, layers: int, device, seed: int = 0, v_layo
         x = torch.randn(shape, device=device, dtype=dt, generator=torch.Generator(device).manual_seed(seed + i))
         c = quantize(x, torch.tensor(scale, device=device)) if fp8 else x
         del x
+        if i == 0 and k_layout == "head-major":  # [.., blocks, kv_heads, block_size, head_dim] underneath
+            c = c.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
         if i == 1 and v_layout == "key-contiguous":
             c = c.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         caches.append(c)
@@ -139,7 +142,7 @@ def reference(case: Case, data, layer: int):
                              query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=lens.device),
                              seq_lens=lens, block_tables=data["table"], num_seqs=b, num_tokens=b, max_query_len=1,
                              max_seq_len=int(lens.max()))
-    return paged_attention_reference(data["q"].float(), data["k"][layer], data["v"][layer].contiguous(), meta,
+    return paged_attention_reference(data["q"].float(), data["k"][layer].contiguous(), data["v"][layer].contiguous(), meta,
                                      case.head_dim**-0.5, data["kv_scale"])
 
 
@@ -168,11 +171,11 @@ def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt:
         return ("v1", cfg.block_n, cfg.num_warps, cfg.num_stages, splits)
     const = v2_constexprs(cfg, case.heads // case.kv_heads, case.head_dim, case.block_size, splits, q_dtype, fp8,
                           paired_fp8_cvt, v_key_contiguous=v_key_contiguous, fp8_mma_runs=fp8_mma_runs)
-    return ("v2", tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, splits)
+    return ("v2", tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, cfg.max_registers, splits)
 
 
 def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, reps: int,
-             v_layout: str = "keys-last") -> list[dict]:
+             v_layout: str = "keys-last", k_layout: str = "slot-major") -> list[dict]:
     import torch
 
     from pagedbatch.engine.attention.triton_decode import DECODE_CONFIGS, _launch, decode_workspace_shape, v_key_run
@@ -182,7 +185,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
     mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
     bytes_per_call = case.batch * mean_len * case.kv_heads * case.head_dim * 2 * (1 if fp8 else 2)
     layers = 1 if quick else max(2, min(256, -(-4 * L2_BYTES // bytes_per_call)))
-    data = build_case(case, fp8, layers, device, v_layout=v_layout)
+    data = build_case(case, fp8, layers, device, v_layout=v_layout, k_layout=k_layout)
     refs = {}
     rows, seen = [], {}
     for name in names:
@@ -235,8 +238,12 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
         with torch.cuda.graph(graph):
             for i in range(layers):
                 call(i, outs[i])
-        graph.replay()
-        torch.cuda.synchronize()
+        # Warm up for a fixed time, not a fixed count: the first config of a case ran ~5% slower than the same
+        # launch timed later in the case (H200, 2026-12-04, seventh session) after one warm replay.
+        t_end = time.perf_counter() + 0.3
+        while time.perf_counter() < t_end:
+            graph.replay()
+            torch.cuda.synchronize()
         times = []
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -250,7 +257,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
         row["tb_s"] = data["kv_bytes"] / (row["us"] * 1e-6) / 1e12
     info = {"case": case.name, "dtype": "fp8" if fp8 else "bf16", "batch": case.batch, "heads": case.heads,
             "kv_heads": case.kv_heads, "head_dim": case.head_dim, "block_size": case.block_size, "ctx": case.ctx,
-            "layers_per_graph": layers, "kv_bytes_per_call": data["kv_bytes"], "v_layout": v_layout}
+            "layers_per_graph": layers, "kv_bytes_per_call": data["kv_bytes"], "v_layout": v_layout, "k_layout": k_layout}
     for row in rows:
         row.update(info)
     return rows
@@ -287,7 +294,7 @@ def print_table(rows, ceilings) -> None:
     print(f"\n{head['case']} {head['dtype']}: {head['heads']} q / {head['kv_heads']} kv heads, head_dim "
           f"{head['head_dim']}, batch {head['batch']}, context {head['ctx'][0]}-{head['ctx'][1]}, block "
           f"{head['block_size']}; {head['kv_bytes_per_call'] / 1e6:.1f} MB of KV per call, "
-          f"{head['layers_per_graph']} calls per graph; V {head.get('v_layout', 'keys-last')}")
+          f"{head['layers_per_graph']} calls per graph; V {head.get('v_layout', 'keys-last')}, K {head.get('k_layout', 'slot-major')}")
     print(f"  {'config':<16}{'path':>6}{'tile':>5}{'splits':>7}{'us/call':>9}{'TB/s':>7}{'%copy':>7}"
           f"{'regs':>6}{'spill':>6}{'smemKB':>7}{'prog/SM':>8}{'max err':>9}")
     for r in rows:
@@ -319,6 +326,10 @@ def main(argv=None) -> int:
                     help="the V cache stored like K, or with each block's keys contiguous (a permuted view; "
                          "bench/fp8_v_layout_study.py says why); default: as the engine stores it "
                          "(key-contiguous for an fp8 cache while kv_quant.FP8_V_KEY_CONTIGUOUS, else like K)")
+    ap.add_argument("--k-layout", choices=["slot-major", "head-major"], default="slot-major",
+                    help="the K cache as the engine stores it ([block, slot, kv_head, d]) or with each block's kv "
+                         "heads outermost ([block, kv_head, slot, d], a permuted view): one head's keys of a block "
+                         "adjacent in memory")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
@@ -355,7 +366,7 @@ def main(argv=None) -> int:
                 default = DEFAULT_DECODE_CONFIG[1 if fp8 else 2]
                 run_names = SWEEP[case_name, dtype] + ([default] if default not in SWEEP[case_name, dtype] else [])
             rows = run_case(cases[case_name], fp8, run_names, device, num_sms, args.quick, args.reps,
-                            engine_v_layout(fp8) if args.v_layout is None else args.v_layout)
+                            engine_v_layout(fp8) if args.v_layout is None else args.v_layout, args.k_layout)
             all_rows += rows
             print_table(rows, ceilings)
             timed = [r for r in rows if "us" in r]

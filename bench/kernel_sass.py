@@ -58,6 +58,7 @@ def decode_spec(args):
                              getattr(torch, TORCH_DTYPES[args.q]), args.kv == "fp8", paired_fp8_cvt=True,
                              fp8_mma_runs=args.arch >= 89,
                              v_key_contiguous=args.v_layout == "key-contiguous")
+    args.maxnreg = cfg.max_registers
     return td._decode_v2_kernel, {**const, "PDL": args.pdl, **v_strides(args)}, cfg.num_warps, cfg.num_stages
 
 
@@ -119,7 +120,7 @@ def prefill_spec(args):
 
 
 def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_warps: int, num_stages: int,
-                fp_fusion: bool = True):
+                fp_fusion: bool = True, maxnreg: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -141,7 +142,8 @@ def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(kernel, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion,
+                                       **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
 def _tool(name: str) -> str:
@@ -218,7 +220,8 @@ def main(argv=None) -> int:
     kernel, const, warps, stages = spec(args)
     # The rotary kernel's fp8 write is compiled without fused multiply-adds, as its launcher asks.
     compiled = compile_for(kernel, const, args.kernel, args.q, args.kv, args.arch, warps, stages,
-                           fp_fusion=not (args.kernel == "rotary" and args.kv == "fp8"))
+                           fp_fusion=not (args.kernel == "rotary" and args.kv == "fp8"),
+                           maxnreg=getattr(args, "maxnreg", 0))
     cubin = compiled.asm["cubin"]
     tmp = os.path.join(args.out or "/tmp", f"kernel_sass-{os.getpid()}.cubin")
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
@@ -240,8 +243,16 @@ def main(argv=None) -> int:
     spill = re.search(r"STACK:(\d+)", res)
     print(f"{kernel.__name__} sm_{args.arch} (triton {triton.__version__}), {warps} warps, {stages} stages; "
           f"constexprs {const}")
+    threads = warps * 32
+    n_regs = int(regs.group(1)) if regs else 0
+    # Programs per SM on sm_90: 64K registers (allocated per warp in units of 256) and 227 KB of shared memory
+    # (plus 1 KB reserved per block), at most 32 blocks / 64 warps.
+    by_regs = 65536 // (warps * -(-n_regs * 32 // 256) * 256) if n_regs else 0
+    by_smem = (228 * 1024) // (compiled.metadata.shared + 1024)
     print(f"registers {regs.group(1) if regs else '?'}, stack {spill.group(1) if spill else '?'} B, "
-          f"shared memory {compiled.metadata.shared / 1024:.1f} KB")
+          f"shared memory {compiled.metadata.shared / 1024:.1f} KB; programs per SM: "
+          f"{min(by_regs, by_smem, 64 // warps, 32)} (registers {by_regs}, shared memory {by_smem})"
+          + ("" if threads else ""))
     if args.pdl:
         print(pdl_order(sass))
     found = loops(sass)

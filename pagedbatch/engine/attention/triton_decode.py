@@ -92,6 +92,16 @@ class DecodeConfig:
     # programs times the tiles per split: one program too many starts a second wave that costs as much as the
     # first (H200 2026-12-04, 32 x 8,192 keys, fp8: 4 splits in one wave 101.3 us, 5 in two 134.2).
     resident_per_sm: int = 0
+    # Registers per thread the compiler may use (PTX .maxnreg; 0: its own choice). Fewer registers let more
+    # programs share an SM, which is what hides a latency-bound tile's chain (see DECODE_CONFIGS).
+    max_registers: int = 0
+    # v2: launch the grid with the KV heads as its fastest dimension, so that the programs of one sequence's
+    # heads run together and read each cache block (all heads' keys interleaved) while it is open in DRAM.
+    heads_first: bool = False
+    # v2 with prefetch_table: how many tiles ahead the block ids are loaded; and the tile loop unrolled by
+    # Triton this many times (1: not).
+    table_ahead: int = 1
+    unroll: int = 1
 
     def __post_init__(self) -> None:
         if self.kernel not in ("v1", "v2"):
@@ -106,6 +116,8 @@ class DecodeConfig:
             raise ValueError("programs_per_sm, min_tiles_per_split and max_splits must be >= 1")
         if self.resident_per_sm < 0:
             raise ValueError(f"resident_per_sm must be >= 0, got {self.resident_per_sm}")
+        if self.max_registers and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers must be 0 or 24..255, got {self.max_registers}")
 
     def uses_dot(self, group: int) -> bool:
         return self.kernel == "v1" or group > self.lanes_max_group
@@ -179,6 +191,25 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # and 70 KB (bf16) or 38 KB (fp8) of shared memory, 3 programs per SM; v2-f8mma-lt 128 and 53 KB, 4).
     "v2-lt-waves": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, resident_per_sm=3),
     "v2-f8mma-lt-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4),
+    # exploratory: more programs per SM (fewer stages, capped registers), longer tiles on one warpgroup
+    "x-f8-s2-r96": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=96, resident_per_sm=5),
+    "x-f8-s2-r80": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80, resident_per_sm=6),
+    "x-f8-s2-r64": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=64, resident_per_sm=6),
+    "x-f8-s3-r96": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, max_registers=96, resident_per_sm=4),
+    "x-f8-hf": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
+                                   heads_first=True),
+    "x-lt-hf": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, resident_per_sm=3, heads_first=True),
+    "x-f8-ahead2": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
+                                       table_ahead=2),
+    "x-f8-unroll2": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
+                                        unroll=2),
+    "x-f8-noprefetch": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
+                                           prefetch_table=False),
+    "x-f8-vtail": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
+                                      whole_v_tail=True),
+    "x-f8-n128-s2": dataclasses.replace(_V2, block_n=128, num_stages=2, fp8_mma=True, defer_l_sum=True),
+    "x-f8-n128-s3": dataclasses.replace(_V2, block_n=128, num_stages=3, fp8_mma=True, defer_l_sum=True),
+    "x-f8-n128-s2-r80": dataclasses.replace(_V2, block_n=128, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
@@ -444,11 +475,16 @@ def _decode_v2_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
     ASM_V: tl.constexpr, V_KEYS: tl.constexpr, WHOLE_V_TAIL: tl.constexpr = False, F8MMA: tl.constexpr = False,
-    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False,
+    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
+    TABLE_AHEAD: tl.constexpr = 1, UNROLL: tl.constexpr = 1,
 ):
     wait_for_producer(PDL)
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:
+        seq = tl.program_id(1)
+        kvh = tl.program_id(0)
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
@@ -506,10 +542,16 @@ def _decode_v2_kernel(
 
     if PREFETCH:
         blk = _tile_blocks(bt_row, t_lo, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
-    for t in range(t_lo, t_full):
+        if TABLE_AHEAD >= 2:
+            blk2 = _tile_blocks(bt_row, t_lo + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+    for t in tl.range(t_lo, t_full, loop_unroll_factor=UNROLL):
         if PREFETCH:
             cur = blk
-            blk = _tile_blocks(bt_row, t + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+            if TABLE_AHEAD >= 2:
+                blk = blk2
+                blk2 = _tile_blocks(bt_row, t + 2, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+            else:
+                blk = _tile_blocks(bt_row, t + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         else:
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
@@ -612,7 +654,13 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 # 200.2 against 137.8 us on W-nano's shape, 163.1 against 113.4 on W1's (192 against 168
                 # registers, 2 against 3 programs per SM).
                 F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys,
-                WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail, F8MMA=f8mma, L_TILE=dot and cfg.defer_l_sum)
+                WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail, F8MMA=f8mma, L_TILE=dot and cfg.defer_l_sum,
+                HEADS_FIRST=cfg.heads_first, TABLE_AHEAD=cfg.table_ahead, UNROLL=cfg.unroll)
+
+
+def _register_kwargs(cfg: DecodeConfig) -> dict:
+    # The interpreter takes no compiler options beyond warps and stages.
+    return {"maxnreg": cfg.max_registers} if cfg.max_registers and not pdl._interpreted() else {}
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
@@ -656,13 +704,14 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
         )
     else:
         scaled = kv_scale is not None
-        kernel = _decode_v2_kernel[(B, KVH, num_splits)](
+        grid = (KVH, B, num_splits) if cfg.heads_first else (B, KVH, num_splits)
+        kernel = _decode_v2_kernel[grid](
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
             **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
                             v_key_run(v_cache, cfg.tile(group)) > 0, scaled and fp8_mma_runs(q.device)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **pdl.launch_kwargs(q.device),
+            **pdl.launch_kwargs(q.device), **_register_kwargs(cfg),
         )
     if num_splits > 1:
         _decode_reduce_kernel[(B, H)](
