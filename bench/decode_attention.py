@@ -52,9 +52,11 @@ SWEEP = {
     # With --v-layout keys-last the -cast names compare Triton's cast with the paired conversion.
     # Fourth session: the row sums deferred (-lt), and both products on fp8 MMAs (v2-f8mma-lt). Fifth: split
     # counts by waves (-waves, the defaults), 128-key fp8-MMA tiles.
-    ("wnano", "fp8"): ["v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-lt-waves", "v2-f8mma-lt-n128-w8"],
-    ("w1", "fp8"): ["v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-lt-waves", "v2-f8mma-lt-n128-w8"],
-    ("single", "fp8"): ["v2-stages3-lt", "v2-f8mma-lt-waves", "v2-lt-splits8"],
+    ("wnano", "fp8"): ["v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-lt-waves", "v2-f8mma-lt-n128-w8",
+                       "v2-f8mma-s2-r80"],
+    ("w1", "fp8"): ["v2-stages3", "v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-lt-waves", "v2-f8mma-lt-n128-w8",
+                    "v2-f8mma-s2-r80"],
+    ("single", "fp8"): ["v2-stages3-lt", "v2-f8mma-lt-waves", "v2-lt-splits8"],  # + the default, always
     ("long", "fp8"): ["v2-stages3-lt", "v2-lt-waves", "v2-f8mma-lt", "v2-f8mma-lt-pps3", "v2-f8mma-lt-waves"],
 }
 def engine_v_layout(fp8: bool) -> str:

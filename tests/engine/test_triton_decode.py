@@ -250,14 +250,16 @@ def test_kernels_give_the_same_bits_on_a_key_contiguous_v_cache(fp8):
     ("--kernel", "decode", "--group", "2"),
     ("--kernel", "decode", "--group", "7", "--splits", "4"),
     ("--kernel", "decode", "--group", "2", "--config", "v2-stages3-vtail"),
+    ("--kernel", "decode", "--group", "2", "--config", DEFAULT_DECODE_CONFIG[1]),
     ("--kernel", "prefill", "--group", "7"),
-], ids=["decode-g2", "decode-g7-split", "decode-g2-whole-tail", "prefill-g7"])
+], ids=["decode-g2", "decode-g7-split", "decode-g2-whole-tail", "decode-g2-fp8-default", "prefill-g7"])
 def test_key_contiguous_fp8_v_is_never_read_a_byte_at_a_time_on_sm90(args, tmp_path):
     """Why the engine stores an fp8 cache's V key-contiguous: the sm_90 code the GPU runs (compiled here by
     bench/kernel_sass.py) reads no fp8 tile byte by byte from shared memory, and none from global memory in
     its loops. (The usual layout under Triton's cast: 128 LDS.U8 in the decode kernel.) Only the decode
-    kernel's masked last tile, by default, loads V from global memory a byte at a time (a mask along the
-    contiguous keys); whole_v_tail and the prefill kernel load it whole and zero the keys past the end."""
+    kernel's masked last tile without whole_v_tail loads V from global memory a byte at a time (a mask along
+    the contiguous keys); whole_v_tail (the engine's fp8 default) and the prefill kernel load it whole and
+    zero the keys past the end."""
     import re
     import subprocess
     import sys
@@ -271,13 +273,14 @@ def test_key_contiguous_fp8_v_is_never_read_a_byte_at_a_time_on_sm90(args, tmp_p
     assert out.returncode == 0, out.stderr[-2000:]
     (sass,) = tmp_path.glob("*.sass")
     text = sass.read_text()
-    assert "HMMA" in text or "HGMMA" in text  # the kernel itself, with its dots
+    assert re.search(r"\b(HMMA|HGMMA|QGMMA)\b", text)  # the kernel itself, with its dots
     assert not re.findall(r"\bLDS\.U8\b", text)
     loops = re.findall(r"^loop \d+: .*$", out.stdout, re.M)
-    assert loops and not [line for line in loops if ".U8" in line], loops
+    # (fp8 MMAs store their e4m3 probabilities to shared memory a byte at a time, STS.U8: not a tile read)
+    assert loops and not [line for line in loops if re.search(r"\b(LDS|LDG\.E)\.U8\b", line)], loops
     byte_loads = len(re.findall(r"\bLDG\.E\.U8\b", text))
-    default_decode = args[1] == "decode" and "--config" not in args
-    assert byte_loads == (64 if default_decode else 0)  # 64 keys x 128 bytes over 128 threads
+    masked_tail = args[1] == "decode" and "--config" not in args  # bench/kernel_sass.py's v2-stages3
+    assert byte_loads == (64 if masked_tail else 0)  # 64 keys x 128 bytes over 128 threads
 
 
 def test_triton_basic_backend_refuses_a_v_cache_laid_out_unlike_k():
@@ -353,7 +356,8 @@ def test_gpu_every_decode_config_at_real_shapes(name, fp8):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("name", ["v1", "v2-stages3", "v2-stages3-cast", "v2-lanes", "v2-lt-waves", "v2-f8mma-lt-waves"])
+@pytest.mark.parametrize("name", ["v1", "v2-stages3", "v2-stages3-cast", "v2-lanes", "v2-lt-waves", "v2-f8mma-lt-waves",
+                                  "v2-f8mma-lt-vtail-waves"])
 def test_gpu_decode_on_a_key_contiguous_v_cache_at_real_shapes(name, fp8):
     """The same cases with V stored [blocks, kv_heads, head_dim, block_size] (bench/fp8_v_layout_study.py):
     the hinted vector loads of the V tile and the cache write through V's strides."""

@@ -67,9 +67,9 @@ class DecodeConfig:
     # H200, 2026-12-04: 132.9 us against 141.5 on W1's shape, 170.2 against 171.8 on W-nano's.
     fp8_asm: bool = True
     # v2, key-contiguous V: load the sequence's last (masked) tile of V whole and zero the keys past the end,
-    # instead of a masked load (which Triton issues a byte at a time along the contiguous keys). Off: on
-    # the H200 the kernel with it was slower on the W-nano and W1 shapes (150.0 / 118.0 us against 137.8 /
-    # 113.4, two calls of 2026-12-04), although only the last tile changes; see DECODE_CONFIGS.
+    # instead of a masked load (which Triton issues a byte at a time along the contiguous keys). Slower with
+    # the fp16-converting kernel (H200 2026-12-04: 150.0 / 118.0 us against 137.8 / 113.4 on the W-nano and
+    # W1 shapes), faster with fp8_mma (the fp8 default since the seventh session); see DECODE_CONFIGS.
     whole_v_tail: bool = False
     # v2 with tl.dot: keep the softmax denominators per (head, key slot) and sum them over the keys once after
     # the loop. A tile's keys are spread over the warps, so a per-tile sum crosses warps (shared memory and a
@@ -95,13 +95,6 @@ class DecodeConfig:
     # Registers per thread the compiler may use (PTX .maxnreg; 0: its own choice). Fewer registers let more
     # programs share an SM, which is what hides a latency-bound tile's chain (see DECODE_CONFIGS).
     max_registers: int = 0
-    # v2: launch the grid with the KV heads as its fastest dimension, so that the programs of one sequence's
-    # heads run together and read each cache block (all heads' keys interleaved) while it is open in DRAM.
-    heads_first: bool = False
-    # v2 with prefetch_table: how many tiles ahead the block ids are loaded; and the tile loop unrolled by
-    # Triton this many times (1: not).
-    table_ahead: int = 1
-    unroll: int = 1
 
     def __post_init__(self) -> None:
         if self.kernel not in ("v1", "v2"):
@@ -191,33 +184,26 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # and 70 KB (bf16) or 38 KB (fp8) of shared memory, 3 programs per SM; v2-f8mma-lt 128 and 53 KB, 4).
     "v2-lt-waves": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, resident_per_sm=3),
     "v2-f8mma-lt-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4),
-    # exploratory: more programs per SM (fewer stages, capped registers), longer tiles on one warpgroup
-    "x-f8-s2-r96": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=96, resident_per_sm=5),
-    "x-f8-s2-r80": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80, resident_per_sm=6),
-    "x-f8-s2-r64": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=64, resident_per_sm=6),
-    "x-f8-s3-r96": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, max_registers=96, resident_per_sm=4),
-    "x-f8-hf": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
-                                   heads_first=True),
-    "x-lt-hf": dataclasses.replace(_V2, num_stages=3, defer_l_sum=True, resident_per_sm=3, heads_first=True),
-    "x-f8-ahead2": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
-                                       table_ahead=2),
-    "x-f8-unroll2": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
-                                        unroll=2),
-    "x-f8-noprefetch": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
-                                           prefetch_table=False),
-    "x-f8-vtail": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True, resident_per_sm=4,
-                                      whole_v_tail=True),
-    "x-f8-n128-s2": dataclasses.replace(_V2, block_n=128, num_stages=2, fp8_mma=True, defer_l_sum=True),
-    "x-f8-n128-s3": dataclasses.replace(_V2, block_n=128, num_stages=3, fp8_mma=True, defer_l_sum=True),
-    "x-f8-n128-s2-r80": dataclasses.replace(_V2, block_n=128, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80),
+    # The partial last tile's V loaded whole and its keys past the end zeroed after (DecodeConfig.whole_v_tail),
+    # now with fp8 MMAs: the masked load was 64 byte loads a thread, and that tile (once per program) ~17% of the
+    # warps' stall samples on W-nano's shape (ncu, H200 2026-12-04, seventh session). 125.2 against 128.7 us on
+    # W-nano's shape, 103.6 / 104.5 on W1's, 5.7 / 6.2 at batch 1, 102.5 / 101.5 on 32 x 8,192 keys.
+    "v2-f8mma-lt-vtail-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True,
+                                                   whole_v_tail=True, resident_per_sm=4),
+    # Six programs per SM instead of four (2 stages, 80 registers, no spills in the loop): slower (151.9 against
+    # 133.6 us on W-nano's shape, 124.6 / 108.1 on W1's; 96 registers and 5 programs: 138.8 / 111.1). The tile's
+    # time is not latency that more warps hide (docs/benchmarks.md, seventh session).
+    "v2-f8mma-s2-r80": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80,
+                                           resident_per_sm=6),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
 # H200, 2026-12-04 (docs/benchmarks.md, fifth session, call A): fp8 v2-f8mma-lt-waves the fastest on every
 # batch shape (W-nano 125.8 against v2-stages3-lt's 138.9 us, W1 104.4 / 113.7, 32 x 8,192 keys 99.7 / 120.1;
-# batch 1 6.2 / 6.0); bf16 v2-lt-waves (deferred row sums: 4.04 TB/s on W-nano's shape, 96% of copy) 151.8
+# batch 1 6.2 / 6.0), and since the seventh session with the last tile's V loaded whole (v2-f8mma-lt-vtail-waves);
+# bf16 v2-lt-waves (deferred row sums: 4.04 TB/s on W-nano's shape, 96% of copy) 151.8
 # against v2-stages3-lt's 156.6 on 32 x 8,192 keys and the same launch elsewhere.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-lt-waves", 2: "v2-lt-waves", 4: "v2"}
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-lt-vtail-waves", 2: "v2-lt-waves", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
@@ -475,16 +461,11 @@ def _decode_v2_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
     ASM_V: tl.constexpr, V_KEYS: tl.constexpr, WHOLE_V_TAIL: tl.constexpr = False, F8MMA: tl.constexpr = False,
-    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
-    TABLE_AHEAD: tl.constexpr = 1, UNROLL: tl.constexpr = 1,
+    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
-    if HEADS_FIRST:
-        seq = tl.program_id(1)
-        kvh = tl.program_id(0)
-    else:
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
@@ -542,16 +523,10 @@ def _decode_v2_kernel(
 
     if PREFETCH:
         blk = _tile_blocks(bt_row, t_lo, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
-        if TABLE_AHEAD >= 2:
-            blk2 = _tile_blocks(bt_row, t_lo + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
-    for t in tl.range(t_lo, t_full, loop_unroll_factor=UNROLL):
+    for t in range(t_lo, t_full):
         if PREFETCH:
             cur = blk
-            if TABLE_AHEAD >= 2:
-                blk = blk2
-                blk2 = _tile_blocks(bt_row, t + 2, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
-            else:
-                blk = _tile_blocks(bt_row, t + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
+            blk = _tile_blocks(bt_row, t + 1, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         else:
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
@@ -655,7 +630,7 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 # registers, 2 against 3 programs per SM).
                 F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys,
                 WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail, F8MMA=f8mma, L_TILE=dot and cfg.defer_l_sum,
-                HEADS_FIRST=cfg.heads_first, TABLE_AHEAD=cfg.table_ahead, UNROLL=cfg.unroll)
+                )
 
 
 def _register_kwargs(cfg: DecodeConfig) -> dict:
@@ -704,8 +679,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
         )
     else:
         scaled = kv_scale is not None
-        grid = (KVH, B, num_splits) if cfg.heads_first else (B, KVH, num_splits)
-        kernel = _decode_v2_kernel[grid](
+        kernel = _decode_v2_kernel[(B, KVH, num_splits)](
             q, k_cache, v_cache, out, wo, wlse, block_tables, seq_lens, scale_arg, scale * LOG2E, num_splits,
             *common,
             **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
