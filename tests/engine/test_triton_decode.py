@@ -96,6 +96,15 @@ def test_default_decode_configs_exist_and_unknown_names_fail():
         TritonAttentionBackend(decode_config="v9")
     with pytest.raises(ValueError, match="block_n"):
         DecodeConfig(block_n=48)
+    with pytest.raises(ValueError, match="max_registers"):
+        DecodeConfig(max_registers=300)
+
+
+def test_a_register_capped_two_stage_config_computes_the_same_attention():
+    """``v2-f8mma-s2-r80`` (2 stages, ``maxnreg`` 80: a compiler option, ignored by the interpreter) as a
+    named config of the backend; its sm_90 build is checked on the GPU by bench/decode_attention.py."""
+    check(ctx_lens=[40, 5], q_lens=[1, 1], heads=4, kv_heads=2, block_size=16,
+          backend=TritonAttentionBackend(decode_config="v2-f8mma-s2-r80"))
 
 
 def test_engine_decode_attention_config_selects_a_named_config_and_refuses_others():

@@ -633,11 +633,6 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 )
 
 
-def _register_kwargs(cfg: DecodeConfig) -> dict:
-    # The interpreter takes no compiler options beyond warps and stages.
-    return {"maxnreg": cfg.max_registers} if cfg.max_registers and not pdl._interpreted() else {}
-
-
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
             cfg: DecodeConfig, kv_scale):
     """``paged_decode``; also returns the compiled split kernel (None in the interpreter) for the benchmark."""
@@ -685,7 +680,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out,
             **v2_constexprs(cfg, group, D, BS, num_splits, q.dtype, scaled, scaled and fp8_tile_convert(q.device),
                             v_key_run(v_cache, cfg.tile(group)) > 0, scaled and fp8_mma_runs(q.device)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **pdl.launch_kwargs(q.device), **_register_kwargs(cfg),
+            **pdl.launch_kwargs(q.device), **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
         )
     if num_splits > 1:
         _decode_reduce_kernel[(B, H)](
