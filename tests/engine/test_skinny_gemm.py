@@ -74,9 +74,6 @@ def run(x, w, scale, bias, cfg, act=None):
 PATHS = [
     ("fma bm1 bn16 bk32 sk1 w4 st2", 112),
     ("fma bm1 bn16 bk32 sk3 w4 st2", 160),
-    # preloaded tiles: 4 of a split's 2 (the rest zeros), and 2 of 4 with a tail tile (K = 112: 3.5 tiles)
-    ("fma bm1 bn16 bk32 sk3 w4 st2 pl4", 160),
-    ("fma bm1 bn16 bk32 sk1 w4 st2 pl2", 112),
     ("fma bm4 bn16 bk32 sk2 w4 st2", 112),
     ("dot bm16 bn32 bk32 sk3 w4 st2", 160),
     ("dotT bm16 bn32 bk32 sk1 w4 st2", 112),
@@ -103,8 +100,7 @@ def test_kernel_matches_float64_reference(cfg, K, M, weights, poisoned_workspace
 
 
 @pytest.mark.parametrize("weights", ["fp32", "fp8"])
-@pytest.mark.parametrize("cfg", ["fma bm1 bn16 bk32 sk2 w4 st2", "dot bm16 bn32 bk32 sk1 w4 st2",
-                                 "fma bm1 bn16 bk32 sk2 w4 st2 pl2"])
+@pytest.mark.parametrize("cfg", ["fma bm1 bn16 bk32 sk2 w4 st2", "dot bm16 bn32 bk32 sk1 w4 st2"])
 def test_silu_mul_prologue_multiplies_by_silu_gate_times_up(cfg, weights, poisoned_workspace):
     g = torch.Generator().manual_seed(7)
     N, K, M = 40, 96, 3
@@ -182,18 +178,13 @@ def test_bad_calls_raise_errors_that_say_what_was_expected():
         C("dot bm1 bn16 bk32 sk1 w4 st2")
     with pytest.raises(ValueError, match="power of two"):
         sg.SkinnyConfig(block_n=24)
-    with pytest.raises(ValueError, match="preload"):
-        C("fma bm4 bn16 bk32 sk1 w4 st2 pl2")
-    with pytest.raises(ValueError, match="preload"):
-        C("fma bm1 bn16 bk32 sk1 w4 st2 pl8")
     with pytest.raises(ValueError, match="not a skinny config"):
         C("fma bn16")
 
 
 def test_config_strings_round_trip():
-    for text in ("fma bm1 bn16 bk256 sk4 w4 st4", "dotT bm16 bn128 bk128 sk1 w8 st3", "fma bm1 bn8 bk512 sk1 w4 st4 pl4"):
+    for text in ("fma bm1 bn16 bk256 sk4 w4 st4", "dotT bm16 bn128 bk128 sk1 w8 st3"):
         assert str(C(text)) == text
-    assert C("fma bm1 bn8 bk512 sk1 w4 st4 pl1") == C("fma bm1 bn8 bk512 sk1 w4 st4")
 
 
 def _decode_shapes(config_name: str, tp: int = 1):

@@ -101,9 +101,6 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    # Weight tiles each program loads before it waits for x (1, 2 or 4; above 1 for kind "fma", block_m 1
-    # only): with programmatic dependent launch they stream while the kernel that produces x still runs.
-    preload: int = 1
 
     def __post_init__(self):
         def pow2(v):
@@ -119,23 +116,19 @@ class SkinnyConfig:
                              f"(tensor-core tiles), got {self}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"SkinnyConfig.split_k and num_stages must be >= 1, got {self}")
-        if self.preload not in (1, 2, 4) or (self.preload > 1 and (self.kind != "fma" or self.block_m != 1)):
-            raise ValueError(f"SkinnyConfig.preload must be 1, 2 or 4, above 1 only for kind 'fma' with "
-                             f"block_m 1, got {self}")
 
     def __str__(self) -> str:
         return (f"{self.kind} bm{self.block_m} bn{self.block_n} bk{self.block_k} sk{self.split_k} "
-                f"w{self.num_warps} st{self.num_stages}" + (f" pl{self.preload}" if self.preload > 1 else ""))
+                f"w{self.num_warps} st{self.num_stages}")
 
     @classmethod
     def parse(cls, text: str) -> "SkinnyConfig":
-        """Inverse of ``str()``: ``"fma bm1 bn16 bk256 sk4 w4 st4"`` (optionally `` pl4``)."""
-        m = re.fullmatch(r"\s*(fma|dotT|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)"
-                         r"(?:\s+pl(\d+))?\s*", text)
+        """Inverse of ``str()``: ``"fma bm1 bn16 bk256 sk4 w4 st4"``."""
+        m = re.fullmatch(r"\s*(fma|dotT|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)\s*", text)
         if not m:
             raise ValueError(f"not a skinny config: {text!r} (expected e.g. 'fma bm1 bn16 bk256 sk4 w4 st4')")
         kind, *nums = m.groups()
-        return cls(kind, *(int(n) for n in nums if n is not None))
+        return cls(kind, *map(int, nums))
 
 
 # --------------------------------------------------------------------------
@@ -204,9 +197,6 @@ TUNED: dict[tuple, str] = {
 }
 
 _M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-# Weight tiles a one-row fma config loads before waiting for x (SkinnyConfig.preload), by weight kind.
-PRELOAD_ONE_ROW = {"bf16": 1, "fp8": 1}
 
 
 def _heuristic_config(mb: int, N: int, K: int, wkind: str, num_sms: int) -> SkinnyConfig:
@@ -311,11 +301,9 @@ def _default_config(mb: int, N: int, K: int, wkind: str, act: Optional[str], num
     key = (mb, N, K, "bf16" if wkind == "fp32" else wkind)
     tuned = TUNED.get(key + (act,)) if act else None
     tuned = tuned or TUNED.get(key)
-    cfg = SkinnyConfig.parse(tuned) if tuned is not None else _heuristic_config(mb, N, K, wkind, num_sms)
-    preload = PRELOAD_ONE_ROW.get("bf16" if wkind == "fp32" else wkind, 1)
-    if preload > 1 and cfg.kind == "fma" and cfg.block_m == 1:
-        cfg = dataclasses.replace(cfg, preload=preload)
-    return cfg
+    if tuned is not None:
+        return SkinnyConfig.parse(tuned)
+    return _heuristic_config(mb, N, K, wkind, num_sms)
 
 
 _locks: dict[tuple[str, int], torch.Tensor] = {}
@@ -419,7 +407,7 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-        DOT_IEEE=x.dtype == torch.float32, PRELOAD=cfg.preload, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl.launch_kwargs(x.device))
 
 
@@ -446,22 +434,6 @@ if triton is not None:
             s = (g / (1.0 + tl.exp(-g))).to(a.dtype).to(tl.float32)
             a = (s * u.to(tl.float32)).to(a.dtype)
         return a
-
-    @triton.jit
-    def _load_x_if(x_rows, offs_k, K, ok, SILU_MUL: tl.constexpr):
-        """``_load_x``, or zeros where ``ok`` is false (silu(0) * 0 is 0)."""
-        mask = offs_k[None, :] < tl.where(ok, K, 0)
-        a = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
-        if SILU_MUL:
-            u = tl.load(x_rows + K + offs_k[None, :], mask=mask, other=0.0)
-            g = a.to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(a.dtype).to(tl.float32)
-            a = (s * u.to(tl.float32)).to(a.dtype)
-        return a
-
-    @triton.jit
-    def _load_w_if(w_rows, offs_k, K, ok):
-        return tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < tl.where(ok, K, 0), other=0.0)
 
     @triton.jit
     def _load_w(w_rows, offs_k, K, EVEN_K: tl.constexpr):
@@ -507,7 +479,7 @@ if triton is not None:
                        SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
                        W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr,
-                       PRELOAD: tl.constexpr = 1, PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -534,29 +506,15 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
 
         start = it0
-        if PDL or PRELOAD > 1:
-            # The first weight tiles (SkinnyConfig.preload of them) are loaded before waiting on the kernel that
-            # produces x (weights never change): they are in flight while that kernel finishes (engine/pdl.py).
-            # Each is a tile of the loop's own shape, so the accumulator keeps the loop's layout; a tile past
-            # this split's share reads as zeros.
-            offs0 = it0 * BLOCK_K + rk
-            w0 = _load_w(w_rows, offs0, K, EVEN_K)
-            if PRELOAD >= 2:
-                w1 = _load_w_if(w_rows, offs0 + BLOCK_K, K, it0 + 1 < it1)
-            if PRELOAD >= 4:
-                w2 = _load_w_if(w_rows, offs0 + 2 * BLOCK_K, K, it0 + 2 < it1)
-                w3 = _load_w_if(w_rows, offs0 + 3 * BLOCK_K, K, it0 + 3 < it1)
+        if PDL:
+            # The first weight tile is loaded before waiting on the kernel that produces x (weights never
+            # change): it is in flight while that kernel finishes (engine/pdl.py).
+            offs_k = it0 * BLOCK_K + rk
+            w = _load_w(w_rows, offs_k, K, EVEN_K)
             wait_for_producer(PDL, False)
-            acc = _mac(acc, w0, _load_x(x_rows, offs0, K, EVEN_K, SILU_MUL), BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
-            if PRELOAD >= 2:
-                a1 = _load_x_if(x_rows, offs0 + BLOCK_K, K, it0 + 1 < it1, SILU_MUL)
-                acc = _mac(acc, w1, a1, BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
-            if PRELOAD >= 4:
-                a2 = _load_x_if(x_rows, offs0 + 2 * BLOCK_K, K, it0 + 2 < it1, SILU_MUL)
-                acc = _mac(acc, w2, a2, BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
-                a3 = _load_x_if(x_rows, offs0 + 3 * BLOCK_K, K, it0 + 3 < it1, SILU_MUL)
-                acc = _mac(acc, w3, a3, BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
-            start = it0 + PRELOAD
+            a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
+            acc = _mac(acc, w, a, BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
+            start = it0 + 1
         for it in tl.range(start, it1, num_stages=NUM_STAGES):
             offs_k = it * BLOCK_K + rk
             w = _load_w(w_rows, offs_k, K, EVEN_K)
