@@ -160,7 +160,8 @@ def test_fp8_mma_decode_with_bf16_queries_is_as_close_to_the_reference_as_the_co
         ref, _, _ = reference(b, scale)
         q = _torch_written(b).to(torch.bfloat16)
         errs = {}
-        for name in ("v2-stages3-lt", "v2-f8mma-lt"):
+        packed = DECODE_CONFIGS["v2-f8mma-pack-vtail-waves"]
+        for name in ("v2-stages3-lt", "v2-f8mma-lt", "v2-f8mma-pack-vtail-waves"):
             for splits in (1, 3):
                 out = torch.full_like(q, float("nan"))
                 paged_decode(q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale, splits,
@@ -168,7 +169,9 @@ def test_fp8_mma_decode_with_bf16_queries_is_as_close_to_the_reference_as_the_co
                 errs[name, splits] = (out.float() - ref).abs().max().item()
         converting = max(errs["v2-stages3-lt", 1], errs["v2-stages3-lt", 3])
         for splits in (1, 3):
-            assert errs["v2-f8mma-lt", splits] <= max(2 * converting, 1e-2), (heads, errs)
+            for name in ("v2-f8mma-lt", "v2-f8mma-pack-vtail-waves"):
+                assert errs[name, splits] <= max(2 * converting, 1e-2), (heads, errs)
+    assert v2_constexprs(packed, 2, 32, 16, 1, torch.bfloat16, True, False, fp8_mma_runs=runs)["PACK"]
 
 
 def test_fp8_prefill_reads_torch_written_cache_with_scales():
@@ -366,7 +369,7 @@ def test_gpu_every_decode_config_at_real_shapes(name, fp8):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("name", ["v1", "v2-stages3", "v2-stages3-cast", "v2-lanes", "v2-lt-waves", "v2-f8mma-lt-waves",
-                                  "v2-f8mma-lt-vtail-waves"])
+                                  "v2-f8mma-lt-vtail-waves", "v2-f8mma-pack-vtail-waves"])
 def test_gpu_decode_on_a_key_contiguous_v_cache_at_real_shapes(name, fp8):
     """The same cases with V stored [blocks, kv_heads, head_dim, block_size] (bench/fp8_v_layout_study.py):
     the hinted vector loads of the V tile and the cache write through V's strides."""

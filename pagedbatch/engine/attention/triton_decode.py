@@ -82,6 +82,10 @@ class DecodeConfig:
     # each go in as two e4m3 terms, hi + lo: one e4m3 query had errors up to 0.3 on peaked attention (torch
     # emulation, bench/fp8_attention_precision.py), hi + lo is as close to the float32 reference as bf16.
     fp8_mma: bool = False
+    # ... with groups of up to 8 heads, both terms in one product: the query's hi and lo rows (and the
+    # probabilities' hi and lo columns) side by side in the MMA's 16 columns, each head's pair in adjacent
+    # columns (one thread's), summed after the first product and once after the loop: half the fp8 MMAs.
+    fp8_pack: bool = False
     # Split-K: aim for programs_per_sm programs per SM, splits of at least
     # min_tiles_per_split tiles, at most max_splits splits.
     programs_per_sm: int = 4
@@ -193,6 +197,8 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # Six programs per SM instead of four (2 stages, 80 registers, no spills in the loop): slower (151.9 against
     # 133.6 us on W-nano's shape, 124.6 / 108.1 on W1's; 96 registers and 5 programs: 138.8 / 111.1). The tile's
     # time is not latency that more warps hide (docs/benchmarks.md, seventh session).
+    "v2-f8mma-pack-vtail-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, fp8_pack=True, defer_l_sum=True,
+                                                     whole_v_tail=True, resident_per_sm=4),
     "v2-f8mma-s2-r80": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80,
                                            resident_per_sm=6),
 }
@@ -203,7 +209,7 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 # batch 1 6.2 / 6.0), and since the seventh session with the last tile's V loaded whole (v2-f8mma-lt-vtail-waves);
 # bf16 v2-lt-waves (deferred row sums: 4.04 TB/s on W-nano's shape, 96% of copy) 151.8
 # against v2-stages3-lt's 156.6 on 32 x 8,192 keys and the same launch elsewhere.
-DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-lt-vtail-waves", 2: "v2-lt-waves", 4: "v2"}
+DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-pack-vtail-waves", 2: "v2-lt-waves", 4: "v2"}
 
 
 def resolve_decode_config(config: Union[str, DecodeConfig, None], kv_dtype: torch.dtype) -> DecodeConfig:
@@ -364,7 +370,7 @@ def _decode_tile(
     m, l, acc, q, qk_scale, blk, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd, offs_n, offs_d,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr,
     EARLY_V: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, ASM_V: tl.constexpr, V_KEYS: tl.constexpr,
-    WHOLE_V_TAIL: tl.constexpr, F8MMA: tl.constexpr, q_lo, L_TILE: tl.constexpr,
+    WHOLE_V_TAIL: tl.constexpr, F8MMA: tl.constexpr, q_lo, L_TILE: tl.constexpr, PACK: tl.constexpr = False,
 ):
     b64 = blk.to(tl.int64)
     if BLOCK_N <= BLOCK_SIZE:
@@ -398,8 +404,12 @@ def _decode_tile(
         v = _fp8_to_f16(v, True)
 
     if F8MMA:  # DecodeConfig.fp8_mma: transposed products, every operand e4m3 (q = q + q_lo)
-        st = tl.dot(k, tl.trans(q_lo))
-        st = tl.dot(k, tl.trans(q), st) * qk_scale
+        if PACK:  # q holds each head's hi and lo rows interleaved: the scores are the column pairs' sums
+            st = tl.dot(k, tl.trans(q))
+            st = tl.sum(tl.reshape(st, (BLOCK_N, st.shape[1] // 2, 2)), 2) * qk_scale
+        else:
+            st = tl.dot(k, tl.trans(q_lo))
+            st = tl.dot(k, tl.trans(q), st) * qk_scale
         if MASKED:
             st = tl.where(nmask[:, None], st, float("-inf"))
         m_new = tl.maximum(m, tl.max(st, 0))
@@ -443,8 +453,14 @@ def _decode_tile(
         v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # stale slots may hold NaN patterns: 0 * NaN is NaN
     if F8MMA:
         p_hi = p.to(v.dtype)
-        acc = tl.dot(tl.trans(v), p_hi, acc * alpha[None, :])
-        acc = tl.dot(tl.trans(v), (p - p_hi.to(tl.float32)).to(v.dtype), acc)
+        if PACK:  # acc's columns 2h and 2h + 1: head h's products with its hi and lo probabilities
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            p2 = tl.reshape(tl.join(p_hi.to(tl.float32), p_lo.to(tl.float32)), (BLOCK_N, 2 * p.shape[1]))
+            alpha2 = tl.reshape(tl.join(alpha, alpha), (2 * p.shape[1],))
+            acc = tl.dot(tl.trans(v), p2.to(v.dtype), acc * alpha2[None, :])
+        else:
+            acc = tl.dot(tl.trans(v), p_hi, acc * alpha[None, :])
+            acc = tl.dot(tl.trans(v), (p - p_hi.to(tl.float32)).to(v.dtype), acc)
     elif DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC)
     else:
@@ -461,7 +477,7 @@ def _decode_v2_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, KV_SCALED: tl.constexpr,
     DOT: tl.constexpr, PREFETCH: tl.constexpr, EARLY_V: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
     ASM_V: tl.constexpr, V_KEYS: tl.constexpr, WHOLE_V_TAIL: tl.constexpr = False, F8MMA: tl.constexpr = False,
-    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False,
+    L_TILE: tl.constexpr = False, PDL: tl.constexpr = False, PACK: tl.constexpr = False,
 ):
     wait_for_producer(PDL)
     seq = tl.program_id(0)
@@ -482,8 +498,12 @@ def _decode_v2_kernel(
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-    gmask = offs_g < GROUP
-    heads = kvh * GROUP + offs_g
+    if PACK:  # GROUP_PAD rows: each head twice (its hi and lo terms)
+        gmask = offs_g // 2 < GROUP
+        heads = kvh * GROUP + offs_g // 2
+    else:
+        gmask = offs_g < GROUP
+        heads = kvh * GROUP + offs_g
     q = tl.load(Q + seq * s_qt + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
     if not DOT:
         q = q.to(tl.float32)
@@ -499,18 +519,22 @@ def _decode_v2_kernel(
         q_hi = q.to(K.dtype.element_ty)
         q_lo = (q - q_hi.to(tl.float32)).to(K.dtype.element_ty)
         q = q_hi
+        if PACK:  # rows 2h, 2h + 1: head h's hi and lo (q was loaded with each head's row twice)
+            q = tl.where((offs_g % 2 == 1)[:, None], q_lo, q_hi)
+            q_scale = tl.max(tl.reshape(q_scale, (GROUP_PAD // 2, 2)), 1)  # the pair's (equal) scales
         qk_scale = (qk_scale * q_scale)[None, :]
     else:
         q_lo = q
+    HEADS: tl.constexpr = GROUP_PAD // 2 if PACK else GROUP_PAD  # the softmax state's columns
     if DOT:
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([GROUP_PAD], tl.float32)
+        m = tl.full([HEADS], float("-inf"), tl.float32)
+        l = tl.zeros([HEADS], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         if F8MMA:  # the transposed products' orientation: heads last
             acc = tl.zeros([D, GROUP_PAD], tl.float32)
         if L_TILE:  # a denominator per (head, key slot), laid out as the score tile
             if F8MMA:
-                l = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
+                l = tl.zeros([BLOCK_N, HEADS], tl.float32)
             else:
                 l = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
     else:
@@ -531,18 +555,23 @@ def _decode_v2_kernel(
             cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT, EARLY_V, PREC, ASM, ASM_V,
-                                 V_KEYS, WHOLE_V_TAIL, F8MMA, q_lo, L_TILE)
+                                 V_KEYS, WHOLE_V_TAIL, F8MMA, q_lo, L_TILE, PACK)
     t = tl.maximum(t_lo, t_full)
     if t < t_hi:  # the sequence's partial last tile, if this split has it
         cur = _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE, BLOCK_N)
         m, l, acc = _decode_tile(m, l, acc, q, qk_scale, cur, t, seq_len, Kh, Vh, s_kb, s_ks, s_vb, s_vs, s_vd,
                                  offs_n, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT, EARLY_V, PREC, ASM, ASM_V,
-                                 V_KEYS, WHOLE_V_TAIL, F8MMA, q_lo, L_TILE)
+                                 V_KEYS, WHOLE_V_TAIL, F8MMA, q_lo, L_TILE, PACK)
 
     if F8MMA:
         acc = tl.trans(acc)
     if DOT and L_TILE:
         l = tl.sum(l, 0 if F8MMA else 1)
+    if PACK:  # rows 2h and 2h + 1 summed: head h's output; from here on one row per head
+        acc = tl.sum(tl.reshape(acc, (HEADS, 2, D)), 1)
+        offs_g = tl.arange(0, HEADS)
+        gmask = offs_g < GROUP
+        heads = kvh * GROUP + offs_g
     if not DOT:  # merge the key slots' states
         m_row = tl.max(m, 1)
         w = tl.exp2(m - tl.where(m_row == float("-inf"), 0.0, m_row)[:, None])
@@ -619,7 +648,8 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
     f16 = dot and kv_scaled and cfg.fp8_via_f16 and q_dtype != torch.float32 and not f8mma
     asm = f16 and cfg.fp8_asm and paired_fp8_cvt
     v_keys = min(cfg.tile(group), block_size) if v_key_contiguous else 0
-    return dict(GROUP=group, GROUP_PAD=max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
+    pack = f8mma and cfg.fp8_pack and group <= 8
+    return dict(GROUP=group, GROUP_PAD=16 if pack else max(16 if dot else 1, triton.next_power_of_2(group)), D=head_dim,
                 BLOCK_SIZE=block_size, BLOCK_N=cfg.tile(group), SPLIT=num_splits > 1, PREC=_dot_precision(q_dtype),
                 KV_SCALED=kv_scaled, DOT=dot, PREFETCH=cfg.prefetch_table, EARLY_V=cfg.early_v,
                 # A key-contiguous fp8 V tile is read from shared memory as it is and converted by Triton
@@ -630,7 +660,7 @@ def v2_constexprs(cfg: DecodeConfig, group: int, head_dim: int, block_size: int,
                 # registers, 2 against 3 programs per SM).
                 F16=f16, ASM=asm and not v_keys, ASM_V=asm and not v_keys, V_KEYS=v_keys,
                 WHOLE_V_TAIL=bool(v_keys) and cfg.whole_v_tail, F8MMA=f8mma, L_TILE=dot and cfg.defer_l_sum,
-                )
+                PACK=pack)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out, workspace,
