@@ -194,11 +194,14 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # W-nano's shape, 103.6 / 104.5 on W1's, 5.7 / 6.2 at batch 1, 102.5 / 101.5 on 32 x 8,192 keys.
     "v2-f8mma-lt-vtail-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, defer_l_sum=True,
                                                    whole_v_tail=True, resident_per_sm=4),
+    # ... and both e4m3 terms in one product (DecodeConfig.fp8_pack): 268 instructions a tile against 371, 8
+    # QGMMA against 16. H200, seventh session (call H): 112.8 against 124.4 us on W-nano's shape, 91.7 / 101.7
+    # on W1's, 97.4 / 100.1 on 32 x 8,192 keys, 5.5 / 5.7 at batch 1.
+    "v2-f8mma-pack-vtail-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, fp8_pack=True, defer_l_sum=True,
+                                                     whole_v_tail=True, resident_per_sm=4),
     # Six programs per SM instead of four (2 stages, 80 registers, no spills in the loop): slower (151.9 against
     # 133.6 us on W-nano's shape, 124.6 / 108.1 on W1's; 96 registers and 5 programs: 138.8 / 111.1). The tile's
     # time is not latency that more warps hide (docs/benchmarks.md, seventh session).
-    "v2-f8mma-pack-vtail-waves": dataclasses.replace(_V2, num_stages=3, fp8_mma=True, fp8_pack=True, defer_l_sum=True,
-                                                     whole_v_tail=True, resident_per_sm=4),
     "v2-f8mma-s2-r80": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80,
                                            resident_per_sm=6),
 }
@@ -206,7 +209,8 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
 # bench/decode_attention.py prints the best per case: change these names to switch.
 # H200, 2026-12-04 (docs/benchmarks.md, fifth session, call A): fp8 v2-f8mma-lt-waves the fastest on every
 # batch shape (W-nano 125.8 against v2-stages3-lt's 138.9 us, W1 104.4 / 113.7, 32 x 8,192 keys 99.7 / 120.1;
-# batch 1 6.2 / 6.0), and since the seventh session with the last tile's V loaded whole (v2-f8mma-lt-vtail-waves);
+# batch 1 6.2 / 6.0); since the seventh session with the last tile's V loaded whole and, for groups of up to 8,
+# both e4m3 terms in one product (v2-f8mma-pack-vtail-waves; larger groups run it without the packing);
 # bf16 v2-lt-waves (deferred row sums: 4.04 TB/s on W-nano's shape, 96% of copy) 151.8
 # against v2-stages3-lt's 156.6 on 32 x 8,192 keys and the same launch elsewhere.
 DEFAULT_DECODE_CONFIG: dict[int, str] = {1: "v2-f8mma-pack-vtail-waves", 2: "v2-lt-waves", 4: "v2"}
