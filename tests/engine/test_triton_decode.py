@@ -154,7 +154,7 @@ def test_fp8_mma_decode_with_bf16_queries_is_as_close_to_the_reference_as_the_co
     cfg = DECODE_CONFIGS["v2-f8mma-lt"]
     runs = fp8_mma_runs(torch.device(DEV))
     assert v2_constexprs(cfg, 2, 32, 16, 1, torch.bfloat16, True, False, fp8_mma_runs=runs)["F8MMA"]
-    for heads, kv_heads in ((2, 1), (6, 2)):
+    for heads, kv_heads in ((2, 1), (6, 2), (8, 1), (16, 1)):  # groups 2, 3, 8 packed; 16 not
         b = make_batch([0, 17, 40, 100], [1] * 4, heads, kv_heads, 32, 16, torch.float32, kv_scale=SCALES)
         scale = 32**-0.5
         ref, _, _ = reference(b, scale)
@@ -172,6 +172,7 @@ def test_fp8_mma_decode_with_bf16_queries_is_as_close_to_the_reference_as_the_co
             for name in ("v2-f8mma-lt", "v2-f8mma-pack-vtail-waves"):
                 assert errs[name, splits] <= max(2 * converting, 1e-2), (heads, errs)
     assert v2_constexprs(packed, 2, 32, 16, 1, torch.bfloat16, True, False, fp8_mma_runs=runs)["PACK"]
+    assert not v2_constexprs(packed, 16, 32, 16, 1, torch.bfloat16, True, False, fp8_mma_runs=runs)["PACK"]
 
 
 def test_fp8_prefill_reads_torch_written_cache_with_scales():
