@@ -156,11 +156,18 @@ def occupancy(kernel, num_warps: int) -> dict:
         regs, spills, smem = kernel.n_regs, kernel.n_spills, kernel.metadata.shared
     except Exception:  # the interpreter, or a triton without these fields
         return {}
-    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    return {"regs": regs, "spills": spills, "smem_kb": smem / 1024,
+            "programs_per_sm": programs_per_sm(regs, smem, num_warps)[0]}
+
+
+def programs_per_sm(regs: int, smem: int, num_warps: int) -> tuple[int, int, int]:
+    """(programs, by registers, by shared memory) of one kernel that fit on an sm_90 SM: 64K registers
+    allocated per warp in units of 256, 227 KB of shared memory plus 1 KB reserved per block, at most 32 blocks
+    and 64 warps. ``smem`` in bytes."""
+    per_warp = -(-regs * 32 // 256) * 256
     by_regs = 65536 // max(1, per_warp * num_warps)
     by_smem = (228 * 1024) // (smem + 1024) if smem else 32
-    return {"regs": regs, "spills": spills, "smem_kb": smem / 1024,
-            "programs_per_sm": min(by_regs, by_smem, 64 // num_warps, 32)}
+    return min(by_regs, by_smem, 64 // num_warps, 32), by_regs, by_smem
 
 
 def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt: bool,

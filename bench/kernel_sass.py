@@ -243,16 +243,13 @@ def main(argv=None) -> int:
     spill = re.search(r"STACK:(\d+)", res)
     print(f"{kernel.__name__} sm_{args.arch} (triton {triton.__version__}), {warps} warps, {stages} stages; "
           f"constexprs {const}")
-    threads = warps * 32
+    from decode_attention import programs_per_sm  # bench/, beside this script
+
     n_regs = int(regs.group(1)) if regs else 0
-    # Programs per SM on sm_90: 64K registers (allocated per warp in units of 256) and 227 KB of shared memory
-    # (plus 1 KB reserved per block), at most 32 blocks / 64 warps.
-    by_regs = 65536 // (warps * -(-n_regs * 32 // 256) * 256) if n_regs else 0
-    by_smem = (228 * 1024) // (compiled.metadata.shared + 1024)
+    progs, by_regs, by_smem = programs_per_sm(n_regs, compiled.metadata.shared, warps)
     print(f"registers {regs.group(1) if regs else '?'}, stack {spill.group(1) if spill else '?'} B, "
           f"shared memory {compiled.metadata.shared / 1024:.1f} KB; programs per SM: "
-          f"{min(by_regs, by_smem, 64 // warps, 32)} (registers {by_regs}, shared memory {by_smem})"
-          + ("" if threads else ""))
+          f"{progs} (registers {by_regs}, shared memory {by_smem})")
     if args.pdl:
         print(pdl_order(sass))
     found = loops(sass)

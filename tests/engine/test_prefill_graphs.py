@@ -113,25 +113,11 @@ def test_engine_tokens_with_prefill_graphs_equal_eager_prefill_and_steps_replay_
     assert got[128] == got[0]
 
 
-def test_server_and_job_options_reach_the_engine_config(monkeypatch, tmp_path):
+def test_job_option_is_checked_before_any_model_is_read(tmp_path):
+    """A bad --prefill-graph-max-tokens stops the job runner before any model is read, naming the option (the
+    server's option reaching the config: tests/server/test_serve_quantization.py)."""
     from click.testing import CliRunner
 
-    import pagedbatch.engine.llm_engine as llm_engine
-    from pagedbatch.server.cli import serve
-
-    seen = []
-
-    class Recorder:
-        def __init__(self, config):
-            seen.append(config)
-            raise ValueError("stop before serving")
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", Recorder)
-    r = CliRunner().invoke(serve, ["--model", str(tmp_path), "--device", "cpu", "--prefill-graph-max-tokens", "0"])
-    assert r.exit_code == 1 and "stop before serving" in r.output
-    assert seen[-1].prefill_graph_max_tokens == 0
-
-    # The job runner: a bad value stops the job before any model is read, naming the option.
     from model_factory import build_model
     from pagedbatch.cli import run
 

@@ -96,8 +96,8 @@ class DecodeConfig:
     # programs times the tiles per split: one program too many starts a second wave that costs as much as the
     # first (H200 2026-12-04, 32 x 8,192 keys, fp8: 4 splits in one wave 101.3 us, 5 in two 134.2).
     resident_per_sm: int = 0
-    # Registers per thread the compiler may use (PTX .maxnreg; 0: its own choice). Fewer registers let more
-    # programs share an SM, which is what hides a latency-bound tile's chain (see DECODE_CONFIGS).
+    # Registers per thread the compiler may use (PTX .maxnreg; 0: its own choice): fewer registers, more
+    # programs per SM. It did not make the fp8 kernel faster (v2-f8mma-s2-r80 in DECODE_CONFIGS).
     max_registers: int = 0
 
     def __post_init__(self) -> None:
