@@ -37,7 +37,7 @@ POINTER_TYPES = {  # argument name -> Triton pointer type; {kv} is the cache's e
                "positions": "*i64", "slot_mapping": "*i64", "KV_SCALE": "*fp32", "QW": "*{q}", "KW": "*{q}"},
     "skinny": {"X": "*{q}", "W": "*{kv}", "S": "*fp32", "B": "*{q}", "Y": "*{q}", "WS": "*fp32", "LOCKS": "*i32"},
 }
-FLOAT_ARGS = {"qk_scale", "eps"}
+FLOAT_ARGS = {"qk_scale", "eps", "x_scale"}
 TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8e4nv", "fp32": "fp32"}
 
 
@@ -97,10 +97,11 @@ def skinny_spec(args):
     from pagedbatch.engine.models import skinny_gemm as sg
 
     wdtype = sg.FP8 if args.kv == "fp8" else getattr(torch, TORCH_DTYPES[args.q])
-    cfg = sg.default_config(args.m, args.n, args.k, wdtype)
+    cfg = (sg.SkinnyConfig.parse(args.skinny_config) if args.skinny_config
+           else sg.default_config(args.m, args.n, args.k, wdtype))
     split = sg.split_plan(args.k, cfg)[1]
     const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-                 USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", W_FP8=args.kv == "fp8", HAS_BIAS=False,
+                 USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH", W_FP8=args.kv == "fp8", HAS_BIAS=False,
                  SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
                  DOT_IEEE=args.q == "fp32", PDL=args.pdl)
     return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=1, help="skinny: rows of x")
     ap.add_argument("--n", type=int, default=4608, help="skinny: output columns (weight rows)")
     ap.add_argument("--k", type=int, default=3584, help="skinny: reduction length")
+    ap.add_argument("--skinny-config", default=None, help="skinny: this config (e.g. 'dotH bm16 bn256 bk128 sk1 w4 "
+                    "st3') instead of the default for the shape")
     ap.add_argument("--pdl", action="store_true", help="decode, skinny: as launched with programmatic dependent "
                                                         "launch (engine/pdl.py); prints where the wait falls")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")

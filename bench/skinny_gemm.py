@@ -58,6 +58,11 @@ FMA_TILES = [(16, 512, 4, 4), (8, 512, 4, 4), (32, 512, 8, 4), (16, 1024, 8, 3),
 # W per stage; dotT puts block_n on the MMA's M side (64/128 may use wgmma).
 DOT_TILES = [("dot", 64, 256, 4, 4), ("dot", 32, 256, 4, 4), ("dotT", 64, 256, 4, 4), ("dot", 128, 256, 4, 3),
              ("dot", 64, 512, 4, 3), ("dotT", 128, 256, 4, 3)]
+# fp8 only: the fp16 MMA (one conversion per two weights). Wide column tiles share each x fragment among
+# more weights (sm_90 code, bench/kernel_sass.py: 1.7 instructions a weight at 256 x 128 and 4 warps,
+# 2.4 at 128 x 128, against fma's 4.1).
+DOTH_TILES = [("dotH", 256, 128, 4, 3), ("dotH", 128, 128, 4, 3), ("dotH", 256, 128, 8, 3), ("dotH", 128, 256, 4, 3),
+              ("dotH", 64, 256, 4, 4)]
 
 
 def model_shapes(config_name: str, tp: int) -> tuple[dict, int]:
@@ -92,7 +97,8 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
     if mb <= 4:
         for bn1, kbytes, warps, stages in FMA_TILES[: 3 if quick else None]:
             tiles.append(sg.SkinnyConfig("fma", mb, max(warps, bn1 // mb), kbytes // itemsize, 1, warps, stages))
-    for kind, bn, kbytes, warps, stages in DOT_TILES[: 3 if quick else None]:
+    for kind, bn, kbytes, warps, stages in (DOT_TILES[: 3 if quick else None]
+                                            + (DOTH_TILES[: 3 if quick else None] if wkind == "fp8" else [])):
         tiles.append(sg.SkinnyConfig(kind, max(16, mb), bn, kbytes // itemsize, 1, warps, stages))
     out, seen = [], set()
     for t in tiles:

@@ -134,6 +134,30 @@ def test_mlp_down_projection_fuses_the_activation_for_one_row_only(weights, monk
         torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("cfg,K,act", [("dotH bm16 bn32 bk32 sk3 w4 st2", 160, None),
+                                        ("dotH bm16 bn32 bk32 sk1 w4 st2", 112, None),
+                                        ("dotH bm16 bn32 bk32 sk2 w4 st2", 96, "silu_mul")])
+def test_fp16_dot_of_fp8_weights_keeps_activations_beyond_fp16s_range(cfg, K, act, poisoned_workspace):
+    """dotH computes in fp16 with x scaled by 2**-8: activations of 1e5 (beyond fp16's 65504) and 1e-4
+    (fp16 subnormals unscaled) in one row come out as the float64 product of the bf16 values."""
+    g = torch.Generator().manual_seed(K)
+    N, M = 40, 3
+    w, scale, w64 = make_weights("fp8", N, K, torch.float32, g)
+    kx = 2 * K if act else K
+    x = torch.randn(M, kx, generator=g)
+    x[0, ::7] *= 400 if act else 1e5  # silu(gate) * up: products of ~1e5
+    x[1, ::5] *= 1e-4
+    x = x.to(torch.bfloat16).float()  # bf16 values, the engine's activations (dotH's scale for bf16 is 2**-8)
+    y = run(x.to(DEV), w, scale, None, C(cfg), act=act)
+    want = reference(x, w64, None, act=act)
+    assert torch.isfinite(y).all()
+    # silu(gate) * up of float32 x is not a bf16 value: fp16 rounds it (2**-12); the engine's bf16 is exact.
+    tol = 1e-3 if act else 1e-5
+    torch.testing.assert_close(y.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+    with pytest.raises(ValueError, match="dotH.*fp8"):
+        sg.skinny_linear(x.to(DEV), w64.float().to(DEV), act=act, config=C(cfg))
+
+
 def test_split_k_leaves_counters_at_zero_and_repeats_exactly(poisoned_workspace):
     """The last-arriving split resets its tile's counter: a second call (a graph replay) reduces again."""
     g = torch.Generator().manual_seed(3)
@@ -223,7 +247,8 @@ def test_heuristic_splits_k_only_for_narrow_outputs():
     cfg = {k: sg._heuristic_config(1, N, K, "bf16", 132) for k, (N, K) in shapes.items()}
     assert cfg["o"].split_k > 1 and cfg["down"].split_k > 1
     assert cfg["gate_up"].split_k == 1 and cfg["lm_head"].split_k == 1
-    assert sg._heuristic_config(16, *shapes["down"], "fp8", 132).kind == "dot"
+    assert sg._heuristic_config(16, *shapes["down"], "fp8", 132).kind == "dotH"  # fp16 MMA for fp8 weights
+    assert sg._heuristic_config(16, *shapes["down"], "bf16", 132).kind == "dot"
 
 
 def test_variant_rows_reach_every_bucket_and_specialization_of_m():

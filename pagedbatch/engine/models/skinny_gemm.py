@@ -16,7 +16,7 @@ contiguous elements: with BLOCK_K * itemsize >= 512 B a warp's 16-byte loads
 cover whole rows, fully coalesced. fp8 weights are converted in registers
 (exactly: every e4m3 value is a bf16/fp16 value) and the per-output-channel
 scale is applied once, in the epilogue, since it factors out of the K sum.
-Two ways to do the multiply, chosen per config:
+Ways to do the multiply, chosen per config:
   - "fma": broadcast multiply-add in fp32, reduced over K once after the
     loop (for BLOCK_M = 1 the accumulator is a [BLOCK_N, BLOCK_K] tile, so
     the loop has no cross-thread traffic at all). Meant for M of 1-4: no
@@ -26,6 +26,12 @@ Two ways to do the multiply, chosen per config:
     rows re-read a real row (clamped index, never stored). "dotT" computes
     ``W @ x.T`` instead, so BLOCK_N is the MMA's M dimension (64/128 can use
     Hopper's wgmma) and the 16 padded rows its N dimension.
+  - "dotH" (fp8 weights only): "dot" in fp16. e4m3 -> fp16 is one exact
+    conversion per two weights, where e4m3 -> bf16/fp32 takes two or three
+    (what bounds "fma" with fp8 at ~4 instructions a weight); x is scaled by
+    2**-8 into fp16 (``_DOTH_X_SCALE``), products are exact and sums float32
+    inside the MMA, and the epilogue multiplies 2**8 back with the channel
+    scale.
 Loads are software-pipelined through ``tl.range(num_stages=...)``: Triton
 only pipelines loads that do not feed a ``tl.dot`` when the loop carries its
 own num_stages, which is what keeps several tiles in flight per program in
@@ -83,14 +89,19 @@ except ImportError:  # the CPU-only install has no Triton; nothing here is used 
 
 FP8 = torch.float8_e4m3fn
 _LOCK_SLOTS = 1 << 16  # split-K tiles (N tiles x M tiles) one call may use
-_KINDS = ("fma", "dot", "dotT")
+_KINDS = ("fma", "dot", "dotT", "dotH")
+# dotH's activations go into fp16 times 2**-8 when they are bf16 (exact for |x| in [2**-6, 2**23]; smaller
+# values keep at least bf16's absolute precision there): the product with e4m3 weights (<= 448) then never
+# overflows fp16 operands for any activation a bf16 model produces below 2**23.
+_DOTH_X_SCALE = {torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -8, torch.float16: 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
 class SkinnyConfig:
     """One launch configuration; ``str()`` gives the compact form the tuning table uses.
 
-    kind: "fma" (fp32 multiply-add, any block_m) or "dot"/"dotT" (tensor cores, block_m >= 16).
+    kind: "fma" (fp32 multiply-add, any block_m) or "dot"/"dotT"/"dotH" (tensor cores, block_m >= 16;
+    dotH: fp8 weights only).
     split_k: how many programs share one column tile's K range (1: no workspace, no counters).
     """
 
@@ -124,7 +135,7 @@ class SkinnyConfig:
     @classmethod
     def parse(cls, text: str) -> "SkinnyConfig":
         """Inverse of ``str()``: ``"fma bm1 bn16 bk256 sk4 w4 st4"``."""
-        m = re.fullmatch(r"\s*(fma|dotT|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)\s*", text)
+        m = re.fullmatch(r"\s*(fma|dotT|dotH|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)\s*", text)
         if not m:
             raise ValueError(f"not a skinny config: {text!r} (expected e.g. 'fma bm1 bn16 bk256 sk4 w4 st4')")
         kind, *nums = m.groups()
@@ -144,7 +155,9 @@ MAX_M = {"bf16": 16, "fp8": 16}  # H200 sweep 2026-12-03: fp8 at M 64 loses to _
 # down projection (which falls back to the plain key). M buckets are 1, 2, 4,
 # 8, 16, 32, 64 (M is rounded up to one); shapes and buckets not listed use
 # _heuristic_config. From `bench/skinny_gemm.py --quick --ms 1,4,16,64` on the
-# H200, 2026-12-03 (Qwen2.5-7B shapes, one run; JSON in bench/results/).
+# H200, 2026-12-03 (Qwen2.5-7B shapes, one run; JSON in bench/results/); fp8 at
+# M 2-16 from `bench/skinny_gemm.py --kinds fp8 --ms 2,4,8,16` on 2026-12-04
+# (the dotH kind; bench/results/skinny_gemm-2026-12-04-*-s8B.json).
 TUNED: dict[tuple, str] = {
     (1, 4608, 3584, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # qkv: 11.0 us, 3.00 TB/s, 1.16x cuBLAS bf16
     (1, 3584, 3584, 'bf16'): 'fma bm1 bn8 bk256 sk1 w4 st4',  # o: 9.3 us, 2.78 TB/s, 1.28x cuBLAS bf16
@@ -176,18 +189,30 @@ TUNED: dict[tuple, str] = {
     (1, 3584, 18944, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # down: 20.4 us, 3.33 TB/s, 1.97x cuBLAS bf16
     (1, 3584, 18944, 'fp8', 'silu_mul'): 'fma bm1 bn16 bk512 sk1 w4 st4',  # down+silu: 21.7 us, 3.12 TB/s, 1.95x cuBLAS bf16
     (1, 152064, 3584, 'fp8'): 'fma bm1 bn8 bk512 sk1 w4 st4',  # lm_head: 126.9 us, 4.30 TB/s, 2.00x cuBLAS bf16
-    (4, 4608, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # qkv: 13.8 us, 1.20 TB/s, 0.84x cuBLAS bf16
-    (4, 3584, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # o: 10.7 us, 1.20 TB/s, 1.10x cuBLAS bf16
-    (4, 37888, 3584, 'fp8'): 'dot bm16 bn64 bk256 sk1 w4 st4',  # gate_up: 57.2 us, 2.37 TB/s, 1.26x cuBLAS bf16
-    (4, 3584, 18944, 'fp8'): 'dot bm16 bn64 bk256 sk16 w4 st4',  # down: 33.3 us, 2.04 TB/s, 1.23x cuBLAS bf16
-    (4, 3584, 18944, 'fp8', 'silu_mul'): 'dotT bm16 bn64 bk256 sk4 w4 st4',  # down+silu: 54.3 us, 1.25 TB/s, 0.80x cuBLAS bf16
-    (4, 152064, 3584, 'fp8'): 'dot bm16 bn64 bk256 sk1 w4 st4',  # lm_head: 178.0 us, 3.06 TB/s, 1.43x cuBLAS bf16
-    (16, 4608, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # qkv: 13.3 us, 1.24 TB/s, 0.88x cuBLAS bf16
-    (16, 3584, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk2 w4 st4',  # o: 10.8 us, 1.18 TB/s, 1.11x cuBLAS bf16
-    (16, 37888, 3584, 'fp8'): 'dot bm16 bn32 bk256 sk1 w4 st4',  # gate_up: 52.8 us, 2.57 TB/s, 1.39x cuBLAS bf16
-    (16, 3584, 18944, 'fp8'): 'dot bm16 bn64 bk256 sk16 w4 st4',  # down: 33.6 us, 2.02 TB/s, 1.22x cuBLAS bf16
-    (16, 3584, 18944, 'fp8', 'silu_mul'): 'dotT bm16 bn64 bk256 sk4 w4 st4',  # down+silu: 56.2 us, 1.21 TB/s, 0.78x cuBLAS bf16
-    (16, 152064, 3584, 'fp8'): 'dot bm16 bn64 bk256 sk1 w4 st4',  # lm_head: 177.4 us, 3.07 TB/s, 1.46x cuBLAS bf16
+    (2, 4608, 3584, 'fp8'): 'fma bm2 bn4 bk512 sk1 w4 st4',  # qkv: 10.1 us, 1.64 TB/s
+    (2, 3584, 3584, 'fp8'): 'fma bm2 bn8 bk512 sk1 w4 st4',  # o: 7.6 us, 1.68 TB/s
+    (2, 37888, 3584, 'fp8'): 'dotH bm16 bn256 bk128 sk1 w8 st3',  # gate_up: 45.7 us, 2.97 TB/s
+    (2, 3584, 18944, 'fp8'): 'dotH bm16 bn128 bk256 sk8 w4 st3',  # down: 25.0 us, 2.71 TB/s
+    (2, 3584, 18944, 'fp8', 'silu_mul'): 'dotH bm16 bn256 bk128 sk16 w8 st3',  # down+silu: 27.6 us, 2.46 TB/s
+    (2, 152064, 3584, 'fp8'): 'dotH bm16 bn128 bk256 sk1 w4 st3',  # lm_head: 142.6 us, 3.82 TB/s
+    (4, 4608, 3584, 'fp8'): 'dotH bm16 bn128 bk128 sk4 w4 st3',  # qkv: 11.1 us, 1.49 TB/s
+    (4, 3584, 3584, 'fp8'): 'dotH bm16 bn64 bk256 sk4 w4 st4',  # o: 8.7 us, 1.48 TB/s
+    (4, 37888, 3584, 'fp8'): 'dotH bm16 bn256 bk128 sk1 w4 st3',  # gate_up: 44.7 us, 3.04 TB/s
+    (4, 3584, 18944, 'fp8'): 'dotH bm16 bn128 bk128 sk8 w4 st3',  # down: 25.1 us, 2.71 TB/s
+    (4, 3584, 18944, 'fp8', 'silu_mul'): 'dotH bm16 bn256 bk128 sk16 w8 st3',  # down+silu: 28.3 us, 2.40 TB/s
+    (4, 152064, 3584, 'fp8'): 'dotH bm16 bn128 bk256 sk1 w4 st3',  # lm_head: 143.2 us, 3.81 TB/s
+    (8, 4608, 3584, 'fp8'): 'dotH bm16 bn128 bk128 sk4 w4 st3',  # qkv: 10.9 us, 1.52 TB/s
+    (8, 3584, 3584, 'fp8'): 'dotH bm16 bn64 bk256 sk4 w4 st4',  # o: 8.7 us, 1.48 TB/s
+    (8, 37888, 3584, 'fp8'): 'dotH bm16 bn128 bk128 sk1 w4 st3',  # gate_up: 43.2 us, 3.14 TB/s
+    (8, 3584, 18944, 'fp8'): 'dotH bm16 bn64 bk256 sk4 w4 st4',  # down: 25.5 us, 2.66 TB/s
+    (8, 3584, 18944, 'fp8', 'silu_mul'): 'dotH bm16 bn256 bk128 sk16 w8 st3',  # down+silu: 28.6 us, 2.38 TB/s
+    (8, 152064, 3584, 'fp8'): 'dotH bm16 bn128 bk256 sk1 w4 st3',  # lm_head: 140.5 us, 3.88 TB/s
+    (16, 4608, 3584, 'fp8'): 'dotH bm16 bn64 bk256 sk4 w4 st4',  # qkv: 11.1 us, 1.48 TB/s
+    (16, 3584, 3584, 'fp8'): 'dotH bm16 bn64 bk256 sk4 w4 st4',  # o: 9.1 us, 1.42 TB/s
+    (16, 37888, 3584, 'fp8'): 'dotH bm16 bn128 bk128 sk1 w4 st3',  # gate_up: 41.6 us, 3.27 TB/s
+    (16, 3584, 18944, 'fp8'): 'dotH bm16 bn64 bk256 sk4 w4 st4',  # down: 25.4 us, 2.67 TB/s
+    (16, 3584, 18944, 'fp8', 'silu_mul'): 'dotH bm16 bn128 bk128 sk8 w4 st3',  # down+silu: 29.9 us, 2.27 TB/s
+    (16, 152064, 3584, 'fp8'): 'dotH bm16 bn128 bk256 sk1 w4 st3',  # lm_head: 142.6 us, 3.82 TB/s
     (64, 4608, 3584, 'fp8'): 'dotT bm64 bn64 bk256 sk1 w4 st4',  # qkv: 24.5 us, 0.67 TB/s, 0.50x cuBLAS bf16
     (64, 3584, 3584, 'fp8'): 'dot bm64 bn32 bk256 sk1 w4 st4',  # o: 17.2 us, 0.75 TB/s, 0.58x cuBLAS bf16
     (64, 37888, 3584, 'fp8'): 'dotT bm64 bn64 bk256 sk1 w4 st4',  # gate_up: 118.4 us, 1.15 TB/s, 0.62x cuBLAS bf16
@@ -203,7 +228,7 @@ def _heuristic_config(mb: int, N: int, K: int, wkind: str, num_sms: int) -> Skin
     """A reasoned guess for shapes the sweep has not measured.
 
     fma for M <= 4 (fp8: M <= 2, whose conversion costs ALU per element), else
-    tensor cores; ~8-16 KB of W per tile so a few stages keep ~32+ KB per SM in
+    tensor cores (fp8: dotH); ~8-16 KB of W per tile so a few stages keep ~32+ KB per SM in
     flight; split K until there are ~4 programs per SM, while each split keeps
     >= 4 tiles of K to pipeline.
     """
@@ -215,8 +240,9 @@ def _heuristic_config(mb: int, N: int, K: int, wkind: str, num_sms: int) -> Skin
                    block_k=512 // itemsize, num_warps=4, num_stages=4)
     else:
         # Stages x (x tile + W tile) must fit in shared memory: 3 stages once the x tile is 32+ rows.
-        cfg = dict(kind="dot", block_m=max(16, mb), block_n=64, block_k=256 // itemsize, num_warps=4,
-                   num_stages=4 if mb <= 16 else 3)
+        # fp8: the fp16 MMA (dotH), which beat "dot" at every 7B shape for M 2-16 (2026-12-04 sweep).
+        cfg = dict(kind="dotH" if wkind == "fp8" else "dot", block_m=max(16, mb), block_n=64,
+                   block_k=256 // itemsize, num_warps=4, num_stages=4 if mb <= 16 else 3)
     tiles = -(-N // cfg["block_n"])
     iters = -(-K // cfg["block_k"])
     split = 1
@@ -364,6 +390,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[
         raise ValueError(f"skinny_linear: weight dtype {weight.dtype} must be x's ({x.dtype}) or float8_e4m3fn")
     elif weight_scale is not None:
         raise ValueError("skinny_linear: weight_scale is only for fp8 weights")
+    if config is not None and config.kind == "dotH" and not is_fp8:
+        raise ValueError(f"skinny_linear: config kind 'dotH' is for fp8 weights, got {weight.dtype} ({config})")
     if weight.stride() != (K, 1):
         raise ValueError("skinny_linear: weight must be a contiguous [N, K] tensor")
     if bias is not None and bias.numel() != N:
@@ -379,6 +407,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[
         index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
         sms = _num_sms(index) if dev.type == "cuda" else 132
         config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, sms)
+        if config.kind == "dotH" and x.dtype == torch.float32:
+            config = dataclasses.replace(config, kind="dot")  # fp16 would round float32 activations
     _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config)
     return out.view(*lead, N)
 
@@ -401,11 +431,13 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
         ws = _new_workspace(split, M, N, x.device)
     else:
         ws = out  # unused
+    f16_dot = cfg.kind == "dotH"
     _skinny_kernel[grid](
         x, w, scale if scale is not None else out, bias if bias is not None else out, out, ws, locks,
-        M, N, K, per_split, x.stride(0), out.stride(0),
+        M, N, K, per_split, x.stride(0), out.stride(0), _DOTH_X_SCALE[x.dtype] if f16_dot else 1.0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-        USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
+        USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=f16_dot, W_FP8=w.dtype == FP8,
+        HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
         DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl.launch_kwargs(x.device))
@@ -443,10 +475,14 @@ if triton is not None:
             return tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0)
 
     @triton.jit
-    def _mac(acc, w, a, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
-             DOT_IEEE: tl.constexpr):
+    def _mac(acc, w, a, x_scale, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+             F16_DOT: tl.constexpr, DOT_IEEE: tl.constexpr):
         """acc += the product of one [BLOCK_N, BLOCK_K] weight tile and one [BLOCK_M, BLOCK_K] x tile."""
-        if USE_DOT:
+        if F16_DOT:
+            # x_scale is a runtime value on purpose: with a constant, Triton rounds x to fp16 first and
+            # scales after, which overflows for |x| > 65504 (seen in the PTX).
+            acc = tl.dot((a.to(tl.float32) * x_scale).to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        elif USE_DOT:
             w = w.to(a.dtype)  # fp8 -> bf16/fp16 is exact; a no-op for 16-bit weights
             if SWAP_AB:
                 if DOT_IEEE:
@@ -465,18 +501,19 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
         if W_FP8:
-            acc = acc * tl.load(S + rn_c)[None, :]
+            acc = acc * (tl.load(S + rn_c) / x_scale)[None, :]  # x_scale: dotH's 2**-8, else 1 (exact)
         if HAS_BIAS:
             acc = acc + tl.load(B + rn_c).to(tl.float32)[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["M", "per_split"])
-    def _skinny_kernel(X, W, S, B, Y, WS, LOCKS, M, N, K, per_split, stride_xm, stride_ym,
+    def _skinny_kernel(X, W, S, B, Y, WS, LOCKS, M, N, K, per_split, stride_xm, stride_ym, x_scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+                       SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, F16_DOT: tl.constexpr,
                        W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr,
                        PDL: tl.constexpr = False):
@@ -513,13 +550,13 @@ if triton is not None:
             w = _load_w(w_rows, offs_k, K, EVEN_K)
             wait_for_producer(PDL, False)
             a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
-            acc = _mac(acc, w, a, BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
+            acc = _mac(acc, w, a, x_scale, BLOCK_M, USE_DOT, SWAP_AB, F16_DOT, DOT_IEEE)
             start = it0 + 1
         for it in tl.range(start, it1, num_stages=NUM_STAGES):
             offs_k = it * BLOCK_K + rk
             w = _load_w(w_rows, offs_k, K, EVEN_K)
             a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
-            acc = _mac(acc, w, a, BLOCK_M, USE_DOT, SWAP_AB, DOT_IEEE)
+            acc = _mac(acc, w, a, x_scale, BLOCK_M, USE_DOT, SWAP_AB, F16_DOT, DOT_IEEE)
 
         # The next kernel may launch once every program is past its main loop. Released right after the
         # wait instead, the Qwen2.5-7B bf16 decode chain ran 12% slower than without PDL (3.71 against
@@ -549,7 +586,7 @@ if triton is not None:
                     # .cg: read from L2, past any stale L1 line of another call's partials.
                     total += tl.load(WS + (s * M + rm.to(tl.int64))[:, None] * N + rn[None, :], mask=mask, other=0.0,
                                      cache_modifier=".cg")
-                _finish(total, S, B, Y, rm, rn, rn_c, M, N, stride_ym, W_FP8, HAS_BIAS)
+                _finish(total, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS)
                 tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call / graph replay
         else:
-            _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, W_FP8, HAS_BIAS)
+            _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS)
