@@ -30,9 +30,16 @@ it, rank 0 kills the workers, tears the groups down and raises a
 ``WorkerStuckError`` naming the ranks that did not respond (from the
 progress board: tp_watch). Workers wait on rank 0 without a timeout: an
 idle server sends no step for hours, and a worker ends when rank 0 does.
+
+Teardown: NCCL's communicator abort waits for the node's other ranks, so
+rank 0 closes the workers' stdin first (each worker then aborts its own)
+and aborts its communicator at the same time, each rank waiting at most
+``NCCL_ABORT_WAIT_S`` (a killed worker never joins: a failing engine
+reports its error up to that much later).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -53,6 +60,11 @@ HEADER_LEN = 8  # StepInputs.header
 # work itself (wait_event).
 _NO_TIMEOUT = timedelta(days=365)
 _POLL_WORKERS_S = 0.05
+# How long a teardown waits for NCCL's communicator abort. Recent NCCL synchronizes the ranks of a node even
+# in ncclCommAbort, so a rank that aborts alone waits for its peers to abort too: on two H200s, rank 0's
+# abort after its workers had exited never returned (2026-12-04). Every rank now aborts at once, and none
+# waits longer than this for it (a peer that died cannot join).
+NCCL_ABORT_WAIT_S = 10.0
 
 
 class WorkerDiedError(RuntimeError):
@@ -344,12 +356,32 @@ def _died(dead: list[str], cause: Optional[BaseException] = None) -> WorkerDiedE
                            "were stopped. A worker's own error, if it had one, is printed above.")
 
 
+def _abort_quietly(group) -> None:
+    try:
+        group.abort()
+    except (RuntimeError, AttributeError):
+        pass
+
+
+def abort_within(group, wait_s: float) -> bool:
+    """``group.abort()`` in a daemon thread, waited for at most ``wait_s``: False if it had not returned
+    (the thread is left behind, holding the group, so no destructor runs the abort again)."""
+    t = threading.Thread(target=_abort_quietly, args=(group,), name="pagedbatch-group-abort", daemon=True)
+    t.start()
+    t.join(wait_s)
+    return not t.is_alive()
+
+
 def _teardown(control, data, workers, watch) -> None:
     watch.stop()
+    if data is not control:
+        # NCCL: the workers abort their communicators when their stdin closes (tp_workers), rank 0 at the
+        # same time, before waiting for them to exit.
+        if workers is not None:
+            workers.close_stdin()
+        if not abort_within(data, NCCL_ABORT_WAIT_S):
+            print(f"[pagedbatch] the NCCL communicator's abort did not return within {NCCL_ABORT_WAIT_S:g} s "
+                  "(a worker that died cannot join it); left behind", file=sys.stderr, flush=True)
     if workers is not None:
         workers.stop()
-    for group in {id(g): g for g in (data, control)}.values():
-        try:
-            group.abort()
-        except (RuntimeError, AttributeError):
-            pass
+    _abort_quietly(control)  # gloo: its peers are gone, the abort does not wait for them

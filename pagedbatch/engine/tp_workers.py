@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
-from .distributed import TPGroup, WorkerDiedError, WorkerStuckError
+from .distributed import NCCL_ABORT_WAIT_S, TPGroup, WorkerDiedError, WorkerStuckError, abort_within
 from .tp_watch import ProgressBoard
 
 _HOST = "127.0.0.1"  # tensor parallelism spans the GPUs of one host
@@ -63,14 +63,18 @@ class WorkerProcesses:
                 out.append(f"rank {rank} (pid {p.pid}) {how}")
         return out
 
-    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
-        """End the workers: close their stdin (they exit at once), kill any left after ``grace_s``; reap all."""
+    def close_stdin(self) -> None:
+        """Tell the workers to end (each aborts its NCCL communicator, then exits). Idempotent."""
         for p in self.procs:
             if p.stdin is not None and not p.stdin.closed:
                 try:
                     p.stdin.close()
                 except OSError:  # a dead worker's pipe
                     pass
+
+    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
+        """End the workers: close their stdin (they exit at once), kill any left after ``grace_s``; reap all."""
+        self.close_stdin()
         deadline = time.monotonic() + grace_s
         for p in self.procs:
             try:
@@ -160,6 +164,19 @@ def _wait_until_up(store, workers: WorkerProcesses, size: int, timeout_s: float)
         time.sleep(0.01)
 
 
+# This worker's NCCL group, aborted on the way out: rank 0 aborts its own at the same time, and NCCL's
+# abort waits for the node's other ranks (distributed.NCCL_ABORT_WAIT_S).
+_NCCL_GROUP: list = []
+
+
+def _exit(code: int) -> None:
+    for group in _NCCL_GROUP:
+        abort_within(group, NCCL_ABORT_WAIT_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _exit_when_rank0_is_gone() -> None:
     # Rank 0 closes our stdin to stop us (or the OS closes it when rank 0
     # dies): exit at once, whatever the main thread is waiting on.
@@ -167,8 +184,7 @@ def _exit_when_rank0_is_gone() -> None:
         while sys.stdin.buffer.read(4096):
             pass
     finally:
-        sys.stderr.flush()
-        os._exit(0)
+        _exit(0)
 
 
 def main() -> None:
@@ -197,6 +213,8 @@ def main() -> None:
     code = 0
     try:
         group = TPGroup(rank, size, device, store, board)
+        if group.data is not group.control:
+            _NCCL_GROUP.append(group.data)
         runner = ModelRunner(config, ModelArgs.from_dir(config.model), device, spec["max_model_len"], set(), tp=group)
     except Exception:
         print(f"[pagedbatch] tensor-parallel worker rank {rank} failed to set up:", file=sys.stderr)
@@ -209,11 +227,9 @@ def main() -> None:
             print(f"[pagedbatch] tensor-parallel worker rank {rank} stops: {type(e).__name__}: {e}",
                   file=sys.stderr)
             code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Exit without tearing the groups down: rank 0 may be gone, and a gloo or
-    # NCCL group destroyed with a dead peer can hang or abort.
-    os._exit(code)
+    # Exit without destroying the groups (a gloo or NCCL group destroyed with a dead peer can hang or
+    # abort); only NCCL's communicator is aborted, with a deadline.
+    _exit(code)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,27 @@ def test_workers_end_when_rank0_dies(tiny_model, tmp_path, how):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_group_abort_that_never_returns_is_left_behind_after_its_deadline():
+    """NCCL's abort waits for the node's other ranks (a dead one never joins): teardown bounds the wait."""
+    import threading
+    import time
+
+    from pagedbatch.engine.distributed import abort_within
+
+    class Group:
+        def __init__(self, blocks):
+            self.blocks, self.aborted = blocks, threading.Event()
+
+        def abort(self):
+            self.aborted.set()
+            if self.blocks:
+                threading.Event().wait()  # like ncclCommAbort with a peer that exited
+
+    t0 = time.monotonic()
+    stuck = Group(blocks=True)
+    assert abort_within(stuck, 0.2) is False and stuck.aborted.is_set()
+    assert time.monotonic() - t0 < 2
+    fine = Group(blocks=False)
+    assert abort_within(fine, 5.0) is True and fine.aborted.is_set()
