@@ -34,8 +34,8 @@ idle server sends no step for hours, and a worker ends when rank 0 does.
 Teardown: NCCL's communicator abort waits for the node's other ranks, so
 rank 0 closes the workers' stdin first (each worker then aborts its own)
 and aborts its communicator at the same time, each rank waiting at most
-``NCCL_ABORT_WAIT_S`` (a killed worker never joins: a failing engine
-reports its error up to that much later).
+``NCCL_ABORT_WAIT_S``; after a failure (a dead or stuck worker never
+joins) rank 0 starts its abort without waiting for it.
 """
 from __future__ import annotations
 
@@ -118,7 +118,9 @@ class TPGroup:
             Watchdog(self._watchdog_fired, poll_s=max(0.01, min(0.5, min(self._timeouts) / 10)))
         # Interpreter exit or a forgotten engine: stop the workers and tear the
         # groups down (a gloo group destroyed at exit with a dead peer aborts the process).
-        self._finalizer = weakref.finalize(self, _teardown, self.control, self.data, workers, self._watch)
+        self._teardown_state = {"failed": False}  # read by _teardown, which must not hold self
+        self._finalizer = weakref.finalize(self, _teardown, self.control, self.data, workers, self._watch,
+                                           self._teardown_state)
         if device.type == "cuda":
             with self.span("NCCL's communicator setup"):
                 self.barrier()  # every rank is up before NCCL's (blocking) communicator setup ...
@@ -327,6 +329,7 @@ class TPGroup:
                 self.failure = failure
                 if kill and self.workers is not None:
                     self.workers.stop(grace_s=0.0)
+                self._teardown_state["failed"] = True
                 self._finalizer()
         return self.failure
 
@@ -372,14 +375,16 @@ def abort_within(group, wait_s: float) -> bool:
     return not t.is_alive()
 
 
-def _teardown(control, data, workers, watch) -> None:
+def _teardown(control, data, workers, watch, state) -> None:
     watch.stop()
     if data is not control:
         # NCCL: the workers abort their communicators when their stdin closes (tp_workers), rank 0 at the
-        # same time, before waiting for them to exit.
+        # same time, before waiting for them to exit. After a failure a worker is dead or stuck and never
+        # joins: the abort is started (it stops rank 0's kernels waiting on that worker) but not waited for,
+        # so the engine's error is raised at once.
         if workers is not None:
             workers.close_stdin()
-        if not abort_within(data, NCCL_ABORT_WAIT_S):
+        if not abort_within(data, 0.0 if state["failed"] else NCCL_ABORT_WAIT_S) and not state["failed"]:
             print(f"[pagedbatch] the NCCL communicator's abort did not return within {NCCL_ABORT_WAIT_S:g} s "
                   "(a worker that died cannot join it); left behind", file=sys.stderr, flush=True)
     if workers is not None:
