@@ -101,7 +101,8 @@ def skinny_spec(args):
            else sg.default_config(args.m, args.n, args.k, wdtype))
     split = sg.split_plan(args.k, cfg)[1]
     const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-                 USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH", W_FP8=args.kv == "fp8", HAS_BIAS=False,
+                 USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH",
+                 W_FP8=args.kv == "fp8", HAS_BIAS=False,
                  SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
                  DOT_IEEE=args.q == "fp32", PDL=args.pdl)
     return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages

@@ -384,9 +384,11 @@ def _teardown(control, data, workers, watch, state) -> None:
         # so the engine's error is raised at once.
         if workers is not None:
             workers.close_stdin()
-        if not abort_within(data, 0.0 if state["failed"] else NCCL_ABORT_WAIT_S) and not state["failed"]:
+        if state["failed"]:
+            abort_within(data, 0.0)
+        elif not abort_within(data, NCCL_ABORT_WAIT_S):
             print(f"[pagedbatch] the NCCL communicator's abort did not return within {NCCL_ABORT_WAIT_S:g} s "
-                  "(a worker that died cannot join it); left behind", file=sys.stderr, flush=True)
+                  "(a worker did not abort its own); left behind", file=sys.stderr, flush=True)
     if workers is not None:
         workers.stop()
     _abort_quietly(control)  # gloo: its peers are gone, the abort does not wait for them
