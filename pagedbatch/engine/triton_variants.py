@@ -18,6 +18,7 @@ _MODULES = (
     "pagedbatch.engine.models.fused_ops",
     "pagedbatch.engine.models.fp8",
     "pagedbatch.engine.models.skinny_gemm",
+    "pagedbatch.engine.models.mid_gemm",
     "pagedbatch.engine.sampling_kernels",
 )
 

@@ -184,7 +184,7 @@ def test_rows_quantized_by_the_producing_kernel_change_nothing_but_the_kernel_co
 
     for mod in ("pagedbatch.engine.models.llama", "pagedbatch.engine.models.linear"):
         monkeypatch.setattr(f"{mod}.linear", spy_linear)
-    monkeypatch.setattr(linear_mod, "fp8_linear_scaled_mm", lambda x, w, ws, b=None: counted("own")(
+    monkeypatch.setattr(linear_mod, "fp8_linear_dynamic", lambda x, w, ws, b=None: counted("own")(
         *fp8.quantize_per_token(x), w, ws, b, x.dtype))
     assert [o.token_ids for o in eng.generate(prompts, greedy)] == want
     layers = eng.engine.runner.model.args.num_layers

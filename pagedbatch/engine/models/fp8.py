@@ -18,9 +18,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from ..pdl import wait_for_producer
 except ImportError:  # the CPU path needs no Triton
     triton = None
 
@@ -95,8 +99,9 @@ def quantize_per_token_triton(x: torch.Tensor, out: Optional[torch.Tensor] = Non
         # The whole row in registers (one read) up to 8192 columns; longer rows (a 7B's down_proj input,
         # 18944) are read twice, the second time from L2.
         block = min(triton.next_power_of_2(K), 8192)
+        # PDL (engine/pdl.py): the matmul after it launches while it runs and fetches its first weight tiles.
         _quant_rows_kernel[(M,)](x, q, s, x.stride(0), q.stride(0), K, BLOCK=block, ONE_BLOCK=block >= K,
-                                 num_warps=4 if block <= 2048 else 8)
+                                 num_warps=4 if block <= 2048 else 8, **pdl.launch_kwargs(x.device))
     return q, s
 
 
@@ -132,7 +137,9 @@ if triton is not None:
         return tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
 
     @triton.jit
-    def _quant_rows_kernel(X, Q, S, s_x, s_q, K, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    def _quant_rows_kernel(X, Q, S, s_x, s_q, K, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                           PDL: tl.constexpr = False):
+        wait_for_producer(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         x_row = X + row * s_x

@@ -14,7 +14,10 @@ syncs with the host:
     ~1.8 TB/s for M <= 128 on an H200, no faster than bf16: bench/fp8_gemm.py);
   * more rows: the activation quantized per token by one fused Triton kernel
     (``fp8.quantize_per_token``), then ``torch._scaled_mm`` with row-wise
-    scales (cuBLASLt), bf16 output;
+    scales (cuBLASLt), bf16 output; or, for the shapes and row counts where
+    a sweep measured it faster (``mid_gemm.TUNED``: Qwen2.5-7B's matmuls at
+    17-128 rows, Qwen3-0.6B's at 17-256), our fp8 x fp8 Triton GEMM on the
+    same quantized operands ("mid");
   * shapes ``_scaled_mm`` refuses (K or N not a multiple of 16, e.g. an
     odd tensor-parallel split) run the reference path below, with a warning.
 - fp8 weights anywhere else (the CPU): the reference path, the GPU's
@@ -68,6 +71,15 @@ FUSE_FP8_QUANT = False
 
 
 @functools.lru_cache(maxsize=None)
+def _mid():
+    try:
+        from . import mid_gemm
+    except ImportError:
+        return None
+    return mid_gemm
+
+
+@functools.lru_cache(maxsize=None)
 def _skinny():
     try:
         from . import skinny_gemm
@@ -77,7 +89,8 @@ def _skinny():
 
 
 def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.device, fp8: bool) -> str:
-    """The kernel for an [M, K] x [N, K]^T product: "linear", "skinny", "scaled_mm" or "reference" (fp8 in float32).
+    """The kernel for an [M, K] x [N, K]^T product: "linear", "skinny", "mid", "scaled_mm" or "reference" (fp8
+    in float32).
 
     Shapes, dtypes and the device only: static per CUDA-graph bucket.
     """
@@ -89,6 +102,9 @@ def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.devic
         return "skinny"
     if not fp8:
         return "linear"
+    mid = _mid()
+    if mid is not None and mid.tuned_config(M, N, K) is not None and mid.mid_supported(N, K, device):
+        return "mid"
     if not scaled_mm_supports(N, K):
         _warn_unsupported(N, K)
         return "reference"
@@ -109,7 +125,7 @@ def skinny_variant_rows(weight: torch.Tensor, device: torch.device) -> list[int]
 def takes_fp8_rows(M: int, weight: torch.Tensor, weight_scale: Optional[torch.Tensor], device: torch.device) -> bool:
     """Whether ``linear`` wants its M-row input as ``Fp8Rows``, quantized by the kernel that produces it."""
     return (FUSE_FP8_QUANT and weight_scale is not None
-            and route(M, weight.shape[0], weight.shape[1], weight.dtype, device, True) == "scaled_mm")
+            and route(M, weight.shape[0], weight.shape[1], weight.dtype, device, True) in ("scaled_mm", "mid"))
 
 
 def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -118,8 +134,9 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
     ``x`` may be ``Fp8Rows`` [M, K] where ``takes_fp8_rows`` said so."""
     if isinstance(x, Fp8Rows):
         if not takes_fp8_rows(x.q.shape[0], weight, weight_scale, x.q.device):
-            raise ValueError("pre-quantized rows go only to an fp8 linear on the _scaled_mm route (takes_fp8_rows)")
-        return _scaled_mm(x.q, x.scale, weight, weight_scale, bias, x.dtype)
+            raise ValueError("pre-quantized rows go only to an fp8 linear on the _scaled_mm or mid route "
+                             "(takes_fp8_rows)")
+        return _fp8_matmul(x.q, x.scale, weight, weight_scale, bias, x.dtype)
     if weight_scale is None and not x.is_cuda:
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
@@ -130,8 +147,8 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
         return F.linear(x, weight, bias)
     if kind == "skinny":
         out = _skinny().skinny_linear(x2, weight, weight_scale, bias)
-    elif kind == "scaled_mm":
-        out = fp8_linear_scaled_mm(x2, weight, weight_scale, bias)
+    elif kind in ("scaled_mm", "mid"):
+        out = fp8_linear_dynamic(x2, weight, weight_scale, bias)
     else:
         out = fp8_linear_reference(x2, weight, weight_scale, bias, quantize_activations=M > weights_only_rows())
     return out.reshape(*lead, N)
@@ -179,11 +196,30 @@ def scaled_mm_supports(N: int, K: int) -> bool:
     return N % 16 == 0 and K % 16 == 0
 
 
+def fp8_linear_dynamic(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token fp8 activation (fused Triton kernel) times the fp8 weight: our Triton GEMM where it is tuned
+    for the shape and row count, else ``torch._scaled_mm``; in ``x``'s dtype."""
+    xq, xs = quantize_per_token(x)
+    return _fp8_matmul(xq, xs, weight, weight_scale, bias, x.dtype)
+
+
 def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token fp8 activation (fused Triton kernel) times the fp8 weight through ``torch._scaled_mm``."""
     xq, xs = quantize_per_token(x)
     return _scaled_mm(xq, xs, weight, weight_scale, bias, x.dtype)
+
+
+def _fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per-token-quantized rows times the fp8 weight: our Triton GEMM where it is tuned for the shape, else
+    ``torch._scaled_mm``."""
+    mid = _mid()
+    config = mid.tuned_config(xq.shape[0], *weight.shape) if mid is not None else None
+    if config is not None and mid.mid_supported(*weight.shape, xq.device):
+        return mid.mid_linear(xq, xs, weight, weight_scale, bias, out_dtype=dtype, config=config)
+    return _scaled_mm(xq, xs, weight, weight_scale, bias, dtype)
 
 
 def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
