@@ -63,10 +63,11 @@ log = logging.getLogger(__name__)
 USE_SKINNY_BF16 = True
 
 # Quantize an fp8 linear's activation in the kernel that produces it (RMSNorm before qkv and gate_up,
-# SiLU·mul before down) instead of in a kernel of its own before torch._scaled_mm. The same bits either way
-# (tests/engine/test_fused_ops.py). Off: measured once on the H200 (2026-12-04, W-nano with fp8 weights and
-# cache, bench/throughput.py --fuse-fp8-quant, on first then off in one call) at 20,624 against 21,901
-# out tok/s; not yet profiled, nor repeated in the other order.
+# SiLU·mul before down) instead of in a kernel of its own before the fp8 GEMM. The same bits either way
+# (tests/engine/test_fused_ops.py). Off: no clear gain measured on the H200 (bench/throughput.py
+# --fuse-fp8-quant): W-nano with fp8 weights and cache 20,624 against 21,901 out tok/s (2026-12-04, before
+# mid_gemm and the PDL-launched quantization kernel); after them 29,030 against 28,820 and 27,999 in one call,
+# W1 at batch 32 6,230 against 6,500 in another (run-to-run spread of a few percent).
 FUSE_FP8_QUANT = False
 
 
