@@ -26,7 +26,7 @@ from model_factory import build_shaped_model
 from pagedbatch import InferenceEngine
 from pagedbatch.engine.models.fp8 import FP8, dequantize_rows, quantize_per_token, quantize_rows
 from pagedbatch.engine.models.linear import fp8_linear_scaled_mm, linear, route
-from pagedbatch.engine.models.mid_gemm import tuned_config
+from pagedbatch.engine.models.mid_gemm import default_config
 from pagedbatch.engine.models.skinny_gemm import skinny_max_m
 
 pytestmark = pytest.mark.gpu
@@ -98,7 +98,7 @@ def test_scaled_mm_and_routed_linear_match_float32_of_the_same_quantized_operand
     _poison_allocator(room)
     _check_close(fp8_linear_scaled_mm(x, wq, ws, bias), ref)
     routed = route(M, N, K, FP8, x.device, True)
-    assert routed == ("skinny" if M <= skinny_max_m(FP8) else "mid" if tuned_config(M, N, K) else "scaled_mm")
+    assert routed == ("skinny" if M <= skinny_max_m(FP8) else "mid" if default_config(M, N, K) else "scaled_mm")
     if routed == "skinny":
         # The skinny kernel multiplies the bf16 activations themselves (weights-only fp8): its
         # reference has no activation quantization.

@@ -98,7 +98,7 @@ def test_bad_operands_are_refused_with_what_is_wrong():
         mg.mid_linear(xq, xs, wq[:, :32], ws, config=cfg)
     with pytest.raises(ValueError, match="per-token scales"):
         mg.mid_linear(xq, xs[:2], wq, ws, config=cfg)
-    with pytest.raises(ValueError, match="no tuned config"):
+    with pytest.raises(ValueError, match="no config"):
         mg.mid_linear(xq, xs, wq, ws)
 
 
@@ -120,17 +120,17 @@ def tuned(monkeypatch):
     (the interpreter) so the routing can be followed there."""
     monkeypatch.setattr(mg, "TUNED", {(32, 48, 96): "bm32 bn32 bk64 g8 w4 st2"})
     monkeypatch.setattr(mg, "mid_supported", lambda N, K, device: True)
-    mg._tuned.cache_clear()
+    mg._default.cache_clear()
     yield
-    mg._tuned.cache_clear()
+    mg._default.cache_clear()
 
 
-def test_tuned_config_covers_its_bucket_only(tuned):
-    assert str(mg.tuned_config(17, 48, 96)) == "bm32 bn32 bk64 g8 w4 st2"
-    assert str(mg.tuned_config(32, 48, 96)) == "bm32 bn32 bk64 g8 w4 st2"
-    assert mg.tuned_config(33, 48, 96) is None  # bucket 64: not measured
-    assert mg.tuned_config(32, 64, 96) is None  # another shape
-    assert mg.tuned_config(10_000, 48, 96) is None  # above the largest bucket
+def test_default_config_is_tuneds_in_its_bucket_only(tuned):
+    assert str(mg.default_config(17, 48, 96)) == "bm32 bn32 bk64 g8 w4 st2"
+    assert str(mg.default_config(32, 48, 96)) == "bm32 bn32 bk64 g8 w4 st2"
+    assert mg.default_config(33, 48, 96) is None  # bucket 64: not measured
+    assert mg.default_config(32, 64, 96) is None  # another shape
+    assert mg.default_config(10_000, 48, 96) is None  # above the largest bucket
 
 
 def test_quantized_rows_take_the_tuned_kernel_else_scaled_mm(tuned, monkeypatch):
@@ -157,6 +157,16 @@ def test_route_names_mid_only_on_a_gpu_with_a_tuned_shape(tuned, monkeypatch):
     assert linear_mod.route(24, 48, 96, FP8, torch.device("cpu"), True) == "reference"
 
 
+def test_untuned_shapes_take_the_32_row_default_within_the_swept_sizes_only():
+    shape = (2048, 2048)  # in no model of TUNED
+    assert all((mb,) + shape not in mg.TUNED for mb in mg.M_BUCKETS)
+    assert str(mg.default_config(17, *shape)) == mg.DEFAULT_32
+    assert str(mg.default_config(32, *shape)) == mg.DEFAULT_32
+    assert mg.default_config(33, *shape) is None  # above 32 rows only measured shapes
+    assert mg.default_config(32, 128, 2048) is None  # narrower than any swept matmul
+    assert mg.default_config(32, 2048, 65536) is None  # longer K than any swept matmul
+
+
 def test_every_tuned_entry_parses_and_lies_in_its_bucket():
     for (mb, N, K), text in mg.TUNED.items():
         cfg = C(text)
@@ -166,8 +176,11 @@ def test_every_tuned_entry_parses_and_lies_in_its_bucket():
 
 # A small model's real shapes (Qwen3-0.6B: qkv, o, gate_up, down), and every tuned entry at its own shape.
 SHAPES_06B = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
+# DEFAULT_32 at untuned shapes at the edges of its span (K tails of its 128-wide tiles included).
+DEFAULT_CASES = [(32, 2048, 2048), (32, 896, 18944), (32, 37888, 896), (32, 1000, 1040)]
 GPU_CASES = sorted({(mb, n, k, text) for (mb, n, k), text in mg.TUNED.items()}
-                   | {(mb, n, k, "bm64 bn64 bk128 g8 w4 st4") for mb in (32, 256) for n, k in SHAPES_06B})
+                   | {(mb, n, k, "bm64 bn64 bk128 g8 w4 st4") for mb in (32, 256) for n, k in SHAPES_06B}
+                   | {(mb, n, k, mg.DEFAULT_32) for mb, n, k in DEFAULT_CASES})
 
 
 @pytest.mark.gpu

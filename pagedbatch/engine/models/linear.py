@@ -14,10 +14,10 @@ syncs with the host:
     ~1.8 TB/s for M <= 128 on an H200, no faster than bf16: bench/fp8_gemm.py);
   * more rows: the activation quantized per token by one fused Triton kernel
     (``fp8.quantize_per_token``), then ``torch._scaled_mm`` with row-wise
-    scales (cuBLASLt), bf16 output; or, for the shapes and row counts where
-    a sweep measured it faster (``mid_gemm.TUNED``: Qwen2.5-7B's matmuls at
-    17-128 rows, Qwen3-0.6B's at 17-256), our fp8 x fp8 Triton GEMM on the
-    same quantized operands ("mid");
+    scales (cuBLASLt), bf16 output; or our fp8 x fp8 Triton GEMM on the same
+    quantized operands ("mid") for the shapes and row counts where a sweep
+    measured it faster (``mid_gemm.TUNED``) and for other shapes of the sizes
+    swept at 17-32 rows;
   * shapes ``_scaled_mm`` refuses (K or N not a multiple of 16, e.g. an
     odd tensor-parallel split) run the reference path below, with a warning.
 - fp8 weights anywhere else (the CPU): the reference path, the GPU's
@@ -104,7 +104,7 @@ def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.devic
     if not fp8:
         return "linear"
     mid = _mid()
-    if mid is not None and mid.tuned_config(M, N, K) is not None and mid.mid_supported(N, K, device):
+    if mid is not None and mid.default_config(M, N, K) is not None and mid.mid_supported(N, K, device):
         return "mid"
     if not scaled_mm_supports(N, K):
         _warn_unsupported(N, K)
@@ -217,7 +217,7 @@ def _fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight
     """Per-token-quantized rows times the fp8 weight: our Triton GEMM where it is tuned for the shape, else
     ``torch._scaled_mm``."""
     mid = _mid()
-    config = mid.tuned_config(xq.shape[0], *weight.shape) if mid is not None else None
+    config = mid.default_config(xq.shape[0], *weight.shape) if mid is not None else None
     if config is not None and mid.mid_supported(*weight.shape, xq.device):
         return mid.mid_linear(xq, xs, weight, weight_scale, bias, out_dtype=dtype, config=config)
     return _scaled_mm(xq, xs, weight, weight_scale, bias, dtype)

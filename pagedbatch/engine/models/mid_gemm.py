@@ -12,7 +12,9 @@ are too small to fill the GPU with cuBLAS's tiles; their time is decided by
 how many programs run and how soon each one's first tiles arrive, not by
 the FLOP rate. Tiles picked per shape and row bucket by a sweep
 (``bench/mid_gemm.py``) do better (0.86 and 3.38 ms); where they do not, the
-table below has no entry and ``_scaled_mm`` stays the kernel.
+table below has no entry and ``_scaled_mm`` stays the kernel. Shapes nobody
+swept take one config at up to 32 rows (``DEFAULT_32``, never slower than
+``_scaled_mm`` on the 20 matmuls of five models) and ``_scaled_mm`` above.
 
 The numerics are ``_scaled_mm``'s: the activation quantized per token
 beforehand (``fp8.quantize_per_token``, or the kernel producing it), e4m3 x
@@ -95,9 +97,11 @@ class MidConfig:
 # --------------------------------------------------------------------------
 
 # (M bucket, N, K) -> config string, only where the sweep measured this kernel faster than torch._scaled_mm
-# by more than 3% (each with the quantization kernel in front); every other shape and row count keeps
-# _scaled_mm. From `bench/mid_gemm.py [--model-config qwen2.5-7b.json]` on the H200, 2026-12-04 (one run
-# each; JSON bench/results/mid_gemm-2026-12-04-*-s9D.json); us per call with the quantization kernel.
+# by more than 3% (each with the quantization kernel in front); other shapes at up to 32 rows take
+# DEFAULT_32 below, everything else keeps _scaled_mm. From `bench/mid_gemm.py --model-config <model>
+# [--tp N]` on the H200, 2026-12-04 (one run each; JSON bench/results/mid_gemm-2026-12-04-*-s9{D,G}.json):
+# Qwen2.5-7B, Qwen3-0.6B, Llama-3.1-8B, Llama-3.1-70B's tensor-parallel rank of 8 (70B/8), Qwen2.5-0.5B;
+# us per call with the quantization kernel.
 TUNED: dict[tuple, str] = {
     (32, 4608, 3584): 'bm32 bn64 bk256 g8 w4 st4',  # 7B qkv: 13.5 us, _scaled_mm 17.1, bf16 12.1
     (64, 4608, 3584): 'bm64 bn32 bk256 g8 w4 st3',  # 7B qkv: 15.1 us, _scaled_mm 17.1, bf16 12.6
@@ -124,9 +128,46 @@ TUNED: dict[tuple, str] = {
     (64, 1024, 3072): 'bm32 bn32 bk256 g8 w4 st4',  # 0.6B down: 11.2 us, _scaled_mm 15.0, bf16 8.3
     (128, 1024, 3072): 'bm64 bn32 bk256 g8 w4 st4',  # 0.6B down: 12.2 us, _scaled_mm 14.9, bf16 8.0
     (256, 1024, 3072): 'bm64 bn32 bk256 g8 w4 st4',  # 0.6B down: 12.8 us, _scaled_mm 15.3, bf16 7.7
+    (32, 1280, 8192): 'bm32 bn32 bk256 g8 w4 st4',  # 70B/8 qkv: 17.3 us, _scaled_mm 25.4, bf16 11.2
+    (64, 1280, 8192): 'bm32 bn32 bk256 g8 w4 st4',  # 70B/8 qkv: 17.5 us, _scaled_mm 25.1, bf16 11.2
+    (32, 8192, 1024): 'bm32 bn32 bk128 g8 w4 st4',  # 70B/8 o: 7.4 us, _scaled_mm 8.3, bf16 7.0
+    (64, 8192, 1024): 'bm64 bn32 bk128 g8 w4 st4',  # 70B/8 o: 7.4 us, _scaled_mm 8.6, bf16 7.5
+    (32, 7168, 8192): 'bm32 bn64 bk256 g8 w4 st4',  # 70B/8 gate_up: 23.4 us, _scaled_mm 35.2, bf16 34.8
+    (64, 7168, 8192): 'bm64 bn64 bk256 g8 w4 st4',  # 70B/8 gate_up: 26.7 us, _scaled_mm 29.7, bf16 33.6
+    (32, 8192, 3584): 'bm32 bn64 bk256 g8 w4 st4',  # 70B/8 down: 15.1 us, _scaled_mm 21.3, bf16 18.5
+    (64, 8192, 3584): 'bm64 bn32 bk256 g8 w4 st3',  # 70B/8 down: 16.4 us, _scaled_mm 18.4, bf16 18.7
+    (32, 6144, 4096): 'bm32 bn64 bk256 g8 w4 st4',  # 8B qkv: 13.5 us, _scaled_mm 16.7, bf16 16.9
+    (64, 6144, 4096): 'bm64 bn32 bk256 g8 w4 st3',  # 8B qkv: 15.3 us, _scaled_mm 16.3, bf16 17.1
+    (32, 4096, 4096): 'bm32 bn32 bk256 g8 w4 st4',  # 8B o: 11.7 us, _scaled_mm 15.7, bf16 14.3
+    (64, 4096, 4096): 'bm64 bn32 bk256 g8 w4 st4',  # 8B o: 13.0 us, _scaled_mm 15.8, bf16 12.2
+    (32, 28672, 4096): 'bm32 bn128 bk128 g8 w4 st4',  # 8B gate_up: 37.3 us, _scaled_mm 48.8, bf16 64.1
+    (64, 28672, 4096): 'bm64 bn128 bk128 g8 w4 st3',  # 8B gate_up: 38.9 us, _scaled_mm 47.8, bf16 67.9
+    (32, 4096, 14336): 'bm32 bn32 bk256 g8 w4 st4',  # 8B down: 32.3 us, _scaled_mm 44.5, bf16 36.3
+    (64, 4096, 14336): 'bm64 bn32 bk256 g8 w4 st4',  # 8B down: 37.5 us, _scaled_mm 45.0, bf16 38.5
+    (32, 1152, 896): 'bm32 bn32 bk256 g8 w4 st4',  # 0.5B qkv: 6.7 us, _scaled_mm 8.5, bf16 4.6
+    (64, 1152, 896): 'bm32 bn32 bk256 g8 w4 st4',  # 0.5B qkv: 6.4 us, _scaled_mm 8.6, bf16 4.6
+    (128, 1152, 896): 'bm64 bn32 bk128 g8 w4 st4',  # 0.5B qkv: 7.0 us, _scaled_mm 8.8, bf16 4.7
+    (256, 1152, 896): 'bm64 bn32 bk128 g8 w4 st4',  # 0.5B qkv: 7.3 us, _scaled_mm 8.8, bf16 5.1
+    (32, 896, 896): 'bm32 bn32 bk256 g8 w4 st4',  # 0.5B o: 6.6 us, _scaled_mm 8.2, bf16 4.3
+    (64, 896, 896): 'bm32 bn32 bk256 g8 w4 st4',  # 0.5B o: 6.6 us, _scaled_mm 8.4, bf16 4.3
+    (128, 896, 896): 'bm64 bn32 bk128 g8 w4 st4',  # 0.5B o: 7.0 us, _scaled_mm 8.6, bf16 4.4
+    (256, 896, 896): 'bm64 bn32 bk128 g8 w4 st4',  # 0.5B o: 7.3 us, _scaled_mm 8.8, bf16 4.8
+    (32, 9728, 896): 'bm32 bn32 bk128 g8 w4 st3',  # 0.5B gate_up: 8.9 us, _scaled_mm 9.4, bf16 7.8
+    (64, 9728, 896): 'bm64 bn32 bk128 g8 w4 st4',  # 0.5B gate_up: 8.6 us, _scaled_mm 9.2, bf16 7.7
+    (32, 896, 4864): 'bm32 bn32 bk256 g8 w4 st4',  # 0.5B down: 13.9 us, _scaled_mm 19.1, bf16 8.3
+    (64, 896, 4864): 'bm32 bn32 bk256 g8 w4 st4',  # 0.5B down: 14.0 us, _scaled_mm 19.3, bf16 8.5
+    (128, 896, 4864): 'bm64 bn32 bk256 g8 w4 st4',  # 0.5B down: 16.0 us, _scaled_mm 19.7, bf16 8.8
+    (256, 896, 4864): 'bm64 bn32 bk256 g8 w4 st4',  # 0.5B down: 16.9 us, _scaled_mm 20.4, bf16 10.3
 }
 
 M_BUCKETS = (32, 64, 128, 256, 512)
+
+# Shapes not in TUNED at up to 32 rows. Of all configs tried, the one never slower than _scaled_mm on the
+# 20 matmuls of the five models above at 32 rows (1.03x at worst, 1.16x on average, the quantization kernel
+# counted in both); at 64 rows no single config was (0.94x at worst), so other buckets need a TUNED entry.
+# Only within the sizes those matmuls span (N 896-37,888, K 896-18,944).
+DEFAULT_32 = "bm32 bn32 bk128 g8 w4 st4"
+_DEFAULT_SPAN = ((896, 37888), (896, 18944))
 
 
 def m_bucket(M: int) -> Optional[int]:
@@ -137,15 +178,19 @@ def m_bucket(M: int) -> Optional[int]:
     return None
 
 
-def tuned_config(M: int, N: int, K: int) -> Optional[MidConfig]:
-    """The measured config for this shape and row count, or None where ``_scaled_mm`` is the kernel."""
+def default_config(M: int, N: int, K: int) -> Optional[MidConfig]:
+    """The config for this shape and row count (TUNED's, else DEFAULT_32 at up to 32 rows within its span),
+    or None where ``_scaled_mm`` is the kernel."""
     mb = m_bucket(M)
-    return None if mb is None else _tuned(mb, N, K)
+    return None if mb is None else _default(mb, N, K)
 
 
 @functools.lru_cache(maxsize=4096)
-def _tuned(mb: int, N: int, K: int) -> Optional[MidConfig]:
+def _default(mb: int, N: int, K: int) -> Optional[MidConfig]:
     text = TUNED.get((mb, N, K))
+    if text is None and mb == M_BUCKETS[0]:
+        (n0, n1), (k0, k1) = _DEFAULT_SPAN
+        text = DEFAULT_32 if n0 <= N <= n1 and k0 <= K <= k1 else None
     return MidConfig.parse(text) if text else None
 
 
@@ -186,9 +231,9 @@ def mid_linear(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_
         raise ValueError(f"mid_linear: weight_scale must hold {N} float32 per-channel scales")
     if bias is not None and bias.numel() != N:
         raise ValueError(f"mid_linear: bias has {bias.numel()} elements, expected {N}")
-    c = config if config is not None else tuned_config(M, N, K)
+    c = config if config is not None else default_config(M, N, K)
     if c is None:
-        raise ValueError(f"mid_linear: no tuned config for M={M}, N={N}, K={K}; pass config=")
+        raise ValueError(f"mid_linear: no config for M={M}, N={N}, K={K} (TUNED, DEFAULT_32); pass config=")
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
     elif out.shape != (M, N) or out.dtype != out_dtype or out.stride(-1) != 1:
