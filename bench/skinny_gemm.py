@@ -97,6 +97,11 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
     if mb <= 4:
         for bn1, kbytes, warps, stages in FMA_TILES[: 3 if quick else None]:
             tiles.append(sg.SkinnyConfig("fma", mb, max(warps, bn1 // mb), kbytes // itemsize, 1, warps, stages))
+            if mb == 1:
+                # Persistent: 2 or 4 programs per SM walk the column tiles in one pipeline (never more than
+                # fit at once: at 90 registers 5 do, sm_90 code of bench/kernel_sass.py).
+                tiles += [sg.SkinnyConfig("fma", 1, max(warps, bn1), kbytes // itemsize, 1, warps, stages, p)
+                          for p in (2, 4)]
     for kind, bn, kbytes, warps, stages in (DOT_TILES[: 3 if quick else None]
                                             + (DOTH_TILES[: 3 if quick else None] if wkind == "fp8" else [])):
         tiles.append(sg.SkinnyConfig(kind, max(16, mb), bn, kbytes // itemsize, 1, warps, stages))
@@ -110,8 +115,8 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
         iters = -(-K // t.block_k)
         # Split only toward 1-8 programs per SM, each split keeping >= 2 K tiles to pipeline.
         splits = [1] + [s for s in (2, 4, 8, 16) if iters // s >= 2 and num_sms <= n_tiles * s <= 8 * num_sms]
-        for s in splits[: 2 if quick else None]:
-            cfg = sg.SkinnyConfig(t.kind, t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages)
+        for s in ([1] if t.persist else splits[: 2 if quick else None]):
+            cfg = sg.SkinnyConfig(t.kind, t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages, t.persist)
             key = (t, sg.split_plan(K, cfg)[1])
             if key not in seen:
                 seen.add(key)

@@ -390,3 +390,29 @@ def test_gpu_cuda_graph_replays_match_eager_calls(wdtype):
         for got, want in zip(outs, eager):
             assert torch.equal(got, want)
     assert int(sg._lock_buffer(torch.device("cuda")).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("wkind,act,N,K,bias", [("fp8", None, 200, 160, False), ("fp8", "silu_mul", 72, 112, False),
+                                                ("fp32", None, 200, 112, True), ("fp8", None, 24, 160, True)])
+def test_persistent_one_row_kernel_gives_the_fma_kinds_bits(wkind, act, N, K, bias):
+    """``persist``: each program walks several column tiles in one pipeline (here 2 programs per "SM", 4 in
+    the interpreter: 8 programs for up to 25 tiles, partial last tiles, K tails, fp8 scales, bias, silu_mul);
+    the sums are the fma kind's in the same order, so the outputs are the same bits."""
+    g = torch.Generator().manual_seed(N + K)
+    w, scale, w64 = make_weights(wkind, N, K, torch.float32, g)
+    x = torch.randn(1, 2 * K if act else K, generator=g).to(DEV)
+    b = torch.randn(N, generator=g).to(DEV) if bias else None
+    base = run(x, w, scale, b, C("fma bm1 bn8 bk32 sk1 w4 st2"), act=act)
+    got = run(x, w, scale, b, C("fma bm1 bn8 bk32 sk1 w4 st2 p2"), act=act)
+    assert torch.equal(got, base)
+    torch.testing.assert_close(got.double().cpu(), reference(x, w64, b, act=act), rtol=1e-4, atol=1e-4)
+    # More than one row: the tiled kernel runs the same config without ``persist``.
+    x2 = torch.randn(3, x.shape[1], generator=g).to(DEV)
+    torch.testing.assert_close(run(x2, w, scale, b, C("fma bm1 bn8 bk32 sk1 w4 st2 p2"), act=act),
+                               run(x2, w, scale, b, C("fma bm1 bn8 bk32 sk1 w4 st2"), act=act), rtol=0, atol=0)
+
+
+def test_persist_is_refused_outside_the_one_row_fma_kind():
+    for bad in ("dot bm16 bn32 bk32 sk1 w4 st2 p2", "fma bm2 bn8 bk32 sk1 w4 st2 p2", "fma bm1 bn8 bk32 sk2 w4 st2 p2"):
+        with pytest.raises(ValueError, match="persist"):
+            C(bad)

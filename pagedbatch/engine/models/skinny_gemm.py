@@ -112,6 +112,7 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    persist: int = 0  # > 0: that many programs per SM walk the column tiles in one pipeline (fma, one row)
 
     def __post_init__(self):
         def pow2(v):
@@ -127,19 +128,22 @@ class SkinnyConfig:
                              f"(tensor-core tiles), got {self}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"SkinnyConfig.split_k and num_stages must be >= 1, got {self}")
+        if self.persist < 0 or (self.persist and (self.kind != "fma" or self.block_m != 1 or self.split_k != 1)):
+            raise ValueError(f"SkinnyConfig.persist is for the one-row fma kind without split-K, got {self}")
 
     def __str__(self) -> str:
         return (f"{self.kind} bm{self.block_m} bn{self.block_n} bk{self.block_k} sk{self.split_k} "
-                f"w{self.num_warps} st{self.num_stages}")
+                f"w{self.num_warps} st{self.num_stages}" + (f" p{self.persist}" if self.persist else ""))
 
     @classmethod
     def parse(cls, text: str) -> "SkinnyConfig":
         """Inverse of ``str()``: ``"fma bm1 bn16 bk256 sk4 w4 st4"``."""
-        m = re.fullmatch(r"\s*(fma|dotT|dotH|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)\s*", text)
+        m = re.fullmatch(r"\s*(fma|dotT|dotH|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)"
+                         r"(?:\s+p(\d+))?\s*", text)
         if not m:
             raise ValueError(f"not a skinny config: {text!r} (expected e.g. 'fma bm1 bn16 bk256 sk4 w4 st4')")
         kind, *nums = m.groups()
-        return cls(kind, *map(int, nums))
+        return cls(kind, *(int(v) for v in nums if v is not None))
 
 
 # --------------------------------------------------------------------------
@@ -421,6 +425,19 @@ def split_plan(K: int, cfg: SkinnyConfig) -> tuple[int, int]:
 
 
 def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> None:
+    if cfg.persist and M == 1:
+        _lock_buffer(x.device)  # created at the first (warm-up) call whichever config runs it
+        tiles = triton.cdiv(N, cfg.block_n)
+        index = x.device.index if x.device.index is not None else 0
+        sms = _num_sms(index) if x.device.type == "cuda" else 4
+        _skinny_persistent_kernel[(min(tiles, cfg.persist * sms),)](
+            x, w, scale if scale is not None else out, bias if bias is not None else out, out, N, K, tiles,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
+            SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(x.device))
+        return
+    if cfg.persist:
+        cfg = dataclasses.replace(cfg, persist=0)  # more than one row: the tiled kernel
     per_split, split = split_plan(K, cfg)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     locks = _lock_buffer(x.device)  # also when unused: created at the first (warm-up) call, never in a capture
@@ -590,3 +607,39 @@ if triton is not None:
                 tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call / graph replay
         else:
             _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS)
+
+    @triton.jit(do_not_specialize=["n_tiles"])
+    def _skinny_persistent_kernel(X, W, S, B, Y, N, K, n_tiles, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                                  EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+        """One row: each program walks column tiles pid, pid + programs, ... as one flattened loop over (tile,
+        K tile), so its load pipeline never drains between tiles (the tiled kernel's programs each fill and
+        drain their own: at one row an fp8 program streams only 7 K tiles of 3,584). The sums are the fma
+        kind's, in the same order: bit-identical to it for the same block_n and block_k."""
+        pid = tl.program_id(0)
+        progs = tl.num_programs(0)
+        k_iters = tl.cdiv(K, BLOCK_K)
+        total = tl.cdiv(n_tiles - pid, progs) * k_iters
+        rk = tl.arange(0, BLOCK_K)
+        rb = tl.arange(0, BLOCK_N)
+        x_row = X + tl.zeros((1, 1), dtype=tl.int64)  # row 0, shaped as _load_x takes rows
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        wait_for_producer(PDL, False)
+        for i in tl.range(0, total, num_stages=NUM_STAGES):
+            t = i // k_iters
+            kk = i - t * k_iters
+            rn = (pid + t * progs) * BLOCK_N + rb
+            rn_c = tl.minimum(rn, N - 1)
+            offs_k = kk * BLOCK_K + rk
+            w = _load_w(W + rn_c.to(tl.int64)[:, None] * K, offs_k, K, EVEN_K)
+            a = _load_x(x_row, offs_k, K, EVEN_K, SILU_MUL)
+            acc += w.to(tl.float32) * a.to(tl.float32)
+            if kk == k_iters - 1:
+                y = tl.sum(acc, axis=1)
+                if W_FP8:
+                    y = y * tl.load(S + rn_c)
+                if HAS_BIAS:
+                    y = y + tl.load(B + rn_c).to(tl.float32)
+                tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+                acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        release_dependents(PDL)
