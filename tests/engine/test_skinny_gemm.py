@@ -416,3 +416,26 @@ def test_persist_is_refused_outside_the_one_row_fma_kind():
     for bad in ("dot bm16 bn32 bk32 sk1 w4 st2 p2", "fma bm2 bn8 bk32 sk1 w4 st2 p2", "fma bm1 bn8 bk32 sk2 w4 st2 p2"):
         with pytest.raises(ValueError, match="persist"):
             C(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("persist", [2, 4, 64])
+def test_gpu_persistent_one_row_kernel_gives_the_fma_kinds_bits_at_real_shapes(wdtype, persist):
+    """At one row, eager and replayed in a CUDA graph (PDL-launched on Hopper), 2-4 programs per SM and more
+    than fit at once (64): the fma kind's bits at Qwen2.5-7B's qkv (bias), gate_up and down with silu_mul."""
+    itemsize = 1 if wdtype == FP8 else 2
+    tiled = C(f"fma bm1 bn8 bk{512 // itemsize} sk1 w4 st4")
+    mine = C(f"{tiled} p{persist}")
+    for name, act in (("qkv", None), ("gate_up", None), ("down", "silu_mul")):
+        N, K = REAL_SHAPES[f"qwen2.5-7b.json-tp1-{name}"]
+        x, w, scale, b, ref = _gpu_case(N, K, 1, wdtype, bias=name == "qkv", act=act)
+        want = sg.skinny_linear(x, w, scale, b, act=act, config=tiled)
+        assert torch.equal(sg.skinny_linear(x, w, scale, b, act=act, config=mine), want)
+        out = torch.full_like(want, float("nan"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sg.skinny_linear(x, w, scale, b, act=act, config=mine, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

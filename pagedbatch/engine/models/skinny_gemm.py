@@ -32,6 +32,12 @@ Ways to do the multiply, chosen per config:
     2**-8 into fp16 (``_DOTH_X_SCALE``), products are exact and sums float32
     inside the MMA, and the epilogue multiplies 2**8 back with the channel
     scale.
+  - ``persist`` > 0 (one-row fma only): that many programs per SM, each
+    walking column tiles pid, pid + programs, ... as one flattened loop over
+    (tile, K tile), so its load pipeline never drains between tiles; the same
+    sums in the same order as the fma kind (the same bits). A sweep candidate
+    at one row, not yet measured on a GPU (written 2026-12-04 for fp8, whose
+    programs stream half the bytes of bf16's between pipeline fills).
 Loads are software-pipelined through ``tl.range(num_stages=...)``: Triton
 only pipelines loads that do not feed a ``tl.dot`` when the loop carries its
 own num_stages, which is what keeps several tiles in flight per program in
