@@ -98,10 +98,10 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
         for bn1, kbytes, warps, stages in FMA_TILES[: 3 if quick else None]:
             tiles.append(sg.SkinnyConfig("fma", mb, max(warps, bn1 // mb), kbytes // itemsize, 1, warps, stages))
             if mb == 1:
-                # Persistent: 2 or 4 programs per SM walk the column tiles in one pipeline (never more than
-                # fit at once: at 90 registers 5 do, sm_90 code of bench/kernel_sass.py).
+                # Persistent: 2-6 programs per SM walk the column tiles in one pipeline (never more than fit
+                # at once: at 80 registers 6 do for 8 x 512 fp8 tiles, sm_90 code of bench/kernel_sass.py).
                 tiles += [sg.SkinnyConfig("fma", 1, max(warps, bn1), kbytes // itemsize, 1, warps, stages, p)
-                          for p in (2, 4)]
+                          for p in (2, 4, 6)]
     for kind, bn, kbytes, warps, stages in (DOT_TILES[: 3 if quick else None]
                                             + (DOTH_TILES[: 3 if quick else None] if wkind == "fp8" else [])):
         tiles.append(sg.SkinnyConfig(kind, max(16, mb), bn, kbytes // itemsize, 1, warps, stages))

@@ -393,7 +393,8 @@ def test_gpu_cuda_graph_replays_match_eager_calls(wdtype):
 
 
 @pytest.mark.parametrize("wkind,act,N,K,bias", [("fp8", None, 200, 160, False), ("fp8", "silu_mul", 72, 112, False),
-                                                ("fp32", None, 200, 112, True), ("fp8", None, 24, 160, True)])
+                                                ("fp32", None, 200, 112, True), ("fp8", None, 24, 160, True),
+                                                ("fp32", None, 200, 32, True)])  # one K tile: no loop at all
 def test_persistent_one_row_kernel_gives_the_fma_kinds_bits(wkind, act, N, K, bias):
     """``persist``: each program walks several column tiles in one pipeline (here 2 programs per "SM", 4 in
     the interpreter: 8 programs for up to 25 tiles, partial last tiles, K tails, fp8 scales, bias, silu_mul);

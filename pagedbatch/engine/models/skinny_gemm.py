@@ -629,9 +629,17 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         rb = tl.arange(0, BLOCK_N)
         x_row = X + tl.zeros((1, 1), dtype=tl.int64)  # row 0, shaped as _load_x takes rows
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        # The first weight tile (tile pid, K tile 0: every program has one, the grid is at most the tile count)
+        # is loaded before waiting for the kernel that produces x, as the tiled kernel does under PDL.
+        rn = pid * BLOCK_N + rb
+        rn_c = tl.minimum(rn, N - 1)
+        w = _load_w(W + rn_c.to(tl.int64)[:, None] * K, rk, K, EVEN_K)
         wait_for_producer(PDL, False)
-        for i in tl.range(0, total, num_stages=NUM_STAGES):
+        acc = w.to(tl.float32) * _load_x(x_row, rk, K, EVEN_K, SILU_MUL).to(tl.float32)
+        if k_iters == 1:
+            _store_row(acc, S, B, Y, rn, rn_c, N, W_FP8, HAS_BIAS)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for i in tl.range(1, total, num_stages=NUM_STAGES):
             t = i // k_iters
             kk = i - t * k_iters
             rn = (pid + t * progs) * BLOCK_N + rb
@@ -641,11 +649,16 @@ if triton is not None:
             a = _load_x(x_row, offs_k, K, EVEN_K, SILU_MUL)
             acc += w.to(tl.float32) * a.to(tl.float32)
             if kk == k_iters - 1:
-                y = tl.sum(acc, axis=1)
-                if W_FP8:
-                    y = y * tl.load(S + rn_c)
-                if HAS_BIAS:
-                    y = y + tl.load(B + rn_c).to(tl.float32)
-                tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+                _store_row(acc, S, B, Y, rn, rn_c, N, W_FP8, HAS_BIAS)
                 acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         release_dependents(PDL)
+
+    @triton.jit
+    def _store_row(acc, S, B, Y, rn, rn_c, N, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The persistent kernel's tile epilogue: _finish's arithmetic for one row."""
+        y = tl.sum(acc, axis=1)
+        if W_FP8:
+            y = y * tl.load(S + rn_c)
+        if HAS_BIAS:
+            y = y + tl.load(B + rn_c).to(tl.float32)
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
