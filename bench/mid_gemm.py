@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -81,16 +80,6 @@ def _compile_one(spec):
         return spec, f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def precompile(specs, jobs):
-    if jobs <= 1 or not specs:
-        return
-    t0 = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(jobs, len(specs))) as pool:
-        failed = sum(1 for _, err in pool.imap_unordered(_compile_one, specs) if err)
-    print(f"compiled {len(specs)} variants in {time.time() - t0:.1f} s ({failed} failed)", flush=True)
-
-
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """max |y - ref| / max |ref| (the output's rounding included: bf16's is up to 2**-9 of each value)."""
     ref = ref.to(y.device)
@@ -113,7 +102,7 @@ def main(argv=None) -> int:
     cpu = args.device == "cpu"
     if cpu:
         os.environ["TRITON_INTERPRET"] = "1"
-    from skinny_gemm import check, graph_ms, model_shapes, quantize_rows
+    from skinny_gemm import check, graph_ms, model_shapes, precompile, quantize_rows
 
     from pagedbatch.engine.models import mid_gemm as mg
     from pagedbatch.engine.models.fp8 import quantize_per_token
@@ -129,7 +118,7 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=dev).manual_seed(0)
     if not cpu:
         specs = sorted({(str(c), kk, b) for m in ms for c in candidates(m) for (n, kk, b) in shapes.values()})
-        precompile(specs, args.jobs)
+        precompile(specs, args.jobs, worker=_compile_one)
 
     t_start = time.time()
     info = {"torch": torch.__version__, "device": "cpu" if cpu else torch.cuda.get_device_name(dev),

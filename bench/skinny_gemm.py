@@ -159,7 +159,9 @@ def _compile_one(spec):
         return spec, f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def precompile(specs: list, jobs: int) -> dict:
+def precompile(specs: list, jobs: int, worker=None) -> dict:
+    """Compile every spec in ``jobs`` spawned processes (``worker(spec) -> (spec, error or None)``, a module-level
+    function: by default this bench's) into Triton's disk cache; {spec: error} of those that failed."""
     if jobs <= 1 or not specs:
         return {}
     t0 = time.time()
@@ -167,7 +169,7 @@ def precompile(specs: list, jobs: int) -> dict:
     try:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(min(jobs, len(specs))) as pool:
-            for spec, err in pool.imap_unordered(_compile_one, specs):
+            for spec, err in pool.imap_unordered(worker or _compile_one, specs):
                 if err:
                     errors[spec] = err
     except Exception as e:  # no worker pool: the main process compiles as it goes

@@ -103,8 +103,7 @@ def route(M: int, N: int, K: int, weight_dtype: torch.dtype, device: torch.devic
         return "skinny"
     if not fp8:
         return "linear"
-    mid = _mid()
-    if mid is not None and mid.default_config(M, N, K) is not None and mid.mid_supported(N, K, device):
+    if _mid_config(M, N, K, device) is not None:
         return "mid"
     if not scaled_mm_supports(N, K):
         _warn_unsupported(N, K)
@@ -216,11 +215,20 @@ def _fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight
                 bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Per-token-quantized rows times the fp8 weight: our Triton GEMM where it is tuned for the shape, else
     ``torch._scaled_mm``."""
-    mid = _mid()
-    config = mid.default_config(xq.shape[0], *weight.shape) if mid is not None else None
-    if config is not None and mid.mid_supported(*weight.shape, xq.device):
-        return mid.mid_linear(xq, xs, weight, weight_scale, bias, out_dtype=dtype, config=config)
+    config = _mid_config(xq.shape[0], *weight.shape, xq.device)
+    if config is not None:
+        return _mid().mid_linear(xq, xs, weight, weight_scale, bias, out_dtype=dtype, config=config)
     return _scaled_mm(xq, xs, weight, weight_scale, bias, dtype)
+
+
+def _mid_config(M: int, N: int, K: int, device: torch.device):
+    """mid_gemm's config for this fp8 product where that kernel is the one to run, else None (the one
+    predicate behind both ``route``'s "mid" and the kernel ``_fp8_matmul`` launches)."""
+    mid = _mid()
+    if mid is None:
+        return None
+    config = mid.default_config(M, N, K)
+    return config if config is not None and mid.mid_supported(N, K, device) else None
 
 
 def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

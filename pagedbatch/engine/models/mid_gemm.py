@@ -198,10 +198,15 @@ def mid_supported(N: int, K: int, device) -> bool:
     """Whether the kernel can run: Triton, a CUDA GPU with fp8 (compute capability >= 8.9), K a multiple of
     16 (16-byte aligned rows)."""
     device = torch.device(device)
-    if triton is None or device.type != "cuda" or not torch.cuda.is_available() or K % 16 or N < 1:
+    if triton is None or device.type != "cuda" or K % 16 or N < 1:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (8, 9)
+    return _has_fp8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8(index: int) -> bool:
+    # Cached: asked at every eager fp8 linear call (linear.route).
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def mid_linear(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -311,6 +311,13 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_sms(device: torch.device) -> Optional[int]:
+    """The SM count of a CUDA device; None for the CPU (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def skinny_supported(M: int, N: int, K: int, weight_dtype: torch.dtype, device) -> bool:
     """Whether ``skinny_linear`` is meant for this call: a CUDA device (fp8 weights: compute capability
     >= 8.9), 1 <= M <= skinny_max_m(weight_dtype), K a multiple of 16 (16-byte aligned weight rows),
@@ -413,10 +420,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[
     if M == 0:
         return out.view(*lead, N)
     if config is None:
-        dev = x.device
-        index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
-        sms = _num_sms(index) if dev.type == "cuda" else 132
-        config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, sms)
+        config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, _device_sms(x.device) or 132)
         if config.kind == "dotH" and x.dtype == torch.float32:
             config = dataclasses.replace(config, kind="dot")  # fp16 would round float32 activations
     _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config)
@@ -434,8 +438,7 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
     if cfg.persist and M == 1:
         _lock_buffer(x.device)  # created at the first (warm-up) call whichever config runs it
         tiles = triton.cdiv(N, cfg.block_n)
-        index = x.device.index if x.device.index is not None else 0
-        sms = _num_sms(index) if x.device.type == "cuda" else 4
+        sms = _device_sms(x.device) or 4  # the interpreter: a few programs, each walking several tiles
         _skinny_persistent_kernel[(min(tiles, cfg.persist * sms),)](
             x, w, scale if scale is not None else out, bias if bias is not None else out, out, N, K, tiles,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
