@@ -99,10 +99,6 @@ def skinny_spec(args):
     wdtype = sg.FP8 if args.kv == "fp8" else getattr(torch, TORCH_DTYPES[args.q])
     cfg = (sg.SkinnyConfig.parse(args.skinny_config) if args.skinny_config
            else sg.default_config(args.m, args.n, args.k, wdtype))
-    if cfg.persist and args.m == 1:
-        const = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_FP8=args.kv == "fp8", HAS_BIAS=False, SILU_MUL=False,
-                     EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages, PDL=args.pdl)
-        return sg._skinny_persistent_kernel, const, cfg.num_warps, cfg.num_stages
     split = sg.split_plan(args.k, cfg)[1]
     const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
                  USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH",

@@ -89,19 +89,15 @@ def tiny_shapes(shapes: dict) -> dict:
     return {k: (r(n, 256), r(kk, 512), b, act) for k, (n, kk, b, act) in shapes.items()}
 
 
-def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick: bool) -> list:
-    """Configs to try for one (M, shape, weight kind): tiles x the split-K counts that make sense, + the default."""
+def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick: bool, extra_fma=()) -> list:
+    """Configs to try for one (M, shape, weight kind): tiles x the split-K counts that make sense, + the default;
+    ``extra_fma``: more fma tiles in FMA_TILES' form (``--extra-fma``)."""
     itemsize = 1 if wkind == "fp8" else 2
     mb = sg.m_bucket(M)
     tiles = []
     if mb <= 4:
-        for bn1, kbytes, warps, stages in FMA_TILES[: 3 if quick else None]:
+        for bn1, kbytes, warps, stages in FMA_TILES[: 3 if quick else None] + list(extra_fma):
             tiles.append(sg.SkinnyConfig("fma", mb, max(warps, bn1 // mb), kbytes // itemsize, 1, warps, stages))
-            if mb == 1:
-                # Persistent: 2-6 programs per SM walk the column tiles in one pipeline (never more than fit
-                # at once: at 80 registers 6 do for 8 x 512 fp8 tiles, sm_90 code of bench/kernel_sass.py).
-                tiles += [sg.SkinnyConfig("fma", 1, max(warps, bn1), kbytes // itemsize, 1, warps, stages, p)
-                          for p in (2, 4, 6)]
     for kind, bn, kbytes, warps, stages in (DOT_TILES[: 3 if quick else None]
                                             + (DOTH_TILES[: 3 if quick else None] if wkind == "fp8" else [])):
         tiles.append(sg.SkinnyConfig(kind, max(16, mb), bn, kbytes // itemsize, 1, warps, stages))
@@ -115,8 +111,8 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
         iters = -(-K // t.block_k)
         # Split only toward 1-8 programs per SM, each split keeping >= 2 K tiles to pipeline.
         splits = [1] + [s for s in (2, 4, 8, 16) if iters // s >= 2 and num_sms <= n_tiles * s <= 8 * num_sms]
-        for s in ([1] if t.persist else splits[: 2 if quick else None]):
-            cfg = sg.SkinnyConfig(t.kind, t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages, t.persist)
+        for s in splits[: 2 if quick else None]:
+            cfg = sg.SkinnyConfig(t.kind, t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages)
             key = (t, sg.split_plan(K, cfg)[1])
             if key not in seen:
                 seen.add(key)
@@ -281,7 +277,7 @@ def run_sweep(args, sg, dev, xdtype, shapes, num_sms, l2_bytes, cpu):
                 ref = d.reference(kind, M)
                 r = refs.setdefault((name, kind, M), {})
                 reference_timings(args, d, kind, M, r, sg, cpu)
-                for cfg in candidates(sg, M, d.N, d.K, kind, d.act, num_sms, args.quick):
+                for cfg in candidates(sg, M, d.N, d.K, kind, d.act, num_sms, args.quick, args.extra_fma):
                     if time.time() > args.deadline:
                         points.append({"shape": name, "kind": kind, "M": M, "N": d.N, "K": d.K, "config": str(cfg),
                                        "default": False, "error": "skipped: --budget-s reached"})
@@ -577,6 +573,8 @@ def main(argv=None) -> int:
                                                    "chain needs all but down+silu")
     ap.add_argument("--layers", type=int, default=0, help="layers in the chain (0: the model's)")
     ap.add_argument("--quick", action="store_true", help="3 fma + 3 tensor-core tiles, at most 2 split counts")
+    ap.add_argument("--extra-fma", default="", help="more fma tiles, 'block_n:K bytes:warps:stages' comma-separated "
+                                                     "(e.g. 4:512:4:4,8:512:4:8), tried besides FMA_TILES")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--chain-reps", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
@@ -595,6 +593,7 @@ def main(argv=None) -> int:
     args.ms = [int(m) for m in (args.ms or ("1,16" if cpu else "1,4,16" if args.quick else "1,2,4,8,16,64"))
                .split(",")]
     args.kinds = [k for k in args.kinds.split(",") if k]
+    args.extra_fma = [tuple(int(v) for v in t.split(":")) for t in args.extra_fma.split(",") if t]
     dev = torch.device(args.device)
     shapes, layers = model_shapes(args.model_config, args.tp)
     layers = args.layers or (2 if cpu else layers)
@@ -610,7 +609,7 @@ def main(argv=None) -> int:
     for name, (N, K, b, act) in shapes.items():
         for kind in args.kinds:
             for M in args.ms:
-                for cfg in candidates(sg, M, N, K, kind, act, num_sms, args.quick):
+                for cfg in candidates(sg, M, N, K, kind, act, num_sms, args.quick, args.extra_fma):
                     n_points += 1
                     specs.setdefault(compile_key(sg, cfg, kind, K, b, act), (str(cfg), kind, N, K, M, b, act))
     print(f"{args.model_config} tp{args.tp}: {len(shapes)} shapes x {args.kinds} x M {args.ms}: {n_points} configs, "

@@ -32,12 +32,6 @@ Ways to do the multiply, chosen per config:
     2**-8 into fp16 (``_DOTH_X_SCALE``), products are exact and sums float32
     inside the MMA, and the epilogue multiplies 2**8 back with the channel
     scale.
-  - ``persist`` > 0 (one-row fma only): that many programs per SM, each
-    walking column tiles pid, pid + programs, ... as one flattened loop over
-    (tile, K tile), so its load pipeline never drains between tiles; the same
-    sums in the same order as the fma kind (the same bits). A sweep candidate
-    at one row, not yet measured on a GPU (written 2026-12-04 for fp8, whose
-    programs stream half the bytes of bf16's between pipeline fills).
 Loads are software-pipelined through ``tl.range(num_stages=...)``: Triton
 only pipelines loads that do not feed a ``tl.dot`` when the loop carries its
 own num_stages, which is what keeps several tiles in flight per program in
@@ -118,7 +112,6 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    persist: int = 0  # > 0: that many programs per SM walk the column tiles in one pipeline (fma, one row)
 
     def __post_init__(self):
         def pow2(v):
@@ -134,22 +127,20 @@ class SkinnyConfig:
                              f"(tensor-core tiles), got {self}")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"SkinnyConfig.split_k and num_stages must be >= 1, got {self}")
-        if self.persist < 0 or (self.persist and (self.kind != "fma" or self.block_m != 1 or self.split_k != 1)):
-            raise ValueError(f"SkinnyConfig.persist is for the one-row fma kind without split-K, got {self}")
 
     def __str__(self) -> str:
         return (f"{self.kind} bm{self.block_m} bn{self.block_n} bk{self.block_k} sk{self.split_k} "
-                f"w{self.num_warps} st{self.num_stages}" + (f" p{self.persist}" if self.persist else ""))
+                f"w{self.num_warps} st{self.num_stages}")
 
     @classmethod
     def parse(cls, text: str) -> "SkinnyConfig":
         """Inverse of ``str()``: ``"fma bm1 bn16 bk256 sk4 w4 st4"``."""
         m = re.fullmatch(r"\s*(fma|dotT|dotH|dot)\s+bm(\d+)\s+bn(\d+)\s+bk(\d+)\s+sk(\d+)\s+w(\d+)\s+st(\d+)"
-                         r"(?:\s+p(\d+))?\s*", text)
+                         r"\s*", text)
         if not m:
             raise ValueError(f"not a skinny config: {text!r} (expected e.g. 'fma bm1 bn16 bk256 sk4 w4 st4')")
         kind, *nums = m.groups()
-        return cls(kind, *(int(v) for v in nums if v is not None))
+        return cls(kind, *(int(v) for v in nums))
 
 
 # --------------------------------------------------------------------------
@@ -435,18 +426,6 @@ def split_plan(K: int, cfg: SkinnyConfig) -> tuple[int, int]:
 
 
 def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> None:
-    if cfg.persist and M == 1:
-        _lock_buffer(x.device)  # created at the first (warm-up) call whichever config runs it
-        tiles = triton.cdiv(N, cfg.block_n)
-        sms = _device_sms(x.device) or 4  # the interpreter: a few programs, each walking several tiles
-        _skinny_persistent_kernel[(min(tiles, cfg.persist * sms),)](
-            x, w, scale if scale is not None else out, bias if bias is not None else out, out, N, K, tiles,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_FP8=w.dtype == FP8, HAS_BIAS=bias is not None,
-            SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_kwargs(x.device))
-        return
-    if cfg.persist:
-        cfg = dataclasses.replace(cfg, persist=0)  # more than one row: the tiled kernel
     per_split, split = split_plan(K, cfg)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     locks = _lock_buffer(x.device)  # also when unused: created at the first (warm-up) call, never in a capture
@@ -616,52 +595,3 @@ if triton is not None:
                 tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call / graph replay
         else:
             _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS)
-
-    @triton.jit(do_not_specialize=["n_tiles"])
-    def _skinny_persistent_kernel(X, W, S, B, Y, N, K, n_tiles, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                                  EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
-        """One row: each program walks column tiles pid, pid + programs, ... as one flattened loop over (tile,
-        K tile), so its load pipeline never drains between tiles (the tiled kernel's programs each fill and
-        drain their own: at one row an fp8 program streams only 7 K tiles of 3,584). The sums are the fma
-        kind's, in the same order: bit-identical to it for the same block_n and block_k."""
-        pid = tl.program_id(0)
-        progs = tl.num_programs(0)
-        k_iters = tl.cdiv(K, BLOCK_K)
-        total = tl.cdiv(n_tiles - pid, progs) * k_iters
-        rk = tl.arange(0, BLOCK_K)
-        rb = tl.arange(0, BLOCK_N)
-        x_row = X + tl.zeros((1, 1), dtype=tl.int64)  # row 0, shaped as _load_x takes rows
-        # The first weight tile (tile pid, K tile 0: every program has one, the grid is at most the tile count)
-        # is loaded before waiting for the kernel that produces x, as the tiled kernel does under PDL.
-        rn = pid * BLOCK_N + rb
-        rn_c = tl.minimum(rn, N - 1)
-        w = _load_w(W + rn_c.to(tl.int64)[:, None] * K, rk, K, EVEN_K)
-        wait_for_producer(PDL, False)
-        acc = w.to(tl.float32) * _load_x(x_row, rk, K, EVEN_K, SILU_MUL).to(tl.float32)
-        if k_iters == 1:
-            _store_row(acc, S, B, Y, rn, rn_c, N, W_FP8, HAS_BIAS)
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for i in tl.range(1, total, num_stages=NUM_STAGES):
-            t = i // k_iters
-            kk = i - t * k_iters
-            rn = (pid + t * progs) * BLOCK_N + rb
-            rn_c = tl.minimum(rn, N - 1)
-            offs_k = kk * BLOCK_K + rk
-            w = _load_w(W + rn_c.to(tl.int64)[:, None] * K, offs_k, K, EVEN_K)
-            a = _load_x(x_row, offs_k, K, EVEN_K, SILU_MUL)
-            acc += w.to(tl.float32) * a.to(tl.float32)
-            if kk == k_iters - 1:
-                _store_row(acc, S, B, Y, rn, rn_c, N, W_FP8, HAS_BIAS)
-                acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        release_dependents(PDL)
-
-    @triton.jit
-    def _store_row(acc, S, B, Y, rn, rn_c, N, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The persistent kernel's tile epilogue: _finish's arithmetic for one row."""
-        y = tl.sum(acc, axis=1)
-        if W_FP8:
-            y = y * tl.load(S + rn_c)
-        if HAS_BIAS:
-            y = y + tl.load(B + rn_c).to(tl.float32)
-        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
