@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cprofile-prefill", action="store_true",
                     help="also run the step that prefills the workload's first prompt (fresh ids) under cProfile, "
                          "then wait for it, and print the host functions by own time")
+    ap.add_argument("--runs", type=int, default=0, metavar="N",
+                    help="also run the whole workload N more times (fresh ids), one line each: wall, its steps with "
+                         "prefill and its decode-only steps, and the time Python's garbage collector took")
     ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
     ap.add_argument("--timeline", type=int, default=0, metavar="N",
                     help="also run N consecutive decode steps at full batch (after 8 unprofiled ones) under "
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
     print(f"  engine step outside launch/collect/schedule: "
           f"{wall - sum(t.s[k] for k in t.s if k not in nested):.3f} s")
 
+    if args.runs:
+        repeat_runs(eng, w, args.runs, sync)
     if args.cprofile:
         host_profile(eng, w, args)
     if args.cprofile_prefill:
@@ -227,6 +232,53 @@ def triton_variants():
         return variant_counts()
     except ImportError:
         return None
+
+
+def repeat_runs(eng, w, n: int, sync) -> None:
+    """The whole workload n more times as the engine runs it (fresh ids each time, so no prefix-cache hits):
+    where one run's time goes against another's (W-nano on the H200, 2026-12-04: its 18 steps with prefill
+    took 0.34-0.94 s between runs of the same code, its decode-only steps 4.11-4.15 s), and Python's garbage
+    collector's share (gc.callbacks)."""
+    import gc
+
+    from pagedbatch import SamplingParams
+
+    e = eng.engine
+    params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
+    pause = {"s": 0.0, "n": 0, "t0": 0.0}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            pause["t0"] = time.perf_counter()
+        else:
+            pause["s"] += time.perf_counter() - pause["t0"]
+            pause["n"] += 1
+
+    gc.callbacks.append(on_gc)
+    print(f"\n== {n} more runs of the whole workload ==")
+    try:
+        for r in range(n):
+            for i, p in enumerate(w.prompts):
+                eng.add_request(f"run{r}-{i}", [(x + 11 + r) % 10000 for x in p], params[i])
+            pause.update(s=0.0, n=0)
+            sync()
+            kind_s = collections.defaultdict(float)
+            kinds = collections.Counter()
+            t0 = time.perf_counter()
+            while eng.has_unfinished_requests():
+                before = e.scheduler.stats.prefill_tokens
+                s0 = time.perf_counter()
+                e.step()
+                k = "prefill" if e.scheduler.stats.prefill_tokens > before else "decode"
+                kind_s[k] += time.perf_counter() - s0
+                kinds[k] += 1
+            sync()
+            wall = time.perf_counter() - t0
+            print(f"  run {r + 1}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
+                  f"with prefill {kind_s['prefill']:.3f} s, {kinds['decode']} decode-only {kind_s['decode']:.3f} s; "
+                  f"gc {1e3 * pause['s']:.0f} ms in {pause['n']} collections", flush=True)
+    finally:
+        gc.callbacks.remove(on_gc)
 
 
 def trace_steps(eng, w, args, sync) -> None:
