@@ -1,15 +1,11 @@
 """bench/n_samples.py runs end to end (the smoke mode on the CPU); the speed itself is measured on the GPU."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "n_samples.py"
+from bench_scripts import load_bench
 
 
 def test_n_samples_benchmark_smoke_run_gives_the_copies_samples_with_the_prompt_computed_once(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_n_samples", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("n_samples")
     assert bench.main(["--workload", "tiny", "--device", "cpu", "--num-kv-blocks", "256", "--max-num-seqs", "64",
                        "--results-dir", str(tmp_path)]) == 0
     assert "vs copies" in capsys.readouterr().out

@@ -1,15 +1,11 @@
 """bench/profile_steps.py runs end to end on the CPU (tiny workload); what it measures is for the GPU."""
-import importlib.util
 import re
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "profile_steps.py"
+from bench_scripts import load_bench
 
 
 def test_profile_steps_repeated_runs_each_report_the_whole_workload_split_by_step_kind(capsys):
-    spec = importlib.util.spec_from_file_location("bench_profile_steps", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("profile_steps")
     assert bench.main(["--workload", "tiny", "--device", "cpu", "--runs", "2", "--profile-steps", "1"]) == 0
     out = capsys.readouterr().out
     runs = re.findall(r"run (\d): [\d.]+ s, [\d,]+ output tok/s; (\d+) steps with prefill [\d.]+ s, (\d+) decode-only "

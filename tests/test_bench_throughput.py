@@ -1,16 +1,12 @@
 """bench/throughput.py runs end to end on the CPU (tiny workload, no peers); speed is measured on the GPU."""
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+from bench_scripts import load_bench
 
 
 def test_throughput_repeat_times_our_engine_n_times_and_reports_the_median(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("throughput")
     assert bench.main(["--workload", "tiny", "--device", "cpu", "--dtype", "float32", "--peers", "none",
                        "--sustained-s", "0", "--repeat", "3", "--results-dir", str(tmp_path)]) == 0
     assert "the median of 3 runs" in capsys.readouterr().out

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 from pagedbatch.engine.models import linear as linear_mod  # noqa: E402
 from pagedbatch.engine.models import mid_gemm as mg  # noqa: E402
 from pagedbatch.engine.models.fp8 import quantize_rows  # noqa: E402
+from pdl_chain import assert_chain_under_pdl_gives_the_bits_without_pdl  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -247,19 +248,4 @@ def test_gpu_quantize_then_mid_gemm_chain_under_pdl_gives_the_bits_without_pdl(m
         return x
 
     inputs = [torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)]
-    monkeypatch.setattr(pdl, "USE_PDL", False)
-    refs = [chain(x) for x in inputs]
-    monkeypatch.setattr(pdl, "USE_PDL", True)
-    assert pdl.enabled("cuda")
-    for x, ref in zip(inputs, refs):
-        assert torch.equal(chain(x), ref)
-    static = inputs[0].clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(static)
-    for _ in range(3):
-        for x, ref in zip(inputs, refs):
-            static.copy_(x)
-            graph.replay()
-            assert torch.equal(out, ref)
+    assert_chain_under_pdl_gives_the_bits_without_pdl(chain, inputs, monkeypatch)

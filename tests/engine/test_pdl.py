@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from pagedbatch.engine import pdl  # noqa: E402
+from pdl_chain import assert_chain_under_pdl_gives_the_bits_without_pdl  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernel_sass.py"
 
@@ -103,20 +104,4 @@ def test_gpu_pdl_kernel_chain_in_a_cuda_graph_gives_the_bits_of_the_chain_withou
         return h
 
     inputs = [rnd(1, D, scale=1.0) for _ in range(8)]
-    monkeypatch.setattr(pdl, "USE_PDL", False)
-    refs = [chain(x) for x in inputs]
-    monkeypatch.setattr(pdl, "USE_PDL", True)
-    assert pdl.enabled("cuda")
-    for x, ref in zip(inputs, refs):  # eager, PDL on
-        assert torch.equal(chain(x), ref)
-    static = inputs[0].clone()
-    chain(static)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(static)
-    for _ in range(3):
-        for x, ref in zip(inputs, refs):
-            static.copy_(x)
-            graph.replay()
-            assert torch.equal(out, ref)
+    assert_chain_under_pdl_gives_the_bits_without_pdl(chain, inputs, monkeypatch)
