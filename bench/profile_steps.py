@@ -77,6 +77,10 @@ def main(argv=None) -> int:
                     help="also run the whole workload N more times (fresh ids), one line each: wall, its steps with "
                          "prefill and its decode-only steps, and the time Python's garbage collector took")
     ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
+    ap.add_argument("--step-detail", type=int, default=30, metavar="N",
+                    help="print the timed run's first N steps one by one: shape, wall time and where it went "
+                         "(launches, LM head, waiting for the GPU, scheduling), cudaMalloc/cudaFree calls and "
+                         "reserved memory added, garbage-collector time")
     ap.add_argument("--timeline", type=int, default=0, metavar="N",
                     help="also run N consecutive decode steps at full batch (after 8 unprofiled ones) under "
                          "torch.profiler and compare their wall time with the GPU's busy time: idle gaps between "
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
     for i, p in enumerate(w.prompts):
         eng.add_request(str(i), p, params[i])
     compiled_before = triton_variants()
-    per_step = []  # (kind, wall s, LM head launch s) of the first steps
+    probe = StepProbe(t, args.device, args.step_detail)
     # Decode-only steps by batch size: steps, wall s, s waiting for the GPU in collect. A bucket whose steps
     # hardly wait is host-bound: a faster kernel cannot shorten it.
     by_rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
@@ -129,8 +133,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     while eng.has_unfinished_requests():
         before = e.scheduler.stats.prefill_tokens
-        lm_before = t.s["  LM head (launch)"]
         wait_before = t.s["runner.collect (waits for GPU)"]
+        probe.before()
         s0 = time.perf_counter()
         e.step()
         dt = time.perf_counter() - s0
@@ -142,10 +146,10 @@ def main(argv=None) -> int:
             b[0] += 1
             b[1] += dt
             b[2] += t.s["runner.collect (waits for GPU)"] - wait_before
-        if len(per_step) < 30:
-            per_step.append((k, dt, t.s["  LM head (launch)"] - lm_before))
+        probe.after(k, dt, e._inflight)
     sync()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - probe.overhead_s
+    probe.close()
     compiled = triton_variants()
     if compiled is not None:
         new = {k: n - compiled_before.get(k, 0) for k, n in compiled.items() if n > compiled_before.get(k, 0)}
@@ -155,8 +159,7 @@ def main(argv=None) -> int:
         ms = torch.cuda.memory_stats()
         print(f"allocator: {ms.get('num_alloc_retries', 0)} allocation retries (each frees cached memory and "
               f"syncs), {ms.get('num_device_alloc', 0)} cudaMalloc calls, {ms.get('num_device_free', 0)} cudaFree")
-    print("the timed run's first steps (overlapped, as the engine runs): step, kind, ms, of which LM head launch ms")
-    print("  " + "; ".join(f"{j}: {k[0]} {1e3 * d:.1f} ({1e3 * lm:.1f})" for j, (k, d, lm) in enumerate(per_step)))
+    probe.report()
     out_tokens = sum(w.max_tokens)
     print(f"\n{args.workload}: {wall:.2f} s, {out_tokens / wall:,.0f} output tok/s, {sum(kinds.values())} steps")
     for k in kinds:
@@ -208,6 +211,81 @@ def main(argv=None) -> int:
         while eng.has_unfinished_requests():
             e.step()
     return 0
+
+
+class StepProbe:
+    """What each of the timed run's first ``n`` steps spent, as the engine runs it (overlapped): the timers'
+    shares of its wall time, the CUDA caching allocator's cudaMalloc/cudaFree calls and reserved bytes it
+    added, and the garbage collector's pauses. A step much slower than its neighbours shows here which part
+    grew. Reading the allocator's counters costs host time; it is kept out of the steps' and the run's wall
+    time (``overhead_s``)."""
+
+    COLUMNS = (("runner.launch_forward (host)", "fwd"), ("  LM head (launch)", "lm"),
+               ("runner.launch_sampling (host)", "samp"), ("runner.collect (waits for GPU)", "wait"),
+               ("schedule", "sched"), ("  scheduler.cache_blocks", "cache"))
+
+    def __init__(self, timers: Timers, device: str, n: int):
+        import gc
+
+        self.t, self.n, self.cuda = timers, n, device != "cpu"
+        self.rows = []
+        self.overhead_s = 0.0
+        self.gc_s = 0.0
+        self._gc_t0 = 0.0
+        self._gc = gc
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_t0
+
+    def _alloc(self):
+        if not self.cuda:
+            return (0, 0, 0)
+        t0 = time.perf_counter()
+        ms = torch.cuda.memory_stats()
+        out = (ms.get("num_device_alloc", 0), ms.get("num_device_free", 0), ms.get("reserved_bytes.all.current", 0))
+        self.overhead_s += time.perf_counter() - t0
+        return out
+
+    def before(self) -> None:
+        if len(self.rows) < self.n:
+            self._timers = {key: self.t.s[key] for key, _ in self.COLUMNS}
+            self._alloc0 = self._alloc()
+            self._gc0 = self.gc_s
+
+    def after(self, kind: str, wall_s: float, step) -> None:
+        if len(self.rows) >= self.n:
+            return
+        a1 = self._alloc()
+        plan = step.plan if step is not None else None
+        rows = len(plan.seqs) if plan is not None else 0
+        tokens = sum(plan.num_new_tokens) if plan is not None else 0
+        decode = sum(1 for n, s in zip(plan.num_new_tokens, plan.seqs)
+                     if n == 1 and s.num_computed_tokens >= s.num_prompt_tokens) if plan is not None else 0
+        parts = [self.t.s[key] - self._timers[key] for key, _ in self.COLUMNS]
+        self.rows.append((kind, rows, tokens, decode, wall_s, parts, a1[0] - self._alloc0[0], a1[1] - self._alloc0[1],
+                          a1[2] - self._alloc0[2], self.gc_s - self._gc0))
+
+    def close(self) -> None:
+        if self._on_gc in self._gc.callbacks:
+            self._gc.callbacks.remove(self._on_gc)
+
+    def report(self) -> None:
+        if not self.rows:
+            return
+        print(f"the timed run's first {len(self.rows)} steps, as the engine runs them (overlapped), ms: wall, then "
+              "inside it the forward's launches (fwd, of which the LM head: lm), the sampler's (samp), waiting for the "
+              "previous step's tokens (wait), scheduling (sched), prefix-cache hashing (cache); cudaMalloc / cudaFree "
+              "calls and reserved MiB the step added; garbage collection (gc)")
+        head = " ".join(f"{name:>6}" for _, name in self.COLUMNS)
+        print(f"  step kind  rows tokens decode   wall {head} malloc  free  +MiB     gc")
+        for i, (kind, rows, tokens, decode, wall_s, parts, mallocs, frees, reserved, gc_s) in enumerate(self.rows):
+            cols = " ".join(f"{1e3 * p:6.1f}" for p in parts)
+            print(f"  {i:4d} {kind[0]:>4} {rows:5d} {tokens:6d} {decode:6d} {1e3 * wall_s:6.1f} {cols} {mallocs:6d} "
+                  f"{frees:5d} {reserved / 2**20:5.0f} {1e3 * gc_s:6.1f}")
 
 
 _BUCKETS = (256, 192, 128, 64, 32, 16, 1)
