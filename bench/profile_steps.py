@@ -407,7 +407,7 @@ def trace_steps(eng, w, args, sync) -> None:
         else:
             print(f"\n== the same {len(rows)} steps under torch.profiler, by GPU time ==")
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60))
-            print(f"== by own CPU time ==")
+            print("== by own CPU time ==")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
         while eng.has_unfinished_requests():
             e.step()
