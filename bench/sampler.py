@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                   f"{r['fused_us'] / roof_us:>10.1f}x{t_host:>7.0f}/{f_host:<6.0f}{diff:>6}{splits:>7}")
     sweep = []
     if args.sweep:
-        print(f"\nkernel alone, seeded rows: us by (splits, block, warps); * = default_splits")
+        print("\nkernel alone, seeded rows: us by (splits, block, warps); * = default_splits")
         for B in batches:
             x = make_logits(B, V, args.logits, device, dtype)
             b = batch_for("seeded", B, V, args.temperature, device)

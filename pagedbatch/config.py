@@ -7,7 +7,7 @@ fails before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 SCHEDULING_POLICIES = ("fcfs", "sjf-align")

@@ -181,7 +181,7 @@ def test_tp2_shards_hold_exact_slices_of_the_tp1_fp8_weights(odd, tmp_path, sour
     kw = dict(quantization="fp8", load_format="dummy" if source == "dummy" else "auto")
     args = ModelArgs.from_dir(d)
     whole = load(d, **kw)
-    hd, q, kv = args.head_dim, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     for rank in range(2):
         part = load(d, shard=TPShard(rank, 2), comm=_NoComm(), **kw)
         heads = slice(rank * q // 2, (rank + 1) * q // 2)
