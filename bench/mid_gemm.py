@@ -20,6 +20,16 @@ where ours won. Prints per-shape tables and the TUNED entries (ours faster
 than _scaled_mm by more than --margin, quantization included in both) to
 paste into pagedbatch/engine/models/mid_gemm.py. JSON under bench/results/.
 
+Above 512 rows (the steps with prefill that run eagerly, outside CUDA
+graphs: --ms 1024,8192) the candidates are 128-row tiles, each product is
+also launched eagerly to time its host cost (``host_us``: torch._scaled_mm
+spends ~100 us of host a call under the profiler, a Triton launch ~10-20),
+and the chain is also run eagerly, as such a step runs it (wall time of
+launches and GPU). There a config is pasted when its GPU time is no worse
+than _scaled_mm's and its launch cheaper: W-nano's 8,192-token steps with
+fp8 weights are host-bound (tenth session), and a 7B's are not, where the
+GPU time rule keeps _scaled_mm unless ours is as fast.
+
 A second kind was tried and dropped on 2026-12-04: bf16 rows times fp8
 weights on the fp16 MMA (no quantization kernel, like the skinny GEMM's
 dotH) lost to fp8 x fp8 at every shape but one (Qwen3-0.6B's qkv at 32
@@ -31,6 +41,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -49,14 +60,19 @@ FP8 = torch.float8_e4m3fn
 # 1,024 (0.6B's o and down: 32 tiles of 32). 128-row and 256-column tiles never won a shape of Qwen3-0.6B
 # or Qwen2.5-7B at 32-256 rows (H200 sweeps of 2026-12-04), so they are no longer tried.
 TILES = [(bm, bn, bk, 4, st) for bm in (32, 64) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+# Prefill-sized products (M > LARGE_M): compute-bound, so the tiles of a Hopper fp8 GEMM (two warpgroups
+# on 128 x 128-256 tiles) next to the widest of the above.
+LARGE_M = 512
+TILES_LARGE = ([(128, bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
+               + [(64, bn, 128, 4, st) for bn in (128, 256) for st in (3, 4)])
 
 
 def candidates(M: int):
     from pagedbatch.engine.models.mid_gemm import MidConfig
 
     out = []
-    for bm, bn, bk, w, st in TILES:
-        if bm > max(32, 2 * M) or (bm == 32 and M > 64):
+    for bm, bn, bk, w, st in TILES if M <= LARGE_M else TILES_LARGE:
+        if M <= LARGE_M and (bm > max(32, 2 * M) or (bm == 32 and M > 64)):
             continue  # tiles mostly of padding rows, or too many row tiles re-reading W
         if st * bk * (bm + bn) > 180 * 1024:
             continue  # shared memory of the pipeline stages (Triton asked 245,760 B for 4 x 256 x (64 + 128))
@@ -84,6 +100,31 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """max |y - ref| / max |ref| (the output's rounding included: bf16's is up to 2**-9 of each value)."""
     ref = ref.to(y.device)
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def host_us(fn, n: int = 50) -> float:
+    """Host microseconds per eager call of ``fn`` (launch only: the GPU is waited for after the clock stops)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return 1e6 * dt / n
+
+
+def eager_ms(fn, reps: int) -> float:
+    """Median ms of one eager run of ``fn`` until the GPU is done (launches and GPU time, as an eager step)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -141,19 +182,27 @@ def main(argv=None) -> int:
             if bias is not None:
                 ref += bias.double()
             row = {"shape": name, "N": N, "K": K, "M": M, "configs": {}}
+            large = M > LARGE_M
+            # Prefill-sized outputs dwarf the weights: two copies are enough there (and keep the graphs small).
+            cm = copies[:2] if large else copies
             if not cpu:
                 def sm():
-                    for w, s in copies:
+                    for w, s in cm:
                         torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s.view(1, -1), bias=bias,
                                          out_dtype=torch.bfloat16)
-                row["scaled_mm_us"] = 1e3 * graph_ms(sm, args.reps) / len(copies)
+                row["scaled_mm_us"] = 1e3 * graph_ms(sm, args.reps) / len(cm)
                 y = torch._scaled_mm(xq, w0.t(), scale_a=xs, scale_b=s0.view(1, -1), bias=bias, out_dtype=torch.bfloat16)
                 row["scaled_mm_err"] = rel_err(y, ref)
+                if large:
+                    row["scaled_mm_host_us"] = host_us(lambda: torch._scaled_mm(
+                        xq, w0.t(), scale_a=xs, scale_b=s0.view(1, -1), bias=bias, out_dtype=torch.bfloat16))
+
+                bm = bf16[:2] if large else bf16
 
                 def lin():
-                    for w in bf16:
+                    for w in bm:
                         F.linear(xm, w, bias)
-                row["bf16_us"] = 1e3 * graph_ms(lin, args.reps) / len(bf16)
+                row["bf16_us"] = 1e3 * graph_ms(lin, args.reps) / len(bm)
 
                 def quant():
                     for _ in range(16):
@@ -182,9 +231,9 @@ def main(argv=None) -> int:
                     continue
 
                 def timed_fn(ours=ours):
-                    for w, s in copies:
+                    for w, s in cm:
                         ours(w, s)
-                row["configs"][str(cfg)] = 1e3 * graph_ms(timed_fn, args.reps) / len(copies)
+                row["configs"][str(cfg)] = 1e3 * graph_ms(timed_fn, args.reps) / len(cm)
             timed = {k: v for k, v in row["configs"].items() if isinstance(v, float)}
             if timed:
                 row["best"] = min(timed, key=timed.get)
@@ -193,12 +242,19 @@ def main(argv=None) -> int:
                 # What the engine pays: both fp8 GEMMs need the quantization kernel in front.
                 row["best_total_us"] = row["best_us"] + row["quant_us"]
                 row["scaled_mm_total_us"] = row["scaled_mm_us"] + row["quant_us"]
-                if row["best_total_us"] < (1 - args.margin) * row["scaled_mm_total_us"]:
+                host = ""
+                if large:
+                    best = mg.MidConfig.parse(row["best"])
+                    row["best_host_us"] = host_us(lambda: mg.mid_linear(xq, xs, w0, s0, bias, config=best))
+                    host = f"; host {row['best_host_us']:.0f} us a launch, _scaled_mm {row['scaled_mm_host_us']:.0f}"
+                    if row["best_us"] <= row["scaled_mm_us"] and row["best_host_us"] < row["scaled_mm_host_us"]:
+                        choice[(M, name)] = row["best"]
+                elif row["best_total_us"] < (1 - args.margin) * row["scaled_mm_total_us"]:
                     choice[(M, name)] = row["best"]
                 print(f"{name:8s} N={N:6d} K={K:6d} M={M:4d}: bf16 {row['bf16_us']:6.1f}  quant {row['quant_us']:4.1f}  "
                       f"scaled_mm {row['scaled_mm_us']:6.1f}  ours {row['best_us']:6.1f} ({row['best']}): "
                       f"x{row['scaled_mm_total_us'] / row['best_total_us']:.2f} with the quantization; max error "
-                      f"_scaled_mm {row['scaled_mm_err']:.1e}, ours {row['errors'][row['best']]:.1e}", flush=True)
+                      f"_scaled_mm {row['scaled_mm_err']:.1e}, ours {row['errors'][row['best']]:.1e}{host}", flush=True)
             elif cpu:
                 print(f"{name} M={M}: {len(timed)} configs correct, "
                       f"{sum(1 for v in row['configs'].values() if isinstance(v, str))} not", flush=True)
@@ -242,15 +298,18 @@ def main(argv=None) -> int:
                         else:
                             torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s.view(1, -1), bias=bias,
                                              out_dtype=torch.bfloat16)
-            return graph_ms(fn, args.reps)
+            # Prefill-sized steps run eagerly in the engine: their chain is timed that way (host included).
+            return eager_ms(fn, args.reps) if M > LARGE_M else graph_ms(fn, args.reps)
 
-        c = {"M": M, "bf16_ms": chain("bf16"), "quant_scaled_mm_ms": chain("scaled_mm"), "quant_ours_ms": chain("ours")}
+        c = {"M": M, "eager": M > LARGE_M, "bf16_ms": chain("bf16"), "quant_scaled_mm_ms": chain("scaled_mm"),
+             "quant_ours_ms": chain("ours")}
         chains.append(c)
-        print(f"chain M={M}: bf16 {c['bf16_ms']:.3f} ms, quantization + _scaled_mm {c['quant_scaled_mm_ms']:.3f}, "
-              f"quantization + ours where it won {c['quant_ours_ms']:.3f}", flush=True)
+        print(f"chain M={M}{' (eager)' if c['eager'] else ''}: bf16 {c['bf16_ms']:.3f} ms, quantization + _scaled_mm "
+              f"{c['quant_scaled_mm_ms']:.3f}, quantization + ours where it won {c['quant_ours_ms']:.3f}", flush=True)
 
     paste = save(chains)
-    print("\n# TUNED entries (faster than quantization + _scaled_mm by more than the margin):\n" + "\n".join(paste))
+    print(f"\n# TUNED entries (faster than quantization + _scaled_mm by more than the margin; above {LARGE_M} rows "
+          "no slower on the GPU and cheaper to launch):\n" + "\n".join(paste))
     return 0 if all("best" in r for r in rows) else 1
 
 

@@ -57,11 +57,13 @@ def assert_close(y, ref, dtype):
 
 
 # (config, M, N, K): partial row tiles (M 5 and 70 of 32/64-row tiles), partial column tiles (N 48 of 32,
-# 200 of 64), K tails (96 of 64-wide K tiles, 160 of 128), several row tiles in one group (M 70, group 2).
+# 200 of 64), K tails (96 of 64-wide K tiles, 160 of 128), several row tiles in one group (M 70, group 2),
+# a prefill-sized step on the 128-row tiles of buckets above 512 (M 600: five row tiles, the last partial).
 CASES = [
     ("bm32 bn32 bk64 g8 w4 st2", 5, 48, 96),
     ("bm32 bn64 bk128 g2 w4 st2", 70, 200, 160),
     ("bm64 bn32 bk64 g8 w4 st3", 64, 64, 128),
+    ("bm128 bn128 bk64 g8 w8 st3", 600, 136, 192),
 ]
 
 
@@ -131,7 +133,23 @@ def test_default_config_is_tuneds_in_its_bucket_only(tuned):
     assert str(mg.default_config(32, 48, 96)) == "bm32 bn32 bk64 g8 w4 st2"
     assert mg.default_config(33, 48, 96) is None  # bucket 64: not measured
     assert mg.default_config(32, 64, 96) is None  # another shape
-    assert mg.default_config(10_000, 48, 96) is None  # above the largest bucket
+    assert mg.default_config(600, 48, 96) is None  # bucket 1024 (steps with prefill): not measured
+    assert mg.default_config(20_000, 48, 96) is None  # above the largest bucket
+
+
+def test_steps_with_prefill_take_the_kernel_only_in_a_tuned_bucket(monkeypatch):
+    """Buckets above 512 rows are for steps with prefill: a sweep's entry for 8,192 serves 4,097-8,192 rows."""
+    monkeypatch.setattr(mg, "TUNED", {(8192, 48, 96): "bm128 bn128 bk64 g8 w8 st3"})
+    monkeypatch.setattr(mg, "mid_supported", lambda N, K, device: True)
+    monkeypatch.setattr(linear_mod, "_skinny", lambda: None)
+    mg._default.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert [mg.m_bucket(m) for m in (513, 1024, 4097, 8192, 16384, 16385)] == [1024, 1024, 8192, 8192, 16384, None]
+        assert [linear_mod.route(m, 48, 96, FP8, cuda, True) for m in (4096, 4097, 8192, 8193)] == \
+            ["scaled_mm", "mid", "mid", "scaled_mm"]
+    finally:
+        mg._default.cache_clear()
 
 
 def test_quantized_rows_take_the_tuned_kernel_else_scaled_mm(tuned, monkeypatch):
@@ -181,7 +199,8 @@ SHAPES_06B = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
 DEFAULT_CASES = [(32, 2048, 2048), (32, 896, 18944), (32, 37888, 896), (32, 1000, 1040)]
 GPU_CASES = sorted({(mb, n, k, text) for (mb, n, k), text in mg.TUNED.items()}
                    | {(mb, n, k, "bm64 bn64 bk128 g8 w4 st4") for mb in (32, 256) for n, k in SHAPES_06B}
-                   | {(mb, n, k, mg.DEFAULT_32) for mb, n, k in DEFAULT_CASES})
+                   | {(mb, n, k, mg.DEFAULT_32) for mb, n, k in DEFAULT_CASES}
+                   | {(8192, n, k, "bm128 bn128 bk128 g8 w8 st3") for n, k in SHAPES_06B})  # prefill-sized
 
 
 def _scaled_mm_any_n(xq, xs, wq, ws, b):

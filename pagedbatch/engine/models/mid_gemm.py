@@ -15,6 +15,9 @@ the FLOP rate. Tiles picked per shape and row bucket by a sweep
 table below has no entry and ``_scaled_mm`` stays the kernel. Shapes nobody
 swept take one config at up to 32 rows (``DEFAULT_32``, never slower than
 ``_scaled_mm`` on the 20 matmuls of five models) and ``_scaled_mm`` above.
+Steps with prefill (more than 512 rows, run eagerly) take it only where
+their bucket has an entry: no slower than ``_scaled_mm`` on the GPU, and a
+Triton launch costs the host far less than ``_scaled_mm``'s.
 
 The numerics are ``_scaled_mm``'s: the activation quantized per token
 beforehand (``fp8.quantize_per_token``, or the kernel producing it), e4m3 x
@@ -160,7 +163,11 @@ TUNED: dict[tuple, str] = {
     (256, 896, 4864): 'bm64 bn32 bk256 g8 w4 st4',  # 0.5B down: 16.9 us, _scaled_mm 20.4, bf16 10.3
 }
 
-M_BUCKETS = (32, 64, 128, 256, 512)
+# Up to 512 rows: decode and small steps with prefill, replayed as CUDA graphs. Above: steps with prefill
+# that run eagerly, where torch._scaled_mm's host path (~100 us a call under torch.profiler, H200,
+# 2026-12-04) can outlast its GPU time; entries there only where ours is no slower on the GPU
+# (bench/mid_gemm.py --ms 1024,...,8192 says which).
+M_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 # Shapes not in TUNED at up to 32 rows. Of all configs tried, the one never slower than _scaled_mm on the
 # 20 matmuls of the five models above at 32 rows (1.03x at worst, 1.16x on average, the quantization kernel
