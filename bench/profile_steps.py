@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     for i, p in enumerate(w.prompts):
         eng.add_request(str(i), p, params[i])
     compiled_before = triton_variants()
-    probe = StepProbe(t, args.device, args.step_detail)
+    probe = StepProbe(t, e, args.device, args.step_detail, prefill=True)
     # Decode-only steps by batch size: steps, wall s, s waiting for the GPU in collect. A bucket whose steps
     # hardly wait is host-bound: a faster kernel cannot shorten it.
     by_rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
         print(f"allocator: {ms.get('num_alloc_retries', 0)} allocation retries (each frees cached memory and "
               f"syncs), {ms.get('num_device_alloc', 0)} cudaMalloc calls, {ms.get('num_device_free', 0)} cudaFree")
     probe.report()
+    print("  " + probe.prefill_summary())
     out_tokens = sum(w.max_tokens)
     print(f"\n{args.workload}: {wall:.2f} s, {out_tokens / wall:,.0f} output tok/s, {sum(kinds.values())} steps")
     for k in kinds:
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
           f"{wall - sum(t.s[k] for k in t.s if k not in nested):.3f} s")
 
     if args.runs:
-        repeat_runs(eng, w, args.runs, sync)
+        repeat_runs(eng, w, args.runs, sync, t, args.device)
     if args.cprofile:
         host_profile(eng, w, args)
     if args.cprofile_prefill:
@@ -214,21 +215,24 @@ def main(argv=None) -> int:
 
 
 class StepProbe:
-    """What each of the timed run's first ``n`` steps spent, as the engine runs it (overlapped): the timers'
-    shares of its wall time, the CUDA caching allocator's cudaMalloc/cudaFree calls and reserved bytes it
-    added, and the garbage collector's pauses. A step much slower than its neighbours shows here which part
-    grew. Reading the allocator's counters costs host time; it is kept out of the steps' and the run's wall
-    time (``overhead_s``)."""
+    """What steps spent, as the engine runs them (overlapped): the timers' shares of each step's wall time, the
+    CUDA caching allocator's cudaMalloc/cudaFree calls and reserved bytes it added, and the garbage
+    collector's pauses. Records the first ``n`` steps, and with ``prefill`` every step with prefill too. A step
+    much slower than its neighbours shows here which part grew. Reading the allocator's counters costs host
+    time; it is kept out of the steps' wall time and counted in ``overhead_s`` (callers subtract it from a
+    run's), and it is read only for the first ``n`` steps and, with ``prefill``, for steps planned while
+    prompts wait."""
 
     COLUMNS = (("runner.launch_forward (host)", "fwd"), ("  LM head (launch)", "lm"),
                ("runner.launch_sampling (host)", "samp"), ("runner.collect (waits for GPU)", "wait"),
                ("schedule", "sched"), ("  scheduler.cache_blocks", "cache"))
 
-    def __init__(self, timers: Timers, device: str, n: int):
+    def __init__(self, timers: Timers, engine, device: str, n: int, prefill: bool = False):
         import gc
 
-        self.t, self.n, self.cuda = timers, n, device != "cpu"
-        self.rows = []
+        self.t, self.e, self.n, self.prefill, self.cuda = timers, engine, n, prefill, device != "cpu"
+        self.rows = []  # (step index, kind, rows, tokens, decode rows, wall s, [timer s], mallocs, frees, bytes, gc s)
+        self.steps = 0
         self.overhead_s = 0.0
         self.gc_s = 0.0
         self._gc_t0 = 0.0
@@ -251,41 +255,55 @@ class StepProbe:
         return out
 
     def before(self) -> None:
-        if len(self.rows) < self.n:
-            self._timers = {key: self.t.s[key] for key, _ in self.COLUMNS}
-            self._alloc0 = self._alloc()
-            self._gc0 = self.gc_s
+        self._timers = [self.t.s[key] for key, _ in self.COLUMNS]
+        self._gc0 = self.gc_s
+        read = self.steps < self.n or (self.prefill and bool(self.e.scheduler.waiting))
+        self._alloc0 = self._alloc() if read else None
 
     def after(self, kind: str, wall_s: float, step) -> None:
-        if len(self.rows) >= self.n:
+        i = self.steps
+        self.steps += 1
+        if not (i < self.n or (self.prefill and kind == "with prefill")):
             return
-        a1 = self._alloc()
+        a1 = self._alloc() if self._alloc0 is not None else None
         plan = step.plan if step is not None else None
         rows = len(plan.seqs) if plan is not None else 0
         tokens = sum(plan.num_new_tokens) if plan is not None else 0
         decode = sum(1 for n, s in zip(plan.num_new_tokens, plan.seqs)
                      if n == 1 and s.num_computed_tokens >= s.num_prompt_tokens) if plan is not None else 0
-        parts = [self.t.s[key] - self._timers[key] for key, _ in self.COLUMNS]
-        self.rows.append((kind, rows, tokens, decode, wall_s, parts, a1[0] - self._alloc0[0], a1[1] - self._alloc0[1],
-                          a1[2] - self._alloc0[2], self.gc_s - self._gc0))
+        parts = [self.t.s[key] - t0 for (key, _), t0 in zip(self.COLUMNS, self._timers)]
+        alloc = tuple(x1 - x0 for x1, x0 in zip(a1, self._alloc0)) if a1 is not None else None
+        self.rows.append((i, kind, rows, tokens, decode, wall_s, parts, alloc, self.gc_s - self._gc0))
 
     def close(self) -> None:
         if self._on_gc in self._gc.callbacks:
             self._gc.callbacks.remove(self._on_gc)
 
+    HEAD = " ".join(f"{name:>6}" for _, name in COLUMNS)
+
     def report(self) -> None:
-        if not self.rows:
+        rows = [r for r in self.rows if r[0] < self.n]
+        if not rows:
             return
-        print(f"the timed run's first {len(self.rows)} steps, as the engine runs them (overlapped), ms: wall, then "
+        print(f"the timed run's first {len(rows)} steps, as the engine runs them (overlapped), ms: wall, then "
               "inside it the forward's launches (fwd, of which the LM head: lm), the sampler's (samp), waiting for the "
               "previous step's tokens (wait), scheduling (sched), prefix-cache hashing (cache); cudaMalloc / cudaFree "
               "calls and reserved MiB the step added; garbage collection (gc)")
-        head = " ".join(f"{name:>6}" for _, name in self.COLUMNS)
-        print(f"  step kind  rows tokens decode   wall {head} malloc  free  +MiB     gc")
-        for i, (kind, rows, tokens, decode, wall_s, parts, mallocs, frees, reserved, gc_s) in enumerate(self.rows):
+        print(f"  step kind  rows tokens decode   wall {self.HEAD} malloc  free  +MiB     gc")
+        for i, kind, nrows, tokens, decode, wall_s, parts, alloc, gc_s in rows:
             cols = " ".join(f"{1e3 * p:6.1f}" for p in parts)
-            print(f"  {i:4d} {kind[0]:>4} {rows:5d} {tokens:6d} {decode:6d} {1e3 * wall_s:6.1f} {cols} {mallocs:6d} "
+            mallocs, frees, reserved = alloc if alloc is not None else (0, 0, 0)
+            print(f"  {i:4d} {kind[0]:>4} {nrows:5d} {tokens:6d} {decode:6d} {1e3 * wall_s:6.1f} {cols} {mallocs:6d} "
                   f"{frees:5d} {reserved / 2**20:5.0f} {1e3 * gc_s:6.1f}")
+
+    def prefill_summary(self) -> str:
+        """The steps with prefill, summed: their count, wall ms and each timer's ms, cudaMalloc calls, gc ms."""
+        rows = [r for r in self.rows if r[1] == "with prefill"]
+        parts = [sum(r[6][j] for r in rows) for j in range(len(self.COLUMNS))]
+        mallocs = sum(r[7][0] for r in rows if r[7] is not None)
+        cols = ", ".join(f"{name} {1e3 * p:.0f}" for (_, name), p in zip(self.COLUMNS, parts))
+        return (f"{len(rows)} steps with prefill: wall {1e3 * sum(r[5] for r in rows):.0f} ms = {cols}; "
+                f"{mallocs} cudaMalloc, gc {1e3 * sum(r[8] for r in rows):.0f} ms")
 
 
 _BUCKETS = (256, 192, 128, 64, 32, 16, 1)
@@ -312,51 +330,46 @@ def triton_variants():
         return None
 
 
-def repeat_runs(eng, w, n: int, sync) -> None:
+def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str) -> None:
     """The whole workload n more times as the engine runs it (fresh ids each time, so no prefix-cache hits):
     where one run's time goes against another's (W-nano on the H200, 2026-12-04: its 18 steps with prefill
-    took 0.34-0.94 s between runs of the same code, its decode-only steps 4.11-4.15 s), and Python's garbage
-    collector's share (gc.callbacks)."""
-    import gc
-
+    took 0.34-0.94 s between runs of the same code, its decode-only steps 4.11-4.15 s), Python's garbage
+    collector's share (gc.callbacks), and the steps with prefill split as ``StepProbe`` splits them."""
     from pagedbatch import SamplingParams
 
     e = eng.engine
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
-    pause = {"s": 0.0, "n": 0, "t0": 0.0}
-
-    def on_gc(phase, info):
-        if phase == "start":
-            pause["t0"] = time.perf_counter()
-        else:
-            pause["s"] += time.perf_counter() - pause["t0"]
-            pause["n"] += 1
-
-    gc.callbacks.append(on_gc)
     print(f"\n== {n} more runs of the whole workload ==")
-    try:
-        for r in range(n):
-            for i, p in enumerate(w.prompts):
-                eng.add_request(f"run{r}-{i}", [(x + 11 + r) % 10000 for x in p], params[i])
-            pause.update(s=0.0, n=0)
+    for r in range(n):
+        for i, p in enumerate(w.prompts):
+            eng.add_request(f"run{r}-{i}", [(x + 11 + r) % 10000 for x in p], params[i])
+        probe = StepProbe(timers, e, device, 0, prefill=True)
+        gc_n = [0]
+        probe._gc.callbacks.append(lambda phase, info: gc_n.__setitem__(0, gc_n[0] + (phase == "stop")))
+        try:
             sync()
             kind_s = collections.defaultdict(float)
             kinds = collections.Counter()
             t0 = time.perf_counter()
             while eng.has_unfinished_requests():
                 before = e.scheduler.stats.prefill_tokens
+                probe.before()
                 s0 = time.perf_counter()
                 e.step()
+                dt = time.perf_counter() - s0
                 k = "prefill" if e.scheduler.stats.prefill_tokens > before else "decode"
-                kind_s[k] += time.perf_counter() - s0
+                kind_s[k] += dt
                 kinds[k] += 1
+                probe.after("with prefill" if k == "prefill" else "decode-only", dt, e._inflight)
             sync()
-            wall = time.perf_counter() - t0
-            print(f"  run {r + 1}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
-                  f"with prefill {kind_s['prefill']:.3f} s, {kinds['decode']} decode-only {kind_s['decode']:.3f} s; "
-                  f"gc {1e3 * pause['s']:.0f} ms in {pause['n']} collections", flush=True)
-    finally:
-        gc.callbacks.remove(on_gc)
+            wall = time.perf_counter() - t0 - probe.overhead_s
+        finally:
+            probe.close()
+            probe._gc.callbacks.pop()
+        print(f"  run {r + 1}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
+              f"with prefill {kind_s['prefill']:.3f} s, {kinds['decode']} decode-only {kind_s['decode']:.3f} s; "
+              f"gc {1e3 * probe.gc_s:.0f} ms in {gc_n[0]} collections", flush=True)
+        print(f"    {probe.prefill_summary()}", flush=True)
 
 
 def trace_steps(eng, w, args, sync) -> None:

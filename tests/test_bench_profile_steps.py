@@ -12,6 +12,9 @@ def test_profile_steps_repeated_runs_each_report_the_whole_workload_split_by_ste
                       r"[\d.]+ s; gc \d+ ms in \d+ collections", out)
     # tiny: 8 prompts of up to 32 tokens, 8 new tokens each: one step prefills them all, 8 more decode.
     assert runs == [("1", "1", "8"), ("2", "1", "8")]
+    # Each run's steps with prefill split by part (the timed run's too): one step each here.
+    assert len(re.findall(r"^ +1 steps with prefill: wall \d+ ms = fwd \d+, lm \d+, samp \d+, wait \d+, sched \d+, "
+                          r"cache \d+; \d+ cudaMalloc, gc \d+ ms$", out, re.M)) == 3
 
 
 def test_profile_steps_lists_the_first_steps_one_by_one_with_their_shape_and_parts(capsys):
