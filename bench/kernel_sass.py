@@ -6,6 +6,7 @@ instructions of its loops.
     python bench/kernel_sass.py --kernel prefill --kv fp8 --group 7
     python bench/kernel_sass.py --kernel skinny --kv fp8 --n 4608 --k 3584 --pdl
     python bench/kernel_sass.py --kernel decode --config v2-stages3-cast --kv fp8 --v-layout key-contiguous
+    python bench/kernel_sass.py --kernel mid --mid-config 'bm128 bn128 bk128 g8 w8 st3' --k 1024
 
 Triton compiles for any NVIDIA target without a GPU (its wheel carries ptxas and nvdisasm). The kernel is
 compiled as the engine launches it: the same constexprs as the launcher, pointers and strides assumed
@@ -36,6 +37,7 @@ POINTER_TYPES = {  # argument name -> Triton pointer type; {kv} is the cache's e
     "rotary": {"Q": "*{q}", "K": "*{q}", "V": "*{q}", "QO": "*{q}", "KC": "*{kv}", "VC": "*{kv}", "cos_sin": "*fp32",
                "positions": "*i64", "slot_mapping": "*i64", "KV_SCALE": "*fp32", "QW": "*{q}", "KW": "*{q}"},
     "skinny": {"X": "*{q}", "W": "*{kv}", "S": "*fp32", "B": "*{q}", "Y": "*{q}", "WS": "*fp32", "LOCKS": "*i32"},
+    "mid": {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "B": "*{q}", "Y": "*{q}"},
 }
 FLOAT_ARGS = {"qk_scale", "eps", "x_scale"}
 TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8e4nv", "fp32": "fp32"}
@@ -106,6 +108,21 @@ def skinny_spec(args):
                  SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
                  DOT_IEEE=args.q == "fp32", PDL=args.pdl)
     return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages
+
+
+def mid_spec(args):
+    """mid_gemm's fp8 x fp8 kernel as ``mid_linear`` launches it with ``--mid-config`` (default: its config for
+    ``--m`` rows of an [--n, --k] weight), output in ``--q``, no bias: registers, shared memory, spills and
+    whether the K loop runs on Hopper's warpgroup MMA (``QGMMA``) before a GPU sweep times the tile."""
+    from pagedbatch.engine.models import mid_gemm as mg
+
+    cfg = mg.MidConfig.parse(args.mid_config) if args.mid_config else mg.default_config(args.m, args.n, args.k)
+    if cfg is None:
+        raise SystemExit(f"kernel_sass: no mid_gemm config for M={args.m}, N={args.n}, K={args.k}: pass --mid-config")
+    const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                 IMPRECISE=min(mg._PROMOTE_EVERY, cfg.block_k), HAS_BIAS=False, EVEN_K=args.k % cfg.block_k == 0,
+                 NUM_STAGES=cfg.num_stages, PDL=args.pdl)
+    return mg._mid_kernel, const, cfg.num_warps, cfg.num_stages
 
 
 def prefill_spec(args):
@@ -192,7 +209,7 @@ def pdl_order(sass: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernel", choices=["decode", "prefill", "skinny", "rotary"], default="decode")
+    ap.add_argument("--kernel", choices=["decode", "prefill", "skinny", "rotary", "mid"], default="decode")
     ap.add_argument("--config", default="v2-stages3", help="decode: a name in DECODE_CONFIGS")
     ap.add_argument("--kv", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16", help="cache element type")
     ap.add_argument("--q", choices=["bf16", "fp16", "fp32"], default="bf16", help="query / model dtype")
@@ -211,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=3584, help="skinny: reduction length")
     ap.add_argument("--skinny-config", default=None, help="skinny: this config (e.g. 'dotH bm16 bn256 bk128 sk1 w4 "
                     "st3') instead of the default for the shape")
+    ap.add_argument("--mid-config", default=None, help="mid: this config (e.g. 'bm128 bn128 bk128 g8 w8 st3') "
+                    "instead of the table's for --m rows of the [--n, --k] weight")
     ap.add_argument("--pdl", action="store_true", help="decode, skinny: as launched with programmatic dependent "
                                                         "launch (engine/pdl.py); prints where the wait falls")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -220,7 +239,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's default; silences Triton >= 3.9
     import triton
 
-    spec = {"decode": decode_spec, "prefill": prefill_spec, "skinny": skinny_spec, "rotary": rotary_spec}[args.kernel]
+    spec = {"decode": decode_spec, "prefill": prefill_spec, "skinny": skinny_spec, "rotary": rotary_spec,
+            "mid": mid_spec}[args.kernel]
     kernel, const, warps, stages = spec(args)
     # The rotary kernel's fp8 write is compiled without fused multiply-adds, as its launcher asks.
     compiled = compile_for(kernel, const, args.kernel, args.q, args.kv, args.arch, warps, stages,
@@ -235,7 +255,7 @@ def main(argv=None) -> int:
     res = subprocess.run([_tool("cuobjdump"), "-res-usage", tmp], capture_output=True, text=True, check=True).stdout
     if args.out:
         name = {"decode": args.config, "prefill": "prefill", "skinny": f"m{args.m}n{args.n}k{args.k}",
-                "rotary": f"g{args.group}"}[args.kernel]
+                "rotary": f"g{args.group}", "mid": f"n{args.n}k{args.k}"}[args.kernel]
         base = os.path.join(args.out, f"{args.kernel}-{name}-{args.kv}")
         for ext, text in (("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(f"{base}.{ext}", "w") as f:

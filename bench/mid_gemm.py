@@ -60,11 +60,14 @@ FP8 = torch.float8_e4m3fn
 # 1,024 (0.6B's o and down: 32 tiles of 32). 128-row and 256-column tiles never won a shape of Qwen3-0.6B
 # or Qwen2.5-7B at 32-256 rows (H200 sweeps of 2026-12-04), so they are no longer tried.
 TILES = [(bm, bn, bk, 4, st) for bm in (32, 64) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
-# Prefill-sized products (M > LARGE_M): compute-bound, so the tiles of a Hopper fp8 GEMM (two warpgroups
-# on 128 x 128-256 tiles) next to the widest of the above.
+# Prefill-sized products (M > LARGE_M): compute-bound, so the larger tiles of a Hopper fp8 GEMM. Compiled
+# offline for sm_90 with Triton 3.6 (bench/kernel_sass.py --kernel mid, 2026-12-04): 256-column tiles spill
+# (112-224 B of stack, local loads in the K loop: the float32 accumulator plus the MMA's own partial sums, as
+# max_num_imprecise_acc adds them every 128 products); these do not (165-253 registers), all on QGMMA.
 LARGE_M = 512
-TILES_LARGE = ([(128, bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
-               + [(64, bn, 128, 4, st) for bn in (128, 256) for st in (3, 4)])
+TILES_LARGE = ([(128, 128, bk, w, st) for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
+               + [(bm, bn, 128, 4, st) for bm, bn in ((128, 64), (64, 128)) for st in (3, 4)]
+               + [(256, 128, 64, 8, 3)])
 
 
 def candidates(M: int):

@@ -51,3 +51,19 @@ def test_fp8_decode_tile_converts_before_its_layout_change_on_sm90():
     assert "HMMA" in paired_ops and "F2FP.F16.E4M3" in paired_ops
     assert "LDS.U8" not in paired_ops and "LDS.U8" in cast_ops
     assert paired < 0.75 * cast, (paired, cast)
+
+
+def test_mid_gemm_prefill_tiles_run_on_the_warpgroup_mma_without_spilling_on_sm90():
+    """bench/mid_gemm.py's 128-row tiles for steps with prefill (TILES_LARGE): compiled for sm_90, the K loop runs
+    on Hopper's fp8 warpgroup MMA (QGMMA) and nothing goes to the stack. 256-column tiles, left out of the sweep,
+    spilled (local loads in the loop) when this was written."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(BENCH), "--kernel", "mid", "--mid-config", "bm128 bn128 bk128 g8 w8 st3",
+                          "--n", "6144", "--k", "1024", "--top", "40"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"registers \d+, stack 0 B,", out.stdout), out.stdout
+    m = re.search(r"^loop 0: (\d+) instructions: (.*)$", out.stdout, re.M)
+    assert m, out.stdout
+    assert "QGMMA" in m.group(2) and "E4M3.E4M3" in m.group(2)
+    assert "LDL" not in m.group(2) and "STL" not in m.group(2)
