@@ -24,8 +24,8 @@ Above 512 rows (the steps with prefill that run eagerly, outside CUDA
 graphs: --ms 1024,8192) the candidates are 128-row tiles, each product is
 also launched eagerly to time its host cost (``host_us``: torch._scaled_mm
 spends ~100 us of host a call under the profiler, a Triton launch ~10-20),
-and the chain is also run eagerly, as such a step runs it (wall time of
-launches and GPU). There a config is pasted when its GPU time is no worse
+and the chain is run eagerly, as such a step runs it (wall time of
+launches and GPU), once more with our fastest tile at every shape. There a config is pasted when its GPU time is no worse
 than _scaled_mm's and its launch cheaper: W-nano's 8,192-token steps with
 fp8 weights are host-bound (tenth session), and a 7B's are not, where the
 GPU time rule keeps _scaled_mm unless ours is as fast.
@@ -284,10 +284,15 @@ def main(argv=None) -> int:
 
     save([])
     chains = []
-    for M in ms if not cpu and choice else []:
+    # Each shape's fastest config, pasted or not: above LARGE_M the eager chain shows what our launches save
+    # against what our GPU time costs when every linear of a step takes it.
+    best = {(r["M"], r["shape"]): r["best"] for r in rows if "best" in r}
+    for M in ms if not cpu and (choice or any(m > LARGE_M for m in ms)) else []:
         xin = {name: d[5][:M].contiguous() for name, d in data.items()}
 
         def chain(kind, M=M):
+            table = choice if kind == "ours" else best
+
             def fn():
                 for li in range(layers):
                     for name, (N, K, copies, bf16, bias, x) in data.items():
@@ -296,8 +301,8 @@ def main(argv=None) -> int:
                             continue
                         w, s = copies[li % len(copies)]
                         xq, xs = quantize_per_token(xin[name])
-                        if kind == "ours" and (M, name) in choice:
-                            mg.mid_linear(xq, xs, w, s, bias, config=mg.MidConfig.parse(choice[(M, name)]))
+                        if kind != "scaled_mm" and (M, name) in table:
+                            mg.mid_linear(xq, xs, w, s, bias, config=mg.MidConfig.parse(table[(M, name)]))
                         else:
                             torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s.view(1, -1), bias=bias,
                                              out_dtype=torch.bfloat16)
@@ -306,9 +311,14 @@ def main(argv=None) -> int:
 
         c = {"M": M, "eager": M > LARGE_M, "bf16_ms": chain("bf16"), "quant_scaled_mm_ms": chain("scaled_mm"),
              "quant_ours_ms": chain("ours")}
+        extra = ""
+        if M > LARGE_M:
+            c["quant_ours_everywhere_ms"] = chain("ours_everywhere")
+            extra = f", ours at every shape {c['quant_ours_everywhere_ms']:.3f}"
         chains.append(c)
         print(f"chain M={M}{' (eager)' if c['eager'] else ''}: bf16 {c['bf16_ms']:.3f} ms, quantization + _scaled_mm "
-              f"{c['quant_scaled_mm_ms']:.3f}, quantization + ours where it won {c['quant_ours_ms']:.3f}", flush=True)
+              f"{c['quant_scaled_mm_ms']:.3f}, quantization + ours where it won {c['quant_ours_ms']:.3f}{extra}",
+              flush=True)
 
     paste = save(chains)
     print(f"\n# TUNED entries (faster than quantization + _scaled_mm by more than the margin; above {LARGE_M} rows "
