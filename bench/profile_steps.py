@@ -223,7 +223,7 @@ class StepProbe:
     run's), and it is read only for the first ``n`` steps and, with ``prefill``, for steps planned while
     prompts wait."""
 
-    COLUMNS = (("runner.launch_forward (host)", "fwd"), ("  LM head (launch)", "lm"),
+    COLUMNS = (("runner.launch_forward (host)", "fwd"), ("prepare inputs", "prep"), ("  LM head (launch)", "lm"),
                ("runner.launch_sampling (host)", "samp"), ("runner.collect (waits for GPU)", "wait"),
                ("schedule", "sched"), ("  scheduler.cache_blocks", "cache"))
 
@@ -286,7 +286,8 @@ class StepProbe:
         if not rows:
             return
         print(f"the timed run's first {len(rows)} steps, as the engine runs them (overlapped), ms: wall, then "
-              "inside it the forward's launches (fwd, of which the LM head: lm), the sampler's (samp), waiting for the "
+              "inside it the forward's launches (fwd, of which building the inputs: prep, and the LM head: lm), the "
+              "sampler's (samp), waiting for the "
               "previous step's tokens (wait), scheduling (sched), prefix-cache hashing (cache); cudaMalloc / cudaFree "
               "calls and reserved MiB the step added; garbage collection (gc)")
         print(f"  step kind  rows tokens decode   wall {self.HEAD} malloc  free  +MiB     gc")
