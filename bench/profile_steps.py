@@ -224,7 +224,8 @@ class StepProbe:
     prompts wait."""
 
     COLUMNS = (("runner.launch_forward (host)", "fwd"), ("prepare inputs", "prep"), ("  LM head (launch)", "lm"),
-               ("runner.launch_sampling (host)", "samp"), ("runner.collect (waits for GPU)", "wait"),
+               ("runner.launch_sampling (host)", "samp"), ("engine._collect (incl. the wait)", "coll"),
+               ("runner.collect (waits for GPU)", "wait"),
                ("schedule", "sched"), ("  scheduler.cache_blocks", "cache"))
 
     def __init__(self, timers: Timers, engine, device: str, n: int, prefill: bool = False):
@@ -287,8 +288,8 @@ class StepProbe:
             return
         print(f"the timed run's first {len(rows)} steps, as the engine runs them (overlapped), ms: wall, then "
               "inside it the forward's launches (fwd, of which building the inputs: prep, and the LM head: lm), the "
-              "sampler's (samp), waiting for the "
-              "previous step's tokens (wait), scheduling (sched), prefix-cache hashing (cache); cudaMalloc / cudaFree "
+              "sampler's (samp), reading back and applying the previous step's tokens (coll, of which waiting for "
+              "them: wait, and hashing the blocks they filled for the prefix cache: cache), scheduling (sched); cudaMalloc / cudaFree "
               "calls and reserved MiB the step added; garbage collection (gc)")
         print(f"  step kind  rows tokens decode   wall {self.HEAD} malloc  free  +MiB     gc")
         for i, kind, nrows, tokens, decode, wall_s, parts, alloc, gc_s in rows:

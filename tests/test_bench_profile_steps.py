@@ -13,7 +13,7 @@ def test_profile_steps_repeated_runs_each_report_the_whole_workload_split_by_ste
     # tiny: 8 prompts of up to 32 tokens, 8 new tokens each: one step prefills them all, 8 more decode.
     assert runs == [("1", "1", "8"), ("2", "1", "8")]
     # Each run's steps with prefill split by part (the timed run's too): one step each here.
-    assert len(re.findall(r"^ +1 steps with prefill: wall \d+ ms = fwd \d+, prep \d+, lm \d+, samp \d+, wait \d+, sched \d+, "
+    assert len(re.findall(r"^ +1 steps with prefill: wall \d+ ms = fwd \d+, prep \d+, lm \d+, samp \d+, coll \d+, wait \d+, sched \d+, "
                           r"cache \d+; \d+ cudaMalloc, gc \d+ ms$", out, re.M)) == 3
 
 
@@ -21,9 +21,9 @@ def test_profile_steps_lists_the_first_steps_one_by_one_with_their_shape_and_par
     bench = load_bench("profile_steps")
     assert bench.main(["--workload", "tiny", "--device", "cpu", "--profile-steps", "1", "--step-detail", "3"]) == 0
     out = capsys.readouterr().out
-    assert "step kind  rows tokens decode   wall    fwd   prep     lm   samp   wait  sched  cache malloc  free  +MiB     gc" \
+    assert "step kind  rows tokens decode   wall    fwd   prep     lm   samp   coll   wait  sched  cache malloc  free  +MiB     gc" \
         in out
-    rows = re.findall(r"^ +(\d+) +([wd]) +(\d+) +(\d+) +(\d+)((?: +[\d.]+){8}) +(\d+) +(\d+) +(-?\d+) +([\d.]+)$",
+    rows = re.findall(r"^ +(\d+) +([wd]) +(\d+) +(\d+) +(\d+)((?: +[\d.]+){9}) +(\d+) +(\d+) +(-?\d+) +([\d.]+)$",
                       out, re.M)
     # tiny: one step prefills all 8 prompts (131 tokens), then every row decodes; only the first 3 are listed.
     assert [r[:5] for r in rows] == [("0", "w", "8", "131", "0"), ("1", "d", "8", "8", "8"), ("2", "d", "8", "8", "8")]
