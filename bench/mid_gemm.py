@@ -247,8 +247,8 @@ def main(argv=None) -> int:
                 row["scaled_mm_total_us"] = row["scaled_mm_us"] + row["quant_us"]
                 host = ""
                 if large:
-                    best = mg.MidConfig.parse(row["best"])
-                    row["best_host_us"] = host_us(lambda: mg.mid_linear(xq, xs, w0, s0, bias, config=best))
+                    best_cfg = mg.MidConfig.parse(row["best"])
+                    row["best_host_us"] = host_us(lambda: mg.mid_linear(xq, xs, w0, s0, bias, config=best_cfg))
                     host = f"; host {row['best_host_us']:.0f} us a launch, _scaled_mm {row['scaled_mm_host_us']:.0f}"
                     if row["best_us"] <= row["scaled_mm_us"] and row["best_host_us"] < row["scaled_mm_host_us"]:
                         choice[(M, name)] = row["best"]
