@@ -77,6 +77,9 @@ def main(argv=None) -> int:
                     help="also run the whole workload N more times (fresh ids), one line each: wall, its steps with "
                          "prefill and its decode-only steps, and the time Python's garbage collector took")
     ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
+    ap.add_argument("--warm-lm-head", action="store_true",
+                    help="before the timed run, also run the LM head once at every row count up to --max-num-seqs "
+                         "(do its slow launches in steps with prefill come from kernels first used at a new count?)")
     ap.add_argument("--step-detail", type=int, default=30, metavar="N",
                     help="print the timed run's first N steps one by one: shape, wall time and where it went "
                          "(launches, LM head, waiting for the GPU, scheduling), cudaMalloc/cudaFree calls and "
@@ -124,6 +127,13 @@ def main(argv=None) -> int:
     kind_s = collections.defaultdict(float)
     for i, p in enumerate(w.prompts):
         eng.add_request(str(i), p, params[i])
+    if args.warm_lm_head:
+        t_warm = time.perf_counter()
+        with torch.inference_mode():
+            for m in range(1, args.max_num_seqs + 1):
+                r.model.compute_logits(torch.zeros(m, r.args.hidden_size, dtype=r.dtype, device=r.device))
+        sync()
+        print(f"LM head run at 1..{args.max_num_seqs} rows before the timed run: {time.perf_counter() - t_warm:.2f} s")
     compiled_before = triton_variants()
     probe = StepProbe(t, e, args.device, args.step_detail, prefill=True)
     # Decode-only steps by batch size: steps, wall s, s waiting for the GPU in collect. A bucket whose steps

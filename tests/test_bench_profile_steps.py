@@ -19,8 +19,10 @@ def test_profile_steps_repeated_runs_each_report_the_whole_workload_split_by_ste
 
 def test_profile_steps_lists_the_first_steps_one_by_one_with_their_shape_and_parts(capsys):
     bench = load_bench("profile_steps")
-    assert bench.main(["--workload", "tiny", "--device", "cpu", "--profile-steps", "1", "--step-detail", "3"]) == 0
+    assert bench.main(["--workload", "tiny", "--device", "cpu", "--profile-steps", "1", "--step-detail", "3",
+                       "--warm-lm-head", "--max-num-seqs", "8"]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"^LM head run at 1\.\.8 rows before the timed run: [\d.]+ s$", out, re.M)
     assert "step kind  rows tokens decode   wall    fwd   prep     lm   samp   coll   wait  sched  cache malloc  free  +MiB     gc" \
         in out
     rows = re.findall(r"^ +(\d+) +([wd]) +(\d+) +(\d+) +(\d+)((?: +[\d.]+){9}) +(\d+) +(\d+) +(-?\d+) +([\d.]+)$",
