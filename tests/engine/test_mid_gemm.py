@@ -9,13 +9,10 @@ operands and scales. On the GPU (``-m gpu``) every tuned entry at its real
 shape, eager and in a CUDA graph, held to torch._scaled_mm's accuracy on the
 same operands, and a PDL-launched chain with the quantization kernel.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 triton = pytest.importorskip("triton")
 
 from pagedbatch.engine.models import linear as linear_mod  # noqa: E402

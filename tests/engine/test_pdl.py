@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 triton = pytest.importorskip("triton")
 
 from pagedbatch.engine import pdl  # noqa: E402

@@ -1,13 +1,10 @@
 """CUDA graphs for steps with prefill (engine/cuda_graphs.PrefillGraphs): a step padded to its token bucket
 computes exactly what it computes unpadded, and the engine's outputs do not depend on whether its small
 prefill steps replay graphs."""
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 triton = pytest.importorskip("triton")
 
 from pagedbatch.config import EngineConfig  # noqa: E402

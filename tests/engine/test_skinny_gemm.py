@@ -9,14 +9,11 @@ GPU (``-m gpu``) the real decode shapes in bf16 and fp8, and CUDA-graph replay.
 Outputs and split-K workspaces start as NaN, so an element never written or a
 partial never stored shows up.
 """
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 triton = pytest.importorskip("triton")
 
 from pagedbatch.engine.models import skinny_gemm as sg  # noqa: E402
