@@ -246,6 +246,7 @@ class StepProbe:
         self.steps = 0
         self.overhead_s = 0.0
         self.gc_s = 0.0
+        self.gc_n = 0  # collections
         self._gc_t0 = 0.0
         self._gc = gc
         gc.callbacks.append(self._on_gc)
@@ -255,6 +256,7 @@ class StepProbe:
             self._gc_t0 = time.perf_counter()
         else:
             self.gc_s += time.perf_counter() - self._gc_t0
+            self.gc_n += 1
 
     def _alloc(self):
         if not self.cuda:
@@ -356,8 +358,6 @@ def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str) -> None:
         for i, p in enumerate(w.prompts):
             eng.add_request(f"run{r}-{i}", [(x + 11 + r) % 10000 for x in p], params[i])
         probe = StepProbe(timers, e, device, 0, prefill=True)
-        gc_n = [0]
-        probe._gc.callbacks.append(lambda phase, info: gc_n.__setitem__(0, gc_n[0] + (phase == "stop")))
         try:
             sync()
             kind_s = collections.defaultdict(float)
@@ -377,10 +377,9 @@ def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str) -> None:
             wall = time.perf_counter() - t0 - probe.overhead_s
         finally:
             probe.close()
-            probe._gc.callbacks.pop()
         print(f"  run {r + 1}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
               f"with prefill {kind_s['prefill']:.3f} s, {kinds['decode']} decode-only {kind_s['decode']:.3f} s; "
-              f"gc {1e3 * probe.gc_s:.0f} ms in {gc_n[0]} collections", flush=True)
+              f"gc {1e3 * probe.gc_s:.0f} ms in {probe.gc_n} collections", flush=True)
         print(f"    {probe.prefill_summary()}", flush=True)
 
 
