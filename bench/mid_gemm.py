@@ -63,7 +63,7 @@ TILES = [(bm, bn, bk, 4, st) for bm in (32, 64) for bn in (32, 64, 128) for bk i
 # Prefill-sized products (M > LARGE_M): compute-bound, so the larger tiles of a Hopper fp8 GEMM. Compiled
 # offline for sm_90 with Triton 3.6 (bench/kernel_sass.py --kernel mid, 2026-12-04): 256-column tiles spill
 # (112-224 B of stack, local loads in the K loop: the float32 accumulator plus the MMA's own partial sums, as
-# max_num_imprecise_acc adds them every 128 products); these do not (165-253 registers), all on QGMMA.
+# max_num_imprecise_acc adds them every 128 products); the 13 here do not (153-253 registers, no stack), all on QGMMA.
 LARGE_M = 512
 TILES_LARGE = ([(128, 128, bk, w, st) for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
                + [(bm, bn, 128, 4, st) for bm, bn in ((128, 64), (64, 128)) for st in (3, 4)]
