@@ -135,7 +135,7 @@ def prefill_spec(args):
                  BLOCK_N=args.block_n, PREC="ieee" if args.q == "fp32" else "tf32", KV_SCALED=args.kv == "fp8",
                  F16=args.kv == "fp8" and args.q != "fp32",
                  V_KEYS=min(args.block_n, args.block_size) if args.v_layout == "key-contiguous" else 0)
-    return tk._prefill_kernel, {**const, **v_strides(args)}, 4, 2
+    return tk._prefill_kernel, {**const, **v_strides(args)}, args.num_warps, args.num_stages
 
 
 def compile_for(kernel, const: dict, kind: str, q: str, kv: str, arch: int, num_warps: int, num_stages: int,
@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=1, help="decode: the split count's SPLIT constexpr (>1: split)")
     ap.add_argument("--block-m", type=int, default=64, help="prefill")
     ap.add_argument("--block-n", type=int, default=64, help="prefill")
+    ap.add_argument("--num-warps", type=int, default=4, help="prefill")
+    ap.add_argument("--num-stages", type=int, default=2, help="prefill")
     ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default="keys-last",
                     help="decode, prefill: the V cache stored like K ([block, key, head, d]) or with each block's "
                          "keys contiguous ([block, head, d, key], passed as a permuted view: how the engine stores an "
