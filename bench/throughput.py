@@ -121,6 +121,7 @@ def run_ours(w: Workload, model_dir: str, args) -> dict:
                           prefill_graph_max_tokens=args.prefill_graph_max_tokens,
                           attention_backend=args.attention_backend, scheduling_policy=args.policy,
                           decode_attention_config=args.decode_config,
+                          prefill_attention_config=args.prefill_config,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           tensor_parallel_size=args.tensor_parallel_size, fused_sampler=not args.no_fused_sampler,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
@@ -253,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--decode-config", default=None,
                     help="our Triton backend's decode kernel config (a DECODE_CONFIGS name; default: per cache dtype)")
+    ap.add_argument("--prefill-config", default=None,
+                    help="our Triton backend's prefill tile, 'bm<rows> bn<keys> w<warps> st<stages>' (default: "
+                         "prefill_tile.DEFAULT_PREFILL_TILE)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                     help="our engine's KV cache (fp8: the roofline counts 1 byte per cached element)")
     ap.add_argument("--policy", default="fcfs")

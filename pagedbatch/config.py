@@ -62,6 +62,9 @@ class EngineConfig:
     # engine/attention/triton_decode.DECODE_CONFIGS (None: its default for the cache dtype). For tuning and
     # A/B benchmarks (bench/throughput.py --decode-config); an unknown name fails at engine start.
     decode_attention_config: Optional[str] = None
+    # The Triton backend's prefill tile, 'bm<rows> bn<keys> w<warps> st<stages>' (triton_kernels.PrefillTile;
+    # None: its default). For tuning and A/B benchmarks (bench/throughput.py --prefill-config).
+    prefill_attention_config: Optional[str] = None
     enforce_eager: bool = False  # GPU: disable CUDA graphs
     # GPU: steps with prefill of up to this many tokens also replay CUDA graphs (0: only decode steps do).
     # Such steps are bound by eager launches, larger ones by the GPU; the graphs' activations take
@@ -94,6 +97,11 @@ class EngineConfig:
         if self.decode_attention_config is not None and self.attention_backend in ("torch", "triton-basic"):
             raise ValueError(f"decode_attention_config is a setting of the 'triton' attention backend, not of "
                              f"{self.attention_backend!r}")
+        if self.prefill_attention_config is not None:
+            if self.attention_backend in ("torch", "triton-basic"):
+                raise ValueError(f"prefill_attention_config is a setting of the 'triton' attention backend, not "
+                                 f"of {self.attention_backend!r}")
+            _check_prefill_tile(self.prefill_attention_config)
         if self.kv_cache_dtype != "auto" and self.attention_backend == "triton-basic":
             raise ValueError("attention_backend 'triton-basic' has no fp8 KV cache: use 'triton', 'torch' or 'auto'")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
@@ -135,6 +143,15 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_prefill_tile(text: Any) -> None:
+    from .engine.attention.prefill_tile import PrefillTile
+
+    try:
+        PrefillTile.parse(text)
+    except ValueError as e:
+        raise ValueError(f"prefill_attention_config: {e}") from None
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

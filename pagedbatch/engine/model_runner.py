@@ -83,7 +83,8 @@ def make_backend(config: EngineConfig, device: torch.device):
                 raise ValueError(f"attention_backend {name!r} is not available: {e}") from e
             return TorchAttentionBackend()
         if name == "triton":
-            return TritonAttentionBackend(decode_config=config.decode_attention_config)
+            return TritonAttentionBackend(decode_config=config.decode_attention_config,
+                                          prefill_tile=config.prefill_attention_config)
         return TritonAttentionBackend()
     return TorchAttentionBackend()
 

@@ -177,6 +177,43 @@ def test_prefill_group_not_a_power_of_two_head_dim_64():
           backend=TritonAttentionBackend(prefill_block_m=32, prefill_block_n=16))
 
 
+@pytest.mark.parametrize("tile", ["bm128 bn128 w8 st3", "bm128 bn64 w8 st2", "bm64 bn128 w4 st2"])
+def test_prefill_tiles_larger_than_the_default_compute_the_same_attention(tile):
+    # Prompts longer and shorter than one tile, over cached context, with a decode row: the diagonal and the
+    # unmasked loops both run at each tile's size (group of 2: 64 or 32 query tokens a tile).
+    backend = TritonAttentionBackend(prefill_tile=tile)
+    assert str(backend.prefill_tile) == tile
+    check(ctx_lens=[0, 70, 5, 130], q_lens=[150, 40, 1, 9], heads=4, kv_heads=2, backend=backend)
+
+
+def test_prefill_tile_parses_its_string_form_and_refuses_others():
+    from pagedbatch.engine.attention.prefill_tile import PrefillTile
+
+    tile = PrefillTile.parse(" bm128 bn64 w8 st3 ")
+    assert tile == PrefillTile(128, 64, 8, 3) and PrefillTile.parse(str(tile)) == tile
+    assert TritonAttentionBackend().prefill_tile == PrefillTile()  # the default (prefill_tile.DEFAULT_PREFILL_TILE)
+    small = TritonAttentionBackend(prefill_tile="bm128 bn128 w8 st3", prefill_block_m=32, prefill_block_n=16)
+    assert small.prefill_tile == PrefillTile(32, 16, 8, 3)  # the test overrides keep warps and stages
+    for bad, why in (("bm64 bn64 w4", "is written 'bm<rows> bn<keys> w<warps> st<stages>'"),
+                     ("bm96 bn64 w4 st2", "block_m must be a power of two"),
+                     ("bm8 bn64 w4 st2", "must be >= 16"), ("bm64 bn64 w4 st0", "num_stages must be >= 1")):
+        with pytest.raises(ValueError, match=why):
+            PrefillTile.parse(bad)
+
+
+def test_engine_prefill_attention_config_reaches_the_backend_and_is_checked_at_config_time():
+    from pagedbatch.config import EngineConfig
+    from pagedbatch.engine.model_runner import make_backend
+
+    backend = make_backend(EngineConfig(model="m", attention_backend="triton",
+                                        prefill_attention_config="bm128 bn128 w8 st3"), torch.device("cpu"))
+    assert str(backend.prefill_tile) == "bm128 bn128 w8 st3"
+    with pytest.raises(ValueError, match="prefill_attention_config: a prefill attention tile is written"):
+        EngineConfig(model="m", prefill_attention_config="128x128")
+    with pytest.raises(ValueError, match="prefill_attention_config is a setting of the 'triton' attention backend"):
+        EngineConfig(model="m", attention_backend="torch", prefill_attention_config="bm64 bn64 w4 st2")
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_padding_row_with_zero_length_and_negative_slot_is_inert(num_splits):
     # A CUDA-graph batch padded past its real sequences: seq_len 0, slot -1, table all padding.

@@ -25,6 +25,7 @@ import torch
 
 from .metadata import AttentionMetadata
 from .triton_decode import DecodeConfig, decode_workspace_shape, paged_decode, resolve_decode_config
+from .prefill_tile import DEFAULT_PREFILL_TILE, PrefillTile
 from .triton_kernels import paged_prefill, rotary_cache_write
 
 
@@ -56,6 +57,8 @@ class TritonAttentionBackend:
     and the SM count. ``decode_config``: a ``DecodeConfig`` or a name in
     ``DECODE_CONFIGS`` (None: the default for the cache's dtype);
     ``decode_block_n`` overrides its keys per iteration (both tile kinds).
+    ``prefill_tile``: a ``PrefillTile`` or its string form (None: ``DEFAULT_PREFILL_TILE``);
+    ``prefill_block_m`` / ``prefill_block_n`` override its rows and keys (tests: small tiles).
     """
 
     name = "triton"
@@ -68,8 +71,9 @@ class TritonAttentionBackend:
         max_splits: Optional[int] = None,
         decode_config: Union[str, DecodeConfig, None] = None,
         decode_block_n: Optional[int] = None,
-        prefill_block_m: int = 64,
-        prefill_block_n: int = 64,
+        prefill_tile: Union[str, PrefillTile, None] = None,
+        prefill_block_m: Optional[int] = None,
+        prefill_block_n: Optional[int] = None,
         num_sms: Optional[int] = None,
     ) -> None:
         if num_splits is not None and num_splits < 1:
@@ -84,8 +88,11 @@ class TritonAttentionBackend:
         self._decode_overrides = overrides
         self._decode_configs: dict[torch.dtype, DecodeConfig] = {}  # by cache dtype, resolved once
         self.decode_config(torch.bfloat16)  # an unknown name or bad override fails here, not mid-run
-        self.prefill_block_m = prefill_block_m
-        self.prefill_block_n = prefill_block_n
+        tile = PrefillTile.parse(prefill_tile) if prefill_tile is not None else DEFAULT_PREFILL_TILE
+        if prefill_block_m is not None or prefill_block_n is not None:
+            tile = dataclasses.replace(tile, block_m=prefill_block_m or tile.block_m,
+                                       block_n=prefill_block_n or tile.block_n)
+        self.prefill_tile = tile
         self._num_sms = num_sms
         self._workspace = _SplitWorkspace()
 
@@ -144,4 +151,6 @@ class TritonAttentionBackend:
                                 out=out, workspace=ws, config=cfg, kv_scale=kv_scale)
         return paged_prefill(q_rot, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                              meta.num_seqs, meta.max_query_len, scale, out=out,
-                             block_m=self.prefill_block_m, block_n=self.prefill_block_n, kv_scale=kv_scale)
+                             block_m=self.prefill_tile.block_m, block_n=self.prefill_tile.block_n,
+                             num_warps=self.prefill_tile.num_warps, num_stages=self.prefill_tile.num_stages,
+                             kv_scale=kv_scale)
