@@ -249,6 +249,7 @@ class DataParallelJob:
         self.workers: list[_WorkerProcess] = []
         self.todo: Iterator = iter(())
         self.exhausted = False
+        self.dealt = 0  # records sent to workers this run
         self.dealing = False
         self.display: Optional[ProgressDisplay] = None
         self.stopping: Optional[str] = None  # the status the job ends with, once a stop was sent
@@ -297,7 +298,7 @@ class DataParallelJob:
                 self._handle(live[conn])
             if self.display is not None:
                 self.display.update(self.counters)
-            if not self.stopping and error_rate_exceeded(self.opts, self.counters):
+            if not self.stopping and error_rate_exceeded(self.opts, self.counters, self.dealt):
                 self._stop_all("aborted")
             self._kill_overdue()
         return self.stopping or "complete"
@@ -392,6 +393,7 @@ class DataParallelJob:
             w.send("end")
             return
         w.send("rows", items)
+        self.dealt += len(items)  # records (prepared or error rows): what the error rate is taken over
         w.next_chunk = min(2 * w.next_chunk, self.chunk)
 
     def _fail(self, message: str) -> None:

@@ -254,7 +254,7 @@ class _Job:
         def between_steps() -> bool:
             nonlocal status
             display.update(rep.counters)
-            if error_rate_exceeded(opts, rep.counters):
+            if error_rate_exceeded(opts, rep.counters, rep.counters.records + len(rep.in_flight)):
                 status = "aborted"
                 return False
             rep.maybe_commit()

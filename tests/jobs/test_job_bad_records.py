@@ -44,6 +44,22 @@ def test_every_bad_record_becomes_an_error_row_naming_the_problem(tmp_path, llam
     assert "rows failed | 10" in (out / "report.md").read_text()
 
 
+def test_max_error_rate_counts_rows_still_generating_so_early_failures_do_not_abort_a_healthy_job(tmp_path,
+                                                                                                   llama_dir):
+    # Every tenth record is bad. Bad records finish at once, good ones only after generating: over finished
+    # records alone the first 20 were all failures ("57 of 57 failed" on a 1,000-row file) and a 0.5 limit
+    # aborted a job whose error rate is 10%.
+    rows = [{"id": f"bad{i}", "prompt": "x", "temperature": -1} if i % 10 == 0 else {"id": f"ok{i}", "prompt": f"p{i}"}
+            for i in range(120)]
+    src = write_jsonl(tmp_path / "tenth-bad.jsonl", rows)
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--max-error-rate", "0.5",
+                 "--error-rate-min-rows", "5", *FAST])
+    assert r.exit_code == 0, r.output
+    written = results(out)
+    assert len(written) == 120 and sum(row["finish_reason"] == "error" for row in written) == 12
+
+
 def test_max_error_rate_aborts_with_a_clear_message(tmp_path, llama_dir):
     rows = prompts(10) + [{"id": f"bad{i}", "prompt": "x", "temperature": -1} for i in range(40)]
     src = write_jsonl(tmp_path / "mostly-bad.jsonl", rows)

@@ -129,6 +129,12 @@ def test_max_error_rate_counts_records_not_sample_rows():
     assert (c.errors, c.rows, c.failed_records, c.records) == (4, 6, 1, 3)
     assert not error_rate_exceeded(opts, c)  # 1 of 3 records, though 4 of 6 rows
     assert c.prompt_tokens == 9 and c.output_tokens == 6 and c.describe_rows() == "6 rows (3 records)"
+    c.add_record([{"finish_reason": "error", "prompt_tokens": 1}])
+    c.add_record([{"finish_reason": "error", "prompt_tokens": 1}])
+    assert error_rate_exceeded(opts, c)  # 3 of 5 finished records
+    # Over the records taken in: 3 of 5 finished failed, 2 more still generating: 3 of 7, under 0.5.
+    assert not error_rate_exceeded(opts, c, taken=7) and error_rate_exceeded(opts, c, taken=5)
+    assert error_rate_exceeded(opts, c, taken=2)  # never below the finished count
 
 
 def test_n_above_max_num_seqs_or_below_one_is_refused_before_any_work():
