@@ -15,7 +15,8 @@ MODEL="${MODEL:-/models/Qwen2.5-7B-Instruct}"
 
 cd "$REPO"
 . .venv/bin/activate
-# flock: never two runs on one OUT at once (cron may fire while a long run is still going).
+# The job itself refuses a second run on one OUT (cron may fire while a long run is still going: that
+# run exits 1 at once, saying which process holds OUT); flock -n here just skips the launch quietly.
 exec flock -n "/tmp/pagedbatch-${DAY}.lock" \
   python run_batch.py --config configs/qwen2.5-7b-h100.yaml \
     --input "$INPUT" --output "$OUT" --model "$MODEL"

@@ -18,7 +18,7 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 from ..io import RESERVED_COLUMNS, read_results
-from .manifest import RESULTS
+from .manifest import MANIFEST, RESULTS
 from .options import JobOptions
 from .runner import JobError, run_job
 
@@ -67,23 +67,30 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
                       prompt_template=prompt_template, system_prompt=system_prompt,
                       keep_columns=list(keep_columns) if isinstance(keep_columns, (list, tuple)) else keep_columns,
                       **options)
-    write_input(dataset, opts.input)
+    write_input(dataset, opts.input, replace=opts.overwrite or not os.path.exists(os.path.join(output_dir, MANIFEST)))
     result = run_job(opts, resume_command="call generate_dataset again with the same arguments")
     if result.status != "complete":
         raise JobError(result.message)
     return _as_dataset(read_results(os.path.join(output_dir, RESULTS)), dataset.features)
 
 
-def write_input(dataset, path: str) -> None:
+def write_input(dataset, path: str, replace: bool = True) -> None:
     """Write ``dataset`` as the job's Parquet input, keeping an identical existing
-    copy untouched (same bytes: a rerun is a resume) and replacing a different one
-    (the job's manifest then refuses to mix the two, unless ``overwrite``)."""
+    copy untouched (same bytes: a rerun is a resume). A different existing copy is
+    replaced when ``replace`` (a new job, or ``overwrite``); otherwise it is the input
+    of the job whose results OUT holds, and a JobError says so with OUT unchanged."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}.{os.getpid()}")
     try:
         dataset.to_parquet(tmp)
         if os.path.isfile(path) and filecmp.cmp(tmp, path, shallow=False):
             os.remove(tmp)
+        elif os.path.isfile(path) and not replace:
+            os.remove(tmp)
+            out = os.path.dirname(os.path.abspath(path))
+            raise JobError(f"{out} holds the results of a job over another dataset ({os.path.basename(path)}, the "
+                           "dataset it ran on, has other contents than this one). Nothing was done. Use another "
+                           "output_dir, or overwrite=True to delete those results and start over")
         else:
             os.replace(tmp, path)
     except BaseException:

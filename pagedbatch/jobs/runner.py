@@ -23,6 +23,7 @@ from ..io import is_disk_full, write_openai_batch_output
 from ..io.carried import CarriedColumns, decide_carried_columns
 from .manifest import RESULTS, ManifestMismatch, build_manifest, prepare_output_dir
 from .options import JobOptions
+from .out_lock import OutputLock, OutputLocked
 from .ordering import admission_order
 from .prepare import Prepared, RowPreparer
 from .progress import Counters, ProgressDisplay, ProgressLog
@@ -71,6 +72,27 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
         engine_config = opts.engine_config(model.path, tokenizer.path if tokenizer else None)
         _check_default_structured_output(opts, engine_config)
         slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
+    except (ValueError, OSError) as e:
+        raise JobError(str(e)) from None
+    lock = OutputLock(out, opts.shard_index, opts.overwrite)
+    try:
+        lock.acquire()
+    except OutputLocked as e:
+        raise JobError(str(e)) from None
+    except OSError as e:
+        raise JobError(f"cannot use the output directory {out}: {e}") from None
+    try:
+        return _run_locked(opts, fmt, model, tokenizer, carried, engine_config, slots, records, err, resume_command)
+    finally:
+        lock.release()
+
+
+def _run_locked(opts: JobOptions, fmt: str, model: ResolvedModel, tokenizer: Optional[ResolvedModel],
+                carried: CarriedColumns, engine_config, slots: list, records: Iterator, err: TextIO,
+                resume_command: str) -> JobResult:
+    """``run_job`` from OUT's manifest on, under the shard's output lock."""
+    out = opts.output
+    try:
         state = prepare_output_dir(out, build_manifest(opts, fmt, model, tokenizer, carried), opts.overwrite)
     except ManifestMismatch as e:
         raise JobError(str(e)) from None

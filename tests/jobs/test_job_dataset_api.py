@@ -58,10 +58,16 @@ def test_generate_dataset_resumes_after_a_partial_run_and_returns_input_rows_wit
     assert list(cli_rows[0]) == got.column_names
     assert [row["output"] for row in cli_rows] == got["output"]
 
-    # Another dataset in the same output_dir is another job.
-    with pytest.raises(JobError, match="holds the results of another job"):
-        pagedbatch.generate_dataset(ds.select([0, 1]), output_dir=out, model=llama_dir, prompt_template=TEMPLATE,
-                                    **OPTIONS)
+    # Another dataset in the same output_dir is another job, refused with the job's input copy untouched (it
+    # was replaced first, so "Nothing was done" was not true), also at the same size.
+    kept = open(os.path.join(out, "input.parquet"), "rb").read()
+    other_topic = ds.map(lambda row: {"topic": row["topic"].upper() if row["topic"] else None})
+    for other in (ds.select([0, 1]), other_topic):
+        with pytest.raises(JobError, match="holds the results of a job over another dataset.*Nothing was done"):
+            pagedbatch.generate_dataset(other, output_dir=out, model=llama_dir, prompt_template=TEMPLATE, **OPTIONS)
+        assert open(os.path.join(out, "input.parquet"), "rb").read() == kept
+    again = pagedbatch.generate_dataset(ds, output_dir=out, model=llama_dir, prompt_template=TEMPLATE, **OPTIONS)
+    assert again["output"] == got["output"]  # still the same job: nothing redone
 
 
 def test_generate_dataset_refuses_splits_and_iterable_datasets_naming_what_to_pass(tmp_path):

@@ -76,3 +76,52 @@ def test_shards_default_from_slurm():
         JobOptions(input="x", shard_index=3, num_shards=3)
     with pytest.raises(ValueError, match="temperature"):
         JobOptions(input="x", temperature=-1.0)
+
+
+def test_a_second_run_on_an_out_in_use_stops_before_work_and_overwrite_spares_running_shards(tmp_path, llama_dir):
+    # Two runs of one shard would both skip the same committed rows and answer the rest twice (a second launch
+    # wrote 4,000 rows for a 2,000-row input, all "complete"). Here the test holds shard 0's lock as a running
+    # job would; any other open file of the lock conflicts, in this process as in another.
+    from pagedbatch.jobs.out_lock import OutputLock
+
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(4))
+    out = tmp_path / "out"
+    args = ["--input", src, "--output", out, "--model", llama_dir, *FAST]
+    with OutputLock(str(out), 0):
+        r = run_cli(args)
+        assert r.exit_code == 1, r.output
+        assert f"is in use: process {os.getpid()} is running this job there now" in r.output
+        assert "Nothing was done" in r.output and not (out / "results").exists()
+        # Shard 1 of two runs beside it.
+        assert run_cli([*args, "--num-shards", "2", "--shard-index", "1"]).exit_code == 0
+    assert run_cli(args).exit_code == 1  # two shards vs one: another job, but no longer for the lock
+    assert run_cli([*args, "--num-shards", "2", "--shard-index", "0"]).exit_code == 0
+    assert len(results(out)) == 4
+    with OutputLock(str(out), 1):
+        r = run_cli([*args, "--overwrite"])
+        assert r.exit_code == 1 and "--overwrite would delete the results of shard 1 of this job" in r.output
+        assert len(results(out)) == 4
+    assert run_cli([*args, "--overwrite"]).exit_code == 0 and len(results(out)) == 4
+
+
+def test_output_lock_is_released_when_its_holder_ends(tmp_path):
+    import subprocess
+    import sys
+
+    from pagedbatch.jobs.out_lock import OutputLock, OutputLocked
+
+    out = str(tmp_path / "o")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pagedbatch.jobs.out_lock import OutputLock; "
+                               f"OutputLock({out!r}, 3).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLocked, match=f"process {holder.pid} is running this job \\(shard 3\\)"):
+            OutputLock(out, 3).acquire()
+        with OutputLock(out, 2):  # another shard's lock is free
+            pass
+    finally:
+        holder.kill()  # as SIGKILL or a crash would: the kernel drops the lock with the process
+        holder.wait()
+    with OutputLock(out, 3):
+        pass
