@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -87,6 +88,8 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):  # NaN passes every range check below (a NaN temperature sampled token 0)
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
         if isinstance(self.stop, str):
             self.stop = [self.stop]

@@ -21,3 +21,15 @@ def test_n_must_be_a_positive_integer_and_the_error_names_it(bad):
     with pytest.raises(ValueError, match=r"^n must be"):
         SamplingParams(n=bad)
     assert SamplingParams(n=3).n == 3 and SamplingParams().n == 1
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sampling_numbers_are_refused_naming_the_field(name, value):
+    # NaN compares false with every bound, so range checks alone let it through: a NaN temperature made
+    # a job row of token 0 six times with no error.
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        SamplingParams.from_dict({name: value})
