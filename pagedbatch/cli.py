@@ -178,7 +178,7 @@ def _run(config_file: Optional[str], **values: Any) -> None:
     Rerunning the same command on the same OUT resumes where it stopped.
     """
     from .jobs.options import JobOptions
-    from .jobs.runner import JobError, run_job
+    from .jobs.runner import JobError, JobUsageError, run_job
 
     ids = values.get("stop_token_ids")
     if ids is not None:
@@ -192,6 +192,8 @@ def _run(config_file: Optional[str], **values: Any) -> None:
         raise click.UsageError(str(e)) from None
     try:
         result = run_job(opts, resume_command=_resume_command())
+    except JobUsageError as e:
+        raise click.UsageError(str(e)) from None
     except JobError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -78,10 +78,10 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
         "load_format": opts.load_format or "auto",
         "quantization": opts.quantization,
         "engine_seed": opts.engine_seed or 0,
-        "max_model_len": opts.max_model_len,
+        "max_model_len": _given_max_model_len(opts, model),
         # Only when set: manifests written before the option existed still match a job without it.
         **({"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype not in (None, "auto") else {}),
-        "sampling": opts.default_sampling(),
+        "sampling": _non_default_sampling(opts.default_sampling()),
         "columns": {"prompt": opts.include_prompt, "token_ids": opts.include_token_ids,
                     "logprobs": opts.include_logprobs, "openai": opts.output_format == "jsonl"},
         "output_format": opts.output_format,
@@ -95,6 +95,29 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
     if carried:
         settings["carried_columns"] = carried.describe()
     return settings
+
+
+def _non_default_sampling(values: dict[str, Any]) -> dict[str, Any]:
+    """The job's sampling defaults without those equal to SamplingParams' own: ``--temperature 1.0`` is the
+    job that gives no temperature, and a rerun adding it resumes instead of being "another job"."""
+    from ..sampling_params import SamplingParams
+
+    given, default = SamplingParams.from_dict(values), SamplingParams()
+    return {k: v for k, v in values.items() if k == "structured_output" or getattr(given, k) != getattr(default, k)}
+
+
+def _given_max_model_len(opts: JobOptions, model: ResolvedModel) -> Optional[int]:
+    """``--max-model-len`` unless it is the model's own limit (None, as when not given)."""
+    if opts.max_model_len is None:
+        return None
+    try:
+        from ..engine.models.config import ModelArgs
+
+        args = ModelArgs.from_dir(model.path)
+        limit = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+    except Exception:  # an unreadable config fails the model's load with its own message
+        return opts.max_model_len
+    return None if opts.max_model_len == limit else opts.max_model_len
 
 
 def prepare_output_dir(out: str, manifest: dict[str, Any], overwrite: bool) -> str:

@@ -9,7 +9,10 @@ defaults live in one place.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -109,16 +112,16 @@ class JobOptions:
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
-    stop: Optional[list[str]] = None
+    stop: Union[list[str], str, None] = None  # one stop string, or a list
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: Optional[bool] = None
     logprobs: Optional[int] = None
     skip_special_tokens: Optional[bool] = None
     n: Optional[int] = None  # samples per record: n result rows, sample_index 0..n-1
     # Structured output for every row (at most one; a row's own response_format wins):
-    json_schema: Optional[str] = None  # a JSON schema file
+    json_schema: Union[str, dict, None] = None  # a JSON schema file, or (job files, Python) the schema itself
     regex: Optional[str] = None
-    choice: Optional[list[str]] = None  # "a,b,c" on the command line
+    choice: Union[list[str], str, None] = None  # "a,b,c" on the command line
 
     # Job control
     max_rows: Optional[int] = None
@@ -147,6 +150,7 @@ class JobOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.input, str) or not self.input:
             raise ValueError("input is required: a JSONL/Parquet/CSV file, a datasets directory or an OpenAI batch file")
+        _check_types(self)
         if self.output is None:
             stem = os.path.basename(os.path.normpath(self.input)).split(".")[0] or "job"
             self.output = os.path.join("out", stem)
@@ -196,6 +200,9 @@ class JobOptions:
                              "to choose the GPUs")
         if isinstance(self.choice, str):
             self.choice = [c.strip() for c in self.choice.split(",") if c.strip()]
+        # The engine's settings checked now (the model is resolved later): a bad value is a usage error
+        # before anything loads, like every other option (exit 2), not a failure of the job.
+        self.engine_config(self.model or "model")
         # Fail on a bad default now, not on the first row.
         self.default_structured_output()
         try:
@@ -297,7 +304,9 @@ class JobOptions:
                              f"{' and '.join('--' + n.replace('_', '-') for n, _ in given)}")
         name, value = given[0]
         option = structured_option_name(self)
-        if name == "json_schema":
+        if name == "json_schema" and isinstance(value, dict):
+            value = json.dumps(value)  # given inline (a YAML mapping)
+        elif name == "json_schema":
             try:
                 with open(value, encoding="utf-8") as f:
                     value = f.read()
@@ -335,6 +344,61 @@ def structured_option_name(opts: JobOptions) -> str:
 
 def option_names() -> set[str]:
     return {f.name for f in dataclasses.fields(JobOptions)}
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               dict: "a mapping"}
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fits(value: Any, tp) -> bool:
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if typing.get_origin(tp) is Union:
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(tp)[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+# Options parsed by checks of their own, with messages saying what the text may hold.
+_OWN_CHECKS = ("keep_columns", "data_parallel_size")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(JobOptions)
+
+
+def _check_types(opts: JobOptions) -> None:
+    """Each option's value has its declared type. The command line converts values itself; a YAML job file or
+    ``generate_dataset(**options)`` may not: 'include_prompt: "false"' was taken as true, and 'max_num_seqs:
+    "64"' failed later with a TypeError from deep in the engine. A ValueError naming the option instead."""
+    for name, tp in _field_types().items():
+        value = getattr(opts, name)
+        if isinstance(value, tuple):  # the command line's multi-value options
+            value = list(value)
+            setattr(opts, name, value)
+        if name in _OWN_CHECKS:
+            continue
+        if not _fits(value, tp):
+            optional = " (or null)" if _fits(None, tp) else ""
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {_describe(tp)}{optional}, got {value!r}")
 
 
 def load_job_file(path: str) -> dict[str, Any]:

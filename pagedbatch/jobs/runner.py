@@ -39,6 +39,11 @@ class JobError(Exception):
     """A problem that stops the job before any work (bad input, model or OUT)."""
 
 
+class JobUsageError(JobError):
+    """A JobError that is a bad option value found once the model's tokenizer is known (a --json-schema,
+    --regex or --choice that cannot compile): the command line exits 2 for it, as for other bad values."""
+
+
 @dataclass
 class JobResult:
     status: str  # complete | interrupted | aborted | failed
@@ -140,8 +145,23 @@ def check_input_options(opts: JobOptions, fmt: str) -> None:
 
 
 def _check_default_structured_output(opts: JobOptions, engine_config) -> None:
-    """Compile --json-schema / --regex / --choice with the tokenizer alone, before OUT is touched or a
-    model loaded: a default that cannot compile is a JobError naming the option, in seconds."""
+    """Options that need the tokenizer, checked with it alone before OUT is touched or a model loaded:
+    --system-prompt needs a chat template (without one every row failed, each with a message about
+    'messages' the row never gave), and --json-schema / --regex / --choice must compile. A JobUsageError
+    naming the option, in seconds."""
+    if opts.system_prompt is not None:
+        from ..engine.tokenizer import load_tokenizer
+
+        try:
+            tok = load_tokenizer(engine_config.tokenizer or engine_config.model)
+        except Exception as e:  # the model's own load reports this again, with the path and the cause
+            raise JobError(f"could not load the tokenizer of {engine_config.tokenizer or engine_config.model}: "
+                           f"{type(e).__name__}: {e}") from e
+        if not getattr(tok, "chat_template", None):
+            raise JobUsageError(
+                f"system_prompt (--system-prompt) needs a chat template, and the tokenizer of "
+                f"{engine_config.tokenizer or engine_config.model} has none. Put the instruction into the prompt "
+                "instead (--prompt-template 'Instruction: ... {{ prompt }}'), or use a chat model")
     if opts.default_structured_output() is None:
         return
     from ..engine.models.config import ModelArgs
@@ -161,7 +181,7 @@ def _check_default_structured_output(opts: JobOptions, engine_config) -> None:
     try:
         grammars.check(SamplingParams.from_dict(opts.default_sampling()))
     except StructuredOutputError as e:
-        raise JobError(f"{structured_option_name(opts)}: {e.problem}") from None
+        raise JobUsageError(f"{structured_option_name(opts)}: {e.problem}") from None
 
 
 def _worker_slots(opts: JobOptions, engine_config) -> list:

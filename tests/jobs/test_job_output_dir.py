@@ -1,7 +1,9 @@
 """OUT's manifest: resume skips committed rows; another job's OUT stops before work; --overwrite; YAML files."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 from job_helpers import FAST, prompts, results, run_cli, write_jsonl
@@ -57,6 +59,71 @@ def test_yaml_job_file_merges_under_the_command_line(tmp_path, llama_dir):
     cfg.write_text("input: x.jsonl\ntemprature: 0\n")
     r = run_cli(["--config", cfg])
     assert r.exit_code == 2 and "unknown option(s) temprature" in r.output
+
+
+def test_job_file_values_of_the_wrong_type_are_usage_errors_naming_the_option(tmp_path, llama_dir):
+    # From YAML a quoted "false" is a string: include_prompt: "false" added the prompt column, and a
+    # quoted number failed deep in the engine with a TypeError traceback.
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(2))
+    cfg = tmp_path / "job.yaml"
+    for text, message in (('include_prompt: "false"', "include_prompt (--include-prompt) must be true or false, "
+                                                        "got 'false'"),
+                          ('max_num_seqs: "64"', "max_num_seqs (--max-num-seqs) must be an integer (or null), got '64'"),
+                          ("json_schema: 5", "json_schema (--json-schema) must be a string or a mapping"),
+                          ("prompt_template: 5", "prompt_template (--prompt-template) must be a string"),
+                          ("stop_token_ids: [1, two]", "stop_token_ids (--stop-token-ids) must be a list of integers")):
+        cfg.write_text(f"{text}\n")
+        r = run_cli(["--config", cfg, "--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST])
+        assert r.exit_code == 2 and message in r.output, (text, r.output)
+        assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+    # A schema may be given inline in a job file.
+    cfg.write_text("json_schema:\n  type: object\n  properties: {a: {type: integer}}\n  required: [a]\n")
+    r = run_cli(["--config", cfg, "--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST])
+    assert r.exit_code == 0, r.output
+    assert all(row["finish_reason"] == "error" or row["output"].lstrip().startswith("{") for row in results(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-num-seqs", "0"], "max_num_seqs"), (["--block-size", "17"], "block_size must be a power of two"),
+    (["--kv-cache-memory-gb", "-1"], "kv_cache_memory_gb"), (["--sjf-max-skipped-steps", "-1"], "sjf_max_skipped_steps"),
+    (["--regex", "[a-"], "--regex"),
+])
+def test_bad_engine_values_and_options_the_tokenizer_refuses_exit_2_before_out_exists(tmp_path, llama_dir, args,
+                                                                                       message):
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(2))
+    r = run_cli(["--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST, *args])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_system_prompt_for_a_model_without_chat_template_is_a_usage_error_before_any_work(tmp_path, llama_dir):
+    # It used to fail every row, each with a message about 'messages' the row never gave, and exit 0.
+    import shutil
+
+    plain = tmp_path / "plain-model"
+    shutil.copytree(llama_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(2))
+    r = run_cli(["--input", src, "--output", tmp_path / "o", "--model", plain, *FAST, "--system-prompt", "Be brief."])
+    assert r.exit_code == 2 and "system_prompt (--system-prompt) needs a chat template" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+    r = run_cli(["--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST, "--system-prompt", "Be brief."])
+    assert r.exit_code == 0 and all(row["error"] is None for row in results(tmp_path / "o"))
+
+
+def test_options_given_at_their_default_value_resume_the_job_that_left_them_out(tmp_path, llama_dir):
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(3))
+    out = tmp_path / "out"
+    base = ["--input", src, "--output", out, "--model", llama_dir, "--device", "cpu", "--kv-cache-memory-gb", "0.05",
+            "--max-tokens", "2", "--quiet"]
+    assert run_cli([*base, "--max-rows", "1"]).exit_code == 0
+    limit = json.loads((Path(llama_dir) / "config.json").read_text())["max_position_embeddings"]
+    r = run_cli([*base, "--max-rows", "2", "--temperature", "1.0", "--top-p", "1", "--n", "1",
+                 "--max-model-len", str(limit)])
+    assert r.exit_code == 0, r.output  # was: "another job (sampling.temperature was None, now 1.0)"
+    r = run_cli([*base, "--temperature", "0.5"])
+    assert r.exit_code == 1 and "sampling.temperature was None, now 0.5" in r.output  # a real change still is
+    assert len(results(out)) == 2
 
 
 def test_shipped_configs_parse():
