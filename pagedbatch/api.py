@@ -1,6 +1,7 @@
 """The Python API: ``InferenceEngine(model_path=...).generate(...)``."""
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -53,6 +54,13 @@ class InferenceEngine:
         self.engine = LLMEngine(config)
         self.config = config
         self.tokenizer = self.engine.tokenizer
+        # Every loop here (generate, each open stream_generate, the caller's own step()) steps the one engine,
+        # and each step returns the outputs of every request. Outputs of requests a generate/stream call
+        # waits for go to that request's mailbox; those of the caller's own add_request go to _unclaimed
+        # until step() hands them out. (Dropping the others' outputs lost a stream's tokens, and its final
+        # output, when a generate ran while the stream was open: the stream then spun forever.)
+        self._mailboxes: dict[str, collections.deque] = {}
+        self._unclaimed: list[RequestOutput] = []
 
     def shutdown(self) -> None:
         """Release the engine's worker processes (tensor parallel); idempotent."""
@@ -69,7 +77,24 @@ class InferenceEngine:
         self.engine.add_request(request_id, prompt, params, **kw)
 
     def step(self) -> list[RequestOutput]:
-        return self.engine.step()
+        """One engine step; returns the outputs of requests added with ``add_request`` (also those that
+        another loop here, a ``generate`` or an open ``stream_generate``, stepped past)."""
+        self._pump()
+        out, self._unclaimed = self._unclaimed, []
+        return out
+
+    def _pump(self) -> None:
+        for out in self.engine.step():
+            box = self._mailboxes.get(out.request_id)
+            (box.append if box is not None else self._unclaimed.append)(out)
+
+    def _wait(self, request_ids: Sequence[str]) -> None:
+        """Step once for outputs of ``request_ids``; a RuntimeError instead of spinning when the engine has
+        nothing left to run for them (aborted from elsewhere)."""
+        if not self.engine.has_unfinished_requests():
+            raise RuntimeError(f"request(s) {', '.join(request_ids[:3])} are no longer in the engine (aborted "
+                               "by another caller?) and will produce no more output")
+        self._pump()
 
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished_requests()
@@ -120,23 +145,36 @@ class InferenceEngine:
                 raise ValueError(f"prompt {i}: {e}") from None
             checked.append((ids, params))
         rid = f"gen-{next(_ids)}-"
-        for i, (ids, params) in enumerate(checked):
-            self.engine.add_request(f"{rid}{i}", ids, params)
+        rids = [f"{rid}{i}" for i in range(len(checked))]
         results: dict[tuple[str, int], RequestOutput] = {}
         total = sum(params.n for _, params in checked)
         bar = None
-        if use_tqdm:
-            from tqdm import tqdm
+        try:
+            for request_id, (ids, params) in zip(rids, checked):
+                self._mailboxes[request_id] = collections.deque()
+                self.engine.add_request(request_id, ids, params)
+            if use_tqdm:
+                from tqdm import tqdm
 
-            bar = tqdm(total=total, desc="generate", unit="req")
-        while len(results) < total:
-            for out in self.engine.step():
-                if out.finished and out.request_id.startswith(rid):
-                    results[out.request_id, out.sample_index] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar = tqdm(total=total, desc="generate", unit="req")
+            while True:
+                for request_id in rids:
+                    box = self._mailboxes[request_id]
+                    while box:
+                        out = box.popleft()
+                        if out.finished:
+                            results[out.request_id, out.sample_index] = out
+                            if bar is not None:
+                                bar.update(1)
+                if len(results) >= total:
+                    break
+                self._wait(rids)
+        finally:
+            if bar is not None:
+                bar.close()
+            for request_id in rids:
+                if self._mailboxes.pop(request_id, None) is not None and len(results) < total:
+                    self.engine.abort_request(request_id)  # interrupted (Ctrl-C): free its blocks
         return [results[f"{rid}{i}", j] for i, (_, params) in enumerate(checked) for j in range(params.n)]
 
     def stream_generate(
@@ -146,7 +184,9 @@ class InferenceEngine:
 
         Deltas never split a multi-byte character; joined, they equal the
         final text. Runs the engine loop itself, so other queued requests
-        advance too. One sample only: ``n`` > 1 is refused (use ``generate``,
+        advance too: several open streams, and ``generate`` calls made while
+        one is open, each get all of their own outputs (not thread-safe: one
+        thread drives an engine; the HTTP server serves concurrent clients). One sample only: ``n`` > 1 is refused (use ``generate``,
         or ``add_request(..., stream=True)`` and ``step``, whose outputs carry
         ``sample_index``).
         """
@@ -155,17 +195,19 @@ class InferenceEngine:
             raise ValueError(f"stream_generate streams one sample; got n={params.n} (use generate for n > 1)")
         ids = self.engine.validate_prompt(prompt)
         rid = f"stream-{next(_ids)}"
-        self.engine.add_request(rid, ids, params, stream=True)
+        box = self._mailboxes[rid] = collections.deque()
         try:
+            self.engine.add_request(rid, ids, params, stream=True)
             while True:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
+                while box:
+                    out = box.popleft()
                     if out.finish_reason == "error":
                         raise ValueError(out.error)
                     for token in out.new_token_ids:
                         yield token, out.new_text
                     if out.finished:
                         return
+                self._wait([rid])
         finally:
+            del self._mailboxes[rid]
             self.engine.abort_request(rid)  # no-op when finished; frees blocks if the caller stopped early

@@ -60,7 +60,7 @@ class SamplingParams:
     """
 
     max_tokens: int = 256
-    min_tokens: int = 0
+    min_tokens: int = 0  # before this many output tokens no EOS, stop token id or stop string ends the request
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -1,4 +1,5 @@
 """The Python API: stopping rules, streaming, and clear errors for bad input."""
+import itertools
 import json
 import shutil
 
@@ -59,6 +60,19 @@ def test_stop_string_is_cut_from_the_text(engine):
     assert o.finish_reason == "stop" and o.stop_reason == needle
     assert o.text == text[: text.index(needle)]
     assert needle not in o.text
+
+
+def test_min_tokens_holds_back_stop_strings_too(engine):
+    # As in vLLM: before min_tokens no stop string ends the request (it only held back EOS and stop_token_ids).
+    ref = greedy(engine)
+    needle = ref.text[:4].strip() or ref.text[:4]
+    early = greedy(engine, stop=[needle])
+    assert early.finish_reason == "stop" and early.output_tokens < 10
+    o = greedy(engine, stop=[needle], min_tokens=10)
+    assert o.output_tokens >= 10
+    assert o.text.startswith(ref.text[: len(early.text) + len(needle)])  # the early occurrence stayed in the text
+    if o.finish_reason == "stop":  # a later occurrence may still end it, cut as usual
+        assert ref.text.startswith(o.text) and ref.text[len(o.text):].startswith(needle)
 
 
 def test_min_tokens_suppresses_stop_tokens_until_reached(engine):
@@ -232,3 +246,45 @@ def test_dummy_load_format_needs_only_config(model_dir, tmp_path):
     d = copy_without_weights(model_dir, tmp_path / "cfg-only")
     eng = InferenceEngine(str(d), load_format="dummy", device="cpu")
     assert eng.generate(["Hello"], max_tokens=3, ignore_eos=True)[0].output_tokens == 3
+
+
+def test_text_is_the_same_with_or_without_stop_strings_and_streaming_on_a_sentencepiece_model(shared_models_dir):
+    # stories260k's tokenizer is sentencepiece: decoded alone, the first output token lost its leading space
+    # on the plain path only ('and Tom were' against ' and Tom were' with a stop string or streamed).
+    path = shared_models_dir / "stories260k"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    eng = InferenceEngine(str(path), device="cpu")
+    plain = eng.generate("Lily", max_tokens=5, temperature=0)[0].text
+    with_stop = eng.generate("Lily", max_tokens=5, temperature=0, stop="zzz")[0].text
+    streamed = "".join(t for _, t in eng.stream_generate("Lily", max_tokens=5, temperature=0))
+    assert plain == with_stop == streamed and plain.startswith(" ")
+
+
+def test_streams_and_generate_calls_interleaved_on_one_engine_each_get_all_their_outputs(engine):
+    # Each loop used to drop the outputs of requests it was not waiting for: a generate run while a stream was
+    # open ate the stream's tokens and its final output (the stream then spun forever), and two streams side
+    # by side garbled each other.
+    def alone(prompt, n):
+        return [t for t, _ in engine.stream_generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)]
+
+    want_a, want_b = alone("Once upon a time", 12), alone("Hello", 9)
+    want_gen = engine.generate("AI is", max_tokens=20, temperature=0, ignore_eos=True)[0].token_ids
+    a = engine.stream_generate("Once upon a time", max_tokens=12, temperature=0, ignore_eos=True)
+    b = engine.stream_generate("Hello", max_tokens=9, temperature=0, ignore_eos=True)
+    got_a, got_b = [next(a)[0]], [next(b)[0]]
+    assert engine.generate("AI is", max_tokens=20, temperature=0, ignore_eos=True)[0].token_ids == want_gen
+    for x, y in itertools.zip_longest(a, b):
+        if x is not None:
+            got_a.append(x[0])
+        if y is not None:
+            got_b.append(y[0])
+    assert (got_a, got_b) == (want_a, want_b)
+    # The caller's own requests: generate steps past them, step() still hands their outputs out.
+    engine.add_request("mine", "Hello", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.generate("AI is", max_tokens=8, temperature=0)
+    seen = []
+    while engine.has_unfinished_requests() or not seen:
+        seen += [o for o in engine.step() if o.request_id == "mine" and o.finished]
+    assert len(seen) == 1 and seen[0].token_ids == want_b[:3]
+    assert not engine._mailboxes and not engine._unclaimed

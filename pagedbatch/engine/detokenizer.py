@@ -24,9 +24,26 @@ def _decode(tokenizer: Any, ids: Sequence[int], skip_special_tokens: bool) -> st
     )
 
 
-def decode_output(tokenizer: Any, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-    """Decode a finished output in one go (the non-streaming path)."""
-    return _decode(tokenizer, ids, skip_special_tokens)
+def _context(tokenizer: Any, prompt_token_ids: Sequence[int], skip_special_tokens: bool) -> list[int]:
+    """The prompt tokens an output is decoded after (its last few), or none where the prompt ends inside a
+    character: diffing against such a context would swallow that character."""
+    context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+    if context and _decode(tokenizer, context, skip_special_tokens).endswith(_REPLACEMENT_CHAR):
+        return []
+    return context
+
+
+def decode_output(tokenizer: Any, ids: Sequence[int], skip_special_tokens: bool = True,
+                  prompt_token_ids: Sequence[int] = ()) -> str:
+    """Decode a finished output in one go (the non-streaming path): what it adds after the end of the
+    prompt, so the text is the streamed one's. A sentencepiece tokenizer drops the leading space of the
+    first token of a sequence: decoded alone, " and Tom" after "Lily" came back as "and Tom"."""
+    context = _context(tokenizer, prompt_token_ids, skip_special_tokens)
+    if not context:
+        return _decode(tokenizer, ids, skip_special_tokens)
+    head = _decode(tokenizer, context, skip_special_tokens)
+    full = _decode(tokenizer, context + list(ids), skip_special_tokens)
+    return full[len(head):] if full.startswith(head) else _decode(tokenizer, ids, skip_special_tokens)
 
 
 def find_stop_string(text: str, stops: Sequence[str], start: int) -> Optional[tuple[int, str]]:
@@ -54,9 +71,9 @@ class IncrementalDetokenizer:
     character, and, when stop strings are given, nothing that could still turn
     out to be the beginning of one. After ``finish`` the concatenation of all
     returned deltas equals ``text``; without a stop string that is
-    ``decode_output(tokenizer, output_ids)`` whenever decoding the output does
-    not depend on the prompt (byte-level BPE). For sentencepiece tokenizers the
-    text keeps the leading space the first output token has after the prompt.
+    ``decode_output(tokenizer, output_ids, prompt_token_ids=...)``: for
+    sentencepiece tokenizers the text keeps the leading space the first output
+    token has after the prompt.
     """
 
     def __init__(
@@ -70,16 +87,11 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stops = [s for s in stop if s]
         self._holdback = max((len(s) for s in self._stops), default=1) - 1
-        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
-        if context and self._decode(context).endswith(_REPLACEMENT_CHAR):
-            # The prompt ends inside a character: diffing against it would
-            # swallow that character, so start from no context instead.
-            context = []
-        self._ids: list[int] = context
+        self._ids: list[int] = _context(tokenizer, prompt_token_ids, skip_special_tokens)
         # _ids[_prefix_offset:_read_offset] is the window already turned into
         # text; _ids[_read_offset:] is not yet.
         self._prefix_offset = 0
-        self._read_offset = len(context)
+        self._read_offset = len(self._ids)
         self._produced = ""  # all stable text, including what is held back
         self._emitted = 0  # len of the part of _produced handed out
         self.stop_hit: Optional[str] = None
@@ -90,8 +102,10 @@ class IncrementalDetokenizer:
         """Everything emitted so far."""
         return self._produced[: self._emitted]
 
-    def add_tokens(self, token_ids: list[int]) -> str:
-        """Take new output tokens; return the newly stable text ("" if none)."""
+    def add_tokens(self, token_ids: list[int], check_stops: bool = True) -> str:
+        """Take new output tokens; return the newly stable text ("" if none). ``check_stops`` False (before
+        min_tokens): a stop string ending in this text does not stop the request (one that begins here and
+        ends in a later, checked call still does)."""
         if self.stop_hit is not None:
             return ""
         if self._finished:
@@ -105,7 +119,7 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return self._accept(new_text[len(prefix_text) :], final=False)
+        return self._accept(new_text[len(prefix_text) :], final=False, check_stops=check_stops)
 
     def finish(self) -> str:
         """Flush held-back text (an incomplete character decodes as U+FFFD);
@@ -122,12 +136,12 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset = len(self._ids)
         return self._accept(delta, final=True)
 
-    def _accept(self, delta: str, final: bool) -> str:
+    def _accept(self, delta: str, final: bool, check_stops: bool = True) -> str:
         start = len(self._produced)
         self._produced += delta
         end = len(self._produced)
         if self._stops:
-            found = find_stop_string(self._produced, self._stops, start)
+            found = find_stop_string(self._produced, self._stops, start) if check_stops else None
             if found is not None:
                 cut, self.stop_hit = found
                 self._produced = self._produced[:cut]

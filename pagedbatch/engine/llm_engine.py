@@ -287,7 +287,9 @@ class LLMEngine:
             # The token that ends the request is kept in token_ids but not in the text.
             reason, seq.stop_reason = "stop", token
         elif seq.detokenizer is not None:
-            seq.new_text = seq.detokenizer.add_tokens([token])
+            # Stop strings count from min_tokens on, as EOS and stop_token_ids do (vLLM's rule): a stop string
+            # completed before then is text like any other.
+            seq.new_text = seq.detokenizer.add_tokens([token], check_stops=pos + 1 - seq.num_prompt_tokens >= p.min_tokens)
             if seq.detokenizer.stop_hit is not None:
                 reason, seq.stop_reason = "stop", seq.detokenizer.stop_hit
         if reason is None and (pos + 1 - seq.num_prompt_tokens >= p.max_tokens or pos + 1 >= self.max_model_len):
@@ -319,7 +321,8 @@ class LLMEngine:
                 ids = seq.output_token_ids
                 if seq.finish_reason == "stop" and isinstance(seq.stop_reason, int):
                     ids = ids[:-1]  # the token that ended it is not part of the text
-                text = decode_output(self.tokenizer, ids, seq.params.skip_special_tokens) if self.tokenizer else ""
+                text = (decode_output(self.tokenizer, ids, seq.params.skip_special_tokens, seq.prompt_token_ids)
+                        if self.tokenizer else "")
         else:
             text = seq.detokenizer.text if seq.detokenizer is not None else ""
         return self._output(seq, [seq.token_ids[pos]], new_text, text, upto=pos + 1)

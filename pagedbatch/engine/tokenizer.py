@@ -60,7 +60,18 @@ def prompt_token_ids(tokenizer, vocab_size: int, prompt: Union[str, list[int]]) 
     return ids
 
 
+def check_unicode(text: str, what: str = "prompt") -> None:
+    """ValueError for text no tokenizer can encode: a lone UTF-16 surrogate (JSON's "\\ud83d" without its pair,
+    or a Python string built from one), which the tokenizers library refuses with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: it holds a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start} (half of a UTF-16 pair; a JSON escape such as \\ud83d needs its partner)") from None
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
+    check_unicode(text)
     return list(tokenizer(text)["input_ids"])
 
 

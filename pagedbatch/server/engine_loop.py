@@ -137,6 +137,14 @@ class EngineLoop:
             self._counts["rejected"] += 1
             self._send(sub.request_id, sub.sink, RequestError(str(e)))
             return
+        except Exception as e:
+            # An unforeseen failure admitting one request fails that request, never the loop (a prompt with a
+            # lone surrogate once raised a TypeError here: the thread died and every later request got 503).
+            log.exception("admitting request %s failed", sub.request_id)
+            self._counts["rejected"] += 1
+            self._send(sub.request_id, sub.sink, RequestError(f"could not admit the request: {type(e).__name__}: {e}",
+                                                              status=500, type="server_error"))
+            return
         self._counts["accepted"] += 1
         self._sinks[sub.request_id] = sub.sink
         if params.n > 1:

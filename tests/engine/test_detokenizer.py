@@ -92,6 +92,19 @@ def test_streamed_text_equals_decoded_text_without_replacement_chars(request, to
     assert not any("\ufffd" in d for d in deltas)
 
 
+@pytest.mark.parametrize("tok_name", ALL)
+def test_decoding_a_finished_output_with_its_prompt_gives_the_streamed_text(request, tok_name):
+    # The non-streaming path decodes once; it decoded the output alone, so a sentencepiece output lost the
+    # leading space the streamed text (and vLLM's) keeps: "and Tom were" against " and Tom were".
+    tok = request.getfixturevalue(tok_name)
+    prompt_ids = tok("Once upon a time").input_ids
+    for text in (" there was a girl", MIXED, CHINESE):
+        output_ids = tok(text, add_special_tokens=False).input_ids
+        detok, _ = stream(tok, prompt_ids, output_ids)
+        assert decode_output(tok, output_ids, prompt_token_ids=prompt_ids) == detok.text
+    assert decode_output(tok, output_ids) == decode_output(tok, output_ids, prompt_token_ids=[])
+
+
 def test_sentencepiece_output_keeps_its_leading_space_after_the_prompt(stories_tokenizer):
     tok = stories_tokenizer
     prompt_ids = tok("Once upon a time").input_ids

@@ -128,3 +128,17 @@ def test_the_server_still_serves_after_bad_requests(server):
     stats = server.wait_idle()
     assert stats["free_blocks"] == stats["num_blocks"] and stats["requests_failed"] == 0
     assert server.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"prompt": "Hi \ud83d there", "max_tokens": 3}),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": ["fine", "Hi \udc00"], "max_tokens": 3}),
+])
+def test_a_prompt_with_a_lone_surrogate_is_a_400_and_the_server_keeps_serving(server, path, body):
+    # JSON may escape half of a UTF-16 pair; the tokenizer then raised a TypeError inside the engine loop,
+    # the loop thread died, this request hung and every later one got 503.
+    r = post(server, path, content=__import__("json").dumps(body).encode())  # "\ud83d" escaped, as clients send it
+    assert r.status_code == 400, r.text
+    assert "not valid Unicode: it holds a lone surrogate" in r.json()["error"]["message"]
+    assert server.health()["status"] == "ok"
+    assert post(server, "/generate", json=OK).status_code == 200
