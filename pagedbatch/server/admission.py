@@ -29,6 +29,7 @@ class Submission:
     stream: bool
     sink: Callable[[object], None]  # called on the engine thread with each event
     structured_field: str = "response_format"  # the field a grammar that does not compile is blamed on
+    max_tokens_field: str = "max_tokens"  # what the client called it (chat: max_completion_tokens)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Accepted:
 
 
 def resolve_max_tokens(num_prompt_tokens: int, requested: Optional[int], default: Optional[int],
-                       max_model_len: int, cache_tokens: int, cap: int, prompt_field: str = "prompt") -> int:
+                       max_model_len: int, cache_tokens: int, cap: int, prompt_field: str = "prompt",
+                       field: str = "max_tokens") -> int:
     """The request's max_tokens; RequestError naming the field when it cannot fit.
 
     An explicit value that does not fit is an error; the default shrinks to fit.
@@ -49,9 +51,9 @@ def resolve_max_tokens(num_prompt_tokens: int, requested: Optional[int], default
     room = limit - num_prompt_tokens
     if requested is not None:
         if requested < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {requested}", "max_tokens")
+            raise RequestError(f"{field} must be >= 1, got {requested}", field)
         if requested > cap:
-            raise RequestError(f"max_tokens {requested} is above this server's limit of {cap}", "max_tokens")
+            raise RequestError(f"{field} {requested} is above this server's limit of {cap}", field)
     if room < 1:
         raise RequestError(f"the prompt is {num_prompt_tokens} tokens, leaving no room to generate: this model "
                            f"takes at most {limit} tokens (prompt + output)", prompt_field)
@@ -59,8 +61,8 @@ def resolve_max_tokens(num_prompt_tokens: int, requested: Optional[int], default
         return max(1, min(room, cap, default if default is not None else room))
     if requested > room:
         what = "the model's maximum length" if limit == max_model_len else "the whole KV cache"
-        raise RequestError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({requested}) = "
-                           f"{num_prompt_tokens + requested} exceeds {what} of {limit} tokens", "max_tokens")
+        raise RequestError(f"prompt ({num_prompt_tokens} tokens) + {field} ({requested}) = "
+                           f"{num_prompt_tokens + requested} exceeds {what} of {limit} tokens", field)
     return requested
 
 
@@ -79,7 +81,7 @@ def admit(engine, sub: Submission, cap: int) -> tuple[list[int], SamplingParams]
         except ValueError as e:
             raise RequestError(str(e), field) from None
     max_tokens = resolve_max_tokens(len(ids), sub.max_tokens, sub.default_max_tokens, engine.max_model_len,
-                                    engine.cache_capacity_tokens, cap, field)
+                                    engine.cache_capacity_tokens, cap, field, sub.max_tokens_field)
     try:
         params = sub.params.replace(max_tokens=max_tokens)
     except ValueError as e:

@@ -12,12 +12,13 @@ class RequestError(Exception):
     """A request the server will not run: answered with ``status`` and a body naming ``param``."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", code: Any = None):
         super().__init__(message)
         self.message, self.param, self.status, self.type = message, param, status, type
+        self.code = status if code is None else code
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.param, self.type, self.status)
+        return error_body(self.message, self.param, self.type, self.code)
 
 
 def error_body(message: str, param: Optional[str] = None, type: str = "invalid_request_error",

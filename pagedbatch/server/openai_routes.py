@@ -24,12 +24,23 @@ router = APIRouter(prefix="/v1")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+def _model_card(request: Request) -> dict:
+    settings = request.app.state.settings
+    return {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "pagedbatch",
+            "max_model_len": request.app.state.engine_loop.engine.max_model_len}
+
+
 @router.get("/models")
 async def models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_card(request)]})
+
+
+@router.get("/models/{model:path}")
+async def model(request: Request, model: str) -> JSONResponse:
+    """OpenAI's retrieve-model route (``client.models.retrieve(name)``)."""
     settings = request.app.state.settings
-    return JSONResponse({"object": "list", "data": [{
-        "id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "pagedbatch",
-        "max_model_len": request.app.state.engine_loop.engine.max_model_len}]})
+    check_model(model, settings.model_name, settings.aliases)
+    return JSONResponse(_model_card(request))
 
 
 @router.post("/completions")
@@ -71,7 +82,8 @@ async def chat_completions(request: Request):
     group = await RequestGroup.start(
         request.app.state.engine_loop, new_id("chatcmpl"), [None], req.sampling_params(),
         max_tokens=req.requested_max_tokens(), default_max_tokens=None, stream=req.stream,
-        messages=chat_messages(req.messages), structured_field=req.structured_field())
+        messages=chat_messages(req.messages), structured_field=req.structured_field(),
+        max_tokens_field="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     head = {"id": group.id, "created": int(time.time()), "model": settings.model_name}
     if not req.stream:
         outs = await group.results(request)

@@ -185,9 +185,14 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 def check_model(name: Optional[str], served: str, aliases: tuple[str, ...] = ()) -> None:
+    """A 404 with OpenAI's code "model_not_found" (the openai client raises NotFoundError) for another model."""
     if name is not None and name != served and name not in aliases:
-        raise RequestError(f"model {name!r} is not served here; this server serves {served!r} (see GET /v1/models)",
-                           "model", type="invalid_request_error")
+        raise model_not_found(name, served)
+
+
+def model_not_found(name: str, served: str) -> RequestError:
+    return RequestError(f"the model {name!r} does not exist here; this server serves {served!r} (see GET /v1/models)",
+                        "model", status=404, type="invalid_request_error", code="model_not_found")
 
 
 async def read_body(request, max_bytes: int) -> bytes:

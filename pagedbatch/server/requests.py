@@ -51,7 +51,8 @@ class RequestGroup:
     async def start(cls, engine_loop: EngineLoop, group_id: str, prompts: list[Union[str, list[int], None]],
                     params: SamplingParams, *, max_tokens: Optional[int], default_max_tokens: Optional[int],
                     stream: bool, messages: Optional[list[dict[str, Any]]] = None,
-                    structured_field: str = "response_format") -> "RequestGroup":
+                    structured_field: str = "response_format",
+                    max_tokens_field: str = "max_tokens") -> "RequestGroup":
         """Submit one request per prompt (or one chat) and wait until all are admitted.
 
         Raises the first RequestError (and aborts the others) if any is refused.
@@ -66,7 +67,7 @@ class RequestGroup:
             engine_loop.submit(Submission(
                 request_id=rid, prompt=None if messages is not None else prompts[i], messages=messages,
                 params=params, max_tokens=max_tokens, default_max_tokens=default_max_tokens, stream=stream,
-                sink=sink, structured_field=structured_field))
+                sink=sink, structured_field=structured_field, max_tokens_field=max_tokens_field))
         pending = set(range(num_prompts))
         try:
             while pending:

@@ -71,14 +71,32 @@ def test_a_prompt_longer_than_the_model_is_a_400_naming_the_prompt(server):
 
 
 @pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
-def test_an_unknown_model_is_a_400_naming_the_model(server, path):
+def test_an_unknown_model_is_a_404_model_not_found_naming_the_model(server, path):
+    # OpenAI's answer (and vLLM's): the openai client raises NotFoundError for it.
     body = {**OK, "model": "gpt-nope", "messages": [{"role": "user", "content": "hi"}]}
     if path != "/v1/chat/completions":
         del body["messages"]
     else:
         del body["prompt"]
-    error = assert_error(post(server, path, json=body), 400, "model")
+    error = assert_error(post(server, path, json=body), 404, "model")
     assert "gpt-nope" in error["message"] and "tiny-llama" in error["message"]
+    assert error["code"] == "model_not_found"
+
+
+def test_a_model_is_retrieved_by_its_name_and_another_is_model_not_found(server):
+    r = httpx.get(server.url + "/v1/models/tiny-llama", timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "tiny-llama" and r.json()["object"] == "model"
+    assert r.json() == httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+    r = httpx.get(server.url + "/v1/models/org/gpt-nope", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_max_completion_tokens_errors_name_that_field(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100000}
+    error = assert_error(post(server, "/v1/chat/completions", json=body), 400, "max_completion_tokens")
+    assert "max_completion_tokens 100000" in error["message"]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}
+    assert_error(post(server, "/v1/chat/completions", json=body), 400, "max_tokens")
 
 
 def test_generate_needs_exactly_one_of_prompt_and_messages(server):

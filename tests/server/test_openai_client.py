@@ -116,9 +116,12 @@ def test_max_completion_tokens_bounds_a_chat_answer(client, chat_ref):
 
 
 def test_client_errors_surface_as_openai_exceptions(client):
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
-    assert e.value.body["param"] == "model"
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=100000)
     assert e.value.body["param"] == "max_tokens"
