@@ -229,14 +229,21 @@ run = _build_run_command()
 @click.option("--no-png", is_flag=True, help="Skip report.png.")
 def report(out: str, no_png: bool) -> None:
     """Rebuild OUT/report.json, report.md and report.png over every committed part (all shards)."""
-    from .jobs.manifest import RESULTS, read_manifest
+    import os
+
+    from .jobs.manifest import MANIFEST, RESULTS, ManifestMismatch, read_manifest
     from .jobs.report import write_report
 
+    # Only a job's OUT: run on any other folder it wrote report files into it, exit 0.
+    if not os.path.isfile(os.path.join(out, MANIFEST)):
+        raise click.ClickException(f"{out} is not a pagedbatch job's output directory (it has no {MANIFEST}); "
+                                   "give the --output of a `pagedbatch run`")
+    try:
+        manifest = read_manifest(out) or {}
+    except ManifestMismatch as e:
+        raise click.ClickException(str(e)) from None
     r = write_report(out, png=not no_png)
-    manifest = read_manifest(out) or {}
     if manifest.get("settings", {}).get("output_format") == "jsonl" and r["status"] == "complete":
-        import os
-
         from .io import write_openai_batch_output
 
         write_openai_batch_output(os.path.join(out, RESULTS), os.path.join(out, "output.jsonl"))

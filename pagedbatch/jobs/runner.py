@@ -60,6 +60,11 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     work for a bad input, model or output directory."""
     err = stderr or sys.stderr
     out = opts.output
+    if os.path.isdir(opts.input) and _within(out, opts.input):
+        # The next run would read the committed parts (and the input fingerprint would change under the job).
+        raise JobError(f"the output directory {out} is inside the input directory {opts.input}: its result files "
+                       "would be read back as input rows, and the job could never resume. Use an --output outside "
+                       "the input directory")
     try:
         fmt = detect_format(opts.input, opts.input_format)
         records = open_records(opts.input, fmt, batch_rows=opts.read_batch_rows)
@@ -133,6 +138,11 @@ def _run_locked(opts: JobOptions, fmt: str, model: ResolvedModel, tokenizer: Opt
             return job.run(records, stop, resume_command)
     finally:
         engine.shutdown()  # tensor-parallel workers end with the job
+
+
+def _within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_input_options(opts: JobOptions, fmt: str) -> None:

@@ -47,6 +47,21 @@ def test_bad_model_path_and_missing_input_stop_at_once(tmp_path, llama_dir):
     assert r.exit_code == 1 and "input not found" in r.output
 
 
+def test_an_output_directory_inside_the_input_directory_is_refused_before_work(tmp_path, llama_dir):
+    # Its parts would be read back as input rows (the input's fingerprint changed and no rerun could resume).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), data / "x.parquet")
+    for out in (data / "out", data):
+        r = run_cli(["--input", data, "--output", out, "--model", llama_dir, *FAST])
+        assert r.exit_code == 1 and "is inside the input directory" in r.output, r.output
+    assert sorted(os.listdir(data)) == ["x.parquet"]
+    assert run_cli(["--input", data, "--output", tmp_path / "out", "--model", llama_dir, *FAST]).exit_code == 0
+
+
 def test_yaml_job_file_merges_under_the_command_line(tmp_path, llama_dir):
     src = write_jsonl(tmp_path / "a.jsonl", prompts(3))
     cfg = tmp_path / "job.yaml"

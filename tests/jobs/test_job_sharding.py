@@ -44,6 +44,13 @@ def test_three_shards_cover_every_record_exactly_once_and_report_aggregates(tmp_
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["total"] == n and report["prefix_cache_hit_rate"] == "n/a"
 
+    # Any other folder is refused, untouched (it used to get report files and exit 0).
+    other = tmp_path / "data"
+    other.mkdir()
+    r = CliRunner().invoke(cli, ["report", str(other)])
+    assert r.exit_code == 1 and "is not a pagedbatch job's output directory" in r.output
+    assert not os.listdir(other)
+
 
 def test_report_helpers():
     assert _percentiles([1.0, 2.0, 3.0, 4.0])["p50"] == 2.5
