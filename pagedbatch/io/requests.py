@@ -349,7 +349,16 @@ def _openai_prompt(index: int, row_id: str, url: str, body: dict) -> ParsedReque
     return ParsedRequest(index, row_id, _check_prompt(prompt, "body.prompt"), None, None, {}, "body.prompt")
 
 
+# OpenAI request options the engine does not implement: refused when used (an error row naming the field), as
+# the server refuses them, never silently ignored. False, "", {} and [] (and best_of 1) mean "not used".
+_OPENAI_UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "tools", "functions")
+
+
 def _openai_sampling(body: dict, chat: bool) -> dict:
+    for name in _OPENAI_UNSUPPORTED:
+        value = body.get(name)
+        if not _absent(value) and value and not (name == "best_of" and value == 1):
+            raise _Bad(f"field 'body.{name}' is not supported (got {_describe(value)})")
     sampling: dict = {}
     max_tokens, max_completion = body.get("max_tokens"), body.get("max_completion_tokens")
     if not _absent(max_tokens) and not _absent(max_completion) and max_tokens != max_completion:

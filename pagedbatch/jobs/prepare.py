@@ -125,6 +125,11 @@ class RowPreparer:
                 self.check_structured(params)
             except StructuredOutputError as e:
                 return RowError(parsed.index, parsed.id, f"field {structured_field!r}: {e.problem}")
+        if self.fmt == "openai" and self.opts.output_format == "jsonl" and "logprobs" in parsed.sampling:
+            # output.jsonl has no OpenAI logprobs objects (token texts and alternatives): say so, rather than
+            # answer the request with "logprobs": null.
+            return RowError(parsed.index, parsed.id, "field 'body.logprobs': logprobs are not written to an OpenAI "
+                            "batch output file; run with --output-format parquet --include-logprobs for them")
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
         where = "template" if parsed.source == "template" else f"field {parsed.source!r}"

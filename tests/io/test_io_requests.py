@@ -266,11 +266,24 @@ def test_openai_token_id_prompt():
     (openai({"prompt": "Hi", "n": "2"}), "field 'body.n' must be an integer, got str '2'"),
     (openai({"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, url="/v1/chat/completions"),
      "field 'body.logprobs' must be a boolean"),
+    # Options the engine does not implement are refused, not silently ignored (as the server does).
+    (openai({"prompt": "Hi", "echo": True}), "field 'body.echo' is not supported"),
+    (openai({"prompt": "Hi", "best_of": 3}), "field 'body.best_of' is not supported"),
+    (openai({"prompt": "Hi", "suffix": "end"}), "field 'body.suffix' is not supported"),
+    (openai({"prompt": "Hi", "logit_bias": {"5": 10}}), "field 'body.logit_bias' is not supported"),
+    (openai({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            url="/v1/chat/completions"), "field 'body.tools' is not supported"),
 ])
 def test_openai_errors_name_the_field(row, expected):
     out = parse(row, "openai")
     assert isinstance(out, RowError) and out.id == "req-1", out
     assert out.error.startswith(expected), out.error
+
+
+def test_openai_options_at_their_unused_values_are_accepted():
+    out = parse(openai({"prompt": "Hi", "echo": False, "best_of": 1, "suffix": "", "logit_bias": {}, "tools": [],
+                        "user": "u1", "stream": False}), "openai")
+    assert not isinstance(out, RowError), out
 
 
 def test_openai_missing_custom_id():

@@ -107,13 +107,18 @@ def test_openai_batch_file_in_openai_batch_output_out(tmp_path, llama_dir):
         {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}},
         {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "x", "prompt": "Bye", "temperature": -2}},
+        # output.jsonl holds no OpenAI logprobs objects: an error line saying so, not "logprobs": null.
+        {"custom_id": "d", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2}},
     ]
     src = write_jsonl(tmp_path / "batch.jsonl", reqs)
     out = tmp_path / "out"
     r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--output-format", "jsonl", *FAST])
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in (out / "output.jsonl").read_text().splitlines()]
-    assert [x["custom_id"] for x in lines] == ["a", "b", "c"]
+    assert [x["custom_id"] for x in lines] == ["a", "b", "c", "d"]
+    assert lines[3]["response"] is None and "logprobs are not written to an OpenAI batch output file" in \
+        lines[3]["error"]["message"]
     assert lines[0]["response"]["body"]["object"] == "text_completion"
     assert lines[0]["response"]["body"]["usage"]["completion_tokens"] <= 4
     assert lines[1]["response"]["body"]["object"] == "chat.completion"
