@@ -288,3 +288,17 @@ def test_streams_and_generate_calls_interleaved_on_one_engine_each_get_all_their
         seen += [o for o in engine.step() if o.request_id == "mine" and o.finished]
     assert len(seen) == 1 and seen[0].token_ids == want_b[:3]
     assert not engine._mailboxes and not engine._unclaimed
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_named_in_the_error(model_dir, shared_models_dir, caplog):
+    # Another model's tokenizer gives ids past the embedding: every prompt failed with a message about
+    # "prompt token ids" (in jobs, blamed on the template), never naming the tokenizer.
+    tok = shared_models_dir / "qwen2-tokenizer"
+    if not tok.is_dir():
+        pytest.skip(f"{tok} not present")
+    with caplog.at_level("WARNING"):
+        eng = InferenceEngine(model_dir, device="cpu", tokenizer=str(tok))
+    assert "more than the model's vocabulary" in caplog.text
+    with pytest.raises(ValueError, match=r"prompt 0: the tokenizer encodes this text to token ids \[.*past the "
+                                         r"model's vocabulary of \d+: is it this model's tokenizer\?"):
+        eng.generate("Hello world, how are you", max_tokens=2)

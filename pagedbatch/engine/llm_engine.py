@@ -45,6 +45,13 @@ class LLMEngine:
         self.config = config
         self.model_args = ModelArgs.from_dir(config.model)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
+        if self.tokenizer is not None and len(self.tokenizer) > self.model_args.vocab_size:
+            # Models pad their vocabulary past the tokenizer's (Qwen2.5: 152,064 for 151,665), never the
+            # other way: a larger tokenizer is most likely another model's, and prompts it encodes to ids past
+            # the embedding fail one by one.
+            log.warning("the tokenizer of %s has %d tokens, more than the model's vocabulary of %d: prompts "
+                        "with the extra ids are refused. Is it this model's tokenizer?",
+                        config.tokenizer or config.model, len(self.tokenizer), self.model_args.vocab_size)
         self.eos_ids = eos_token_ids(config.model, self.tokenizer, self.model_args.eos_token_id)
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config)

@@ -46,6 +46,10 @@ def prompt_token_ids(tokenizer, vocab_size: int, prompt: Union[str, list[int]]) 
         if not prompt:
             raise ValueError("prompt is empty")
         ids = encode_prompt(tokenizer, prompt)
+        beyond = sorted({t for t in ids if t >= vocab_size})
+        if beyond:
+            raise ValueError(f"the tokenizer encodes this text to token ids {beyond[:5]} past the model's vocabulary "
+                             f"of {vocab_size}: is it this model's tokenizer?")
     elif isinstance(prompt, (list, tuple)):
         ids = list(prompt)
         if not ids:
