@@ -362,17 +362,33 @@ def new_run_id() -> str:
 
 def todo_items(opts: JobOptions, records: Iterator, done: set[int],
                preparer: RowPreparer) -> Iterator[Union[Prepared, RowError]]:
-    """This shard's uncommitted records (up to --max-rows), prepared, in admission order."""
+    """This shard's uncommitted records (up to --max-rows), prepared, in admission order.
+
+    An OpenAI batch request whose custom_id an earlier request of the file already has is an error row (OpenAI
+    refuses such a file; output.jsonl would hold two answers under one id). Every record's id is seen, in
+    every shard and every run (committed ones too), so which one is the repeat never depends on a crash."""
+    first_with_id: dict[str, int] = {}
+
+    def repeat(rec) -> Optional[RowError]:
+        cid = rec.data.get("custom_id") if isinstance(rec.data, dict) else None
+        if isinstance(cid, bool) or not isinstance(cid, (str, int)) or cid == "":
+            return None  # the record's own parse reports a bad or missing id
+        first = first_with_id.setdefault(str(cid), rec.index)
+        if first == rec.index:
+            return None
+        return RowError(rec.index, str(cid), f"field 'custom_id': {str(cid)!r} is already the custom_id of the "
+                        f"request at index {first}: the ids of an OpenAI batch file must be unique")
 
     def todo() -> Iterator:
         for rec in records:
             if opts.max_rows is not None and rec.index >= opts.max_rows:
                 return
+            bad = repeat(rec) if preparer.fmt == "openai" else None
             if rec.index % opts.num_shards != opts.shard_index or rec.index in done:
                 continue
-            yield rec
+            yield bad if bad is not None else preparer.prepare(rec)
 
-    return admission_order((preparer.prepare(r) for r in todo()), opts.order, opts.order_window,
+    return admission_order(todo(), opts.order, opts.order_window,
                            key_ids=lambda p: p.token_ids, hold=lambda it: isinstance(it, Prepared))
 
 

@@ -139,3 +139,22 @@ def test_include_options_add_prompt_token_ids_and_logprobs(tmp_path, llama_dir):
         assert len(row["prompt_token_ids"]) == row["prompt_tokens"]
         assert len(row["output_token_ids"]) == row["output_tokens"] == len(row["logprobs"])
         assert all(lp <= 0 for lp in row["logprobs"])
+
+
+def test_a_repeated_custom_id_in_an_openai_batch_file_is_an_error_row_in_every_shard_and_run(tmp_path, llama_dir):
+    # OpenAI refuses such a file; we answered both, so output.jsonl held two lines under one id.
+    def req(cid, prompt):
+        return {"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"prompt": prompt, "max_tokens": 3}}
+
+    src = write_jsonl(tmp_path / "batch.jsonl", [req("a", "Hi"), req("b", "Yo"), req("a", "Hey"), req(5, "x"),
+                                                 req("5", "y")])
+    for shards in (1, 2):
+        out = tmp_path / f"out{shards}"
+        for k in range(shards):
+            r = run_cli(["--input", src, "--output", out, "--model", llama_dir, *FAST, "--num-shards", str(shards),
+                         "--shard-index", str(k)])
+            assert r.exit_code == 0, r.output
+        rows = results(out)
+        assert [row["finish_reason"] == "error" for row in rows] == [False, False, True, False, True]
+        assert "'a' is already the custom_id of the request at index 0" in rows[2]["error"]
+        assert "'5' is already the custom_id of the request at index 3" in rows[4]["error"]
