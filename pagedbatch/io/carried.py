@@ -112,6 +112,22 @@ def decide_carried_columns(path: str, fmt: str, keep: Union[list[str], str, None
     return CarriedColumns(tuple(columns)), warnings
 
 
+def input_field_names(path: str, fmt: str) -> tuple[set[str], bool]:
+    """The input's field names (its schema's, else those of its first records) and whether that is all of
+    them (False: some records were not looked at, so a name missing here may still come later)."""
+    schema = input_schema(path, fmt)
+    if schema is not None:
+        return set(schema.names), True
+    names: set[str] = set()
+    seen = 0
+    for rec in open_records(path, fmt):
+        if seen >= SAMPLE_ROWS:
+            return names, False
+        seen += 1
+        names.update(rec.data or {})
+    return names, True
+
+
 def result_name(source: str) -> str:
     return PREFIX + source if source in RESERVED_COLUMNS else source
 

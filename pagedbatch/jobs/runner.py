@@ -147,6 +147,15 @@ def _within(path: str, folder: str) -> bool:
 
 def check_input_options(opts: JobOptions, fmt: str) -> None:
     """Options that cannot apply to this input format (ValueError naming them)."""
+    if fmt != "openai" and opts.id_field != "id":
+        # Without its field a row's id is its index, by design for the default name; a name given on purpose
+        # and found in no record is a typo that would silently number every row.
+        from ..io.carried import input_field_names
+
+        names, whole = input_field_names(opts.input, fmt)
+        if whole and opts.id_field not in names:
+            raise JobUsageError(f"id_field (--id-field) {opts.id_field!r} is in no record of {opts.input} (its "
+                                f"fields: {', '.join(sorted(names)) or 'none'})")
     if fmt == "openai":
         for name, value in (("prompt_template", opts.template_text), ("system_prompt", opts.system_prompt)):
             if value is not None:

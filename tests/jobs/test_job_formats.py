@@ -158,3 +158,16 @@ def test_a_repeated_custom_id_in_an_openai_batch_file_is_an_error_row_in_every_s
         assert [row["finish_reason"] == "error" for row in rows] == [False, False, True, False, True]
         assert "'a' is already the custom_id of the request at index 0" in rows[2]["error"]
         assert "'5' is already the custom_id of the request at index 3" in rows[4]["error"]
+
+
+def test_an_id_field_named_on_purpose_and_found_in_no_record_is_a_usage_error(tmp_path, llama_dir):
+    # A typo in --id-field numbered every row silently; the default name "id" may be absent (rows get indices).
+    src = write_jsonl(tmp_path / "a.jsonl", [{"key": "k1", "prompt": "hi"}, {"key": "k2", "prompt": "yo"}])
+    r = run_cli(["--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST, "--id-field", "kye"])
+    assert r.exit_code == 2 and "id_field (--id-field) 'kye' is in no record" in r.output and "key" in r.output
+    assert not (tmp_path / "o").exists()
+    assert run_cli(["--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST, "--id-field", "key"]
+                   ).exit_code == 0
+    assert [row["id"] for row in results(tmp_path / "o")] == ["k1", "k2"]
+    assert run_cli(["--input", src, "--output", tmp_path / "o2", "--model", llama_dir, *FAST]).exit_code == 0
+    assert [row["id"] for row in results(tmp_path / "o2")] == ["0", "1"]
