@@ -58,3 +58,24 @@ def shared_models_dir() -> Path:
     if not SHARED_MODELS_DIR.is_dir():
         pytest.skip(f"../shared/models not present: {SHARED_MODELS_DIR} does not exist")
     return SHARED_MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer(shared_models_dir):
+    """Factory ``shared_tokenizer(name)``: a real tokenizer of ../shared/models, loaded once per session
+    (building Qwen2's from vocab.json and merges takes ~20 s, Llama 3's from tokenizer.model ~50 s)."""
+    from transformers import AutoTokenizer
+
+    cache: dict = {}
+
+    def load(name: str):
+        path = shared_models_dir / name
+        if not path.is_dir():
+            pytest.skip(f"{path} not present")
+        if name == "llama3-tokenizer":
+            pytest.importorskip("tiktoken", reason="the Llama 3 tokenizer is built from tokenizer.model with tiktoken")
+        if name not in cache:
+            cache[name] = AutoTokenizer.from_pretrained(path)
+        return cache[name]
+
+    return load

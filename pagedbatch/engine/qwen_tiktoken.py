@@ -97,6 +97,12 @@ class QwenTiktokenTokenizer:
         ids = [i for i in ids if 0 <= i < n and not (skip_special_tokens and i >= self._special_start)]
         return self._enc.decode(ids, errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes (a special token's text); ``b""`` past the vocabulary."""
+        if not 0 <= token_id < self._enc.n_vocab:
+            return b""
+        return self._enc.decode_single_token_bytes(token_id)
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._enc.decode_single_token_bytes(i).decode("utf-8", errors="replace") for i in ids]
 

@@ -50,7 +50,7 @@ _BASE_FIELDS = [
 # Every column a result row can have, whatever the options: carried input
 # columns with these names are renamed (io/carried.py).
 RESERVED_COLUMNS = frozenset([f.name for f in _BASE_FIELDS] + [
-    "prompt", "prompt_token_ids", "output_token_ids", "logprobs", "is_chat"])
+    "prompt", "prompt_token_ids", "output_token_ids", "logprobs", "is_chat", "openai_logprobs"])
 
 
 def result_schema(include_prompt: bool = False, include_token_ids: bool = False, include_logprobs: bool = False) -> pa.Schema:
@@ -270,7 +270,8 @@ def _completion(samples: list[dict], index: int, model: str, created: int) -> di
         else:
             choice["text"] = text
         choice["finish_reason"] = row.get("finish_reason")
-        choice["logprobs"] = None
+        logprobs = row.get("openai_logprobs")
+        choice["logprobs"] = json.loads(logprobs) if logprobs else None
         choices.append(choice)
     return {
         "id": f"cmpl-{index}",

@@ -31,6 +31,9 @@ class Pending:
     where: str  # where the prompt came from, for error messages: "field 'prompt'", "template"
     carried: Optional[dict] = None  # --keep-columns: result column -> value
     n: int = 1  # samples asked for: the record is done when all n outputs are in
+    # The record asked for logprobs (its own field or the job's --logprobs): an OpenAI batch output line carries
+    # them. (--include-logprobs alone asks the engine for them too, for the Parquet column only.)
+    wants_logprobs: bool = False
     outputs: list = field(default_factory=list)  # its finished samples' RequestOutputs so far
 
 
@@ -125,11 +128,7 @@ class RowPreparer:
                 self.check_structured(params)
             except StructuredOutputError as e:
                 return RowError(parsed.index, parsed.id, f"field {structured_field!r}: {e.problem}")
-        if self.fmt == "openai" and self.opts.output_format == "jsonl" and "logprobs" in parsed.sampling:
-            # output.jsonl has no OpenAI logprobs objects (token texts and alternatives): say so, rather than
-            # answer the request with "logprobs": null.
-            return RowError(parsed.index, parsed.id, "field 'body.logprobs': logprobs are not written to an OpenAI "
-                            "batch output file; run with --output-format parquet --include-logprobs for them")
+        wants_logprobs = params.logprobs is not None
         if self.opts.include_logprobs and params.logprobs is None:
             params = params.replace(logprobs=0)
         where = "template" if parsed.source == "template" else f"field {parsed.source!r}"
@@ -150,5 +149,5 @@ class RowPreparer:
         except (ValueError, TypeError) as e:
             return RowError(parsed.index, parsed.id, f"{where}: {e}")
         return Prepared(ids, params, Pending(parsed.index, parsed.id, text, parsed.messages is not None, where,
-                                            n=params.n))
+                                            n=params.n, wants_logprobs=wants_logprobs))
 

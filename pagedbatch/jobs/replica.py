@@ -13,13 +13,16 @@ caller's business.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 from typing import Any, Callable, Iterator, Optional, Union
 
 from ..io import PartWriter, RowError, result_schema
+from ..engine.token_bytes import TokenBytes
 from ..io.carried import CarriedColumns
+from ..openai_logprobs import chat_logprobs, completion_logprobs
 from .options import JobOptions
 from .prepare import Pending, Prepared
 from .progress import Counters
@@ -37,6 +40,8 @@ def job_result_schema(opts: JobOptions, carried: CarriedColumns = CarriedColumns
         import pyarrow as pa
 
         schema = schema.append(pa.field("is_chat", pa.bool_()))
+        # The OpenAI logprobs object of a row that asked for them, as JSON (its shape depends on is_chat).
+        schema = schema.append(pa.field("openai_logprobs", pa.string()))
     for f in carried.fields:
         schema = schema.append(f)
     return schema
@@ -53,6 +58,7 @@ class Replica:
         self.samples_in_flight = 0  # the in-flight records' unfinished samples: what --max-in-flight bounds
         self.first_errors: list[str] = []
         self.last_commit = time.monotonic()
+        self._token_bytes: Optional[TokenBytes] = None  # built on the first OpenAI logprobs row
 
     def add(self, item: Union[Prepared, RowError]) -> None:
         """Admit a prepared request to the engine, or write an error row."""
@@ -106,11 +112,20 @@ class Replica:
             row["logprobs"] = [lp.logprob for lp in output.logprobs] if output.logprobs else None
         if self.opts.output_format == "jsonl":
             row["is_chat"] = pending.is_chat
+            if ok and pending.wants_logprobs:
+                row["openai_logprobs"] = self._openai_logprobs(output.logprobs or [], pending.is_chat)
         if pending.carried:
             row.update(pending.carried)
         if not ok:
             row["error"] = f"{pending.where}: {output.error}"
         return row
+
+    def _openai_logprobs(self, entries: list, chat: bool) -> str:
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.engine.tokenizer)
+        obj = chat_logprobs(entries, self._token_bytes) if chat else \
+            completion_logprobs(entries, self._token_bytes)[0]
+        return json.dumps(obj, ensure_ascii=False)
 
     def _error_row(self, index: int, row_id: str, error: str, carried: Optional[dict] = None) -> None:
         # A record that never became a request: one row, its n unknown or beside the point.

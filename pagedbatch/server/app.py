@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..engine.token_bytes import TokenBytes
 from .engine_loop import EngineLoop
 from .errors import ClientDisconnected, RequestError, error_body
 from .settings import ServerSettings
@@ -32,6 +33,10 @@ def create_app(engine_loop: EngineLoop, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pagedbatch", version=__version__, lifespan=lifespan)
     app.state.engine_loop = engine_loop
     app.state.settings = settings
+    # Logprobs on the OpenAI routes name their tokens: every token's bytes, looked up now, before the engine
+    # thread (which owns the tokenizer) starts.
+    tokenizer = getattr(engine_loop.engine, "tokenizer", None)
+    app.state.token_bytes = TokenBytes(tokenizer).preload() if tokenizer is not None else None
     app.include_router(native_routes.router)
     app.include_router(openai_routes.router)
 

@@ -19,6 +19,8 @@ from .errors import RequestError, sampling_error
 
 M = TypeVar("M", bound=BaseModel)
 
+MAX_LOGPROBS = 20
+
 # pydantic's names for union branches and wrappers, which are not field names.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple"}
 
@@ -141,9 +143,10 @@ class CompletionRequest(_OpenAIRequest):
             raise RequestError("suffix is not supported", "suffix")
         if self.best_of not in (None, 1):
             raise RequestError(f"best_of must be 1, got {self.best_of}", "best_of")
-        if self.logprobs is not None:
-            raise RequestError("logprobs are not supported on the OpenAI routes; POST /generate with "
-                               "\"logprobs\": N returns them", "logprobs")
+
+    def engine_logprobs(self) -> Optional[int]:
+        """How many alternatives per token the engine returns (None: no logprobs)."""
+        return _check_logprobs(self.logprobs, "logprobs")
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -157,14 +160,27 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise RequestError("logprobs are not supported on the OpenAI routes; POST /generate with "
-                               "\"logprobs\": N returns them", "logprobs")
         if self.tools:
             raise RequestError("tools are not supported", "tools")
 
+    def engine_logprobs(self) -> Optional[int]:
+        """How many alternatives per token the engine returns (None: no logprobs): top_logprobs, with
+        logprobs true (OpenAI's rule: top_logprobs without it is an error)."""
+        if not self.logprobs:
+            if self.top_logprobs is not None:
+                raise RequestError("top_logprobs needs \"logprobs\": true", "top_logprobs")
+            return None
+        return _check_logprobs(self.top_logprobs or 0, "top_logprobs")
+
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _check_logprobs(value: Optional[int], field: str) -> Optional[int]:
+    # The engine's limit (vLLM's default max_logprobs too); OpenAI's own is 5 for completions, 20 for chat.
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(f"{field} must be between 0 and {MAX_LOGPROBS}, got {value}", field)
+    return value
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:

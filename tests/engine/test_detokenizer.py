@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from transformers import AutoTokenizer
 
 import model_factory
 from pagedbatch.engine.detokenizer import IncrementalDetokenizer, decode_output, find_stop_string
@@ -21,28 +20,18 @@ def test_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen2_tokenizer(shared_models_dir):
-    path = shared_models_dir / "qwen2-tokenizer"
-    if not path.is_dir():
-        pytest.skip(f"{path} not present")
-    return AutoTokenizer.from_pretrained(path)
+def qwen2_tokenizer(shared_tokenizer):
+    return shared_tokenizer("qwen2-tokenizer")
 
 
 @pytest.fixture(scope="module")
-def llama3_tokenizer(shared_models_dir):
-    path = shared_models_dir / "llama3-tokenizer"
-    if not path.is_dir():
-        pytest.skip(f"{path} not present")
-    pytest.importorskip("tiktoken", reason="the Llama 3 tokenizer is built from tokenizer.model with tiktoken")
-    return AutoTokenizer.from_pretrained(path)
+def llama3_tokenizer(shared_tokenizer):
+    return shared_tokenizer("llama3-tokenizer")
 
 
 @pytest.fixture(scope="module")
-def stories_tokenizer(shared_models_dir):
-    path = shared_models_dir / "stories260k"
-    if not path.is_dir():
-        pytest.skip(f"{path} not present")
-    return AutoTokenizer.from_pretrained(path)
+def stories_tokenizer(shared_tokenizer):
+    return shared_tokenizer("stories260k")
 
 
 BYTE_LEVEL = ["test_tokenizer", "qwen2_tokenizer", "llama3_tokenizer"]

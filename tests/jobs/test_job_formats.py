@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from job_helpers import FAST, prompts, results, run_cli, write_jsonl
 
+from pagedbatch.engine.token_bytes import TokenBytes
+from pagedbatch.engine.tokenizer import load_tokenizer
 from pagedbatch.io import check_exactly_once
 
 BASE_COLUMNS = {
@@ -107,22 +109,43 @@ def test_openai_batch_file_in_openai_batch_output_out(tmp_path, llama_dir):
         {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}},
         {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "x", "prompt": "Bye", "temperature": -2}},
-        # output.jsonl holds no OpenAI logprobs objects: an error line saying so, not "logprobs": null.
         {"custom_id": "d", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2}},
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2,
+                  "max_tokens": 6, "ignore_eos": True}},
+        {"custom_id": "e", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "x", "prompt": "Hello", "logprobs": 1, "max_tokens": 5, "ignore_eos": True, "n": 2,
+                  "temperature": 1.0, "seed": 3}},
     ]
     src = write_jsonl(tmp_path / "batch.jsonl", reqs)
     out = tmp_path / "out"
-    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--output-format", "jsonl", *FAST])
+    # --include-logprobs fills the Parquet column for every row; only rows that asked get OpenAI logprobs.
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--output-format", "jsonl",
+                 "--include-logprobs", "--include-token-ids", *FAST])
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in (out / "output.jsonl").read_text().splitlines()]
-    assert [x["custom_id"] for x in lines] == ["a", "b", "c", "d"]
-    assert lines[3]["response"] is None and "logprobs are not written to an OpenAI batch output file" in \
-        lines[3]["error"]["message"]
+    assert [x["custom_id"] for x in lines] == ["a", "b", "c", "d", "e"]
     assert lines[0]["response"]["body"]["object"] == "text_completion"
     assert lines[0]["response"]["body"]["usage"]["completion_tokens"] <= 4
     assert lines[1]["response"]["body"]["object"] == "chat.completion"
+    assert [x["response"]["body"]["choices"][0]["logprobs"] for x in lines[:2]] == [None, None]
     assert lines[2]["response"] is None and "temperature" in lines[2]["error"]["message"]
+
+    # The OpenAI logprobs objects: the chosen tokens' logprobs are the Parquet column's, tokens the output's ids.
+    rows = {(row["id"], row["sample_index"]): row for row in results(out)}
+    tb = TokenBytes(load_tokenizer(llama_dir))
+    chat = lines[3]["response"]["body"]["choices"][0]
+    content, row = chat["logprobs"]["content"], rows[("d", 0)]
+    assert [bytes(e["bytes"]) for e in content] == [tb(t) for t in row["output_token_ids"]]
+    assert [e["logprob"] for e in content] == pytest.approx(row["logprobs"], abs=1e-6)
+    assert [len(e["top_logprobs"]) for e in content] == [2] * 6
+    choices = lines[4]["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for c in choices:
+        lp, row = c["logprobs"], rows[("e", c["index"])]
+        assert lp["tokens"] == [tb.text(t) for t in row["output_token_ids"]]
+        assert lp["token_logprobs"] == pytest.approx(row["logprobs"], abs=1e-6)
+        assert all(1 <= len(top) <= 2 and tok in top for top, tok in zip(lp["top_logprobs"], lp["tokens"]))
+        assert lp["text_offset"][0] == 0 and len(lp["text_offset"]) == 5
 
 
 def test_include_options_add_prompt_token_ids_and_logprobs(tmp_path, llama_dir):
