@@ -296,15 +296,14 @@ def _attend_kv_range(
         else:
             blk = tl.load(bt_row + kv_pos // BLOCK_SIZE).to(tl.int64)
             k = tl.load(K + kv_off_k + blk[:, None] * s_kb + row[:, None] * s_ks + offs_d[None, :])
-        # Raw scores; the scale goes into exp2's argument (s * c - m * c: one FFMA an element, FA2's form).
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * qk_scale
         if MASKED:
             s = tl.where((kv_pos[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # Padding rows can have no allowed key at all; keep them NaN-free.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
-        alpha = tl.exp2(m * qk_scale - m_safe)
-        p = tl.exp2(s * qk_scale - m_safe[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         if V_KEYS:
             # A key-contiguous V (s_vs == 1; tiles start on multiples of BLOCK_N): runs of V_KEYS adjacent
