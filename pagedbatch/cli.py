@@ -231,7 +231,7 @@ def report(out: str, no_png: bool) -> None:
     """Rebuild OUT/report.json, report.md and report.png over every committed part (all shards)."""
     import os
 
-    from .jobs.manifest import MANIFEST, RESULTS, ManifestMismatch, read_manifest
+    from .jobs.manifest import MANIFEST, RESULTS, ManifestMismatch, job_model_name, read_manifest
     from .jobs.report import write_report
 
     # Only a job's OUT: run on any other folder it wrote report files into it, exit 0.
@@ -246,7 +246,8 @@ def report(out: str, no_png: bool) -> None:
     if manifest.get("settings", {}).get("output_format") == "jsonl" and r["status"] == "complete":
         from .io import write_openai_batch_output
 
-        write_openai_batch_output(os.path.join(out, RESULTS), os.path.join(out, "output.jsonl"))
+        write_openai_batch_output(os.path.join(out, RESULTS), os.path.join(out, "output.jsonl"),
+                                  model=job_model_name(out))
     click.echo(f"{r['rows']['total']} rows ({r['rows']['failed']} failed), status {r['status']}; "
                f"wrote {out}/report.json and report.md", err=True)
 

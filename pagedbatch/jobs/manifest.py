@@ -186,6 +186,12 @@ def read_manifest(out: str) -> Optional[dict[str, Any]]:
         raise ManifestMismatch(f"{path} is not valid JSON ({e}); fix or remove it, or use --overwrite") from None
 
 
+def job_model_name(out: str) -> str:
+    """The model a job ran (its Hub id, or its directory's absolute path), as OpenAI output files name it."""
+    manifest = read_manifest(out) or {}
+    return manifest.get("settings", {}).get("model") or "pagedbatch"
+
+
 def clear_job_files(out: str) -> None:
     """Remove what a job wrote into OUT (manifest, results, progress logs,
     reports), leaving any other file the user keeps there."""

@@ -21,7 +21,7 @@ from ..hub import ModelNotFound, ResolvedModel, resolve_model
 from ..io import DiskFull, PartWriter, RowError, cleanup_temp_files, committed_indices, detect_format, open_records
 from ..io import is_disk_full, write_openai_batch_output
 from ..io.carried import CarriedColumns, decide_carried_columns
-from .manifest import RESULTS, ManifestMismatch, build_manifest, prepare_output_dir
+from .manifest import RESULTS, ManifestMismatch, build_manifest, job_model_name, prepare_output_dir
 from .options import JobOptions
 from .out_lock import OutputLock, OutputLocked
 from .ordering import admission_order
@@ -417,7 +417,7 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
     unfinished = "unfinished requests were" if dropped is None else f"{dropped} in-flight requests were"
     if status == "complete":
         if opts.output_format == "jsonl" and opts.num_shards == 1:
-            write_openai_batch_output(results, os.path.join(out, "output.jsonl"))
+            write_openai_batch_output(results, os.path.join(out, "output.jsonl"), model=job_model_name(out))
         message = (f"done: {c.describe_rows()} this run ({c.errors} errors, {committed_before} committed earlier); "
                    f"results in {results}, report in {os.path.join(out, 'report.md')}")
         if report.get("status") != "complete" and opts.num_shards > 1:

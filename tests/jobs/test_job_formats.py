@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -125,6 +126,7 @@ def test_openai_batch_file_in_openai_batch_output_out(tmp_path, llama_dir):
     lines = [json.loads(x) for x in (out / "output.jsonl").read_text().splitlines()]
     assert [x["custom_id"] for x in lines] == ["a", "b", "c", "d", "e"]
     assert lines[0]["response"]["body"]["object"] == "text_completion"
+    assert lines[0]["response"]["body"]["model"] == os.path.abspath(llama_dir)  # the model that answered
     assert lines[0]["response"]["body"]["usage"]["completion_tokens"] <= 4
     assert lines[1]["response"]["body"]["object"] == "chat.completion"
     assert [x["response"]["body"]["choices"][0]["logprobs"] for x in lines[:2]] == [None, None]
