@@ -5,7 +5,8 @@ Chat completions: ``{"content": [{"token", "logprob", "bytes", "top_logprobs":
 likely tokens per position. Text completions (the legacy shape): ``{"tokens",
 "token_logprobs", "top_logprobs": [{token: logprob}, ...], "text_offset"}``,
 where each position's dict holds the k most likely tokens and the chosen one
-(so up to k + 1 entries, as OpenAI documents). Token texts come from each
+(so up to k + 1 entries, as OpenAI documents; tokens whose texts are equal share one
+entry: the chosen token's logprob where it is one of them, else the best). Token texts come from each
 token's own bytes (engine/token_bytes.py); part of a character reads U+FFFD
 there and ``bytes`` keeps the truth. Logprobs are those of the model's raw
 distribution, as the engine reports them everywhere.
@@ -51,8 +52,13 @@ def completion_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes
         text = token_bytes.text(e.token_id)
         tokens.append(text)
         token_logprobs.append(_lp(e.logprob))
-        top = {token_bytes.text(t): _lp(lp) for t, lp in e.top}
-        top.setdefault(text, _lp(e.logprob))
+        # Tokens can share a text (two halves of characters both read U+FFFD; " a" as one token or two
+        # pieces): a dict keeps one value per text. The best alternative's is kept, and the chosen token's
+        # text always holds the chosen token's logprob, so it reads the same as token_logprobs.
+        top: dict[str, float] = {}
+        for t, lp in e.top:
+            top.setdefault(token_bytes.text(t), _lp(lp))
+        top[text] = _lp(e.logprob)
         top_logprobs.append(top)
         offsets.append(text_offset)
         text_offset += len(text)
