@@ -56,7 +56,8 @@ class SamplingParams:
     constrains the text to a JSON schema, regex, choice list or grammar; the
     request stops ("stop") where the grammar ends, or at max_tokens
     ("length", then the text may be incomplete). It cannot be combined with
-    ``min_tokens`` > 0 (the grammar decides where the text may end).
+    ``min_tokens`` > 0 or with ``stop`` strings (the grammar decides where the
+    text may end; a stop string would cut it short of matching).
     """
 
     max_tokens: int = 256
@@ -135,6 +136,12 @@ class SamplingParams:
         if self.structured_output is not None and self.min_tokens > 0:
             raise ValueError(f"structured_output cannot be combined with min_tokens ({self.min_tokens}): the grammar "
                              "decides where the output may end")
+        if self.structured_output is not None and self.stop:
+            # A stop string would cut the constrained text where the grammar has not ended (half a JSON object)
+            # and report it as a normal "stop"; the grammar ends the text itself.
+            raise ValueError(f"structured_output cannot be combined with stop strings ({self.stop!r}): a stop string "
+                             "would cut the text before the grammar ends, so it would no longer match; the grammar "
+                             "ends the output itself (stop_token_ids may be given)")
 
     @property
     def greedy(self) -> bool:

@@ -63,6 +63,9 @@ class StructuredOutputParams:
             if not isinstance(schema, dict):
                 raise StructuredOutputError(where, f"must be a JSON schema (an object, or JSON text of one), "
                                                    f"got {_describe(schema)}")
+            problem = unenforced_schema_feature(schema)
+            if problem:
+                raise StructuredOutputError(where, problem)
             object.__setattr__(self, "json", schema)
             # Key order is kept: xgrammar emits properties in the schema's order.
             text = _json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
@@ -141,6 +144,98 @@ class StructuredOutputParams:
             return cls(json=schema)
         except StructuredOutputError as e:
             raise StructuredOutputError(f"{where}.json_schema.schema", e.problem) from None
+
+
+# Keywords that say what a schema is about, not what a value may be: no grammar needs them.
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                          "writeOnly", "$schema", "$id", "$anchor", "$defs", "definitions", "discriminator"})
+# Keywords whose value is a schema, a list of schemas, or a name -> schema mapping (where the walk goes on).
+_ONE_SUBSCHEMA = ("additionalProperties", "items", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+                  "additionalItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# Keywords xgrammar (0.2.9) compiles without enforcing them: a matched output could break the schema.
+_IGNORED = {"not": "'not'", "contains": "'contains'", "minContains": "'minContains'", "maxContains": "'maxContains'",
+            "if": "'if'/'then'/'else'", "then": "'if'/'then'/'else'", "else": "'if'/'then'/'else'",
+            "dependentRequired": "'dependentRequired'", "dependentSchemas": "'dependentSchemas'",
+            "dependencies": "'dependencies'"}
+
+
+def unenforced_schema_feature(schema: Any, path: str = "") -> Optional[str]:
+    """Why the JSON schema cannot be enforced while decoding, or None: the first keyword (with its place in the
+    schema) that xgrammar would compile and then not hold the output to.
+
+    Without this check such a schema compiles and the output can break it
+    (found by testing xgrammar 0.2.9: ``uniqueItems`` lets ``[1, 1]`` through,
+    ``allOf`` keeps one branch's rules, a ``pattern`` beside ``maxLength``
+    drops the length). A request is refused instead, naming the keyword, so
+    nothing claims a guarantee it does not give. ``oneOf`` is held as
+    ``anyOf`` (a value may match more than one branch), as vLLM and SGLang do.
+    """
+    if isinstance(schema, list):
+        for i, sub in enumerate(schema):
+            found = unenforced_schema_feature(sub, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    at = f" at {path[1:]}" if path else " at the top level"
+
+    def refuse(what: str, why: str) -> str:
+        return f"the JSON schema uses {what}{at}, which constrained decoding cannot enforce ({why}); " \
+               "remove it, or check that rule after generation"
+
+    for key, what in _IGNORED.items():
+        if key in schema:
+            return refuse(what, "the output could break it")
+    if schema.get("uniqueItems") is True:
+        return refuse("'uniqueItems'", "array items could repeat")
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return refuse("'allOf' with more than one schema", "only one would hold; merge them into one schema")
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        return refuse(f"the external '$ref' {ref!r}", "only references inside the schema ('#/...') are read")
+    rules = sorted(k for k in schema if k not in _ANNOTATIONS)
+    for combinator in ("$ref", "anyOf", "oneOf"):
+        if combinator in schema and len(rules) > 1:
+            others = ", ".join(repr(k) for k in rules if k != combinator)
+            return refuse(f"{others} beside {combinator!r}", f"the rules beside {combinator!r} would be dropped; "
+                                                             f"move them into the schema(s) it names")
+    length = [k for k in ("minLength", "maxLength") if k in schema]
+    if "format" in schema and (length or "pattern" in schema):
+        return refuse(f"'format' with {', '.join(repr(k) for k in length + ['pattern'] if k in schema)}",
+                      "only the format would hold")
+    if "pattern" in schema and length:
+        return refuse(f"'pattern' with {', '.join(map(repr, length))}", "only the pattern would hold; write the "
+                                                                       "length into the pattern, e.g. {1,20}")
+    for data in ("enum", "const"):
+        extra = [k for k in rules if k not in (data, "type")]
+        if data in schema and extra:
+            return refuse(f"{', '.join(map(repr, extra))} beside {data!r}", f"only the {data} would hold; "
+                                                                            "list only values that pass")
+    multiple = schema.get("multipleOf")
+    if multiple is not None and (schema.get("type") != "integer" or isinstance(multiple, bool)
+                                 or not isinstance(multiple, int)):
+        return refuse("'multipleOf' on a non-integer type or with a non-integer value",
+                      "only whole multiples of integers are held")
+    for key in _ONE_SUBSCHEMA:
+        if key in schema:
+            found = unenforced_schema_feature(schema[key], f"{path}.{key}")
+            if found:
+                return found
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            found = unenforced_schema_feature(schema[key], f"{path}.{key}")
+            if found:
+                return found
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                found = unenforced_schema_feature(sub, f"{path}.{key}.{name}")
+                if found:
+                    return found
+    return None
 
 
 def _describe(value: Any) -> str:

@@ -41,6 +41,7 @@ def test_jsonl_rows_take_response_format_as_object_or_json_text_and_bad_ones_bec
                                                                 "json_schema": {"name": "b", "schema": {"type": "strin"}}}},
         {"id": "bad-type", "prompt": "x", "response_format": {"type": "xml"}},
         {"id": "with-min-tokens", "prompt": "x", "response_format": RF, "min_tokens": 3},
+        {"id": "with-stop", "prompt": "x", "response_format": RF, "stop": ["}"]},
         {"id": "fine-after", "prompt": "classify: after the errors", "response_format": RF},
     ]
     out = tmp_path / "out"
@@ -57,6 +58,7 @@ def test_jsonl_rows_take_response_format_as_object_or_json_text_and_bad_ones_bec
     assert re.match(r"field 'response_format': the JSON schema cannot be compiled: .*strin", got["bad-schema"]["error"])
     assert got["bad-type"]["error"].startswith("field 'response_format.type': must be one of")
     assert "min_tokens" in got["with-min-tokens"]["error"] and "'response_format'" in got["with-min-tokens"]["error"]
+    assert "stop strings" in got["with-stop"]["error"] and got["with-stop"]["finish_reason"] == "error"
 
 
 def test_parquet_struct_csv_text_and_openai_batch_lines_all_carry_response_format(tmp_path, llama_dir):

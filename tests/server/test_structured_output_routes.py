@@ -83,6 +83,11 @@ def test_generate_takes_response_format_or_structured_output(server):
      "response_format", "at most one of"),
     ("/generate", {"prompt": "x", "min_tokens": 2, "structured_output": {"regex": "a+"}}, "structured_output",
      "min_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stop": ["}"], "response_format": {"type": "json_object"}},
+     "response_format", "stop strings"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}, "response_format",
+     "response_format.json_schema.schema: the JSON schema uses 'uniqueItems' at the top level"),
 ])
 def test_bad_structured_output_is_a_400_naming_the_field(server, path, body, param, message):
     r = httpx.post(server.url + path, timeout=30, json={"max_tokens": 8, **body})
