@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import reprlib
+from collections.abc import Iterable, Mapping, Set
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from .config import EngineConfig
@@ -10,8 +12,33 @@ from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
 from .sampling_params import SamplingParams
 
-Prompt = Union[str, list[int]]
+Prompt = Union[str, list[int], tuple[int, ...]]
 _ids = itertools.count()
+_ONE_PROMPT = "a string or a list (or tuple) of token ids"
+_PROMPTS = f"{_ONE_PROMPT} for one prompt, or a list (or tuple) of such prompts for a batch"
+
+
+def _describe(value: Any) -> str:
+    return "None" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _is_token_ids(value: Any) -> bool:
+    # A tuple is read as a list: ints make one prompt, anything else a batch.
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], int)
+
+
+def _prompt_list(prompts: Any) -> list:
+    """``generate``'s prompts as a list of single prompts (each checked later, by index).
+
+    Any other iterable of prompts (a generator) is a batch too, as ``list()`` reads it; mappings and sets
+    (no order to return results in), bytes (not text) and non-iterables are a TypeError naming what came.
+    """
+    if isinstance(prompts, str) or _is_token_ids(prompts):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray, Mapping, Set)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be {_PROMPTS}; got {_describe(prompts)}")
+    batch = list(prompts)
+    return [batch] if _is_token_ids(batch) else batch
 
 
 def _to_params(p: Union[SamplingParams, dict, None], overrides: dict[str, Any]) -> SamplingParams:
@@ -112,7 +139,9 @@ class InferenceEngine:
     ) -> list[RequestOutput]:
         """Generate for every prompt; results come back in prompt order.
 
-        ``prompts``: a string, a list of token ids, or a list of either.
+        ``prompts``: a string or a list of token ids (one prompt), or a list of
+        either (a batch). A tuple is read as a list: a tuple of ints is one
+        prompt, a tuple of prompts a batch. Anything else is a TypeError.
         ``sampling_params``: one for all prompts or one per prompt; keyword
         options (``max_tokens=100``) override fields of it, e.g.
         ``structured_output={"json": schema}`` (or ``"regex"``, ``"choice"``,
@@ -126,9 +155,7 @@ class InferenceEngine:
         prompt-major then ``sample_index``, so with one n for all prompts the
         samples of prompt i are ``results[i * n:(i + 1) * n]``.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
@@ -189,11 +216,22 @@ class InferenceEngine:
         thread drives an engine; the HTTP server serves concurrent clients). One sample only: ``n`` > 1 is refused (use ``generate``,
         or ``add_request(..., stream=True)`` and ``step``, whose outputs carry
         ``sample_index``).
+
+        ``prompt``: one prompt, a string or a list (or tuple) of token ids. A
+        bad prompt or parameter raises here, at the call, not at the first
+        ``next``.
         """
+        if not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(f"stream_generate takes one prompt, {_ONE_PROMPT}; got {_describe(prompt)}")
+        if prompt and isinstance(prompt, (list, tuple)) and isinstance(prompt[0], (str, list, tuple)):
+            raise TypeError(f"stream_generate takes one prompt, {_ONE_PROMPT}; got a batch of {len(prompt)} "
+                            "prompts (use generate for a batch)")
         params = _to_params(sampling_params, sampling_options)
         if params.n != 1:
             raise ValueError(f"stream_generate streams one sample; got n={params.n} (use generate for n > 1)")
-        ids = self.engine.validate_prompt(prompt)
+        return self._stream(self.engine.validate_prompt(prompt), params)
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[tuple[int, str]]:
         rid = f"stream-{next(_ids)}"
         box = self._mailboxes[rid] = collections.deque()
         try:

@@ -327,10 +327,15 @@ def build_shaped_model(
             t[p + "self_attn.q_norm.weight"] = gain(a.head_dim)
             t[p + "self_attn.k_norm.weight"] = gain(a.head_dim)
         t[p + "self_attn.o_proj.weight"] = linear(h, q)
+        if a.o_proj_bias:
+            t[p + "self_attn.o_proj.bias"] = 0.1 * torch.randn(h, generator=gen)
         t[p + "post_attention_layernorm.weight"] = gain(h, 4)
         t[p + "mlp.gate_proj.weight"] = linear(a.intermediate_size, h)
         t[p + "mlp.up_proj.weight"] = linear(a.intermediate_size, h)
         t[p + "mlp.down_proj.weight"] = linear(h, a.intermediate_size)
+        if a.mlp_bias:
+            for name, n in (("gate_proj", a.intermediate_size), ("up_proj", a.intermediate_size), ("down_proj", h)):
+                t[p + f"mlp.{name}.bias"] = 0.1 * torch.randn(n, generator=gen)
     t["model.norm.weight"] = gain(h)
     if not a.tie_word_embeddings:
         t["lm_head.weight"] = 0.1 * torch.randn(vocab_size, h, generator=gen)

@@ -188,6 +188,35 @@ def test_stream_generate_refuses_several_samples(engine):
     assert not engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("prompts,message", [
+    (None, "got None"), (5, "got int 5"), (b"Hello", "got bytes b'Hello'"), ({"Hello"}, "got set"),
+    ({"prompt": "Hello"}, "got dict"),
+])
+def test_prompts_of_an_unaccepted_type_are_a_type_error_naming_them(engine, prompts, message):
+    with pytest.raises(TypeError, match=r"prompts must be a string or a list \(or tuple\) of token ids for one "
+                                        r"prompt, or a list \(or tuple\) of such prompts for a batch; " + message):
+        engine.generate(prompts, max_tokens=3)
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_tuple_is_read_as_a_list_of_token_ids_or_of_prompts(engine):
+    params = dict(max_tokens=4, temperature=0, ignore_eos=True)
+    one = engine.generate([[5, 6, 7]], **params)[0].token_ids
+    assert [o.token_ids for o in engine.generate((5, 6, 7), **params)] == [one]
+    assert [o.token_ids for o in engine.generate(([5, 6, 7], (5, 6, 7)), **params)] == [one, one]
+    assert [o.token_ids for o in engine.generate((p for p in ["Hello", (5, 6, 7)]), **params)][1] == one
+    assert list(t for t, _ in engine.stream_generate((5, 6, 7), **params)) == one
+
+
+@pytest.mark.parametrize("prompt,message", [
+    (None, "got None"), (5, "got int 5"), (["Hello", "AI is"], r"got a batch of 2 prompts \(use generate"),
+])
+def test_stream_generate_refuses_anything_but_one_prompt_at_the_call(engine, prompt, message):
+    with pytest.raises(TypeError, match="stream_generate takes one prompt, a string or a list .*" + message):
+        engine.stream_generate(prompt, max_tokens=3)  # raises at the call, before any next()
+    assert not engine.has_unfinished_requests()
+
+
 def test_empty_prompt_is_rejected_naming_its_index(engine):
     with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
         engine.generate(["Hello", ""], max_tokens=3)

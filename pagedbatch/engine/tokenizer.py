@@ -21,7 +21,15 @@ def load_tokenizer(path: str):
 
 
 def eos_token_ids(model_dir: str, tokenizer, config_eos: list[int]) -> set[int]:
-    """EOS ids as Hugging Face generate sees them: generation_config first, then config and tokenizer."""
+    """The ids that end a request (unless ``ignore_eos``): the union of config.json's ``eos_token_id``,
+    generation_config.json's and the tokenizer's ``eos_token``.
+
+    Not what Hugging Face ``generate`` does: it stops only on generation_config's ids (filled from
+    config.json when that file is absent), so where the tokenizer or config.json names an id that
+    generation_config does not, we stop on it and transformers runs on. We take the union, as vLLM adds
+    generation_config's ids to the tokenizer's, so that a model whose files disagree (a chat model whose
+    config.json names only ``<|endoftext|>``) still ends at its end of turn.
+    """
     ids: set[int] = set(config_eos)
     gen = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen):

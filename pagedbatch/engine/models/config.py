@@ -10,11 +10,14 @@ from typing import Any, Optional
 import torch
 
 # architecture name -> (family flags). One module implements them all.
+# Biases follow what transformers builds for each class, whatever config.json says: Llama and Qwen3 read
+# ``attention_bias`` (q/k/v and o_proj) and Llama ``mlp_bias`` (gate/up/down); Qwen2 always has q/k/v bias and
+# never o_proj bias; Mistral has none. A key the class does not read is ignored, as transformers ignores it.
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": {},
+    "LlamaForCausalLM": {"reads_attention_bias": True, "reads_mlp_bias": True},
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"attention_bias": True},
-    "Qwen3ForCausalLM": {"qk_norm": True},
+    "Qwen3ForCausalLM": {"qk_norm": True, "reads_attention_bias": True},
     "QWenLMHeadModel": {"attention_bias": True},  # Qwen v1: its own config keys, see qwen_v1.py
 }
 
@@ -34,7 +37,9 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections have a bias
+    o_proj_bias: bool = False
+    mlp_bias: bool = False  # gate/up/down projections have a bias
     qk_norm: bool = False
     sliding_window: Optional[int] = None
     torch_dtype: Optional[str] = None
@@ -73,8 +78,12 @@ class ModelArgs:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} in {source}: only 'silu' (SwiGLU) is implemented")
+        missing = [k for k in _REQUIRED_KEYS if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"{source} lacks {', '.join(map(repr, missing))}, needed for {arch}")
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
+        attention_bias = flags.get("reads_attention_bias", False) and _flag(cfg, "attention_bias", source)
         # transformers 5 moved rope settings into rope_parameters; older files use rope_theta/rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or None
@@ -103,7 +112,9 @@ class ModelArgs:
             rope_theta=float(theta),
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", flags.get("attention_bias", False))),
+            attention_bias=attention_bias or flags.get("attention_bias", False),
+            o_proj_bias=attention_bias,
+            mlp_bias=flags.get("reads_mlp_bias", False) and _flag(cfg, "mlp_bias", source),
             qk_norm=flags.get("qk_norm", False),
             sliding_window=sliding,
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
@@ -111,6 +122,19 @@ class ModelArgs:
             bos_token_id=cfg.get("bos_token_id"),
             quantization_config=cfg.get("quantization_config"),
         )
+
+
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _flag(cfg: dict[str, Any], key: str, source: str) -> bool:
+    value = cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        # bool("false") is True: a string here would silently switch the biases on.
+        raise ValueError(f"{key} in {source} must be true or false, got {value!r}")
+    return value
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

@@ -33,7 +33,7 @@ kernel that produces a linear's input (RMSNorm, SiLU·mul) and, on the
 (``fp8.Fp8Rows``, the same bits): one kernel fewer per linear layer.
 ``linear`` takes such rows as ``x``.
 
-``silu_mul_linear(gate_up, weight, weight_scale)`` is the MLP's down
+``silu_mul_linear(gate_up, weight, weight_scale, bias)`` is the MLP's down
 projection of ``silu(gate) * up``: for a single row on the skinny route the
 activation runs inside the GEMM's operand load (one kernel instead of two),
 elsewhere ``silu_and_mul`` and then ``linear`` (the activation rounded at
@@ -162,15 +162,15 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
 FUSE_SILU_MAX_M = 1
 
 
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                    weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``linear(silu_and_mul(gate_up), weight, None, weight_scale)``; ``gate_up`` is [..., 2K] for a [N, K] weight."""
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``linear(silu_and_mul(gate_up), weight, bias, weight_scale)``; ``gate_up`` is [..., 2K] for a [N, K] weight."""
     (N, K), M = weight.shape, gate_up.numel() // max(gate_up.shape[-1], 1)
     if 0 < M <= FUSE_SILU_MAX_M and gate_up.shape[-1] == 2 * K \
             and route(M, N, K, weight.dtype, gate_up.device, weight_scale is not None) == "skinny":
-        return _skinny().skinny_linear(gate_up, weight, weight_scale, act="silu_mul")
+        return _skinny().skinny_linear(gate_up, weight, weight_scale, bias, act="silu_mul")
     quant = gate_up.dim() == 2 and takes_fp8_rows(M, weight, weight_scale, gate_up.device)
-    return linear(silu_and_mul(gate_up, quant=quant), weight, None, weight_scale)
+    return linear(silu_and_mul(gate_up, quant=quant), weight, bias, weight_scale)
 
 
 def weights_only_rows() -> int:

@@ -1,9 +1,11 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), our own code.
 
-The variants differ only by flags in ``ModelArgs``: q/k/v bias (Qwen2),
-per-head q/k RMSNorm (Qwen3), explicit head_dim, tied embeddings, rope
-scaling. q/k/v and gate/up are fused into one matmul each; the loader
-splits checkpoint tensors into the fused weights.
+The variants differ only by flags in ``ModelArgs``: q/k/v bias (Qwen2;
+Llama and Qwen3 with ``attention_bias``, which adds an o_proj bias too),
+gate/up/down bias (Llama's ``mlp_bias``), per-head q/k RMSNorm (Qwen3),
+explicit head_dim, tied embeddings, rope scaling. q/k/v and gate/up are
+fused into one matmul each; the loader splits checkpoint tensors into the
+fused weights.
 
 The forward pass takes a flat batch of T tokens from many sequences and an
 ``AttentionMetadata`` describing them; the KV cache is passed in, one
@@ -19,6 +21,8 @@ are built at this rank's shape (``local_args``), and ``comm.all_reduce``
 sums the row-parallel outputs: once after attention, once after the MLP,
 and once after the vocab-parallel embedding lookup. Every rank then holds
 the same full hidden states, so norms and residuals need no communication.
+A row-parallel layer's bias (o_proj, down_proj) is whole on every rank and
+added after the sum: added before it, it would count once per rank.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ class Attention(nn.Module):
         self.qkv_proj_bias = _param(self.q_size + 2 * self.kv_size) if args.attention_bias else None
         self.o_proj_weight, self.o_proj_weight_scale = _linear_params(args.hidden_size, self.q_size,
                                                                       "o_proj_weight" in fp8)
+        self.o_proj_bias = _param(args.hidden_size) if args.o_proj_bias else None
         if args.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
@@ -105,8 +110,11 @@ class Attention(nn.Module):
         else:
             q, k = self.q_norm(q), self.k_norm(k)
             o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
-        out = linear(o.reshape(-1, self.q_size), self.o_proj_weight, None, self.o_proj_weight_scale)
-        return out if self.comm is None else self.comm.all_reduce(out)
+        if self.comm is None:  # the bias inside the matmul, as transformers adds it
+            return linear(o.reshape(-1, self.q_size), self.o_proj_weight, self.o_proj_bias, self.o_proj_weight_scale)
+        out = self.comm.all_reduce(linear(o.reshape(-1, self.q_size), self.o_proj_weight, None,
+                                          self.o_proj_weight_scale))
+        return out if self.o_proj_bias is None else out + self.o_proj_bias
 
 
 class MLP(nn.Module):
@@ -118,14 +126,18 @@ class MLP(nn.Module):
             2 * args.intermediate_size, args.hidden_size, "gate_up_proj_weight" in fp8)
         self.down_proj_weight, self.down_proj_weight_scale = _linear_params(
             args.hidden_size, args.intermediate_size, "down_proj_weight" in fp8)
+        self.gate_up_proj_bias = _param(2 * args.intermediate_size) if args.mlp_bias else None
+        self.down_proj_bias = _param(args.hidden_size) if args.mlp_bias else None
 
     def takes_fp8_rows(self, x: torch.Tensor) -> bool:
         return takes_fp8_rows(x.shape[0], self.gate_up_proj_weight, self.gate_up_proj_weight_scale, x.device)
 
     def forward(self, x):
-        gate_up = linear(x, self.gate_up_proj_weight, None, self.gate_up_proj_weight_scale)
-        out = silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale)
-        return out if self.comm is None else self.comm.all_reduce(out)
+        gate_up = linear(x, self.gate_up_proj_weight, self.gate_up_proj_bias, self.gate_up_proj_weight_scale)
+        if self.comm is None:
+            return silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale, self.down_proj_bias)
+        out = self.comm.all_reduce(silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale))
+        return out if self.down_proj_bias is None else out + self.down_proj_bias
 
 
 class DecoderLayer(nn.Module):

@@ -16,6 +16,11 @@ values, block-scaled fp8) is quantized per output channel. A row-parallel
 shard (o_proj, down_proj) holds part of each row, so it reads the whole
 rows once more, in chunks, for their maxima: its scales and values are
 then exactly the slices of the unsharded model's.
+
+Every checkpoint tensor must land somewhere: one the model has no place for
+(a bias of a variant we do not build, a layer past num_hidden_layers, a
+feature added later) is an error, never silently dropped, except the few
+that carry nothing (``_HARMLESS``, a tied ``lm_head.weight``).
 """
 from __future__ import annotations
 
@@ -46,10 +51,14 @@ _FUSED = {
     "self_attn.v_proj.bias": ("self_attn.qkv_proj_bias", 2),
     "mlp.gate_proj.weight": ("mlp.gate_up_proj_weight", 0),
     "mlp.up_proj.weight": ("mlp.gate_up_proj_weight", 1),
+    "mlp.gate_proj.bias": ("mlp.gate_up_proj_bias", 0),
+    "mlp.up_proj.bias": ("mlp.gate_up_proj_bias", 1),
 }
 _PLAIN = {
     "self_attn.o_proj.weight": "self_attn.o_proj_weight",
+    "self_attn.o_proj.bias": "self_attn.o_proj_bias",
     "mlp.down_proj.weight": "mlp.down_proj_weight",
+    "mlp.down_proj.bias": "mlp.down_proj_bias",
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "post_attention_layernorm.weight",
     "self_attn.q_norm.weight": "self_attn.q_norm.weight",
@@ -63,6 +72,10 @@ _KV_SCALES = {
     "self_attn.k_proj.output_scale": (0,), "self_attn.v_proj.output_scale": (1,),
     "self_attn.kv_scale": (0, 1),
 }
+# Checkpoint tensors that hold nothing the model needs: rotary frequencies (recomputed from config.json) and
+# static activation scales (activations are always quantized per token: quantization.py). Weight scales
+# count as used only when they pair with an fp8 weight.
+_HARMLESS = (".inv_freq", ".input_scale")
 
 
 def weight_files(model_dir: str, load_format: str, allow_pickle: bool) -> tuple[str, list[str]]:
@@ -144,27 +157,28 @@ def _iter_tensors(kind: str, files: list[str]) -> Iterator[tuple[str, TensorSour
 
 
 def _target(model: LlamaForCausalLM, name: str):
-    """(parameter, slice index or None) for a checkpoint name; None if ignored."""
+    """(parameter, slice index or None) for a checkpoint name; None if the model has no place for it."""
     if name in _TOP:
-        if name == "lm_head.weight" and model.args.tie_word_embeddings:
-            return None  # some tied checkpoints store it anyway
         return model.get_parameter(_TOP[name]), None
     m = _LAYER.match(name)
-    if m is None:
+    if m is None or int(m.group(1)) >= len(model.layers):
         return None
-    layer = model.layers[int(m.group(1))] if int(m.group(1)) < len(model.layers) else None
-    suffix = m.group(2)
-    if layer is None or suffix.endswith("rotary_emb.inv_freq"):
+    layer, suffix = model.layers[int(m.group(1))], m.group(2)
+    path, idx = _FUSED.get(suffix) or (_PLAIN.get(suffix), None)
+    if path is None:
         return None
-    if suffix in _FUSED:
-        path, idx = _FUSED[suffix]
+    try:  # absent when config.json turns the feature off (no q/k norms, no biases)
         return layer.get_parameter(path), idx
-    if suffix in _PLAIN:
-        try:
-            return layer.get_parameter(_PLAIN[suffix]), None
-        except AttributeError:
-            return None
-    return None
+    except AttributeError:
+        return None
+
+
+def _unused_error(model_dir: str, args: ModelArgs, unused: list[str]) -> ValueError:
+    shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+    return ValueError(
+        f"checkpoint in {model_dir!r} has tensors the {args.architecture} model built from its config.json would "
+        f"not use: {shown}. Either config.json does not describe these weights (layer count, biases, q/k norms) "
+        "or the checkpoint uses a feature this engine does not implement; refusing rather than dropping them")
 
 
 def _load_kv_scale(model: LlamaForCausalLM, name: str, source: TensorSource) -> bool:
@@ -299,14 +313,20 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
     source_scales = _read_scales(kind, files) if ckpt is not None else {}
     names = {id(p): n for n, p in model.named_parameters()}
     loaded: set[tuple[str, object]] = set()
+    unused: list[str] = []
+    used_scales: set[str] = set()
     tensors = _iter_tensors(kind, files)
     if args.architecture == QWEN_V1:
         tensors = qwen_v1_names(tensors)
     for name, source in tensors:
         if _load_kv_scale(model, name, source):
             continue
+        if name.endswith(_HARMLESS) or name in source_scales \
+                or (name == "lm_head.weight" and args.tie_word_embeddings):  # some tied checkpoints store it
+            continue
         target = _target(model, name)
         if target is None:
+            unused.append(name)
             continue
         param, idx = target
         pname = names[id(param)]
@@ -315,13 +335,19 @@ def load_model(model_dir: str, args: ModelArgs, dtype: torch.dtype, device: torc
         source_scale = None
         if source.is_fp8:
             stem = name[: -len("weight")]
-            source_scale = next((source_scales[stem + s] for s in SCALE_SUFFIXES if stem + s in source_scales), None)
-            if source_scale is None:
+            scale_name = next((stem + s for s in SCALE_SUFFIXES if stem + s in source_scales), None)
+            if scale_name is None:
                 raise ValueError(f"{name!r} is float8 but the checkpoint in {model_dir!r} has no "
                                  f"{stem}weight_scale_inv or {stem}weight_scale for it")
+            source_scale = source_scales[scale_name]
+            used_scales.add(scale_name)
         model.checkpoint_bytes_read += _fill(param.data, part, source, name, scale, source_scale, block)
         loaded.add((pname, idx))
 
+    # A weight scale with no fp8 weight to scale: a checkpoint quantized in a way we do not read.
+    unused += sorted(set(source_scales) - used_scales)
+    if unused:
+        raise _unused_error(model_dir, args, unused)
     expected = set()
     for pname, p in model.named_parameters():
         if pname.endswith("_weight_scale"):

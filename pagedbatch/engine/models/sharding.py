@@ -5,7 +5,9 @@ attention heads and its slice of the intermediate size), o_proj and
 down_proj row-parallel (each rank the matching input columns, partial sums
 all-reduced), the embedding and the LM head vocab-parallel (each rank a
 contiguous range of token rows). Norms, q/k norms (per head, the same for
-every head) are replicated.
+every head) are replicated. Biases follow their layer's output rows: q/k/v
+and gate/up biases are split with them, o_proj and down_proj biases (whole
+output rows) are replicated and added once, after the all-reduce.
 
 KV heads: with at least as many KV heads as ranks, each rank holds
 ``num_kv_heads / tp`` of them; with fewer, each KV head is replicated on the
@@ -110,7 +112,7 @@ def param_parts(args: ModelArgs, shard: TPShard, name: str) -> list[Part]:
         k = Part(0, args.num_kv_heads * hd, kv_start * hd, kv_count * hd, heads * hd, kv_count * hd)
         v = dataclasses.replace(k, dst_start=(heads + kv_count) * hd)
         return [q, k, v]
-    if name.endswith("gate_up_proj_weight"):
+    if name.endswith(("gate_up_proj_weight", "gate_up_proj_bias")):
         start, count, local = split(args.intermediate_size, shard)
         gate = Part(0, args.intermediate_size, start, count, 0, local)
         return [gate, dataclasses.replace(gate, dst_start=local)]
