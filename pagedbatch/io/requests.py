@@ -6,6 +6,7 @@ instead of failing on the first.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -41,7 +42,11 @@ class ParsedRequest:
     """A valid request: exactly one of ``prompt``, ``messages`` and
     ``prompt_token_ids`` is set; ``sampling`` holds per-row overrides (a
     ``response_format`` becomes ``sampling["structured_output"]``);
-    ``source``: the input field the prompt came from, or "template"."""
+    ``source``: the input field the prompt came from, or "template";
+    ``sampling_fields``: the field each ``sampling`` value was written in
+    where that is not its own name (``body.temperature``; an OpenAI chat's
+    ``body.top_logprobs`` is ``logprobs``), for the messages of values the
+    sampling checks refuse."""
 
     index: int
     id: str
@@ -50,6 +55,7 @@ class ParsedRequest:
     prompt_token_ids: Optional[list[int]]
     sampling: dict
     source: str = "prompt"
+    sampling_fields: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -319,7 +325,7 @@ def _parse_openai(index: int, data: dict) -> Union[ParsedRequest, RowError]:
         if not isinstance(body, dict):
             raise _Bad(f"field 'body' must be an object, got {_describe(body)}")
         request = _openai_prompt(index, row_id, url, body)
-        request.sampling = _openai_sampling(body, chat=url == "/v1/chat/completions")
+        request.sampling, request.sampling_fields = _openai_sampling(body, chat=url == "/v1/chat/completions")
         return request
     except _Bad as e:
         return RowError(index, row_id, str(e))
@@ -354,12 +360,14 @@ def _openai_prompt(index: int, row_id: str, url: str, body: dict) -> ParsedReque
 _OPENAI_UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "tools", "functions")
 
 
-def _openai_sampling(body: dict, chat: bool) -> dict:
+def _openai_sampling(body: dict, chat: bool) -> tuple[dict, dict[str, str]]:
+    """The request's sampling overrides, and the body field each came from."""
     for name in _OPENAI_UNSUPPORTED:
         value = body.get(name)
         if not _absent(value) and value and not (name == "best_of" and value == 1):
             raise _Bad(f"field 'body.{name}' is not supported (got {_describe(value)})")
     sampling: dict = {}
+    fields: dict[str, str] = {}
     max_tokens, max_completion = body.get("max_tokens"), body.get("max_completion_tokens")
     if not _absent(max_tokens) and not _absent(max_completion) and max_tokens != max_completion:
         raise _Bad("fields 'body.max_tokens' and 'body.max_completion_tokens' disagree; give one")
@@ -368,6 +376,7 @@ def _openai_sampling(body: dict, chat: bool) -> dict:
             sampling[name] = _check_sampling(name, body[name], f"body.{name}", csv=False)
     if _absent(max_tokens) and not _absent(max_completion):
         sampling["max_tokens"] = _as_int(max_completion, "body.max_completion_tokens", csv=False)
+        fields["max_tokens"] = "body.max_completion_tokens"
     if not _absent(body.get("response_format")):
         sampling["structured_output"] = _response_format(body["response_format"], "body.response_format", False)
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
@@ -377,11 +386,15 @@ def _openai_sampling(body: dict, chat: bool) -> dict:
             raise _Bad(f"field 'body.logprobs' must be a boolean for chat completions, got {_describe(logprobs)}")
         if logprobs:
             sampling["logprobs"] = 0 if _absent(top) else _as_int(top, "body.top_logprobs", csv=False)
+            fields["logprobs"] = "body.logprobs" if _absent(top) else "body.top_logprobs"
         elif not _absent(top):
             raise _Bad("field 'body.top_logprobs' needs 'body.logprobs': true")
     elif not _absent(logprobs):
         sampling["logprobs"] = _as_int(logprobs, "body.logprobs", csv=False)
-    return sampling
+    for name in sampling:
+        if name != "structured_output":  # its errors name body.response_format already
+            fields.setdefault(name, f"body.{name}")
+    return sampling, fields
 
 
 # --- helpers ----------------------------------------------------------------

@@ -37,7 +37,7 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
     the input copy). ``model``: a model directory or Hub id (None: the demo
     model). ``options``: any other job option (``max_tokens=256``,
     ``temperature=0.7``, ``data_parallel_size="auto"``, ``overwrite=True``,
-    ...).
+    ...; not ``num_shards``/``shard_index``: it runs every row, also inside a Slurm task).
 
     Returns one row per input record, in input order, with the result
     columns (``sample_index``, ``output``, ``finish_reason``, ``error``, token
@@ -63,10 +63,16 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
     for name in ("input", "output"):
         if name in options:
             raise TypeError(f"generate_dataset sets the job's {name!r} itself; give output_dir")
+    for name in ("num_shards", "shard_index"):
+        if name in options:
+            raise TypeError(f"generate_dataset returns every row: it takes no {name!r}; to shard a job, run "
+                            "`pagedbatch run --num-shards N --shard-index I` over the dataset written to Parquet")
+    # One shard, given: left as None, JobOptions would shard by SLURM_* and, in a Slurm task,
+    # the Dataset returned would silently hold only that task's share of the rows.
     opts = JobOptions(input=os.path.join(output_dir, INPUT_FILE), output=output_dir, model=model,
                       prompt_template=prompt_template, system_prompt=system_prompt,
                       keep_columns=list(keep_columns) if isinstance(keep_columns, (list, tuple)) else keep_columns,
-                      **options)
+                      num_shards=1, shard_index=0, **options)
     write_input(dataset, opts.input, replace=opts.overwrite or not os.path.exists(os.path.join(output_dir, MANIFEST)))
     result = run_job(opts, resume_command="call generate_dataset again with the same arguments")
     if result.status != "complete":

@@ -234,7 +234,7 @@ class JobOptions:
         self._template_text: Optional[str] = None
         if self.prompt_template_file is not None:
             try:
-                with open(self.prompt_template_file, encoding="utf-8") as f:
+                with open(self.prompt_template_file, encoding="utf-8-sig") as f:  # a BOM is not template text
                     self._template_text = f.read()
             except OSError as e:
                 raise ValueError(f"prompt_template_file (--prompt-template-file): cannot read "

@@ -110,13 +110,19 @@ class RowPreparer:
         try:
             params = SamplingParams.from_dict({**self.defaults, **parsed.sampling})
         except ValueError as e:
-            # SamplingParams' messages start with the field's name.
-            name = str(e).split(" ", 1)[0]
-            if name == "structured_output":
+            # SamplingParams' messages start with the field's name; a row that wrote it under another name
+            # (an OpenAI body's top_logprobs is logprobs) is told the name it wrote.
+            detail = str(e)
+            name = detail.split(" ", 1)[0]
+            written = parsed.sampling_fields.get(name)
+            if written is not None:
+                name, detail = written, written + detail[len(name):]
+            elif name == "structured_output":
                 name = structured_field
-            where = f"field {name!r}" if name in SamplingParams.__dataclass_fields__ or name == structured_field \
-                else "sampling"
-            return RowError(parsed.index, parsed.id, f"{where}: invalid value: {e}")
+            elif name not in SamplingParams.__dataclass_fields__:
+                name = ""
+            where = f"field {name!r}" if name else "sampling"
+            return RowError(parsed.index, parsed.id, f"{where}: invalid value: {detail}")
         if params.n > self.max_num_seqs:
             # The engine would answer n error outputs; an n the job can never run is a bad value of the record.
             name = "body.n" if self.fmt == "openai" else "n"

@@ -435,10 +435,14 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
         message = (f"failed: {failure}\n{kept} ({results}); {unfinished} dropped and will be redone. Fix the "
                    f"cause, then resume with the same command:\n  {resume_command}")
         return JobResult(status, EXIT_FAILED, out, c, message, report)
-    rate = c.failed_records / max(c.records, 1)
+    # The abort was decided over the records taken in, finished or still in flight (error_rate_exceeded): say
+    # those numbers. Over finished records alone, bad rows (which finish at once) read as "40 of 40 failed".
+    taken = c.records + (dropped or 0)
+    rate = c.failed_records / max(taken, 1)
     unit = "rows" if c.rows == c.records else "records"
-    message = (f"aborted: {c.failed_records} of {c.records} {unit} failed ({rate:.1%}), above --max-error-rate "
-               f"{opts.max_error_rate:g}. First errors:\n  " + "\n  ".join(first_errors) +
+    dropped_note = f"; {dropped} of them were unfinished and were dropped" if dropped else ""
+    message = (f"aborted: {c.failed_records} of the {taken} {unit} taken in failed ({rate:.1%}), above "
+               f"--max-error-rate {opts.max_error_rate:g}{dropped_note}. First errors:\n  " + "\n  ".join(first_errors) +
                f"\nFinished rows were committed ({results}). Fix the input and rerun "
                "with --overwrite, or raise --max-error-rate.")
     return JobResult(status, EXIT_ERROR_RATE, out, c, message, report)

@@ -89,3 +89,61 @@ def test_a_system_prompt_makes_text_a_chat_and_goes_first_in_chats_that_lack_one
     assert templated.messages[1] == {"role": "user", "content": "n=1"} and templated.source == "template"
     ids = parse({"prompt_token_ids": [1, 2]}, system_prompt="S")
     assert isinstance(ids, RowError) and "'prompt_token_ids': --system-prompt needs a text prompt" in ids.error
+
+
+# --- values that are not structs, nulls in lists, columns that are not names ----
+
+
+def test_an_attribute_of_a_string_list_or_number_is_a_missing_field_never_a_method():
+    for source, record, message in (
+            ("{{ meta.title }}", {"meta": "Cats"}, "field 'meta.title' is missing from the record (meta is a string, "
+                                                   "not a struct)"),
+            ("{{ meta['title'] }}", {"meta": "Cats"}, "field 'meta.title' is missing from the record (meta is a "
+                                                      "string, not a struct)"),
+            ("{{ m.t.upper }}", {"m": {"t": "x"}}, "field 'm.t.upper' is missing from the record (m.t is a string, "
+                                                   "not a struct)"),
+            ("{{ tags.count }}", {"tags": ["a"]}, "field 'tags.count' is missing from the record (tags is a list, "
+                                                  "not a struct)"),
+            ("{{ tags.first }}", {"tags": ["a"]}, "field 'tags.first' is missing from the record (tags is a list, "
+                                                  "not a struct)"),
+            ("{{ n.bit_length }}", {"n": 3}, "int value has no field 'bit_length'")):
+        with pytest.raises(TemplateFieldError) as e:
+            render(source, record)
+        assert str(e.value) == message, source
+        assert render(source.replace(" }}", " | default('-') }}"), record) == "-"
+    # Called, a method is a method; the sandbox still stands.
+    assert render("{{ article.upper() }} {{ tags.index('b') }}") == "CATS SLEEP A LOT. 1"
+    assert render("{% for t in tags %}{{ loop.index }}{{ loop.cycle('x', 'y') }}{% endfor %}") == "1x2y"
+    with pytest.raises(TemplateFieldError, match="unsafe"):
+        render("{{ tags.append(3) }}")
+
+
+def test_a_null_list_element_prints_as_json_null_and_is_null_where_used():
+    record = {"items": [1, None], "rows": [{"a": 1}, None]}
+    for source in ("{{ items }}", "{{ items | list }}", "{{ items | tojson }}", "{{ items[0:2] }}"):
+        assert render(source, record) == "[1, null]", source
+    assert render("{{ rows }}", record) == '[{"a": 1}, null]'
+    assert render("{% for x in items %}{{ x | default('-') }},{% endfor %}", record) == "1,-,"
+    assert render("{{ items | last | default('-') }} {% for x in items[1:] %}{{ x | default('-') }}{% endfor %}",
+                  record) == "- -"
+    for source, field in (("{% for x in items %}{{ x }}{% endfor %}", "items[1]"), ("{{ items | last }}", "items[1]"),
+                          ("{% for x in items[1:] %}{{ x }}{% endfor %}", "items[1:][0]"),
+                          ("{% for r in rows %}{{ r.a }}{% endfor %}", "rows[1]")):
+        with pytest.raises(TemplateFieldError) as e:
+            render(source, record)
+        assert str(e.value) == f"field {field!r} is null", source
+
+
+def test_columns_whose_names_are_not_identifiers_are_reached_through_record():
+    record = {"my-field": "a", "first name": "Ann", "in": 2, "meta": {"sub-title": "x"}}
+    assert render("{{ record['my-field'] }} {{ record['first name'] }} {{ record['in'] }} "
+                  "{{ record.meta['sub-title'] }} {{ meta['sub-title'] }}", record) == "a Ann 2 x x"
+    for source, message in (
+            ("{{ record['my-feild'] }}", "field 'my-feild' is missing from the record"),
+            ("{{ record.meta['no such'] }}", "field \"meta['no such']\" is missing from the record"),
+            ("{{ my-field }}", "field 'my' is missing from the record (a column whose name is not an identifier "
+                               "is written record['my-field'])")):
+        with pytest.raises(TemplateFieldError) as e:
+            render(source, record)
+        assert str(e.value) == message, source
+    assert render("{{ record }}", {"record": "its own column"}) == "its own column"  # a column named record wins

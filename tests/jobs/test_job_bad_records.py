@@ -71,3 +71,40 @@ def test_max_error_rate_aborts_with_a_clear_message(tmp_path, llama_dir):
     written = results(out)
     assert 20 <= len(written) < len(rows)  # stopped early, finished rows kept
     assert json.loads((out / "report.json").read_text())["status"].startswith("partial")
+
+
+def test_max_error_rate_abort_message_counts_the_records_taken_in_as_the_decision_did(tmp_path, llama_dir):
+    # The 40 bad rows finish as they are read while the 10 good ones are still generating: the abort is 40 of the
+    # 50 rows taken in (80%); the message said "40 of 40 rows failed (100.0%)", counting finished rows only.
+    rows = prompts(10) + [{"id": f"bad{i}", "prompt": "x", "temperature": -1} for i in range(40)]
+    src = write_jsonl(tmp_path / "mostly-bad.jsonl", rows)
+    out = tmp_path / "out"
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, "--max-error-rate", "0.2",
+                 "--error-rate-min-rows", "20", *FAST])
+    assert r.exit_code == 3, r.output
+    assert ("aborted: 40 of the 50 rows taken in failed (80.0%), above --max-error-rate 0.2; 10 of them were "
+            "unfinished and were dropped. First errors:") in r.output
+    assert len(results(out)) == 40
+
+
+def test_an_openai_request_value_out_of_range_is_an_error_naming_the_body_field_the_request_wrote():
+    from pagedbatch.io import InputRecord
+    from pagedbatch.jobs.options import JobOptions
+    from pagedbatch.jobs.prepare import RowPreparer
+
+    preparer = RowPreparer(JobOptions(input="batch.jsonl"), "openai", None, lambda prompt: [1, 2])
+
+    def error(url: str, body: dict) -> str:
+        return preparer.prepare(InputRecord(0, {"custom_id": "a", "method": "POST", "url": url, "body": body},
+                                            None)).error
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    # Chat's top_logprobs is the engine's logprobs: the error named 'logprobs', a field the request does not have.
+    got = error("/v1/chat/completions", {**chat, "top_logprobs": 25})
+    assert got.startswith("field 'body.top_logprobs': invalid value: body.top_logprobs ") and "25" in got, got
+    got = error("/v1/completions", {"prompt": "hi", "logprobs": 25})
+    assert got.startswith("field 'body.logprobs': invalid value: body.logprobs ") and "25" in got, got
+    got = error("/v1/completions", {"prompt": "hi", "temperature": -1})
+    assert got.startswith("field 'body.temperature': invalid value: body.temperature must be >= 0"), got
+    got = error("/v1/chat/completions", {**chat, "max_completion_tokens": 0})
+    assert got.startswith("field 'body.max_completion_tokens': invalid value: body.max_completion_tokens "), got

@@ -79,3 +79,17 @@ def test_generate_dataset_refuses_splits_and_iterable_datasets_naming_what_to_pa
     with pytest.raises(TypeError, match="sets the job's 'input' itself"):
         pagedbatch.generate_dataset(ds, output_dir=str(tmp_path), input="x.jsonl")
     assert not os.listdir(tmp_path)
+
+
+def test_generate_dataset_inside_a_slurm_task_returns_every_row_not_the_tasks_shard(tmp_path, llama_dir, monkeypatch):
+    # A script run by srun or a job array sees SLURM_* in its environment; the job runner shards by them, but a
+    # call that returns a Dataset has to answer every row of the dataset it was given.
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    ds = datasets.Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"]})
+    got = pagedbatch.generate_dataset(ds, output_dir=str(tmp_path / "gen"), model=llama_dir, **OPTIONS)
+    assert got["index"] == [0, 1, 2, 3] and all(got["output"])
+    with pytest.raises(TypeError, match="generate_dataset returns every row: it takes no 'num_shards'"):
+        pagedbatch.generate_dataset(ds, output_dir=str(tmp_path / "other"), num_shards=2, shard_index=0)

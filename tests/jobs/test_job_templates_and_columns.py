@@ -190,3 +190,11 @@ def test_the_new_options_are_checked_when_job_options_are_built_naming_the_optio
         JobOptions(input="in.jsonl", **options)
     assert message in str(e.value)
     assert JobOptions(input="in.jsonl", keep_columns=" a, b").keep_columns == ["a", "b"]
+
+
+def test_a_utf8_bom_at_the_start_of_a_template_file_is_not_part_of_the_template(tmp_path):
+    from pagedbatch.jobs.options import JobOptions
+
+    path = tmp_path / "t.j2"
+    path.write_bytes("\ufeffSay: {{ article }}\n".encode("utf-8"))  # as Windows editors save "UTF-8"
+    assert JobOptions(input="in.jsonl", prompt_template_file=str(path)).template_text == "Say: {{ article }}\n"
