@@ -110,11 +110,16 @@ class Attention(nn.Module):
         else:
             q, k = self.q_norm(q), self.k_norm(k)
             o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
-        if self.comm is None:  # the bias inside the matmul, as transformers adds it
-            return linear(o.reshape(-1, self.q_size), self.o_proj_weight, self.o_proj_bias, self.o_proj_weight_scale)
-        out = self.comm.all_reduce(linear(o.reshape(-1, self.q_size), self.o_proj_weight, None,
-                                          self.o_proj_weight_scale))
-        return out if self.o_proj_bias is None else out + self.o_proj_bias
+        # Without TP the bias goes inside the matmul, as transformers adds it; with TP after the sum.
+        out = linear(o.reshape(-1, self.q_size), self.o_proj_weight, self.o_proj_bias if self.comm is None else None,
+                     self.o_proj_weight_scale)
+        return out if self.comm is None else _reduce_then_bias(self.comm, out, self.o_proj_bias)
+
+
+def _reduce_then_bias(comm, out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A row-parallel layer's partial sums reduced, then its bias added once (added per rank it would count tp times)."""
+    out = comm.all_reduce(out)
+    return out if bias is None else out + bias
 
 
 class MLP(nn.Module):
@@ -134,10 +139,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = linear(x, self.gate_up_proj_weight, self.gate_up_proj_bias, self.gate_up_proj_weight_scale)
-        if self.comm is None:
-            return silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale, self.down_proj_bias)
-        out = self.comm.all_reduce(silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale))
-        return out if self.down_proj_bias is None else out + self.down_proj_bias
+        out = silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale,
+                              self.down_proj_bias if self.comm is None else None)
+        return out if self.comm is None else _reduce_then_bias(self.comm, out, self.down_proj_bias)
 
 
 class DecoderLayer(nn.Module):
