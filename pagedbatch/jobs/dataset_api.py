@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Union
 from ..io import RESERVED_COLUMNS, read_results
 from .manifest import MANIFEST, RESULTS
 from .options import JobOptions
-from .runner import JobError, run_job
+from .runner import JobError, run_job, take_output_lock
 
 INPUT_FILE = "input.parquet"
 
@@ -73,8 +73,15 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
                       prompt_template=prompt_template, system_prompt=system_prompt,
                       keep_columns=list(keep_columns) if isinstance(keep_columns, (list, tuple)) else keep_columns,
                       num_shards=1, shard_index=0, **options)
-    write_input(dataset, opts.input, replace=opts.overwrite or not os.path.exists(os.path.join(output_dir, MANIFEST)))
-    result = run_job(opts, resume_command="call generate_dataset again with the same arguments")
+    # The input is written under the output lock: a run already going in output_dir reads input.parquet
+    # as it goes, and replacing it would hand that run this dataset's rows.
+    lock = take_output_lock(output_dir, 0, opts.overwrite)
+    try:
+        write_input(dataset, opts.input,
+                    replace=opts.overwrite or not os.path.exists(os.path.join(output_dir, MANIFEST)))
+        result = run_job(opts, resume_command="call generate_dataset again with the same arguments", lock=lock)
+    finally:
+        lock.release()
     if result.status != "complete":
         raise JobError(result.message)
     return _as_dataset(read_results(os.path.join(output_dir, RESULTS)), dataset.features)

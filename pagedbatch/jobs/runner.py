@@ -55,9 +55,12 @@ class JobResult:
 
 
 
-def run_job(opts: JobOptions, *, resume_command: str = "the same command", stderr: Optional[TextIO] = None) -> JobResult:
+def run_job(opts: JobOptions, *, resume_command: str = "the same command", stderr: Optional[TextIO] = None,
+            lock: Optional[OutputLock] = None) -> JobResult:
     """Run (or resume) one shard of a batch job. Raises JobError before any
-    work for a bad input, model or output directory."""
+    work for a bad input, model or output directory. ``lock``: the shard's
+    output lock when the caller already holds it (it wrote the input into OUT
+    under it); the caller releases it."""
     err = stderr or sys.stderr
     out = opts.output
     if os.path.isdir(opts.input) and _within(out, opts.input):
@@ -84,17 +87,25 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
         slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
     except (ValueError, OSError) as e:
         raise JobError(str(e)) from None
-    lock = OutputLock(out, opts.shard_index, opts.overwrite)
+    held = lock is not None
+    lock = lock or take_output_lock(out, opts.shard_index, opts.overwrite)
+    try:
+        return _run_locked(opts, fmt, model, tokenizer, carried, engine_config, slots, records, err, resume_command)
+    finally:
+        if not held:
+            lock.release()
+
+
+def take_output_lock(out: str, shard_index: int, overwrite: bool) -> OutputLock:
+    """The shard's output lock, held; JobError when another run holds it or OUT is unusable."""
+    lock = OutputLock(out, shard_index, overwrite)
     try:
         lock.acquire()
     except OutputLocked as e:
         raise JobError(str(e)) from None
     except OSError as e:
         raise JobError(f"cannot use the output directory {out}: {e}") from None
-    try:
-        return _run_locked(opts, fmt, model, tokenizer, carried, engine_config, slots, records, err, resume_command)
-    finally:
-        lock.release()
+    return lock
 
 
 def _run_locked(opts: JobOptions, fmt: str, model: ResolvedModel, tokenizer: Optional[ResolvedModel],

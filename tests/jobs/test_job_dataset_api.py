@@ -93,3 +93,23 @@ def test_generate_dataset_inside_a_slurm_task_returns_every_row_not_the_tasks_sh
     assert got["index"] == [0, 1, 2, 3] and all(got["output"])
     with pytest.raises(TypeError, match="generate_dataset returns every row: it takes no 'num_shards'"):
         pagedbatch.generate_dataset(ds, output_dir=str(tmp_path / "other"), num_shards=2, shard_index=0)
+
+
+def test_generate_dataset_leaves_the_input_of_a_run_going_in_output_dir_alone_even_with_overwrite(
+        tmp_path, llama_dir):
+    # A run in progress reads OUT/input.parquet as it goes: replacing it before finding the output lock taken
+    # handed that run the other dataset's rows.
+    from pagedbatch.jobs.out_lock import OutputLock
+
+    out = str(tmp_path / "gen")
+    pagedbatch.generate_dataset(_dataset(), output_dir=out, model=llama_dir, prompt_template=TEMPLATE,
+                                max_rows=1, **OPTIONS)
+    kept = open(os.path.join(out, "input.parquet"), "rb").read()
+    other = datasets.Dataset.from_dict({"prompt": ["x y", "z"]})
+    with OutputLock(out, 0):  # stands in for the first call, still running
+        for overwrite in (False, True):
+            with pytest.raises(JobError, match="is in use.*Nothing was done"):
+                pagedbatch.generate_dataset(other, output_dir=out, model=llama_dir, overwrite=overwrite, **OPTIONS)
+            assert open(os.path.join(out, "input.parquet"), "rb").read() == kept
+    assert pagedbatch.generate_dataset(other, output_dir=out, model=llama_dir, overwrite=True,
+                                       **OPTIONS)["index"] == [0, 1]
