@@ -40,6 +40,14 @@ from .tokenizer import eos_token_ids, load_tokenizer, prompt_token_ids
 log = logging.getLogger(__name__)
 
 
+def model_length_limit(args: ModelArgs) -> int:
+    """The longest sequence (prompt + output) the model serves: its position limit, capped at its sliding
+    window (our attention has none; within the window it is exact, so cap there rather than silently
+    diverge)."""
+    limit = args.max_position_embeddings
+    return min(limit, args.sliding_window) if args.sliding_window else limit
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -84,12 +92,7 @@ class LLMEngine:
         self.num_finished = 0
 
     def _max_model_len(self) -> int:
-        a = self.model_args
-        limit = a.max_position_embeddings
-        if a.sliding_window:
-            # Our attention has no sliding window; within the window it is
-            # exact, so cap the length there rather than silently diverge.
-            limit = min(limit, a.sliding_window)
+        limit = model_length_limit(self.model_args)
         if self.config.max_model_len is None:
             return limit
         if self.config.max_model_len > limit:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from ..hub import ResolvedModel
 from ..io.carried import CarriedColumns
 from .options import JobOptions
+from .out_lock import busy_shard
 
 MANIFEST = "job.json"
 RESULTS = "results"
@@ -204,6 +205,16 @@ def clear_job_files(out: str) -> None:
                 os.remove(os.path.join(out, name))
             except (FileNotFoundError, IsADirectoryError):
                 pass
+
+
+def forget_unstarted_job(out: str, shard_index: int) -> None:
+    """Undo ``prepare_output_dir`` for a run that failed before committing anything: OUT holds no result
+    part and no other shard of the job is running there."""
+    results = os.path.join(out, RESULTS)
+    if os.path.isdir(results) and any(n.startswith("part-") for n in os.listdir(results)):
+        return
+    if busy_shard(out, shard_index) is None:
+        clear_job_files(out)
 
 
 def _write_json(path: str, value: Any) -> None:

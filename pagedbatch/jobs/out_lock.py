@@ -90,18 +90,27 @@ class OutputLock:
         return f" (shard {self.shard_index})" if self.shard_index else ""
 
     def _check_other_shards_idle(self) -> None:
-        mine = _lock_path(self.out, self.shard_index)
-        for path in sorted(glob.glob(os.path.join(glob.escape(self.out), LOCK_PREFIX + "*"))):
-            if path == mine:
-                continue
-            fd = os.open(path, os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                shard = path[len(os.path.join(self.out, LOCK_PREFIX)):]
-                raise OutputLocked(
-                    f"--overwrite would delete the results of shard {int(shard)} of this job, which "
-                    f"{_holder(fd)} is writing into {self.out} now. Nothing was done. Wait for it to end "
-                    "(or stop it), or use another --output") from None
-            finally:
-                os.close(fd)  # also drops the probe's lock if it got one
+        busy = busy_shard(self.out, self.shard_index)
+        if busy is not None:
+            shard, who = busy
+            raise OutputLocked(
+                f"--overwrite would delete the results of shard {shard} of this job, which {who} is writing "
+                f"into {self.out} now. Nothing was done. Wait for it to end (or stop it), or use another --output")
+
+
+def busy_shard(out: str, shard_index: int) -> Optional[tuple[int, str]]:
+    """(shard, holder) of a shard other than ``shard_index`` whose run holds its lock in OUT now, or None."""
+    if fcntl is None:
+        return None
+    mine = _lock_path(out, shard_index)
+    for path in sorted(glob.glob(os.path.join(glob.escape(out), LOCK_PREFIX + "*"))):
+        if path == mine:
+            continue
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return int(path[len(os.path.join(out, LOCK_PREFIX)):]), _holder(fd)
+        finally:
+            os.close(fd)  # also drops the probe's lock if it got one
+    return None

@@ -21,7 +21,7 @@ from ..hub import ModelNotFound, ResolvedModel, resolve_model
 from ..io import DiskFull, PartWriter, RowError, cleanup_temp_files, committed_indices, detect_format, open_records
 from ..io import is_disk_full, write_openai_batch_output
 from ..io.carried import CarriedColumns, decide_carried_columns
-from .manifest import RESULTS, ManifestMismatch, build_manifest, job_model_name, prepare_output_dir
+from .manifest import RESULTS, ManifestMismatch, build_manifest, forget_unstarted_job, job_model_name, prepare_output_dir
 from .options import JobOptions
 from .out_lock import OutputLock, OutputLocked
 from .ordering import admission_order
@@ -83,6 +83,7 @@ def run_job(opts: JobOptions, *, resume_command: str = "the same command", stder
     model, tokenizer = _resolve_models(opts, err)
     try:
         engine_config = opts.engine_config(model.path, tokenizer.path if tokenizer else None)
+        _check_max_model_len(opts, engine_config)
         _check_default_structured_output(opts, engine_config)
         slots = _worker_slots(opts, engine_config) if opts.executor == "local" else []
     except (ValueError, OSError) as e:
@@ -119,6 +120,19 @@ def _run_locked(opts: JobOptions, fmt: str, model: ResolvedModel, tokenizer: Opt
         raise JobError(str(e)) from None
     except (ValueError, OSError) as e:
         raise JobError(str(e)) from None
+    try:
+        return _run_prepared(opts, fmt, model, carried, engine_config, slots, records, err, resume_command, state)
+    except JobError:
+        if state != "resume":
+            # Nothing ran (a model that fails to load, say): leave OUT as it was found, so that the command
+            # corrected is a new job rather than "another job" than this one that never started.
+            forget_unstarted_job(out, opts.shard_index)
+        raise
+
+
+def _run_prepared(opts: JobOptions, fmt: str, model: ResolvedModel, carried: CarriedColumns, engine_config,
+                  slots: list, records: Iterator, err: TextIO, resume_command: str, state: str) -> JobResult:
+    out = opts.output
     results_dir = os.path.join(out, RESULTS)
     cleanup_temp_files(results_dir, shard_index=opts.shard_index)
     done = committed_indices(results_dir)
@@ -172,6 +186,23 @@ def check_input_options(opts: JobOptions, fmt: str) -> None:
             if value is not None:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) does not apply to an OpenAI batch input: "
                                  "each request carries its own prompt or messages")
+
+
+def _check_max_model_len(opts: JobOptions, engine_config) -> None:
+    """--max-model-len against the model's config, before OUT is touched: a JobUsageError (exit 2), where
+    the engine's own check comes after OUT's manifest is written and the weights are read."""
+    if opts.max_model_len is None:
+        return
+    from ..engine.llm_engine import model_length_limit
+    from ..engine.models.config import ModelArgs
+
+    try:
+        limit = model_length_limit(ModelArgs.from_dir(engine_config.model))
+    except Exception:  # the model's own load reports a bad config, with the path and the cause
+        return
+    if opts.max_model_len > limit:
+        raise JobUsageError(f"max_model_len (--max-model-len) {opts.max_model_len} exceeds "
+                            f"the model's limit of {limit} tokens (its config.json in {engine_config.model})")
 
 
 def _check_default_structured_output(opts: JobOptions, engine_config) -> None:

@@ -47,6 +47,27 @@ def test_bad_model_path_and_missing_input_stop_at_once(tmp_path, llama_dir):
     assert r.exit_code == 1 and "input not found" in r.output
 
 
+def test_a_model_that_fails_to_load_leaves_no_manifest_so_the_corrected_command_is_a_new_job(tmp_path, llama_dir):
+    # The manifest is written before the model loads; it used to stay, and the rerun with the right --model
+    # was refused as "another job" although nothing had run.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(3))
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = run_cli(["--input", src, "--output", out, "--model", broken, *FAST])
+    assert r.exit_code == 1 and "could not load the model" in r.output, r.output
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".lock-")) == ["notes.txt"]
+    r = run_cli(["--input", src, "--output", out, "--model", llama_dir, *FAST])
+    assert r.exit_code == 0, r.output
+    assert len(results(out)) == 3
+
+
 def test_an_output_directory_inside_the_input_directory_is_refused_before_work(tmp_path, llama_dir):
     # Its parts would be read back as input rows (the input's fingerprint changed and no rerun could resume).
     import pyarrow as pa
@@ -101,7 +122,7 @@ def test_job_file_values_of_the_wrong_type_are_usage_errors_naming_the_option(tm
 @pytest.mark.parametrize("args, message", [
     (["--max-num-seqs", "0"], "max_num_seqs"), (["--block-size", "17"], "block_size must be a power of two"),
     (["--kv-cache-memory-gb", "-1"], "kv_cache_memory_gb"), (["--sjf-max-skipped-steps", "-1"], "sjf_max_skipped_steps"),
-    (["--regex", "[a-"], "--regex"),
+    (["--regex", "[a-"], "--regex"), (["--max-model-len", "100000"], "exceeds the model's limit of"),
 ])
 def test_bad_engine_values_and_options_the_tokenizer_refuses_exit_2_before_out_exists(tmp_path, llama_dir, args,
                                                                                        message):
