@@ -112,20 +112,19 @@ def decide_carried_columns(path: str, fmt: str, keep: Union[list[str], str, None
     return CarriedColumns(tuple(columns)), warnings
 
 
-def input_field_names(path: str, fmt: str) -> tuple[set[str], bool]:
-    """The input's field names (its schema's, else those of its first records) and whether that is all of
-    them (False: some records were not looked at, so a name missing here may still come later)."""
+def input_field_names(path: str, fmt: str, wanted: Optional[str] = None) -> set[str]:
+    """The input's field names: its schema's, else those of its records. Without a schema every record is
+    read, unless ``wanted`` is given: then reading stops at the first record that has it (a field name given
+    on purpose is found at once; a typo costs one pass over the input, before any work)."""
     schema = input_schema(path, fmt)
     if schema is not None:
-        return set(schema.names), True
+        return set(schema.names)
     names: set[str] = set()
-    seen = 0
     for rec in open_records(path, fmt):
-        if seen >= SAMPLE_ROWS:
-            return names, False
-        seen += 1
         names.update(rec.data or {})
-    return names, True
+        if wanted is not None and wanted in names:
+            break
+    return names
 
 
 def result_name(source: str) -> str:

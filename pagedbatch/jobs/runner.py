@@ -177,8 +177,8 @@ def check_input_options(opts: JobOptions, fmt: str) -> None:
         # and found in no record is a typo that would silently number every row.
         from ..io.carried import input_field_names
 
-        names, whole = input_field_names(opts.input, fmt)
-        if whole and opts.id_field not in names:
+        names = input_field_names(opts.input, fmt, wanted=opts.id_field)
+        if opts.id_field not in names:
             raise JobUsageError(f"id_field (--id-field) {opts.id_field!r} is in no record of {opts.input} (its "
                                 f"fields: {', '.join(sorted(names)) or 'none'})")
     if fmt == "openai":

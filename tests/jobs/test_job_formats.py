@@ -196,3 +196,15 @@ def test_an_id_field_named_on_purpose_and_found_in_no_record_is_a_usage_error(tm
     assert [row["id"] for row in results(tmp_path / "o")] == ["k1", "k2"]
     assert run_cli(["--input", src, "--output", tmp_path / "o2", "--model", llama_dir, *FAST]).exit_code == 0
     assert [row["id"] for row in results(tmp_path / "o2")] == ["0", "1"]
+
+
+def test_an_id_field_typo_is_refused_past_the_first_thousand_records_and_a_late_first_id_is_found(
+        tmp_path, llama_dir):
+    # JSONL has no schema: the field names came from a 1,000-record sample, and past it a typo was accepted.
+    rows = [{"prompt": f"p{i}", **({"key": f"k{i}"} if i >= 1200 else {})} for i in range(1201)]
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+    r = run_cli(["--input", src, "--output", tmp_path / "o", "--model", llama_dir, *FAST, "--id-field", "kye"])
+    assert r.exit_code == 2 and "id_field (--id-field) 'kye' is in no record" in r.output, r.output
+    r = run_cli(["--input", src, "--output", tmp_path / "o2", "--model", llama_dir, *FAST, "--id-field", "key",
+                 "--max-rows", "1"])
+    assert r.exit_code == 0, r.output
