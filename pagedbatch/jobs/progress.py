@@ -29,7 +29,8 @@ class Counters:
     def add_record(self, rows: list[dict]) -> None:
         """Count one record's result rows (all of them, written together)."""
         self.records += 1
-        self.prompt_tokens += rows[0].get("prompt_tokens") or 0
+        if rows[0].get("finish_reason") != "error":  # a refused prompt is no token served (as in the report)
+            self.prompt_tokens += rows[0].get("prompt_tokens") or 0
         failed = False
         for row in rows:
             self.rows += 1

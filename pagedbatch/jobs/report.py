@@ -118,7 +118,8 @@ def _row_metrics(results_dir: str) -> dict[str, Any]:
         "ok": table.num_rows - failed,
         "failed": failed,
         "finish_reasons": dict(sorted(finish.items())),
-        "prompt_tokens": int(pc.sum(_first_samples(table).column("prompt_tokens")).as_py() or 0),
+        # Error rows' prompts were refused (too long, bad ids) or never finished: not tokens the engine served.
+        "prompt_tokens": int(pc.sum(_first_samples(ok).column("prompt_tokens")).as_py() or 0),
         "output_tokens": int(pc.sum(table.column("output_tokens")).as_py() or 0),
         "records": {"total": records, "ok": records - failed_records, "failed": failed_records},
         "latency": latency,

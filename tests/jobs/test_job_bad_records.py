@@ -42,6 +42,12 @@ def test_every_bad_record_becomes_an_error_row_naming_the_problem(tmp_path, llam
     report = json.loads((out / "report.json").read_text())
     assert (report["rows"]["ok"], report["rows"]["failed"]) == (2, 10)
     assert "rows failed | 10" in (out / "report.md").read_text()
+    # Only the prompts served count as tokens processed; the refused 100-word prompt does not.
+    assert rows[6]["prompt_tokens"] > 64
+    served = rows[0]["prompt_tokens"] + rows[11]["prompt_tokens"]
+    assert report["tokens"]["prompt"] == served
+    end = [json.loads(line) for line in open(next(out.glob("progress-*.jsonl")))][-1]
+    assert end["event"] == "end" and end["counters"]["prompt_tokens"] == served
 
 
 def test_max_error_rate_counts_rows_still_generating_so_early_failures_do_not_abort_a_healthy_job(tmp_path,
