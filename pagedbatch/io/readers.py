@@ -145,6 +145,7 @@ def input_schema(path: str, fmt: str):
             names = pacsv.open_csv(path, parse_options=probe).schema.names
         except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read CSV file {path}: {e}") from e
+        _refuse_duplicate_names(names, path)
         return pa.schema([(name, pa.string()) for name in names])
     return None
 
@@ -232,9 +233,10 @@ def _parquet_records(path: str, batch_rows: int) -> Iterator[InputRecord]:
     # has none, and is better reported before the job starts than halfway.
     for file in files:
         try:
-            pq.read_metadata(file)
+            names = pq.read_schema(file).names
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError
             raise ValueError(f"cannot read Parquet file {file}: {e}") from e
+        _refuse_duplicate_names(names, file, "Parquet file")
     return _parquet_iter(files, batch_rows)
 
 
@@ -293,6 +295,7 @@ def _csv_records(path: str, batch_rows: int, opener: Optional[Callable[[], Any]]
         probe_parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip")
         source = opener or (lambda: path)  # the file is opened twice: once for the column names
         names = pacsv.open_csv(source(), read_options=read_options, parse_options=probe_parse).schema.names
+        _refuse_duplicate_names(names, path)
         convert_options = pacsv.ConvertOptions(
             column_types={name: pa.string() for name in names},
             null_values=[""],  # not pyarrow's default list, which would turn a prompt "NA" into null
@@ -303,6 +306,16 @@ def _csv_records(path: str, batch_rows: int, opener: Optional[Callable[[], Any]]
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read CSV file {path}: {e}") from e
     return _csv_iter(path, reader, invalid)
+
+
+def _refuse_duplicate_names(names: list[str], path: str, what: str = "CSV file") -> None:
+    """Columns named twice: each record would keep one of the two values, silently."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, 1):
+        if name in seen:
+            raise ValueError(f"{what} {path} names the column {name!r} twice (columns {seen[name]} and {i}); "
+                             "rename one")
+        seen[name] = i
 
 
 def _csv_iter(path: str, reader, invalid: list) -> Iterator[InputRecord]:

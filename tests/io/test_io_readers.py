@@ -184,6 +184,21 @@ def test_csv_row_with_wrong_column_count_keeps_its_position(tmp_path):
             assert r.data == {"id": str(r.index), "prompt": f"p{r.index}"}
 
 
+def test_a_column_named_twice_refuses_the_input_naming_both_positions(tmp_path):
+    # Each record kept the last of the two cells, silently (and --keep-columns all crashed).
+    from pagedbatch.io import input_schema
+
+    csv = tmp_path / "a.csv"
+    csv.write_text("id,prompt,prompt\nr1,the real prompt,a stale column\n")
+    t = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"])
+    pq.write_table(t, tmp_path / "b.parquet")
+    for path, fmt in ((csv, "csv"), (tmp_path / "b.parquet", "parquet")):
+        with pytest.raises(ValueError, match=r"names the column 'prompt' twice \(columns \d and \d\); rename one"):
+            open_records(str(path))
+    with pytest.raises(ValueError, match="'prompt' twice"):
+        input_schema(str(csv), "csv")
+
+
 def test_csv_type_change_late_in_file_is_not_an_error(tmp_path):
     # Type inference from the first block would make max_tokens int64 and fail later.
     lines = ["prompt,max_tokens"] + [f"p{i},{i}" for i in range(200_000)] + ["late,twelve"]
