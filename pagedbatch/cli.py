@@ -242,7 +242,10 @@ def report(out: str, no_png: bool) -> None:
         manifest = read_manifest(out) or {}
     except ManifestMismatch as e:
         raise click.ClickException(str(e)) from None
-    r = write_report(out, png=not no_png)
+    try:
+        r = write_report(out, png=not no_png)
+    except ValueError as e:  # a damaged result part, named with what to do
+        raise click.ClickException(str(e)) from None
     if manifest.get("settings", {}).get("output_format") == "jsonl" and r["status"] == "complete":
         from .io import write_openai_batch_output
 

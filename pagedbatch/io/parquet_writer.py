@@ -192,12 +192,7 @@ def read_results(results_dir: str) -> pa.Table:
     files = _part_files(results_dir)
     if not files:
         return result_schema().empty_table()
-    schemas = []
-    for path in files:
-        try:
-            schemas.append(pq.read_schema(path))
-        except Exception as e:
-            raise _corrupt(path, e) from e
+    schemas = [read_part_schema(path) for path in files]
     # The explicit file list keeps temporaries and other files out of the dataset.
     table = ds.dataset(files, schema=pa.unify_schemas(schemas), format="parquet").to_table()
     keys = [("index", "ascending")]
@@ -325,6 +320,14 @@ def _part_files(results_dir: str) -> list[str]:
     return [os.path.join(results_dir, n) for n in sorted(os.listdir(results_dir)) if _PART_RE.match(n)]
 
 
+def read_part_schema(path: str) -> pa.Schema:
+    """A committed part's schema; ValueError naming the part and what to do where it is damaged."""
+    try:
+        return pq.read_schema(path)
+    except Exception as e:
+        raise _corrupt(path, e) from e
+
+
 def _read_index_column(path: str) -> pa.ChunkedArray:
     try:
         return pq.read_table(path, columns=["index"]).column(0)
@@ -342,5 +345,5 @@ def _corrupt(path: str, cause: Exception) -> ValueError:
 
 __all__ = [
     "RESERVED_COLUMNS", "DiskFull", "is_disk_full", "result_schema", "PartWriter", "committed_indices",
-    "cleanup_temp_files", "read_results", "check_exactly_once", "write_openai_batch_output",
+    "cleanup_temp_files", "read_results", "check_exactly_once", "write_openai_batch_output", "read_part_schema",
 ]

@@ -30,6 +30,9 @@ _MAX_DIR_FILES = 10_000
 _JOB_ENTRIES_PREFIXES = ("progress-", "report.", "output.jsonl", ".tmp-report.", ".tmp-output.jsonl")
 
 
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 class ManifestMismatch(Exception):
     """OUT holds another job's results."""
 
@@ -182,9 +185,18 @@ def read_manifest(out: str) -> Optional[dict[str, Any]]:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            manifest = json.load(f)
     except ValueError as e:
         raise ManifestMismatch(f"{path} is not valid JSON ({e}); fix or remove it, or use --overwrite") from None
+    shapes = [("the manifest", manifest)]
+    if isinstance(manifest, dict):
+        shapes += [(f"its {key!r}", manifest[key]) for key in ("input", "settings") if key in manifest]
+    for what, value in shapes:
+        if not isinstance(value, dict):
+            kind = _JSON_KINDS.get(type(value), type(value).__name__)
+            raise ManifestMismatch(f"{path} is not a job manifest: {what} is a JSON {kind}, not an object; fix or "
+                                   "remove it, or use --overwrite")
+    return manifest
 
 
 def job_model_name(out: str) -> str:

@@ -98,10 +98,11 @@ def _row_metrics(results_dir: str) -> dict[str, Any]:
     if not files:
         return empty
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from ..io.parquet_writer import read_part_schema
 
     # Parts written before n samples lack sample_index: unified, it reads null there.
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    schema = pa.unify_schemas([read_part_schema(f) for f in files])
     columns = _ROW_COLUMNS + (["sample_index"] if "sample_index" in schema.names else [])
     table = ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns)
     reasons = table.column("finish_reason").value_counts().to_pylist()

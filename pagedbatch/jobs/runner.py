@@ -135,7 +135,10 @@ def _run_prepared(opts: JobOptions, fmt: str, model: ResolvedModel, carried: Car
     out = opts.output
     results_dir = os.path.join(out, RESULTS)
     cleanup_temp_files(results_dir, shard_index=opts.shard_index)
-    done = committed_indices(results_dir)
+    try:
+        done = committed_indices(results_dir)
+    except ValueError as e:  # a damaged part: its message says what to do
+        raise JobError(str(e)) from None
     if state == "resume" and not opts.quiet:
         print(f"[pagedbatch] resuming in {out}: {len(done)} rows already committed are skipped", file=err, flush=True)
     if opts.executor == "ray":

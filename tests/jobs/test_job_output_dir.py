@@ -228,3 +228,25 @@ def test_output_lock_is_released_when_its_holder_ends(tmp_path):
         holder.wait()
     with OutputLock(out, 3):
         pass
+
+
+def test_a_damaged_out_is_an_error_line_naming_the_file_not_a_traceback(tmp_path, llama_dir):
+    from pagedbatch.cli import cli
+    from click.testing import CliRunner
+
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(3))
+    out = tmp_path / "out"
+    args = ["--input", src, "--output", out, "--model", llama_dir, *FAST]
+    assert run_cli(args).exit_code == 0
+    manifest = (out / "job.json").read_text()
+    for bad, message in (("[]", "the manifest is a JSON array"), ('{"input": "x.jsonl"}', "its 'input' is a JSON string")):
+        (out / "job.json").write_text(bad)
+        for r in (run_cli(args), CliRunner().invoke(cli, ["report", str(out), "--no-png"])):
+            assert r.exit_code == 1 and f"job.json is not a job manifest: {message}, not an object" in r.output, r.output
+            assert r.exception is None or isinstance(r.exception, SystemExit)
+    (out / "job.json").write_text(manifest)
+    part = out / "results" / _parts(out)[0]
+    part.write_bytes(b"")
+    for r in (run_cli(args), CliRunner().invoke(cli, ["report", str(out), "--no-png"])):
+        assert r.exit_code == 1 and f"result part {part} is unreadable" in r.output and "Move it out" in r.output, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)
