@@ -169,6 +169,8 @@ def _inferred(name: str, values: list) -> CarriedColumn:
         typ = pa.array(values).type if values else None
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
         typ = None
+    if typ is not None and any(_bool_in_number(v, typ) for v in values):
+        typ = None  # booleans beside numbers: pyarrow would make true 1.0; as text each keeps its own value
     if typ is None or _has_null_type(typ):
         return CarriedColumn(name, result_name(name), pa.string(), as_text=True)
     return CarriedColumn(name, result_name(name), typ, checked=True)
@@ -185,9 +187,22 @@ def _has_null_type(t: pa.DataType) -> bool:
     return any(_has_null_type(t.field(i).type) for i in range(t.num_fields))
 
 
+def _bool_in_number(value: Any, t: pa.DataType) -> bool:
+    """Whether ``value`` has a boolean where ``t`` has a number (pyarrow converts it, true to 1)."""
+    if isinstance(value, bool):
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+    if isinstance(value, dict) and pa.types.is_struct(t):
+        return any(_bool_in_number(value.get(t.field(i).name), t.field(i).type) for i in range(t.num_fields))
+    if isinstance(value, list) and (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return any(_bool_in_number(v, t.value_type) for v in value)
+    return False
+
+
 def _misfit(value: Any, t: pa.DataType) -> Optional[str]:
     if isinstance(value, float) and pa.types.is_integer(t) and not value.is_integer():
         return "a fraction in an integer column"
+    if _bool_in_number(value, t):
+        return "a boolean in a numeric column"
     try:
         pa.array([value], type=t)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError) as e:

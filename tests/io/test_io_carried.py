@@ -71,6 +71,20 @@ def test_jsonl_types_are_inferred_from_the_first_records_and_mixed_columns_are_c
                               f"from the input's first {SAMPLE_ROWS} records")
 
 
+def test_booleans_beside_numbers_are_carried_as_text_not_turned_into_one_and_zero(tmp_path):
+    # pyarrow infers double for [2.5, true] and converts true to 1.0, silently.
+    rows = [{"score": 2.5, "flags": [0.5], "meta": {"v": 1.5}, "ok": 1.0}, {"score": True, "flags": [False],
+                                                                            "meta": {"v": True}, "ok": 2.0}]
+    carried, _ = decide_carried_columns(_jsonl(tmp_path / "in.jsonl", rows), "jsonl", "all")
+    fields = {f.name: f.type for f in carried.fields}
+    assert fields == {"score": pa.string(), "flags": pa.string(), "meta": pa.string(), "ok": pa.float64()}
+    assert carried.values(rows[1])[0] == {"score": "true", "flags": "[false]", "meta": '{"v": true}', "ok": 2.0}
+    # A boolean arriving after the sample, into a column inferred numeric: null, with the reason.
+    values, problem = carried.values({"ok": True})
+    assert values["ok"] is None and "bool True does not fit the column's type double" in problem
+    assert "a boolean in a numeric column" in problem
+
+
 def test_a_named_jsonl_column_in_no_record_is_an_error_or_a_warning_when_the_sample_is_not_the_whole_input(tmp_path):
     small = _jsonl(tmp_path / "small.jsonl", [{"prompt": "p"}])
     with pytest.raises(ValueError, match="'topic' in no record of"):
