@@ -250,3 +250,44 @@ def test_fp8_engine_with_quantization_fused_into_the_norms_gives_the_same_logits
     assert fused.engine.runner.graphs is not None
     assert torch.equal(greedy_tokens(fused, prompts, 16), tokens)
     assert torch.equal(forced_logits(fused, prompts, tokens, decode=True), want)
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"], ids=["bf16", "fp8"])
+def test_biased_llama_through_cuda_graphs_and_the_skinny_gemm_stays_close_to_hf_bf16(tmp_path, quantization):
+    """o_proj and down_proj biases (Llama attention_bias / mlp_bias) on the GPU fast path: decode steps replay
+    CUDA graphs whose linears route to the skinny GEMM, which takes the bias (gate_up's SiLU·mul fused)."""
+    from transformers import AutoModelForCausalLM
+
+    from model_factory import build_model
+
+    d = build_model("llama", tmp_path / "m", attention_bias=True, mlp_bias=True, hidden_size=256,
+                    intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2)
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            # Biases large enough that dropping one (or adding it twice) moves the logits far past the bound.
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.3 if name.endswith("bias") else 0.05)
+    m.to(torch.bfloat16).save_pretrained(d)
+    M = 16
+    fp8 = quantization == "fp8"
+    assert route(M, 256, 512, FP8 if fp8 else torch.bfloat16, torch.device("cuda"), fp8) == "skinny"
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 300, (int(torch.randint(4, 60, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(M)]
+    kw = dict(device="cuda", dtype="bfloat16", skip_tokenizer_init=True, max_num_seqs=M, num_kv_blocks=256)
+    eng = InferenceEngine(d, quantization=quantization, **kw)
+    assert eng.engine.runner.graphs is not None
+    tokens = greedy_tokens(eng, prompts, 24)
+    hf = _hf_forced_logits(d, prompts, tokens)
+    got = kl_and_top1(hf, forced_logits(eng, prompts, tokens, decode=True))
+    del eng
+    with torch.no_grad():  # the control: the same model with its row-parallel biases dropped
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+            layer.mlp.down_proj.bias.zero_()
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "dropped")
+    dropped = kl_and_top1(hf, _hf_forced_logits(str(tmp_path / "dropped"), prompts, tokens))
+    print(f"\n{quantization or 'bf16'} vs HF bf16 {got}; HF without o/down biases {dropped}")
+    bound = (0.01, 0.85) if quantization is None else SHAPED_BOUND
+    assert got[0] <= bound[0] and got[1] >= bound[1], (got, bound)
+    assert dropped[0] > 5 * bound[0], dropped
