@@ -110,8 +110,9 @@ def test_carried_columns_repeat_on_every_sample_row_and_the_report_counts_rows_a
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["total"] == total and report["rows"]["failed"] == 3 + N
     assert report["records"] == {"total": 8, "ok": 4, "failed": 4}
-    # A record's samples share its prompt: it counts once.
-    assert report["tokens"]["prompt"] == sum(row["prompt_tokens"] or 0 for row in rows if row["sample_index"] == 0)
+    # A record's samples share its prompt: it counts once, where it was served (not in error rows).
+    assert report["tokens"]["prompt"] == sum(row["prompt_tokens"] or 0 for row in rows
+                                             if row["sample_index"] == 0 and row["finish_reason"] != "error")
     assert report["tokens"]["output"] == sum(row["output_tokens"] for row in rows)
     assert json.loads((out / "job.json").read_text())["settings"]["sampling"]["n"] == N
 
@@ -128,7 +129,7 @@ def test_max_error_rate_counts_records_not_sample_rows():
     c.add_record([{"finish_reason": "length", "prompt_tokens": 2, "output_tokens": 3}])
     assert (c.errors, c.rows, c.failed_records, c.records) == (4, 6, 1, 3)
     assert not error_rate_exceeded(opts, c)  # 1 of 3 records, though 4 of 6 rows
-    assert c.prompt_tokens == 9 and c.output_tokens == 6 and c.describe_rows() == "6 rows (3 records)"
+    assert c.prompt_tokens == 4 and c.output_tokens == 6  # the failed record's prompt was not served and c.describe_rows() == "6 rows (3 records)"
     c.add_record([{"finish_reason": "error", "prompt_tokens": 1}])
     c.add_record([{"finish_reason": "error", "prompt_tokens": 1}])
     assert error_rate_exceeded(opts, c)  # 3 of 5 finished records
