@@ -78,7 +78,7 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
     lock = take_output_lock(output_dir, 0, opts.overwrite)
     try:
         write_input(dataset, opts.input,
-                    replace=opts.overwrite or not os.path.exists(os.path.join(output_dir, MANIFEST)))
+                    replace=opts.overwrite or not os.path.exists(os.path.join(output_dir, MANIFEST)), quiet=opts.quiet)
         result = run_job(opts, resume_command="call generate_dataset again with the same arguments", lock=lock)
     finally:
         lock.release()
@@ -87,15 +87,24 @@ def generate_dataset(dataset, *, output_dir: str, model: Optional[str] = None, p
     return _as_dataset(read_results(os.path.join(output_dir, RESULTS)), dataset.features)
 
 
-def write_input(dataset, path: str, replace: bool = True) -> None:
+def write_input(dataset, path: str, replace: bool = True, quiet: bool = False) -> None:
     """Write ``dataset`` as the job's Parquet input, keeping an identical existing
     copy untouched (same bytes: a rerun is a resume). A different existing copy is
     replaced when ``replace`` (a new job, or ``overwrite``); otherwise it is the input
-    of the job whose results OUT holds, and a JobError says so with OUT unchanged."""
+    of the job whose results OUT holds, and a JobError says so with OUT unchanged.
+    ``quiet``: without datasets' progress bar."""
+    import datasets
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}.{os.getpid()}")
     try:
-        dataset.to_parquet(tmp)
+        shown = datasets.is_progress_bar_enabled()
+        if quiet and shown:
+            datasets.disable_progress_bars()
+        try:
+            dataset.to_parquet(tmp)
+        finally:
+            if quiet and shown:
+                datasets.enable_progress_bars()
         if os.path.isfile(path) and filecmp.cmp(tmp, path, shallow=False):
             os.remove(tmp)
         elif os.path.isfile(path) and not replace:

@@ -81,7 +81,8 @@ def test_generate_dataset_refuses_splits_and_iterable_datasets_naming_what_to_pa
     assert not os.listdir(tmp_path)
 
 
-def test_generate_dataset_inside_a_slurm_task_returns_every_row_not_the_tasks_shard(tmp_path, llama_dir, monkeypatch):
+def test_generate_dataset_inside_a_slurm_task_returns_every_row_not_the_tasks_shard(tmp_path, llama_dir, monkeypatch,
+                                                                                      capsys):
     # A script run by srun or a job array sees SLURM_* in its environment; the job runner shards by them, but a
     # call that returns a Dataset has to answer every row of the dataset it was given.
     for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
@@ -91,6 +92,7 @@ def test_generate_dataset_inside_a_slurm_task_returns_every_row_not_the_tasks_sh
     ds = datasets.Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"]})
     got = pagedbatch.generate_dataset(ds, output_dir=str(tmp_path / "gen"), model=llama_dir, **OPTIONS)
     assert got["index"] == [0, 1, 2, 3] and all(got["output"])
+    assert "Creating parquet" not in capsys.readouterr().err  # quiet: not even datasets' progress bar
     with pytest.raises(TypeError, match="generate_dataset returns every row: it takes no 'num_shards'"):
         pagedbatch.generate_dataset(ds, output_dir=str(tmp_path / "other"), num_shards=2, shard_index=0)
 
