@@ -394,8 +394,13 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     os.makedirs(args.results_dir, exist_ok=True)
-    name = (f"{w.name}-{datetime.date.today().isoformat()}-{device_name.replace(' ', '_')}"
-            f"{f'-x{tp}' if tp > 1 else ''}{f'-{args.quantization}' if args.quantization else ''}{args.tag}.json")
+    stem = (f"{w.name}-{datetime.date.today().isoformat()}-{device_name.replace(' ', '_')}"
+            f"{f'-x{tp}' if tp > 1 else ''}{f'-{args.quantization}' if args.quantization else ''}"
+            f"{'-kv8' if args.kv_cache_dtype != 'auto' else ''}{args.tag}")
+    name, k = f"{stem}.json", 1
+    while os.path.exists(os.path.join(args.results_dir, name)):  # a run never overwrites another's record
+        k += 1
+        name = f"{stem}-{k}.json"
     with open(os.path.join(args.results_dir, name), "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {os.path.join(args.results_dir, name)}")
