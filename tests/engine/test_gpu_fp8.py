@@ -288,6 +288,8 @@ def test_biased_llama_through_cuda_graphs_and_the_skinny_gemm_stays_close_to_hf_
     m.to(torch.bfloat16).save_pretrained(tmp_path / "dropped")
     dropped = kl_and_top1(hf, _hf_forced_logits(str(tmp_path / "dropped"), prompts, tokens))
     print(f"\n{quantization or 'bf16'} vs HF bf16 {got}; HF without o/down biases {dropped}")
-    bound = (0.01, 0.85) if quantization is None else SHAPED_BOUND
+    # Measured on an H100 (2026-12-05): bf16 (1.4e-5, 0.974), fp8 (6.8e-4, 0.776), the control (0.32-0.33, 0.02-0.03).
+    # fp8's top-1 is low though its KL is small: this random model's logits are near-tied over its 384 tokens.
+    bound = (0.01, 0.85) if quantization is None else (0.01, 0.7)
     assert got[0] <= bound[0] and got[1] >= bound[1], (got, bound)
-    assert dropped[0] > 5 * bound[0], dropped
+    assert dropped[0] > 10 * bound[0] and dropped[1] < 0.5, dropped
