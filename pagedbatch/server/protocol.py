@@ -60,6 +60,9 @@ class _Sampling(BaseModel):
         values = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         values.update({k: v for k, v in extra.items() if v is not None})
         values["structured_output"] = self._structured_output()
+        # Provisional, so that min_tokens is not checked against the default max_tokens: admission sets the
+        # request's own (and checks min_tokens against it).
+        values["max_tokens"] = max(1, values.get("min_tokens") or 0)
         try:
             return SamplingParams(**values)
         except ValueError as e:

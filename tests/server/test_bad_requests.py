@@ -56,6 +56,21 @@ def test_out_of_range_sampling_values_are_a_400_naming_the_field(server, field, 
     assert_error(post(server, "/generate", json={**OK, field: value}), 400, field)
 
 
+@pytest.mark.parametrize("path, field", [("/generate", "max_tokens"), ("/v1/completions", "max_tokens"),
+                                         ("/v1/chat/completions", "max_completion_tokens")])
+def test_min_tokens_above_the_default_max_tokens_is_checked_against_the_requests_own(server, path, field):
+    # It was checked against SamplingParams' default max_tokens (256) and refused.
+    body = {"max_tokens": 300, "min_tokens": 257, "temperature": 0}
+    body = {**body, "messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {**body, "prompt": "hi"}
+    if field != "max_tokens":
+        body[field] = body.pop("max_tokens")
+    r = post(server, path, json=body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] >= 257
+    assert_error(post(server, path, json={**body, field: 200}), 400, "min_tokens")
+
+
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/v1/completions"])
 def test_max_tokens_above_the_model_limit_is_a_400(server, path):
     error = assert_error(post(server, path, json={**OK, "max_tokens": 5000}), 400, "max_tokens")
