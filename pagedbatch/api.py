@@ -27,17 +27,24 @@ def _is_token_ids(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], int)
 
 
+def _as_list(value: Any) -> Any:
+    """A numpy array or torch tensor of token ids as nested Python lists (a 1-D one is one prompt, a 2-D one
+    a batch); anything else as it is."""
+    return value.tolist() if hasattr(value, "ndim") and hasattr(value, "tolist") else value
+
+
 def _prompt_list(prompts: Any) -> list:
     """``generate``'s prompts as a list of single prompts (each checked later, by index).
 
     Any other iterable of prompts (a generator) is a batch too, as ``list()`` reads it; mappings and sets
     (no order to return results in), bytes (not text) and non-iterables are a TypeError naming what came.
     """
+    prompts = _as_list(prompts)
     if isinstance(prompts, str) or _is_token_ids(prompts):
         return [prompts]
     if isinstance(prompts, (bytes, bytearray, Mapping, Set)) or not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be {_PROMPTS}; got {_describe(prompts)}")
-    batch = list(prompts)
+    batch = [_as_list(p) for p in prompts]
     return [batch] if _is_token_ids(batch) else batch
 
 
@@ -141,7 +148,9 @@ class InferenceEngine:
 
         ``prompts``: a string or a list of token ids (one prompt), or a list of
         either (a batch). A tuple is read as a list: a tuple of ints is one
-        prompt, a tuple of prompts a batch. Anything else is a TypeError.
+        prompt, a tuple of prompts a batch; a 1-D numpy array or torch tensor
+        of token ids is one prompt, a 2-D one a batch. Anything else is a
+        TypeError.
         ``sampling_params``: one for all prompts or one per prompt; keyword
         options (``max_tokens=100``) override fields of it, e.g.
         ``structured_output={"json": schema}`` (or ``"regex"``, ``"choice"``,
@@ -221,6 +230,7 @@ class InferenceEngine:
         bad prompt or parameter raises here, at the call, not at the first
         ``next``.
         """
+        prompt = _as_list(prompt)
         if not isinstance(prompt, (str, list, tuple)):
             raise TypeError(f"stream_generate takes one prompt, {_ONE_PROMPT}; got {_describe(prompt)}")
         if prompt and isinstance(prompt, (list, tuple)) and isinstance(prompt[0], (str, list, tuple)):
@@ -229,7 +239,12 @@ class InferenceEngine:
         params = _to_params(sampling_params, sampling_options)
         if params.n != 1:
             raise ValueError(f"stream_generate streams one sample; got n={params.n} (use generate for n > 1)")
-        return self._stream(self.engine.validate_prompt(prompt), params)
+        ids = self.engine.validate_prompt(prompt)
+        self.engine.check_structured_output(params)
+        problem = self.engine.never_fits(len(ids), params)
+        if problem is not None:
+            raise ValueError(problem)
+        return self._stream(ids, params)
 
     def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[tuple[int, str]]:
         rid = f"stream-{next(_ids)}"

@@ -208,6 +208,27 @@ def test_a_tuple_is_read_as_a_list_of_token_ids_or_of_prompts(engine):
     assert list(t for t, _ in engine.stream_generate((5, 6, 7), **params)) == one
 
 
+def test_numpy_arrays_and_tensors_of_token_ids_are_prompts(engine):
+    import numpy as np
+    import torch
+
+    params = dict(max_tokens=4, temperature=0, ignore_eos=True)
+    one = engine.generate([[5, 6, 7]], **params)[0].token_ids
+    assert [o.token_ids for o in engine.generate(np.array([5, 6, 7]), **params)] == [one]
+    assert [o.token_ids for o in engine.generate(torch.tensor([[5, 6, 7], [5, 6, 7]]), **params)] == [one, one]
+    assert [o.token_ids for o in engine.generate([np.array([5, 6, 7]), "Hello"], **params)][0] == one
+    assert list(t for t, _ in engine.stream_generate(torch.tensor([5, 6, 7]), **params)) == one
+
+
+def test_stream_generate_raises_for_a_request_that_cannot_run_at_the_call(engine):
+    # The docstring's promise; these were raised only at the first next().
+    with pytest.raises(ValueError, match="exceeds the model's maximum length"):
+        engine.stream_generate("Hello", max_tokens=10**6)
+    with pytest.raises(ValueError, match="regex"):
+        engine.stream_generate("Hello", max_tokens=3, structured_output={"regex": "[a-"})
+    assert not engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("prompt,message", [
     (None, "got None"), (5, "got int 5"), (["Hello", "AI is"], r"got a batch of 2 prompts \(use generate"),
 ])

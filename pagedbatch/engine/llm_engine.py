@@ -161,10 +161,14 @@ class LLMEngine:
         self._num_constrained_seqs += seq.grammar is not None
 
     def _never_fits(self, seq: Sequence) -> Optional[str]:
-        if seq.params.n > self.config.max_num_seqs:
-            return (f"n ({seq.params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): the n samples of a "
+        return self.never_fits(seq.num_prompt_tokens, seq.params)
+
+    def never_fits(self, num_prompt_tokens: int, params: SamplingParams) -> Optional[str]:
+        """Why a request of this prompt length and these params can never run here, or None."""
+        if params.n > self.config.max_num_seqs:
+            return (f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): the n samples of a "
                     f"request run together; ask for fewer samples or raise max_num_seqs")
-        n, m = seq.num_prompt_tokens, seq.params.max_tokens
+        n, m = num_prompt_tokens, params.max_tokens
         if n + m > self.max_model_len:
             return (f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} exceeds the model's maximum length "
                     f"of {self.max_model_len} tokens")
