@@ -44,6 +44,12 @@ class Counters:
         return {"rows": self.rows, "errors": self.errors, "prompt_tokens": self.prompt_tokens,
                 "output_tokens": self.output_tokens, "records": self.records, "failed_records": self.failed_records}
 
+    def describe_errors(self) -> str:
+        """"3 errors", or "12 error rows in 3 records" when records have several samples."""
+        if self.rows == self.records:
+            return f"{self.errors} errors"
+        return f"{self.errors} error rows in {self.failed_records} records"
+
     def describe_rows(self) -> str:
         """"12 rows", or "48 rows (12 records)" when records have several samples."""
         text = f"{self.rows} rows"

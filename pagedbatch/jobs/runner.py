@@ -136,7 +136,9 @@ def _run_prepared(opts: JobOptions, fmt: str, model: ResolvedModel, carried: Car
     results_dir = os.path.join(out, RESULTS)
     cleanup_temp_files(results_dir, shard_index=opts.shard_index)
     try:
-        done = committed_indices(results_dir)
+        # This shard's: the others' rows are skipped by index anyway, and counting them told a shard's
+        # user that rows it never ran were committed earlier.
+        done = {i for i in committed_indices(results_dir) if i % opts.num_shards == opts.shard_index}
     except ValueError as e:  # a damaged part: its message says what to do
         raise JobError(str(e)) from None
     if state == "resume" and not opts.quiet:
@@ -463,7 +465,7 @@ def finish_job(opts: JobOptions, out: str, status: str, c: Counters, committed_b
     if status == "complete":
         if opts.output_format == "jsonl" and opts.num_shards == 1:
             write_openai_batch_output(results, os.path.join(out, "output.jsonl"), model=job_model_name(out))
-        message = (f"done: {c.describe_rows()} this run ({c.errors} errors, {committed_before} committed earlier); "
+        message = (f"done: {c.describe_rows()} this run ({c.describe_errors()}, {committed_before} committed earlier); "
                    f"results in {results}, report in {os.path.join(out, 'report.md')}")
         if report.get("status") != "complete" and opts.num_shards > 1:
             message += f"; shard {opts.shard_index} of {opts.num_shards} is done, others may still be running"

@@ -106,7 +106,7 @@ def test_carried_columns_repeat_on_every_sample_row_and_the_report_counts_rows_a
     assert all(row["topic"] == f"t{row['index']}" for row in rows if row["index"] not in (5, 6))
     assert [row["topic"] for row in rows if row["index"] == 7] == ["t7"] * N
     total = N + 2 + N + N + 3 + N
-    assert len(rows) == total and f"done: {total} rows (8 records) this run" in output
+    assert len(rows) == total and f"done: {total} rows (8 records) this run ({3 + N} error rows in 4 records" in output
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["total"] == total and report["rows"]["failed"] == 3 + N
     assert report["records"] == {"total": 8, "ok": 4, "failed": 4}
