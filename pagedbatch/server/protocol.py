@@ -218,18 +218,18 @@ async def read_body(request, max_bytes: int) -> bytes:
     """The request body, refusing (413) more than ``max_bytes`` without reading it all."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise _too_large(int(length), max_bytes)
+        raise _too_large(int(length), max_bytes, exact=True)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(size, max_bytes)
+            raise _too_large(size, max_bytes, exact=False)  # the rest is not read
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(size: int, max_bytes: int) -> RequestError:
-    return RequestError(f"the request body is {'at least ' if size else ''}{size} bytes; this server takes at most "
+def _too_large(size: int, max_bytes: int, exact: bool) -> RequestError:
+    return RequestError(f"the request body is {'' if exact else 'at least '}{size} bytes; this server takes at most "
                         f"{max_bytes} (--max-body-bytes)", "body", status=413)
 
 
