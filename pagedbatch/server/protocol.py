@@ -119,6 +119,9 @@ class _OpenAIRequest(_Sampling):
     def refuse_unsupported(self) -> None:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            # OpenAI's answer too: a client asking for usage in a stream it did not ask for has a bug.
+            raise RequestError('stream_options is only allowed with "stream": true', "stream_options")
 
 
 class CompletionRequest(_OpenAIRequest):

@@ -179,3 +179,11 @@ def test_a_prompt_with_a_lone_surrogate_is_a_400_and_the_server_keeps_serving(se
     assert "not valid Unicode: it holds a lone surrogate" in r.json()["error"]["message"]
     assert server.health()["status"] == "ok"
     assert post(server, "/generate", json=OK).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_options_without_stream_is_a_400_as_openai_answers(server, path):
+    body = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    body = {**body, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    assert_error(post(server, path, json=body), 400, "stream_options")
+    assert post(server, path, json={**body, "stream": True}).status_code == 200
