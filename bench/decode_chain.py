@@ -2,6 +2,7 @@
 
     python bench/decode_chain.py                                  # Qwen2.5-7B, bf16 and fp8 weights (~20 s, H200)
     python bench/decode_chain.py --model-config llama3-8b.json --kinds bf16 --rounds 3
+    python bench/decode_chain.py --l2-prefetch 0,32768,131072           # skinny_gemm.L2_PREFETCH_BYTES values
 
 Per layer, as the engine runs one row: RMSNorm, qkv, o, RMSNorm (residual folded in), gate_up, down with the
 fused silu·mul, all our Triton kernels (``fused_ops.rms_norm``, ``skinny_gemm.skinny_linear``; attention is left
@@ -69,11 +70,15 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=0, help="layers in the chain (0: the model's)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=1, help="PDL off/on alternations per kind")
+    ap.add_argument("--l2-prefetch", default="0", metavar="BYTES[,BYTES...]",
+                    help="skinny_gemm.L2_PREFETCH_BYTES values, each timed with PDL on (PDL off runs with 0)")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    budgets = [int(b) for b in args.l2_prefetch.split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("decode_chain: needs a CUDA GPU")
     from pagedbatch.engine import pdl
+    from pagedbatch.engine.models import skinny_gemm as sg
 
     dev = torch.device("cuda")
     if not pdl.enabled(dev):
@@ -91,24 +96,27 @@ def main(argv=None) -> int:
         weights, norms, nbytes = build(shapes, layers, kind, dev, gen)
         roof_us = nbytes / ceilings["copy_bw"] * 1e6
         for r in range(args.rounds):
-            t = {}
-            for on in (False, True):
-                pdl.USE_PDL = on
-                t[on] = graph_ms(lambda: chain(x, weights, norms, q_size), args.reps) * 1e3
-            pdl.USE_PDL = True
-            rows.append({"kind": kind, "round": r, "pdl_off_us": t[False], "pdl_on_us": t[True],
-                         "roofline_us": roof_us, "weight_bytes": nbytes})
+            for b in budgets:
+                sg.L2_PREFETCH_BYTES = b
+                t = {}
+                for on in (False, True) if b == budgets[0] else (True,):
+                    pdl.USE_PDL = on
+                    t[on] = graph_ms(lambda: chain(x, weights, norms, q_size), args.reps) * 1e3
+                pdl.USE_PDL = True
+                rows.append({"kind": kind, "round": r, "l2_prefetch": b, "pdl_off_us": t.get(False),
+                             "pdl_on_us": t[True], "roofline_us": roof_us, "weight_bytes": nbytes})
+            sg.L2_PREFETCH_BYTES = 0
         del weights, norms
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(dev)
     print(f"\n{args.model_config}, {layers} layers at one row (norms + qkv, o, gate_up, down+silu; no attention), "
           f"CUDA graph, {name}, copy {ceilings['copy_bw'] / 1e12:.2f} TB/s")
-    print(f"{'weights':<8}{'round':>6}{'PDL off us':>12}{'PDL on us':>11}{'on/off':>8}{'roofline us':>13}"
-          f"{'SOL% off':>10}{'SOL% on':>9}")
+    print(f"{'weights':<8}{'round':>6}{'L2 pf B':>9}{'PDL off us':>12}{'PDL on us':>11}{'roofline us':>13}"
+          f"{'SOL% on':>9}")
     for r in rows:
-        print(f"{r['kind']:<8}{r['round']:>6}{r['pdl_off_us']:>12.0f}{r['pdl_on_us']:>11.0f}"
-              f"{r['pdl_on_us'] / r['pdl_off_us']:>8.3f}{r['roofline_us']:>13.0f}"
-              f"{100 * r['roofline_us'] / r['pdl_off_us']:>9.1f}%{100 * r['roofline_us'] / r['pdl_on_us']:>8.1f}%")
+        off = f"{r['pdl_off_us']:>12.0f}" if r["pdl_off_us"] else f"{'-':>12}"
+        print(f"{r['kind']:<8}{r['round']:>6}{r['l2_prefetch']:>9}{off}{r['pdl_on_us']:>11.0f}"
+              f"{r['roofline_us']:>13.0f}{100 * r['roofline_us'] / r['pdl_on_us']:>8.1f}%")
     os.makedirs(args.results_dir, exist_ok=True)
     date = datetime.date.today().isoformat()
     path = os.path.join(args.results_dir, f"decode-chain-{date}-{name.replace(' ', '_')}.json")

@@ -101,12 +101,14 @@ def skinny_spec(args):
     wdtype = sg.FP8 if args.kv == "fp8" else getattr(torch, TORCH_DTYPES[args.q])
     cfg = (sg.SkinnyConfig.parse(args.skinny_config) if args.skinny_config
            else sg.default_config(args.m, args.n, args.k, wdtype))
-    split = sg.split_plan(args.k, cfg)[1]
+    per_split, split = sg.split_plan(args.k, cfg)
+    pf = sg.prefetch_lines(args.k, wdtype.itemsize, per_split, cfg, args.l2_prefetch)
     const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
                  USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH",
                  W_FP8=args.kv == "fp8", HAS_BIAS=False,
                  SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-                 DOT_IEEE=args.q == "fp32", PDL=args.pdl)
+                 DOT_IEEE=args.q == "fp32", PF_LINES=pf, PF_PAD=1 << max(pf - 1, 0).bit_length(),
+                 LINE_ELEMS=128 // wdtype.itemsize, PDL=args.pdl)
     return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages
 
 
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
                     "st3') instead of the default for the shape")
     ap.add_argument("--mid-config", default=None, help="mid: this config (e.g. 'bm128 bn128 bk128 g8 w8 st3') "
                     "instead of the table's for --m rows of the [--n, --k] weight")
+    ap.add_argument("--l2-prefetch", type=int, default=None, metavar="BYTES",
+                    help="skinny: each program's L2 prefetch budget (default: skinny_gemm.L2_PREFETCH_BYTES)")
     ap.add_argument("--pdl", action="store_true", help="decode, skinny: as launched with programmatic dependent "
                                                         "launch (engine/pdl.py); prints where the wait falls")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")

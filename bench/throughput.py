@@ -269,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-fp8-quant", action="store_true",
                     help="with --quantization fp8: the norms and SiLU·mul quantize the activations of the fp8 "
                          "linears they feed (linear.FUSE_FP8_QUANT; this process only)")
+    ap.add_argument("--skinny-l2-prefetch", type=int, default=None, metavar="BYTES",
+                    help="skinny_gemm.L2_PREFETCH_BYTES for this process (each skinny-GEMM program's L2 prefetch)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (A/B of engine/pdl.py; this "
                          "process only: tensor-parallel workers keep it on)")
@@ -294,6 +296,9 @@ def main(argv=None) -> int:
 
     if args.fuse_fp8_quant:
         linear_mod.FUSE_FP8_QUANT = True
+    from pagedbatch.engine.models import skinny_gemm as skinny_mod
+    if args.skinny_l2_prefetch is not None:
+        skinny_mod.L2_PREFETCH_BYTES = args.skinny_l2_prefetch
 
     if args.v_layout is not None:
         kv_quant.FP8_V_KEY_CONTIGUOUS = args.v_layout == "key-contiguous"
@@ -385,6 +390,7 @@ def main(argv=None) -> int:
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
         "pdl": _pdl_enabled(device),
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
+        "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
     }
     try:

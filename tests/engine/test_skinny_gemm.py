@@ -263,6 +263,17 @@ def test_variant_rows_reach_every_bucket_and_specialization_of_m():
         assert not missing, (dtype, rows, missing)
 
 
+def test_l2_prefetch_covers_the_programs_own_k_share_within_its_budget():
+    fma = C("fma bm1 bn8 bk512 sk1 w4 st4")
+    assert sg.prefetch_lines(3584, 1, 7, fma, budget=0) == 0  # off
+    assert sg.prefetch_lines(3584, 1, 7, fma, budget=1 << 20) == 28  # a whole fp8 row of 3,584 bytes
+    assert sg.prefetch_lines(3584, 2, 14, C("fma bm1 bn8 bk256 sk1 w4 st4"), budget=1 << 20) == 56  # bf16
+    assert sg.prefetch_lines(3584, 1, 7, fma, budget=16384) == 16  # 8 rows x 16 lines = 16 KB
+    split = C("fma bm1 bn16 bk512 sk4 w4 st4")  # 37 tiles of K 18,944: 10 a split, 5,120 bytes
+    assert sg.prefetch_lines(18944, 1, sg.split_plan(18944, split)[0], split, budget=1 << 20) == 40
+    assert sg.prefetch_lines(100, 2, 1, C("fma bm1 bn8 bk256 sk1 w4 st4"), budget=1 << 20) == 2  # a short row
+
+
 def test_not_supported_off_the_gpu_or_for_unaligned_k():
     assert not sg.skinny_supported(1, 4608, 3584, torch.bfloat16, "cpu")
     assert sg.skinny_max_m() == min(sg.MAX_M.values())
@@ -357,6 +368,24 @@ def test_gpu_silu_mul_prologue_equals_silu_and_mul_then_linear(cfg, wdtype):
     unfused = sg.skinny_linear(silu_and_mul(gate_up), w, scale, config=C(cfg))
     assert torch.equal(fused, unfused)  # same rounding points, same summation order
     _assert_close_to_fp32(fused, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [4096, 1 << 20])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_gpu_l2_prefetch_changes_no_bits(wdtype, budget, monkeypatch, poisoned_workspace):
+    # The prefetch is a hint to L2 issued before the PDL wait: the results must be bit for bit those without
+    # it, for one-row and split-K configs and with a K share that is not a whole number of lines.
+    for (N, K), cfg, M in ((REAL_SHAPES["qwen2.5-7b.json-tp1-qkv"], None, 1),
+                           (REAL_SHAPES["qwen2.5-7b.json-tp1-down"], None, 1),
+                           ((1024, 1808), C("fma bm1 bn16 bk512 sk3 w4 st4"), 1),
+                           (REAL_SHAPES["qwen2.5-7b.json-tp1-o"], None, 16)):
+        x, w, scale, b, ref = _gpu_case(N, K, M, wdtype, bias=True)
+        monkeypatch.setattr(sg, "L2_PREFETCH_BYTES", 0)
+        plain = run(x, w, scale, b, cfg)
+        monkeypatch.setattr(sg, "L2_PREFETCH_BYTES", budget)
+        assert torch.equal(run(x, w, scale, b, cfg), plain)
+        _assert_close_to_fp32(plain, ref)
 
 
 @pytest.mark.gpu

@@ -94,6 +94,15 @@ _KINDS = ("fma", "dot", "dotT", "dotH")
 # values keep at least bf16's absolute precision there): the product with e4m3 weights (<= 448) then never
 # overflows fp16 operands for any activation a bf16 model produces below 2**23.
 _DOTH_X_SCALE = {torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -8, torch.float16: 1.0}
+# Bytes of its weight slice each program asks L2 to prefetch before it waits for x (PDL), one
+# ``prefetch.global.L2`` per 128-byte line and thread: the weights stream from HBM while the kernel
+# before finishes, instead of from the first load after the wait. 0: off. A per-thread instruction, unlike
+# the eighth session's bulk prefetch (cp.async.bulk.prefetch.L2, uniform operands: the compiler looped it
+# over the warp's addresses and single stream fell to 254 tok/s). GPU only (the interpreter has no asm).
+# H100, 2026-12-05 (bench/decode_chain.py --l2-prefetch, Qwen2.5-7B at one row, two rounds): 8 KB a
+# program 0.9-1.1% faster with fp8 weights (2,512 / 2,499 against 2,534 / 2,527 us) and level in bf16;
+# 32 KB and more slower in both (up to 24% at a whole slice: the prefetches crowd out the loads).
+L2_PREFETCH_BYTES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +446,7 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
     else:
         ws = out  # unused
     f16_dot = cfg.kind == "dotH"
+    pf_lines = prefetch_lines(K, w.element_size(), per_split, cfg) if x.is_cuda else 0
     _skinny_kernel[grid](
         x, w, scale if scale is not None else out, bias if bias is not None else out, out, ws, locks,
         M, N, K, per_split, x.stride(0), out.stride(0), _DOTH_X_SCALE[x.dtype] if f16_dot else 1.0,
@@ -444,8 +454,18 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
         USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=f16_dot, W_FP8=w.dtype == FP8,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-        DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_IEEE=x.dtype == torch.float32, PF_LINES=pf_lines, PF_PAD=triton.next_power_of_2(max(pf_lines, 1)),
+        LINE_ELEMS=128 // w.element_size(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl.launch_kwargs(x.device))
+
+
+def prefetch_lines(K: int, itemsize: int, per_split: int, cfg: SkinnyConfig,
+                   budget: Optional[int] = None) -> int:
+    """128-byte lines of each weight row a program prefetches into L2 (``L2_PREFETCH_BYTES`` per program,
+    never past its own K share)."""
+    budget = L2_PREFETCH_BYTES if budget is None else budget
+    share = min(per_split * cfg.block_k, K) * itemsize
+    return max(0, min(-(-share // 128), budget // (cfg.block_n * 128)))
 
 
 # --------------------------------------------------------------------------
@@ -471,6 +491,14 @@ if triton is not None:
             s = (g / (1.0 + tl.exp(-g))).to(a.dtype).to(tl.float32)
             a = (s * u.to(tl.float32)).to(a.dtype)
         return a
+
+    @triton.jit
+    def _prefetch_l2(w_rows, k0, K, PF_LINES: tl.constexpr, PF_PAD: tl.constexpr, LINE_ELEMS: tl.constexpr):
+        """Ask L2 for PF_LINES 128-byte lines of each weight row from column k0 (one instruction per line)."""
+        j = tl.minimum(tl.arange(0, PF_PAD), PF_LINES - 1)  # padding lanes repeat the last line
+        ptrs = w_rows + tl.minimum(k0 + j * LINE_ELEMS, K - 1)[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def _load_w(w_rows, offs_k, K, EVEN_K: tl.constexpr):
@@ -521,6 +549,7 @@ if triton is not None:
                        SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, F16_DOT: tl.constexpr,
                        W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr,
+                       PF_LINES: tl.constexpr = 0, PF_PAD: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
                        PDL: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -553,10 +582,14 @@ if triton is not None:
             # change): it is in flight while that kernel finishes (engine/pdl.py).
             offs_k = it0 * BLOCK_K + rk
             w = _load_w(w_rows, offs_k, K, EVEN_K)
+            if PF_LINES > 0:  # the rest of the slice streams into L2 during the wait
+                _prefetch_l2(w_rows, it0 * BLOCK_K, K, PF_LINES, PF_PAD, LINE_ELEMS)
             wait_for_producer(PDL, False)
             a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
             acc = _mac(acc, w, a, x_scale, BLOCK_M, USE_DOT, SWAP_AB, F16_DOT, DOT_IEEE)
             start = it0 + 1
+        elif PF_LINES > 0:
+            _prefetch_l2(w_rows, it0 * BLOCK_K, K, PF_LINES, PF_PAD, LINE_ELEMS)
         for it in tl.range(start, it1, num_stages=NUM_STAGES):
             offs_k = it * BLOCK_K + rk
             w = _load_w(w_rows, offs_k, K, EVEN_K)
