@@ -78,7 +78,9 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
         "model_revision": model.identity["revision"],
         "tokenizer": tokenizer.identity["name"] if tokenizer else None,
         "tokenizer_revision": tokenizer.identity["revision"] if tokenizer else None,
-        "dtype": opts.dtype or "auto",
+        # As computed: `--dtype float32` on a CPU is the job that gave no --dtype there (manifests before
+        # this recorded "auto", which ``differences`` matches against what auto means now).
+        "dtype": _dtype_name(opts, model),
         "load_format": opts.load_format or "auto",
         "quantization": opts.quantization,
         "engine_seed": opts.engine_seed or 0,
@@ -99,6 +101,29 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
     if carried:
         settings["carried_columns"] = carried.describe()
     return settings
+
+
+def auto_dtype(opts: JobOptions, model: ResolvedModel) -> str:
+    """What ``--dtype auto`` means for this job here (``model_runner.resolve_dtype``'s rule): float32 on the
+    CPU, else the model's own dtype (bfloat16 when its config names none); "auto" when it cannot be known."""
+    import torch
+
+    device = (opts.device or "auto").split(":")[0]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "float32"
+    try:
+        from ..engine.models.config import ModelArgs
+
+        name = str(ModelArgs.from_dir(model.path).torch_dtype).replace("torch.", "")
+    except Exception:  # an unreadable config fails the model's load with its own message
+        return "auto"
+    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
+
+
+def _dtype_name(opts: JobOptions, model: ResolvedModel) -> str:
+    return opts.dtype if opts.dtype not in (None, "auto") else auto_dtype(opts, model)
 
 
 def _non_default_sampling(values: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +184,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         problems.append(f"the input differs: it was {a.get('path')} ({a.get('size')} bytes), "
                         f"now {b.get('path')} ({b.get('size')} bytes)")
     sa, sb = _flatten(old.get("settings", {})), _flatten(new.get("settings", {}))
+    if sa.get("dtype") == "auto" and new.get("auto_dtype") == sb.get("dtype"):
+        sa["dtype"] = sb["dtype"]  # an older manifest's "auto", and this run computes what auto means here
     for key in sorted(set(sa) | set(sb)):
         if sa.get(key) != sb.get(key):
             problems.append(f"{key} was {sa.get(key)!r}, now {sb.get(key)!r}")
@@ -172,6 +199,7 @@ def build_manifest(opts: JobOptions, input_format: str, model: ResolvedModel, to
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": input_fingerprint(opts.input),
         "settings": output_settings(opts, input_format, model, tokenizer, carried),
+        "auto_dtype": auto_dtype(opts, model),  # not compared: lets an older manifest's "auto" match
         "options": opts.to_dict(),
     }
     if model.repo_id is not None:

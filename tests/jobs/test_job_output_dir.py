@@ -250,3 +250,25 @@ def test_a_damaged_out_is_an_error_line_naming_the_file_not_a_traceback(tmp_path
     for r in (run_cli(args), CliRunner().invoke(cli, ["report", str(out), "--no-png"])):
         assert r.exit_code == 1 and f"result part {part} is unreadable" in r.output and "Move it out" in r.output, r.output
         assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_dtype_float32_on_the_cpu_resumes_the_job_that_gave_no_dtype(tmp_path, llama_dir):
+    # auto is float32 on the CPU: the same job. A manifest written before the dtype was recorded as computed
+    # says "auto", which must still match; bfloat16 is another job.
+    src = write_jsonl(tmp_path / "a.jsonl", prompts(4))
+    out = tmp_path / "out"
+    base = ["--input", src, "--output", out, "--model", llama_dir, "--device", "cpu", "--kv-cache-memory-gb", "0.05",
+            "--max-tokens", "2", "--quiet"]
+    assert run_cli([*base, "--max-rows", "1"]).exit_code == 0
+    manifest = json.loads((out / "job.json").read_text())
+    assert manifest["settings"]["dtype"] == "float32"
+    r = run_cli([*base, "--max-rows", "2", "--dtype", "float32"])
+    assert r.exit_code == 0, r.output  # was: "another job (dtype was 'auto', now 'float32')"
+    manifest["settings"]["dtype"] = "auto"
+    manifest.pop("auto_dtype")
+    (out / "job.json").write_text(json.dumps(manifest))
+    r = run_cli([*base, "--max-rows", "3", "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    r = run_cli([*base, "--dtype", "bfloat16"])
+    assert r.exit_code == 1 and "dtype was 'auto', now 'bfloat16'" in r.output
+    assert len(results(out)) == 3
