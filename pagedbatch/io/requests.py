@@ -188,8 +188,11 @@ def _check_messages(value: Any, field: str) -> list[dict]:
             raise _Bad(f"{where}: 'role' must be a non-empty string, got {_describe(role)}")
         if isinstance(content, (list, tuple)):
             content = _text_parts(content, where)
+        if content is None and role == "assistant":
+            content = ""  # OpenAI's form of an assistant turn that only called tools (the server's rule too)
         if not isinstance(content, str):
-            raise _Bad(f"{where}: 'content' must be a string, got {_describe(content)}")
+            raise _Bad(f"{where}: 'content' must be a string, got {_describe(content)}"
+                       + (" (only an assistant message may leave it out)" if content is None else ""))
         # Columnar inputs give every struct the union of keys: drop the nulls.
         extra = {k: v for k, v in message.items() if k not in ("role", "content") and not _absent(v)}
         out.append({"role": role, "content": content, **extra})

@@ -202,6 +202,9 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                                        f"messages[{i}].content[{j}]")
                 texts.append(part["text"])
             content = "".join(texts)
+        if content is None and m.role != "assistant":  # as the batch job's rows (io/requests.py)
+            raise RequestError(f"messages[{i}].content is required for a {m.role!r} message (only an assistant "
+                               "message may leave it out or send null)", f"messages[{i}].content")
         out.append({"role": m.role, "content": content or ""})
     return out
 

@@ -181,12 +181,19 @@ def test_sampling_values_are_not_range_checked_here():
     ({"role": "user", "content": "x"}, "must be a non-empty list"),
     (["hi"], "message 0 must be an object"),
     ([{"content": "x"}], "message 0: 'role' must be a non-empty string"),
-    ([{"role": "user", "content": "x"}, {"role": "user"}], "message 1: 'content' must be a string, got null"),
+    ([{"role": "user", "content": "x"}, {"role": "user"}], "message 1: 'content' must be a string, got null (only an "
+                                                            "assistant message may leave it out)"),
     ([{"role": "user", "content": 5}], "message 0: 'content' must be a string, got int 5"),
 ])
 def test_bad_messages_name_the_field(messages, problem):
     msg = error_of({"messages": messages})
     assert msg.startswith("field 'messages'") and problem in msg
+
+
+def test_an_assistant_message_without_content_is_empty_text_as_on_the_server():
+    out = parse({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                              {"role": "user", "content": "b"}]})
+    assert out.messages[1] == {"role": "assistant", "content": ""}
 
 
 def test_messages_with_text_parts_are_joined():

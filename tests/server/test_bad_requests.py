@@ -50,6 +50,16 @@ def test_a_nested_field_error_names_its_path(server):
     assert_error(post(server, "/v1/chat/completions", json=body), 422, "messages[1].role")
 
 
+def test_a_message_without_content_is_a_400_unless_it_is_an_assistants(server):
+    # As the batch job's rows: a null content is OpenAI's form of an assistant turn that only called tools.
+    body = {"messages": [{"role": "user"}], "max_tokens": 2}
+    error = assert_error(post(server, "/v1/chat/completions", json=body), 400, "messages[0].content")
+    assert "only an assistant" in error["message"]
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                         {"role": "user", "content": "again"}], "max_tokens": 2}
+    assert post(server, "/v1/chat/completions", json=body).status_code == 200
+
+
 @pytest.mark.parametrize("field, value", [("top_p", 2.0), ("temperature", -1.0), ("top_k", -5), ("min_tokens", 9),
                                           ("max_tokens", 0)])
 def test_out_of_range_sampling_values_are_a_400_naming_the_field(server, field, value):
