@@ -2,7 +2,7 @@
 
     python bench/decode_chain.py                                  # Qwen2.5-7B, bf16 and fp8 weights (~20 s, H200)
     python bench/decode_chain.py --model-config llama3-8b.json --kinds bf16 --rounds 3
-    python bench/decode_chain.py --l2-prefetch 0,32768,131072           # skinny_gemm.L2_PREFETCH_BYTES values
+    python bench/decode_chain.py --l2-prefetch 0,8192,32768             # skinny_gemm.L2_PREFETCH_BYTES values
 
 Per layer, as the engine runs one row: RMSNorm, qkv, o, RMSNorm (residual folded in), gate_up, down with the
 fused silu·mul, all our Triton kernels (``fused_ops.rms_norm``, ``skinny_gemm.skinny_linear``; attention is left
@@ -70,15 +70,18 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=0, help="layers in the chain (0: the model's)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=1, help="PDL off/on alternations per kind")
-    ap.add_argument("--l2-prefetch", default="0", metavar="BYTES[,BYTES...]",
-                    help="skinny_gemm.L2_PREFETCH_BYTES values, each timed with PDL on (PDL off runs with 0)")
+    ap.add_argument("--l2-prefetch", default=None, metavar="BYTES[,BYTES...]",
+                    help="skinny_gemm.L2_PREFETCH_BYTES values (default: the engine's), each timed with PDL on; "
+                         "PDL off runs with the first")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
-    budgets = [int(b) for b in args.l2_prefetch.split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("decode_chain: needs a CUDA GPU")
     from pagedbatch.engine import pdl
     from pagedbatch.engine.models import skinny_gemm as sg
+
+    engine_budget = sg.L2_PREFETCH_BYTES
+    budgets = [int(b) for b in args.l2_prefetch.split(",")] if args.l2_prefetch else [engine_budget]
 
     dev = torch.device("cuda")
     if not pdl.enabled(dev):
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
                 pdl.USE_PDL = True
                 rows.append({"kind": kind, "round": r, "l2_prefetch": b, "pdl_off_us": t.get(False),
                              "pdl_on_us": t[True], "roofline_us": roof_us, "weight_bytes": nbytes})
-            sg.L2_PREFETCH_BYTES = 0
+            sg.L2_PREFETCH_BYTES = engine_budget
         del weights, norms
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(dev)

@@ -102,13 +102,12 @@ def skinny_spec(args):
     cfg = (sg.SkinnyConfig.parse(args.skinny_config) if args.skinny_config
            else sg.default_config(args.m, args.n, args.k, wdtype))
     per_split, split = sg.split_plan(args.k, cfg)
-    pf = sg.prefetch_lines(args.k, wdtype.itemsize, per_split, cfg, args.l2_prefetch)
     const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
                  USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH",
                  W_FP8=args.kv == "fp8", HAS_BIAS=False,
                  SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-                 DOT_IEEE=args.q == "fp32", PF_LINES=pf, PF_PAD=1 << max(pf - 1, 0).bit_length(),
-                 LINE_ELEMS=128 // wdtype.itemsize, PDL=args.pdl)
+                 DOT_IEEE=args.q == "fp32", PDL=args.pdl,
+                 **sg.prefetch_constexprs(args.k, wdtype.itemsize, per_split, cfg, args.l2_prefetch))
     return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages
 
 

@@ -61,9 +61,14 @@ def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
 def resolve_dtype(config: EngineConfig, args: ModelArgs, device: torch.device) -> torch.dtype:
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
-    if device.type == "cpu":
+    return auto_dtype(args.torch_dtype, device.type)
+
+
+def auto_dtype(model_dtype: Optional[str], device_type: str) -> torch.dtype:
+    """What dtype "auto" means for a model whose config names ``model_dtype`` (None: none) on a device type."""
+    if device_type == "cpu":
         return torch.float32  # CPU bf16 matmuls are slow and inexact; float32 is the CPU default
-    return _DTYPES.get(str(args.torch_dtype).replace("torch.", ""), torch.bfloat16)
+    return _DTYPES.get(str(model_dtype).replace("torch.", ""), torch.bfloat16)
 
 
 def make_backend(config: EngineConfig, device: torch.device):

@@ -64,7 +64,7 @@ def input_fingerprint(path: str) -> dict[str, Any]:
             "sha256_head": hashlib.sha256(_head(path, _HEAD_BYTES)).hexdigest()}
 
 
-def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
+def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel, auto: str,
                     tokenizer: Optional[ResolvedModel] = None,
                     carried: CarriedColumns = CarriedColumns()) -> dict[str, Any]:
     """The settings that change result rows (or their schema). A Hub model is
@@ -78,9 +78,9 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
         "model_revision": model.identity["revision"],
         "tokenizer": tokenizer.identity["name"] if tokenizer else None,
         "tokenizer_revision": tokenizer.identity["revision"] if tokenizer else None,
-        # As computed: `--dtype float32` on a CPU is the job that gave no --dtype there (manifests before
-        # this recorded "auto", which ``differences`` matches against what auto means now).
-        "dtype": _dtype_name(opts, model),
+        # As computed (``auto``: what --dtype auto means here): `--dtype float32` on a CPU is the job that gave
+        # no --dtype there (manifests before this recorded "auto", which ``differences`` matches against it).
+        "dtype": opts.dtype if opts.dtype not in (None, "auto") else auto,
         "load_format": opts.load_format or "auto",
         "quantization": opts.quantization,
         "engine_seed": opts.engine_seed or 0,
@@ -104,26 +104,20 @@ def output_settings(opts: JobOptions, input_format: str, model: ResolvedModel,
 
 
 def auto_dtype(opts: JobOptions, model: ResolvedModel) -> str:
-    """What ``--dtype auto`` means for this job here (``model_runner.resolve_dtype``'s rule): float32 on the
-    CPU, else the model's own dtype (bfloat16 when its config names none); "auto" when it cannot be known."""
+    """What ``--dtype auto`` means for this job on this machine (the engine's rule, ``model_runner.auto_dtype``)."""
     import torch
+
+    from ..engine.model_runner import auto_dtype as engine_auto_dtype
+    from ..engine.models.config import ModelArgs
 
     device = (opts.device or "auto").split(":")[0]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "float32"
     try:
-        from ..engine.models.config import ModelArgs
-
-        name = str(ModelArgs.from_dir(model.path).torch_dtype).replace("torch.", "")
+        model_dtype = ModelArgs.from_dir(model.path).torch_dtype
     except Exception:  # an unreadable config fails the model's load with its own message
-        return "auto"
-    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
-
-
-def _dtype_name(opts: JobOptions, model: ResolvedModel) -> str:
-    return opts.dtype if opts.dtype not in (None, "auto") else auto_dtype(opts, model)
+        model_dtype = None
+    return str(engine_auto_dtype(model_dtype, device)).replace("torch.", "")
 
 
 def _non_default_sampling(values: dict[str, Any]) -> dict[str, Any]:
@@ -194,12 +188,13 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def build_manifest(opts: JobOptions, input_format: str, model: ResolvedModel, tokenizer: Optional[ResolvedModel] = None,
                    carried: CarriedColumns = CarriedColumns()) -> dict[str, Any]:
+    auto = auto_dtype(opts, model)
     manifest = {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "input": input_fingerprint(opts.input),
-        "settings": output_settings(opts, input_format, model, tokenizer, carried),
-        "auto_dtype": auto_dtype(opts, model),  # not compared: lets an older manifest's "auto" match
+        "settings": output_settings(opts, input_format, model, auto, tokenizer, carried),
+        "auto_dtype": auto,  # not compared: lets an older manifest's "auto" match
         "options": opts.to_dict(),
     }
     if model.repo_id is not None:

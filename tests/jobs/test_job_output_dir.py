@@ -147,11 +147,16 @@ def test_a_system_prompt_for_a_model_without_chat_template_is_a_usage_error_befo
     assert r.exit_code == 0 and all(row["error"] is None for row in results(tmp_path / "o"))
 
 
+def _small_job(src, out, llama_dir) -> list:
+    """A two-token CPU job's options (sampling left at its defaults)."""
+    return ["--input", src, "--output", out, "--model", llama_dir, "--device", "cpu", "--kv-cache-memory-gb", "0.05",
+            "--max-tokens", "2", "--quiet"]
+
+
 def test_options_given_at_their_default_value_resume_the_job_that_left_them_out(tmp_path, llama_dir):
     src = write_jsonl(tmp_path / "a.jsonl", prompts(3))
     out = tmp_path / "out"
-    base = ["--input", src, "--output", out, "--model", llama_dir, "--device", "cpu", "--kv-cache-memory-gb", "0.05",
-            "--max-tokens", "2", "--quiet"]
+    base = _small_job(src, out, llama_dir)
     assert run_cli([*base, "--max-rows", "1"]).exit_code == 0
     limit = json.loads((Path(llama_dir) / "config.json").read_text())["max_position_embeddings"]
     r = run_cli([*base, "--max-rows", "2", "--temperature", "1.0", "--top-p", "1", "--n", "1",
@@ -257,8 +262,7 @@ def test_dtype_float32_on_the_cpu_resumes_the_job_that_gave_no_dtype(tmp_path, l
     # says "auto", which must still match; bfloat16 is another job.
     src = write_jsonl(tmp_path / "a.jsonl", prompts(4))
     out = tmp_path / "out"
-    base = ["--input", src, "--output", out, "--model", llama_dir, "--device", "cpu", "--kv-cache-memory-gb", "0.05",
-            "--max-tokens", "2", "--quiet"]
+    base = _small_job(src, out, llama_dir)
     assert run_cli([*base, "--max-rows", "1"]).exit_code == 0
     manifest = json.loads((out / "job.json").read_text())
     assert manifest["settings"]["dtype"] == "float32"

@@ -446,7 +446,6 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
     else:
         ws = out  # unused
     f16_dot = cfg.kind == "dotH"
-    pf_lines = prefetch_lines(K, w.element_size(), per_split, cfg) if x.is_cuda else 0
     _skinny_kernel[grid](
         x, w, scale if scale is not None else out, bias if bias is not None else out, out, ws, locks,
         M, N, K, per_split, x.stride(0), out.stride(0), _DOTH_X_SCALE[x.dtype] if f16_dot else 1.0,
@@ -454,8 +453,8 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> Non
         USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=f16_dot, W_FP8=w.dtype == FP8,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul, EVEN_K=K % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-        DOT_IEEE=x.dtype == torch.float32, PF_LINES=pf_lines, PF_PAD=triton.next_power_of_2(max(pf_lines, 1)),
-        LINE_ELEMS=128 // w.element_size(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **prefetch_constexprs(K, w.element_size(), per_split, cfg, None if x.is_cuda else 0),
         **pdl.launch_kwargs(x.device))
 
 
@@ -466,6 +465,13 @@ def prefetch_lines(K: int, itemsize: int, per_split: int, cfg: SkinnyConfig,
     budget = L2_PREFETCH_BYTES if budget is None else budget
     share = min(per_split * cfg.block_k, K) * itemsize
     return max(0, min(-(-share // 128), budget // (cfg.block_n * 128)))
+
+
+def prefetch_constexprs(K: int, itemsize: int, per_split: int, cfg: SkinnyConfig,
+                        budget: Optional[int] = None) -> dict:
+    """The kernel's prefetch arguments for one launch (also bench/kernel_sass.py's)."""
+    lines = prefetch_lines(K, itemsize, per_split, cfg, budget)
+    return dict(PF_LINES=lines, PF_PAD=triton.next_power_of_2(max(lines, 1)), LINE_ELEMS=128 // itemsize)
 
 
 # --------------------------------------------------------------------------
