@@ -269,6 +269,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-fp8-quant", action="store_true",
                     help="with --quantization fp8: the norms and SiLU·mul quantize the activations of the fp8 "
                          "linears they feed (linear.FUSE_FP8_QUANT; this process only)")
+    ap.add_argument("--no-fuse-norm", action="store_true",
+                    help="run each layer's RMSNorms as kernels of their own, not inside the skinny GEMM after them "
+                         "(linear.FUSE_NORM off; this process only)")
     ap.add_argument("--skinny-l2-prefetch", type=int, default=None, metavar="BYTES",
                     help="skinny_gemm.L2_PREFETCH_BYTES for this process (each skinny-GEMM program's L2 prefetch)")
     ap.add_argument("--no-pdl", action="store_true",
@@ -296,6 +299,8 @@ def main(argv=None) -> int:
 
     if args.fuse_fp8_quant:
         linear_mod.FUSE_FP8_QUANT = True
+    if args.no_fuse_norm:
+        linear_mod.FUSE_NORM = False
     from pagedbatch.engine.models import skinny_gemm as skinny_mod
     if args.skinny_l2_prefetch is not None:
         skinny_mod.L2_PREFETCH_BYTES = args.skinny_l2_prefetch
@@ -391,6 +396,7 @@ def main(argv=None) -> int:
         "pdl": _pdl_enabled(device),
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
+        "fuse_norm": linear_mod.FUSE_NORM,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
     }
     try:

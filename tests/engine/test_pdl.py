@@ -103,3 +103,38 @@ def test_gpu_pdl_kernel_chain_in_a_cuda_graph_gives_the_bits_of_the_chain_withou
 
     inputs = [rnd(1, D, scale=1.0) for _ in range(8)]
     assert_chain_under_pdl_gives_the_bits_without_pdl(chain, inputs, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_chain_of_norm_fused_matmuls_gives_the_bits_without_pdl(monkeypatch):
+    """skinny_norm_linear's residual add, its stored residual and its split sums of squares under PDL: every
+    kernel reads x and the residual only after its wait."""
+    if not _hopper() or pdl.gdc_wait is None:
+        pytest.skip("PDL needs compute capability 9.0+ and Triton with grid dependency control")
+    from pagedbatch.engine.models import skinny_gemm as sg
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    L, D, F = 6, 2048, 5632
+    bf = torch.bfloat16
+
+    def rnd(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(bf)
+
+    norm_w = [1 + rnd(D) for _ in range(2 * L)]
+    qkv, o = [rnd(D + 512, D) for _ in range(L)], [rnd(D, D) for _ in range(L)]
+    up, down = [rnd(2 * F, D) for _ in range(L)], [rnd(D, F) for _ in range(L)]
+    split = sg.SkinnyConfig.parse("fma bm1 bn8 bk256 sk4 w4 st4")
+
+    def chain(x):
+        res = None
+        for i in range(L):
+            a, res = sg.skinny_norm_linear(x, sg.RMSNormIn(res, norm_w[2 * i], 1e-6), qkv[i])
+            res = x if res is None else res
+            x = sg.skinny_linear(a[:, :D].contiguous(), o[i])
+            gu, res = sg.skinny_norm_linear(x, sg.RMSNormIn(res, norm_w[2 * i + 1], 1e-6), up[i],
+                                            config=split if i % 2 else None)
+            x = sg.skinny_linear(gu, down[i], act="silu_mul")
+        return x + res
+
+    inputs = [rnd(1, D, scale=1.0) for _ in range(8)]
+    assert_chain_under_pdl_gives_the_bits_without_pdl(chain, inputs, monkeypatch)

@@ -131,6 +131,93 @@ def test_mlp_down_projection_fuses_the_activation_for_one_row_only(weights, monk
         torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+NORM_PATHS = [("fma bm1 bn16 bk32 sk1 w4 st2", 112, "fp32"), ("fma bm1 bn16 bk32 sk3 w4 st2", 160, "fp8"),
+              ("fma bm4 bn16 bk32 sk2 w4 st2", 112, "fp32"), ("dot bm16 bn32 bk32 sk3 w4 st2", 160, "bf16"),
+              ("dotT bm16 bn32 bk32 sk1 w4 st2", 112, "fp8"), ("dotH bm16 bn32 bk32 sk2 w4 st2", 96, "fp8")]
+
+
+def norm_reference(x, res, nw, eps, w64, bias):
+    """float64: rms_norm(x + res) * nw, then the linear; and the new residual."""
+    h = (x + res) if res is not None else x
+    h64 = h.double()
+    normed = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + eps) * nw.double()
+    return reference(normed, w64, bias), h
+
+
+@pytest.mark.parametrize("with_res", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("cfg,K,weights", NORM_PATHS, ids=[p[0].replace(" ", "-") for p in NORM_PATHS])
+def test_norm_prologue_equals_rms_norm_then_linear_and_writes_the_new_residual(cfg, K, weights, with_res,
+                                                                               poisoned_workspace):
+    """skinny_norm_linear: every kernel path (splits sum their shares of the sums of squares too), uneven K
+    tails, partial column tiles; the new residual is the torch sum, every element written once."""
+    g = torch.Generator().manual_seed(K + with_res)
+    N, M = 40, 3
+    w, scale, w64 = make_weights(weights, N, K, torch.float32, g)
+    x, res = 3 * torch.randn(M, K, generator=g), torch.randn(M, K, generator=g)
+    nw = 1 + 0.3 * torch.randn(K, generator=g)
+    bias = torch.randn(N, generator=g)
+    want, want_res = norm_reference(x, res if with_res else None, nw, 1e-5, w64, bias)
+    res_out = torch.full((M, K), float("nan"), device=DEV)
+    out = torch.full((M, N), float("nan"), device=DEV)
+    norm = sg.RMSNormIn(res.to(DEV) if with_res else None, nw.to(DEV), 1e-5)
+    y, new_res = sg.skinny_norm_linear(x.to(DEV), norm, w, scale, bias.to(DEV), config=C(cfg), out=out,
+                                       residual_out=res_out)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    tol = 1e-3 if cfg.startswith("dotH") else 1e-5  # dotH's fp16 operand rounds (x + res) * nw (2**-11)
+    torch.testing.assert_close(y.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+    if with_res:
+        assert new_res.data_ptr() == res_out.data_ptr()
+        assert torch.equal(new_res.cpu(), want_res)
+    else:
+        assert new_res is None and torch.isnan(res_out).all()  # nothing written without a residual
+
+
+def test_norm_linear_rejects_mismatched_norm_inputs():
+    w, x = torch.randn(8, 32), torch.randn(2, 32)
+    with pytest.raises(ValueError, match=r"norm weight must be a contiguous \[32\]"):
+        sg.skinny_norm_linear(x, sg.RMSNormIn(None, torch.ones(16), 1e-6), w)
+    with pytest.raises(ValueError, match="residual must be"):
+        sg.skinny_norm_linear(x, sg.RMSNormIn(torch.ones(2, 16), torch.ones(32), 1e-6), w)
+    with pytest.raises(ValueError, match=r"x must be \[M, K\]"):
+        sg.skinny_norm_linear(x[None], sg.RMSNormIn(None, torch.ones(32), 1e-6), w)
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_decoder_layers_fuse_both_norms_into_skinny_matmuls_with_the_same_greedy_tokens(quantization, monkeypatch,
+                                                                                       tiny_model):
+    """linear.norm_linear through the whole model: with the GPU's routing stood in for (the skinny kernel,
+    interpreted, up to 4 rows), each layer's two norms run inside the qkv and gate_up matmuls of every decode
+    step, and greedy decoding gives the tokens of the unfused norm + matmul."""
+    from pagedbatch import InferenceEngine, SamplingParams
+    from pagedbatch.engine.models import linear as linear_mod
+
+    real_route = linear_mod.route
+    monkeypatch.setattr(linear_mod, "route", lambda M, N, K, dt, dev, fp8: "skinny" if M <= 4
+                        else real_route(M, N, K, dt, dev, fp8))
+    calls = []
+    real = sg.skinny_norm_linear
+    monkeypatch.setattr(sg, "skinny_norm_linear", lambda x, norm, *a, **k: calls.append(
+        (x.shape[0], norm.residual is not None)) or real(x, norm, *a, **k))
+    d = tiny_model("llama")
+    prompts = [[5, 9, 13, 2, 7], [3, 3, 8, 1, 4, 6, 2], [11, 12]]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def run():
+        eng = InferenceEngine(d, quantization=quantization, skip_tokenizer_init=True, max_num_seqs=4)
+        return [o.token_ids for o in eng.generate(prompts, greedy)], eng.engine.runner.model.args.num_layers
+
+    monkeypatch.setattr(linear_mod, "FUSE_NORM", False)
+    want, layers = run()
+    assert not calls
+    monkeypatch.setattr(linear_mod, "FUSE_NORM", True)
+    got, _ = run()
+    assert got == want
+    steps = len(calls) // (2 * layers)
+    assert steps >= 3 and len(calls) == 2 * layers * steps, calls  # qkv and gate_up of every layer and step
+    # The first layer's input norm has no residual to add (its residual is the embedding itself).
+    assert sum(not has_res for _, has_res in calls) == steps
+
+
 @pytest.mark.parametrize("cfg,K,act", [("dotH bm16 bn32 bk32 sk3 w4 st2", 160, None),
                                         ("dotH bm16 bn32 bk32 sk1 w4 st2", 112, None),
                                         ("dotH bm16 bn32 bk32 sk2 w4 st2", 96, "silu_mul")])
@@ -368,6 +455,40 @@ def test_gpu_silu_mul_prologue_equals_silu_and_mul_then_linear(cfg, wdtype):
     unfused = sg.skinny_linear(silu_and_mul(gate_up), w, scale, config=C(cfg))
     assert torch.equal(fused, unfused)  # same rounding points, same summation order
     _assert_close_to_fp32(fused, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("shape", ["qwen2.5-7b.json-tp1-qkv", "qwen2.5-7b.json-tp1-gate_up",
+                                   "qwen3-0.6b.json-tp1-qkv"])
+def test_gpu_norm_linear_at_real_shapes(shape, wdtype, M, poisoned_workspace):
+    """The fused norm with its default config (Qwen3-0.6B's qkv at 16 rows splits K) against the float32 norm + matmul;
+    the new residual is the bf16 torch sum; the unfused pair (which rounds the normalised row twice more) is
+    no closer to the float32 result."""
+    from pagedbatch.engine.models.fused_ops import rms_norm
+
+    N, K = REAL_SHAPES[shape]
+    x, w, scale, b, _ = _gpu_case(N, K, M, wdtype, bias=shape.endswith("qkv"))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    res = (4 * torch.randn(M, K, device="cuda", generator=g)).to(torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(torch.bfloat16)
+    h = x + res
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    operand = hf * nw.float()
+    if sg.default_config(M, N, K, wdtype).kind in ("dot", "dotT"):
+        operand = operand.to(torch.bfloat16).float()  # bf16 tensor cores take the operand rounded once
+    w_deq = w.float() * scale[:, None] if scale is not None else w.float()
+    ref = (operand @ w_deq.T) * rstd + (b.float() if b is not None else 0)
+    res_out = torch.full_like(x, float("nan"))
+    y, new_res = sg.skinny_norm_linear(x, sg.RMSNormIn(res, nw, 1e-6), w, scale, b, residual_out=res_out)
+    assert torch.equal(new_res, h), "the new residual is not the torch sum"
+    _assert_close_to_fp32(y, ref)
+    exact = (hf * rstd * nw.float()) @ w_deq.T + (b.float() if b is not None else 0)
+    unfused = sg.skinny_linear(rms_norm(x, nw, 1e-6, res)[0], w, scale, b)
+    err, err_unfused = (y.float() - exact).norm().item(), (unfused.float() - exact).norm().item()
+    assert err <= 1.05 * err_unfused, (err, err_unfused)
 
 
 @pytest.mark.gpu

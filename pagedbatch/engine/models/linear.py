@@ -33,6 +33,12 @@ kernel that produces a linear's input (RMSNorm, SiLU·mul) and, on the
 (``fp8.Fp8Rows``, the same bits): one kernel fewer per linear layer.
 ``linear`` takes such rows as ``x``.
 
+``norm_linear(x, residual, norm_weight, eps, weight, bias, weight_scale)`` is
+an RMSNorm (the residual add folded in) and the linear after it: on the
+skinny route, with ``FUSE_NORM``, one kernel (the residual add and the sum
+of squares ride along the operand loads, 1/rms scales the output);
+elsewhere ``rms_norm`` and then ``linear``.
+
 ``silu_mul_linear(gate_up, weight, weight_scale, bias)`` is the MLP's down
 projection of ``silu(gate) * up``: for a single row on the skinny route the
 activation runs inside the GEMM's operand load (one kernel instead of two),
@@ -52,7 +58,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import silu_and_mul
+from .fused_ops import rms_norm, silu_and_mul
 from .fp8 import Fp8Rows, dequantize_rows, quantize_per_token, quantize_rows
 
 log = logging.getLogger(__name__)
@@ -152,6 +158,29 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
     else:
         out = fp8_linear_reference(x2, weight, weight_scale, bias, quantize_activations=M > weights_only_rows())
     return out.reshape(*lead, N)
+
+
+# Fuse the RMSNorm before qkv and gate_up into the skinny GEMM (norm_linear): two kernels a layer fewer at
+# decode's few rows. The normalised row is not rounded to the model dtype before the matmul (1/rms scales
+# the float32 output instead), so results differ from the unfused pair by about one bf16 rounding.
+FUSE_NORM = True
+
+
+def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                weight_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear(rms_norm(x + residual) * norm_weight, weight, bias, weight_scale)`` and the new residual
+    ``x + residual`` (``x`` itself without a residual). x: [M, K]."""
+    M, (N, K) = x.shape[0], weight.shape
+    fp8 = weight_scale is not None
+    if FUSE_NORM and M > 0 and x.dim() == 2 and route(M, N, K, weight.dtype, x.device, fp8) == "skinny":
+        sk = _skinny()
+        out, new_res = sk.skinny_norm_linear(x, sk.RMSNormIn(residual, norm_weight, eps), weight, weight_scale,
+                                             bias)
+        return out, (x if residual is None else new_res)
+    h, new_res = rms_norm(x, norm_weight, eps, residual, x.dim() == 2 and takes_fp8_rows(M, weight, weight_scale,
+                                                                                          x.device))
+    return linear(h, weight, bias, weight_scale), (x if residual is None else new_res)
 
 
 # Rows up to which silu_mul_linear fuses the activation into the skinny GEMM. H200, 2026-12-03

@@ -37,7 +37,7 @@ from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
 from .fp8 import FP8
 from .fused_ops import rms_norm
-from .linear import linear, silu_mul_linear, takes_fp8_rows
+from .linear import linear, norm_linear, silu_mul_linear
 from .sharding import TPShard, local_args, vocab_range
 
 
@@ -60,10 +60,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(dim)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, quant: bool = False):
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """``norm(x)``; with a residual, ``(norm(x + residual), x + residual)`` in one pass on the GPU.
-        ``quant``: the output as ``Fp8Rows`` for an fp8 linear (see ``linear.takes_fp8_rows``)."""
-        y, new_residual = rms_norm(x, self.weight, self.eps, residual, quant)
+        (A layer's two norms run through ``linear.norm_linear`` with the matmul after them.)"""
+        y, new_residual = rms_norm(x, self.weight, self.eps, residual)
         return y if residual is None else (y, new_residual)
 
 
@@ -92,12 +92,14 @@ class Attention(nn.Module):
         # A device tensor, not floats, so captured CUDA graphs read it; ignored by a cache in the model dtype.
         self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32), persistent=False)
 
-    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
-        """Whether ``forward`` wants ``x`` quantized by the norm before it (``linear.takes_fp8_rows``)."""
-        return takes_fp8_rows(x.shape[0], self.qkv_proj_weight, self.qkv_proj_weight_scale, x.device)
+    def forward(self, x, residual, norm: RMSNorm, kv_cache, cos_sin, meta: AttentionMetadata,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output of ``norm(x + residual)``, the new residual): the norm goes with the qkv matmul."""
+        qkv, residual = norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj_weight, self.qkv_proj_bias,
+                                    self.qkv_proj_weight_scale)
+        return self.attend(qkv, kv_cache, cos_sin, meta, backend), residual
 
-    def forward(self, x, kv_cache, cos_sin, meta: AttentionMetadata, backend: AttentionBackend):
-        qkv = linear(x, self.qkv_proj_weight, self.qkv_proj_bias, self.qkv_proj_weight_scale)
+    def attend(self, qkv, kv_cache, cos_sin, meta: AttentionMetadata, backend: AttentionBackend):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -134,14 +136,13 @@ class MLP(nn.Module):
         self.gate_up_proj_bias = _param(2 * args.intermediate_size) if args.mlp_bias else None
         self.down_proj_bias = _param(args.hidden_size) if args.mlp_bias else None
 
-    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
-        return takes_fp8_rows(x.shape[0], self.gate_up_proj_weight, self.gate_up_proj_weight_scale, x.device)
-
-    def forward(self, x):
-        gate_up = linear(x, self.gate_up_proj_weight, self.gate_up_proj_bias, self.gate_up_proj_weight_scale)
+    def forward(self, x, residual, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output of ``norm(x + residual)``, the new residual): the norm goes with the gate_up matmul."""
+        gate_up, residual = norm_linear(x, residual, norm.weight, norm.eps, self.gate_up_proj_weight,
+                                        self.gate_up_proj_bias, self.gate_up_proj_weight_scale)
         out = silu_mul_linear(gate_up, self.down_proj_weight, self.down_proj_weight_scale,
                               self.down_proj_bias if self.comm is None else None)
-        return out if self.comm is None else _reduce_then_bias(self.comm, out, self.down_proj_bias)
+        return (out if self.comm is None else _reduce_then_bias(self.comm, out, self.down_proj_bias)), residual
 
 
 class DecoderLayer(nn.Module):
@@ -155,16 +156,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, comm, _inside(fp8, "mlp."))
 
     def forward(self, x, residual, kv_cache, cos_sin, meta, backend):
-        # The residual add of each block is folded into the next norm (one pass on the GPU).
-        # On the fp8 _scaled_mm route the norm also quantizes its output for the linear after it.
-        quant = self.self_attn.takes_fp8_rows(x)
-        if residual is None:
-            h, residual = self.input_layernorm(x, quant=quant), x
-        else:
-            h, residual = self.input_layernorm(x, residual, quant)
-        h = self.self_attn(h, kv_cache, cos_sin, meta, backend)
-        h, residual = self.post_attention_layernorm(h, residual, self.mlp.takes_fp8_rows(h))
-        return self.mlp(h), residual
+        # The residual add of each block is folded into the next norm, and the norm into the linear after it
+        # (linear.norm_linear: one kernel at decode's few rows, else the norm kernel, which quantizes its
+        # output on the fp8 _scaled_mm route).
+        h, residual = self.self_attn(x, residual, self.input_layernorm, kv_cache, cos_sin, meta, backend)
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 def _inside(names: frozenset, prefix: str) -> frozenset:

@@ -58,6 +58,14 @@ x's dtype, then the product), saving that kernel and its round trip. The
 price: every column tile recomputes silu over its K share (N / BLOCK_N times
 the exps of the unfused kernel), so whether it pays is for the sweep to say.
 
+``skinny_norm_linear`` fuses the RMSNorm before qkv and gate_up (its
+residual add included): the 1/rms of a row is a factor of every output of
+that row, so the main loop multiplies the weight by ``(x + residual) *
+norm_weight`` while it sums the squares, and the epilogue scales by 1/rms
+(split-K: each split stores its share of the squares beside its partial,
+the last arriver sums them). Programs of the first column tile store the
+new residual. Two kernels a layer fewer in a decode step.
+
 Programmatic dependent launch (Hopper, ``engine/pdl.py``): each program
 loads its first weight tile, then waits for the kernel that produces x; the
 next kernel may launch once every program is past the main loop.
@@ -371,6 +379,50 @@ def _new_workspace(split_k: int, M: int, N: int, device) -> torch.Tensor:
     return torch.empty((split_k, M, N), dtype=torch.float32, device=device)
 
 
+@dataclasses.dataclass(frozen=True)
+class RMSNormIn:
+    """The RMSNorm ``skinny_norm_linear`` fuses in front of its matmul: ``norm(x + residual) * weight``."""
+
+    residual: Optional[torch.Tensor]  # [M, K] like x, or None (the norm of x alone)
+    weight: torch.Tensor  # [K]
+    eps: float
+
+
+def skinny_norm_linear(x: torch.Tensor, norm: RMSNormIn, weight: torch.Tensor,
+                       weight_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                       config: Optional[SkinnyConfig] = None, out: Optional[torch.Tensor] = None,
+                       residual_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``skinny_linear(rms_norm(x + residual), ...)`` in one kernel, and the new residual ``x + residual``
+    (None without a residual). x: [M, K] with contiguous rows.
+
+    The residual add is rounded like a torch add (the same bits as ``fused_ops.rms_norm``'s new residual).
+    The normalised row is not: the kernel multiplies the weight by ``(x + residual) * norm.weight`` (float32
+    for "fma", rounded once to bf16/fp16 for the tensor-core kinds) and each output row by its 1/rms in the
+    epilogue, where the unfused pair rounds the row twice to x's dtype; results differ from it by about one
+    such rounding of the operand, and are closer to the float32 norm + matmul (a GPU test pins both).
+    residual_out: optional [M, K] buffer for the new residual.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"skinny_norm_linear: x must be [M, K], got {tuple(x.shape)}")
+    M, K = x.shape
+    res = norm.residual
+    if res is not None and (res.shape != x.shape or res.dtype != x.dtype or res.stride(-1) != 1):
+        raise ValueError(f"skinny_norm_linear: the residual must be a {x.dtype} [{M}, {K}] tensor with "
+                         f"contiguous rows, got {res.dtype} {tuple(res.shape)}")
+    if norm.weight.shape != (K,) or not norm.weight.is_contiguous():
+        raise ValueError(f"skinny_norm_linear: the norm weight must be a contiguous [{K}] tensor, "
+                         f"got {tuple(norm.weight.shape)}")
+    if res is None:
+        residual_out = None
+    elif residual_out is None:
+        residual_out = torch.empty_like(x)
+    elif residual_out.shape != x.shape or residual_out.dtype != x.dtype or residual_out.stride(-1) != 1:
+        raise ValueError(f"skinny_norm_linear: residual_out must be a {x.dtype} [{M}, {K}] tensor with "
+                         f"contiguous rows")
+    y = _skinny(x, weight, weight_scale, bias, None, config, out, (norm, residual_out))
+    return y, residual_out
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, *, act: Optional[str] = None,
                   config: Optional[SkinnyConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -383,6 +435,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[
     CUDA-graph capturable: no host syncs; the only allocations are the output and, with split-K,
     an fp32 workspace of [split_k, M, N].
     """
+    return _skinny(x, weight, weight_scale, bias, act, config, out, None)
+
+
+def _skinny(x, weight, weight_scale, bias, act, config, out, norm) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("skinny_linear needs Triton")
     N, K = weight.shape
@@ -423,7 +479,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[
         config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, _device_sms(x.device) or 132)
         if config.kind == "dotH" and x.dtype == torch.float32:
             config = dataclasses.replace(config, kind="dot")  # fp16 would round float32 activations
-    _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config)
+    _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config, norm)
     return out.view(*lead, N)
 
 
@@ -434,21 +490,29 @@ def split_plan(K: int, cfg: SkinnyConfig) -> tuple[int, int]:
     return per_split, -(-n_iters // per_split)
 
 
-def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig) -> None:
+def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig, norm=None) -> None:
     per_split, split = split_plan(K, cfg)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     locks = _lock_buffer(x.device)  # also when unused: created at the first (warm-up) call, never in a capture
+    ws = wsq = out  # unused without split-K
     if split > 1:
         if grid[0] * grid[2] > _LOCK_SLOTS:
             raise ValueError(f"skinny_linear: split-K over {grid[0] * grid[2]} output tiles exceeds the "
                              f"{_LOCK_SLOTS} counters; use a larger block_n or split_k=1 ({cfg})")
         ws = _new_workspace(split, M, N, x.device)
-    else:
-        ws = out  # unused
+        if norm is not None:  # each split's share of the rows' sums of squares, per column tile
+            wsq = _new_workspace(split, grid[0], M, x.device)
     f16_dot = cfg.kind == "dotH"
+    if norm is not None:
+        (rms, res_out), has_res = norm, norm[0].residual is not None
+        r, ro = (rms.residual, res_out) if has_res else (x, x)
+        norm_args = (r, ro, rms.weight, wsq, float(rms.eps), r.stride(0), ro.stride(0))
+    else:
+        has_res, norm_args = False, (out, out, out, wsq, 0.0, 0, 0)
     _skinny_kernel[grid](
         x, w, scale if scale is not None else out, bias if bias is not None else out, out, ws, locks,
         M, N, K, per_split, x.stride(0), out.stride(0), _DOTH_X_SCALE[x.dtype] if f16_dot else 1.0,
+        *norm_args, NORM=norm is not None, HAS_RES=has_res,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=f16_dot, W_FP8=w.dtype == FP8,
         HAS_BIAS=bias is not None,
@@ -499,6 +563,33 @@ if triton is not None:
         return a
 
     @triton.jit
+    def _load_normed(x_rows, r_rows, ro_rows, NW, offs_k, K, ssq, store_res, EVEN_K: tl.constexpr,
+                     HAS_RES: tl.constexpr, A_DTYPE: tl.constexpr):
+        """The NORM operand: h = x (+ residual, rounded like a torch add and stored where ``store_res``),
+        its squares added to ``ssq``, and ``h * norm_weight`` in float32 (A_DTYPE: rounded to it for
+        tensor cores); rstd is applied to the output in the epilogue."""
+        kmask = offs_k[None, :] < K
+        if EVEN_K:
+            h = tl.load(x_rows + offs_k[None, :])
+            nw = tl.load(NW + offs_k)
+        else:
+            h = tl.load(x_rows + offs_k[None, :], mask=kmask, other=0.0)
+            nw = tl.load(NW + offs_k, mask=offs_k < K, other=0.0)
+        if HAS_RES:
+            if EVEN_K:
+                r = tl.load(r_rows + offs_k[None, :])
+            else:
+                r = tl.load(r_rows + offs_k[None, :], mask=kmask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+            tl.store(ro_rows + offs_k[None, :], h, mask=store_res & kmask)
+        hf = h.to(tl.float32)
+        ssq += hf * hf
+        a = hf * nw.to(tl.float32)[None, :]
+        if A_DTYPE is not None:
+            a = a.to(A_DTYPE)
+        return a, ssq
+
+    @triton.jit
     def _prefetch_l2(w_rows, k0, K, PF_LINES: tl.constexpr, PF_PAD: tl.constexpr, LINE_ELEMS: tl.constexpr):
         """Ask L2 for PF_LINES 128-byte lines of each weight row from column k0 (one instruction per line)."""
         j = tl.minimum(tl.arange(0, PF_PAD), PF_LINES - 1)  # padding lanes repeat the last line
@@ -541,7 +632,9 @@ if triton is not None:
 
     @triton.jit
     def _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, rstd, NORM: tl.constexpr):
+        if NORM:  # each row's 1 / rms, which factors out of the K sum
+            acc = acc * rstd[:, None]
         if W_FP8:
             acc = acc * (tl.load(S + rn_c) / x_scale)[None, :]  # x_scale: dotH's 2**-8, else 1 (exact)
         if HAS_BIAS:
@@ -551,10 +644,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["M", "per_split"])
     def _skinny_kernel(X, W, S, B, Y, WS, LOCKS, M, N, K, per_split, stride_xm, stride_ym, x_scale,
+                       R, RO, NW, WSQ, eps, stride_rm, stride_rom,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, F16_DOT: tl.constexpr,
                        W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr,
+                       NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
                        PF_LINES: tl.constexpr = 0, PF_PAD: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
                        PDL: tl.constexpr = False):
         pid_n = tl.program_id(0)
@@ -581,6 +676,14 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if NORM:
+            # The RMSNorm before this linear, fused (norm_linear): the residual add and the sum of squares
+            # ride along the operand loads; programs of the first column tile store the new residual.
+            r_rows = R + rm_c.to(tl.int64)[:, None] * stride_rm
+            ro_rows = RO + rm.to(tl.int64)[:, None] * stride_rom
+            store_res = rm[:, None] < tl.where(pid_n == 0, M, 0)  # rows < M, in column tile 0 only
+            ssq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            a_dtype: tl.constexpr = X.dtype.element_ty if (USE_DOT and not F16_DOT) else None
 
         start = it0
         if PDL:
@@ -591,7 +694,11 @@ if triton is not None:
             if PF_LINES > 0:  # the rest of the slice streams into L2 during the wait
                 _prefetch_l2(w_rows, it0 * BLOCK_K, K, PF_LINES, PF_PAD, LINE_ELEMS)
             wait_for_producer(PDL, False)
-            a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
+            if NORM:
+                a, ssq = _load_normed(x_rows, r_rows, ro_rows, NW, offs_k, K, ssq, store_res, EVEN_K, HAS_RES,
+                                      a_dtype)
+            else:
+                a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
             acc = _mac(acc, w, a, x_scale, BLOCK_M, USE_DOT, SWAP_AB, F16_DOT, DOT_IEEE)
             start = it0 + 1
         elif PF_LINES > 0:
@@ -599,7 +706,11 @@ if triton is not None:
         for it in tl.range(start, it1, num_stages=NUM_STAGES):
             offs_k = it * BLOCK_K + rk
             w = _load_w(w_rows, offs_k, K, EVEN_K)
-            a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
+            if NORM:
+                a, ssq = _load_normed(x_rows, r_rows, ro_rows, NW, offs_k, K, ssq, store_res, EVEN_K, HAS_RES,
+                                      a_dtype)
+            else:
+                a = _load_x(x_rows, offs_k, K, EVEN_K, SILU_MUL)
             acc = _mac(acc, w, a, x_scale, BLOCK_M, USE_DOT, SWAP_AB, F16_DOT, DOT_IEEE)
 
         # The next kernel may launch once every program is past its main loop. Released right after the
@@ -614,11 +725,15 @@ if triton is not None:
             acc = tl.sum(acc, axis=1)[None, :]
         else:
             acc = tl.sum(acc, axis=2)
+        if NORM:
+            ssq_m = tl.sum(ssq, axis=1)  # this split's share of each row's sum of squares
 
         if SPLIT:
             mask = (rm[:, None] < M) & (rn[None, :] < N)
             ws_rows = WS + (pid_k * M + rm.to(tl.int64))[:, None] * N
             tl.store(ws_rows + rn[None, :], acc, mask=mask)
+            if NORM:  # [split, column tiles, M]: every tile's last arriver reads its own tile's shares
+                tl.store(WSQ + (pid_k * tl.num_programs(0) + pid_n) * M + rm, ssq_m, mask=rm < M)
             # Every thread's partial is issued before the (single-thread) release below.
             tl.debug_barrier()
             lock = LOCKS + pid_m * tl.num_programs(0) + pid_n
@@ -630,7 +745,17 @@ if triton is not None:
                     # .cg: read from L2, past any stale L1 line of another call's partials.
                     total += tl.load(WS + (s * M + rm.to(tl.int64))[:, None] * N + rn[None, :], mask=mask, other=0.0,
                                      cache_modifier=".cg")
-                _finish(total, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS)
+                rstd_t = x_scale  # unused without NORM
+                if NORM:
+                    ssq_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    for s in range(0, tl.num_programs(1)):
+                        ssq_t += tl.load(WSQ + (s * tl.num_programs(0) + pid_n) * M + rm, mask=rm < M, other=0.0,
+                                         cache_modifier=".cg")
+                    rstd_t = 1.0 / tl.sqrt(ssq_t / K + eps)
+                _finish(total, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS, rstd_t, NORM)
                 tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call / graph replay
         else:
-            _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS)
+            rstd = x_scale  # unused without NORM
+            if NORM:
+                rstd = 1.0 / tl.sqrt(ssq_m / K + eps)  # fused_ops' rms_norm formula
+            _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS, rstd, NORM)
