@@ -37,7 +37,8 @@ POINTER_TYPES = {  # argument name -> Triton pointer type; {kv} is the cache's e
     "rotary": {"Q": "*{q}", "K": "*{q}", "V": "*{q}", "QO": "*{q}", "KC": "*{kv}", "VC": "*{kv}", "cos_sin": "*fp32",
                "positions": "*i64", "slot_mapping": "*i64", "KV_SCALE": "*fp32", "QW": "*{q}", "KW": "*{q}"},
     "skinny": {"X": "*{q}", "W": "*{kv}", "S": "*fp32", "B": "*{q}", "Y": "*{q}", "WS": "*fp32", "LOCKS": "*i32",
-               "R": "*{q}", "RO": "*{q}", "NW": "*{q}", "WSQ": "*fp32"},
+               "R": "*{q}", "RO": "*{q}", "NW": "*{q}", "WSQ": "*fp32", "CS": "*fp32", "POS": "*i64", "SLOT": "*i64",
+               "KC": "*{q}", "VC": "*{q}", "KVS": "*fp32"},
     "mid": {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "B": "*{q}", "Y": "*{q}"},
 }
 FLOAT_ARGS = {"qk_scale", "eps", "x_scale"}
@@ -108,6 +109,8 @@ def skinny_spec(args):
                  W_FP8=args.kv == "fp8", HAS_BIAS=False,
                  SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
                  DOT_IEEE=args.q == "fp32", PDL=args.pdl, NORM=args.norm, HAS_RES=args.norm,
+                 ROPE=args.rope, HALF=64 if args.rope else 1, CACHE_BLOCK=16 if args.rope else 1, KV_SCALED=False,
+                 EXACT_MUL=args.rope,
                  **sg.prefetch_constexprs(args.k, wdtype.itemsize, per_split, cfg, args.l2_prefetch))
     return sg._skinny_kernel, const, cfg.num_warps, cfg.num_stages
 
@@ -238,6 +241,8 @@ def main(argv=None) -> int:
                     help="skinny: each program's L2 prefetch budget (default: skinny_gemm.L2_PREFETCH_BYTES)")
     ap.add_argument("--norm", action="store_true", help="skinny: with the fused RMSNorm and residual add "
                     "(skinny_norm_linear)")
+    ap.add_argument("--rope", action="store_true", help="skinny: with the rotary + bf16 cache write epilogue "
+                    "(rope=, head_dim 128, block size 16)")
     ap.add_argument("--pdl", action="store_true", help="decode, skinny: as launched with programmatic dependent "
                                                         "launch (engine/pdl.py); prints where the wait falls")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")

@@ -272,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fuse-norm", action="store_true",
                     help="run each layer's RMSNorms as kernels of their own, not inside the skinny GEMM after them "
                          "(linear.FUSE_NORM off; this process only)")
+    ap.add_argument("--no-fuse-rope", action="store_true",
+                    help="rotate q, k and write the KV cache in the attention backend's kernel, not in the qkv "
+                         "skinny GEMM's epilogue (linear.FUSE_ROPE off; this process only)")
     ap.add_argument("--skinny-l2-prefetch", type=int, default=None, metavar="BYTES",
                     help="skinny_gemm.L2_PREFETCH_BYTES for this process (each skinny-GEMM program's L2 prefetch)")
     ap.add_argument("--no-pdl", action="store_true",
@@ -301,6 +304,8 @@ def main(argv=None) -> int:
         linear_mod.FUSE_FP8_QUANT = True
     if args.no_fuse_norm:
         linear_mod.FUSE_NORM = False
+    if args.no_fuse_rope:
+        linear_mod.FUSE_ROPE = False
     from pagedbatch.engine.models import skinny_gemm as skinny_mod
     if args.skinny_l2_prefetch is not None:
         skinny_mod.L2_PREFETCH_BYTES = args.skinny_l2_prefetch
@@ -397,6 +402,7 @@ def main(argv=None) -> int:
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
         "fuse_norm": linear_mod.FUSE_NORM,
+        "fuse_rope": linear_mod.FUSE_ROPE,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
     }
     try:

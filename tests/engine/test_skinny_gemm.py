@@ -218,6 +218,130 @@ def test_decoder_layers_fuse_both_norms_into_skinny_matmuls_with_the_same_greedy
     assert sum(not has_res for _, has_res in calls) == steps
 
 
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_decoder_layers_rotate_and_cache_in_the_qkv_matmul_with_the_same_greedy_tokens(kv, monkeypatch, tiny_model):
+    """linear.FUSE_ROPE through the whole model with the Triton backend (interpreted) and the GPU's routing
+    stood in for: every decode step's qkv matmul of every layer takes rope= and the backend only attends;
+    greedy tokens are those of the rotary kernel's path, with a float32 and with an fp8 cache; Qwen3's q/k
+    norms keep the rotary kernel (they need whole heads)."""
+    from pagedbatch import InferenceEngine, SamplingParams
+    from pagedbatch.engine.models import linear as linear_mod
+
+    real_route = linear_mod.route
+    monkeypatch.setattr(linear_mod, "route", lambda M, N, K, dt, dev, fp8: "skinny" if M <= 4
+                        else real_route(M, N, K, dt, dev, fp8))
+    calls = []
+    real = sg.skinny_norm_linear
+    monkeypatch.setattr(sg, "skinny_norm_linear", lambda *a, rope=None, **k: calls.append(rope is not None)
+                        or real(*a, rope=rope, **k))
+    prompts = [[5, 9, 13, 2, 7], [11, 12]]  # small: the interpreter runs every attention kernel too
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def run(kind):
+        eng = InferenceEngine(tiny_model(kind), skip_tokenizer_init=True, max_num_seqs=4, attention_backend="triton",
+                              kv_cache_dtype=kv)
+        return [o.token_ids for o in eng.generate(prompts, greedy)], eng.engine.runner.model.args.num_layers
+
+    monkeypatch.setattr(linear_mod, "FUSE_ROPE", False)
+    want, layers = run("llama")
+    assert not any(calls)
+    monkeypatch.setattr(linear_mod, "FUSE_ROPE", True)
+    calls.clear()
+    got, _ = run("llama")
+    assert got == want
+    assert sum(calls) >= 2 * layers and sum(calls) * 2 == len(calls), calls  # qkv of every layer and step
+    calls.clear()
+    run("qwen3")
+    assert calls and not any(calls)
+
+
+ROPE_PATHS = ["fma bm1 bn8 bk32 sk1 w4 st2", "fma bm4 bn4 bk32 sk2 w4 st2", "dot bm16 bn32 bk32 sk1 w4 st2",
+              "dotT bm16 bn16 bk32 sk3 w4 st2"]
+
+
+def rope_case(M, cache, seed=0, H=4, KVH=2, D=16, BS=4, K=96):
+    """A qkv projection's inputs and two identical caches with every slot holding other data (fp32 random,
+    or random e4m3 bytes), with one padding row (slot -1) when M > 1."""
+    from pagedbatch.engine.attention.kv_quant import FP8_KV_DTYPE
+
+    g = torch.Generator().manual_seed(seed)
+    N = (H + 2 * KVH) * D
+    w, _, w64 = make_weights("fp32", N, K, torch.float32, g)
+    x = torch.randn(M, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    positions = torch.randint(0, 40, (M,), generator=g)
+    slots = torch.randperm(6 * BS, generator=g)[:M]
+    if M > 1:
+        slots[1] = -1
+    if cache == "fp8":
+        kc = torch.randint(0, 120, (6, BS, KVH, D), generator=g, dtype=torch.uint8).view(FP8_KV_DTYPE)
+        vc = torch.randint(0, 120, (6, BS, KVH, D), generator=g, dtype=torch.uint8).view(FP8_KV_DTYPE)
+        kv_scale = torch.tensor([0.05, 0.02])
+    else:
+        kc, vc, kv_scale = torch.randn(6, BS, KVH, D, generator=g), torch.randn(6, BS, KVH, D, generator=g), None
+    f = torch.arange(64).float()[:, None] / (10000 ** (torch.arange(0, D, 2).float() / D))[None]
+    cos_sin = torch.cat((f.cos(), f.sin()), -1)
+    return dict(x=x, w=w, bias=bias, positions=positions, slots=slots, kc=kc, vc=vc, kv_scale=kv_scale,
+                cos_sin=cos_sin, q_size=H * D, kv_size=KVH * D, D=D)
+
+
+def same(a, b):
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn \
+        else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("cache", ["fp32", "fp8"])
+@pytest.mark.parametrize("cfg", ROPE_PATHS)
+def test_rope_epilogue_equals_the_matmul_then_rotary_cache_write(cfg, cache, norm, poisoned_workspace):
+    """rope=: q and k rotated, k and v stored (fp8: quantized by the layer's scales) exactly as
+    rotary_cache_write does with the matmul's output; a negative slot writes nothing."""
+    from pagedbatch.engine.attention.triton_kernels import rotary_cache_write
+
+    M = 1 if "bm1 " in cfg else 3
+    c = rope_case(M, cache, seed=len(cfg) + norm)
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    nw = torch.linspace(0.5, 1.5, c["x"].shape[1]).to(DEV)
+    res = torch.randn(c["x"].shape, generator=torch.Generator().manual_seed(9)).to(DEV)
+
+    def matmul(**kw):
+        if norm:
+            return sg.skinny_norm_linear(dev["x"], sg.RMSNormIn(res, nw, 1e-6), dev["w"], None, dev["bias"],
+                                         config=C(cfg), **kw)[0]
+        return sg.skinny_linear(dev["x"], dev["w"], None, dev["bias"], config=C(cfg), **kw)
+
+    qs, kvs, D = c["q_size"], c["kv_size"], c["D"]
+    kc_ref, vc_ref = dev["kc"].clone(), dev["vc"].clone()
+    y = matmul()
+    q, k, v = (t.reshape(M, -1, D) for t in y.split([qs, kvs, kvs], dim=1))
+    q_rot = rotary_cache_write(q, k, v, kc_ref, vc_ref, dev["cos_sin"], dev["positions"], dev["slots"],
+                               kv_scale=dev["kv_scale"])
+    kc, vc = dev["kc"].clone(), dev["vc"].clone()
+    rope = sg.RopeCacheOut(dev["cos_sin"], dev["positions"], dev["slots"], kc, vc, dev["kv_scale"], qs, kvs)
+    fused = matmul(rope=rope)
+    assert torch.equal(fused[:, :qs], q_rot.reshape(M, qs)), "rotated q"
+    assert torch.equal(fused[:, qs + kvs:], y[:, qs + kvs:]), "v"
+    assert same(kc, kc_ref) and same(vc, vc_ref), "cache contents"
+    assert not same(kc, dev["kc"]), "nothing was written"
+    if cache == "fp32":  # the output's k columns come back rotated too (the cached keys)
+        keep = dev["slots"] >= 0
+        k_out = fused[:, qs:qs + kvs].reshape(M, -1, D)[keep]
+        assert torch.equal(k_out, kc.view(-1, *kc.shape[2:])[dev["slots"][keep]]), "rotated k in the output"
+
+
+def test_rope_epilogue_refuses_shapes_it_cannot_rotate():
+    c = rope_case(1, "fp32")
+    rope = sg.RopeCacheOut(c["cos_sin"], c["positions"], c["slots"], c["kc"], c["vc"], None, c["q_size"] - 8,
+                           c["kv_size"])
+    with pytest.raises(ValueError, match="whole heads"):
+        sg.skinny_linear(c["x"], c["w"], rope=rope)
+    fp8_cache = rope_case(1, "fp8")
+    rope = sg.RopeCacheOut(c["cos_sin"], c["positions"], c["slots"], fp8_cache["kc"], fp8_cache["vc"], None,
+                           c["q_size"], c["kv_size"])
+    with pytest.raises(ValueError, match="fp8 KV cache needs"):
+        sg.skinny_linear(c["x"], c["w"], rope=rope)
+
+
 @pytest.mark.parametrize("cfg,K,act", [("dotH bm16 bn32 bk32 sk3 w4 st2", 160, None),
                                         ("dotH bm16 bn32 bk32 sk1 w4 st2", 112, None),
                                         ("dotH bm16 bn32 bk32 sk2 w4 st2", 96, "silu_mul")])
@@ -489,6 +613,55 @@ def test_gpu_norm_linear_at_real_shapes(shape, wdtype, M, poisoned_workspace):
     unfused = sg.skinny_linear(rms_norm(x, nw, 1e-6, res)[0], w, scale, b)
     err, err_unfused = (y.float() - exact).norm().item(), (unfused.float() - exact).norm().item()
     assert err <= 1.05 * err_unfused, (err, err_unfused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_gpu_rope_epilogue_equals_rotary_cache_write_at_qwen25_7b_qkv(wdtype, cache, M, poisoned_workspace):
+    """rope= with the norm fused, default configs (16 rows: tensor cores and split-K), a 16-token-block cache
+    of 28 q / 4 kv heads of 128, one padding slot: the fp8 cache's bytes and q are those of the unfused path
+    (both rotate without contracted multiply-adds); a bf16 cache's k and q within one bf16 rounding of it
+    (rotary_cache_write contracts there)."""
+    from pagedbatch.engine.attention.kv_quant import FP8_KV_DTYPE
+    from pagedbatch.engine.attention.triton_kernels import rotary_cache_write
+
+    N, K = REAL_SHAPES["qwen2.5-7b.json-tp1-qkv"]
+    x, w, scale, b, _ = _gpu_case(N, K, M, wdtype, bias=True)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    res = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(torch.bfloat16)
+    H, KVH, D, BS = 28, 4, 128, 16
+    f = torch.arange(4096, device="cuda").float()[:, None] / (1e6 ** (torch.arange(0, D, 2, device="cuda") / D))
+    cos_sin = torch.cat((f.cos(), f.sin()), -1)
+    positions = torch.randint(0, 4096, (M,), device="cuda", generator=g)
+    slots = torch.randperm(64 * BS, device="cuda", generator=g)[:M]
+    if M > 1:
+        slots[1] = -1
+    if cache == "fp8":
+        kc = torch.randint(0, 120, (64, BS, KVH, D), device="cuda", generator=g, dtype=torch.uint8).view(FP8_KV_DTYPE)
+        kv_scale = torch.tensor([0.03, 0.02], device="cuda")
+    else:
+        kc, kv_scale = torch.randn(64, BS, KVH, D, device="cuda", generator=g).to(torch.bfloat16), None
+    vc, kc0 = kc.clone(), kc.clone()
+    norm = sg.RMSNormIn(res, nw, 1e-6)
+    y, _ = sg.skinny_norm_linear(x, norm, w, scale, b)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q, k, v = (t.reshape(M, -1, D) for t in y.split([H * D, KVH * D, KVH * D], dim=1))
+    q_rot = rotary_cache_write(q, k, v, kc_ref, vc_ref, cos_sin, positions, slots, kv_scale=kv_scale)
+    rope = sg.RopeCacheOut(cos_sin, positions, slots, kc, vc, kv_scale, H * D, KVH * D)
+    fused, _ = sg.skinny_norm_linear(x, norm, w, scale, b, rope=rope)
+    assert torch.equal(fused[:, H * D + KVH * D:], y[:, H * D + KVH * D:]), "v columns"
+    assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8)), "v cache"
+    if cache == "fp8":
+        assert torch.equal(fused[:, :H * D], q_rot.reshape(M, -1)), "q"
+        assert torch.equal(kc.view(torch.uint8), kc_ref.view(torch.uint8)), "k cache bytes"
+    else:
+        torch.testing.assert_close(fused[:, :H * D], q_rot.reshape(M, -1), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(kc, kc_ref, rtol=2 ** -7, atol=1e-6)
+        assert (fused[:, :H * D] == q_rot.reshape(M, -1)).float().mean() > 0.99
+    assert not torch.equal(kc.view(torch.uint8), kc0.view(torch.uint8)), "nothing written"
 
 
 @pytest.mark.gpu

@@ -63,6 +63,7 @@ class TritonAttentionBackend:
 
     name = "triton"
     fuses_qk_norm = True  # forward() takes Qwen3's q/k norms and applies them inside the rotary kernel
+    attends_written_cache = True  # attend() takes q rotated elsewhere over a cache holding this step's k, v
 
     def __init__(
         self,

@@ -39,6 +39,11 @@ skinny route, with ``FUSE_NORM``, one kernel (the residual add and the sum
 of squares ride along the operand loads, 1/rms scales the output);
 elsewhere ``rms_norm`` and then ``linear``.
 
+With ``FUSE_ROPE`` the qkv projection on the skinny route also rotates q and
+k and writes this step's k and v to the KV cache in its epilogue
+(``norm_linear(..., rope=)``, asked for where ``fuses_rope`` says so), so the
+attention backend only attends.
+
 ``silu_mul_linear(gate_up, weight, weight_scale, bias)`` is the MLP's down
 projection of ``silu(gate) * up``: for a single row on the skinny route the
 activation runs inside the GEMM's operand load (one kernel instead of two),
@@ -164,23 +169,38 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
 # decode's few rows. The normalised row is not rounded to the model dtype before the matmul (1/rms scales
 # the float32 output instead), so results differ from the unfused pair by about one bf16 rounding.
 FUSE_NORM = True
+# Rotate q and k and write the KV cache in the epilogue of the qkv matmul on the skinny route (the model asks
+# fuses_rope), instead of in the attention backend's rotary_cache_write kernel: one launch a layer fewer.
+FUSE_ROPE = True
+
+
+def fuses_rope(M: int, weight: torch.Tensor, weight_scale: Optional[torch.Tensor], device: torch.device) -> bool:
+    """Whether ``norm_linear`` takes ``rope=`` for an M-row input to this (qkv) weight: the skinny route."""
+    N, K = weight.shape
+    return FUSE_ROPE and M > 0 and route(M, N, K, weight.dtype, device, weight_scale is not None) == "skinny"
 
 
 def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                weight_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                weight_scale: Optional[torch.Tensor] = None, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``linear(rms_norm(x + residual) * norm_weight, weight, bias, weight_scale)`` and the new residual
-    ``x + residual`` (``x`` itself without a residual). x: [M, K]."""
+    ``x + residual`` (``x`` itself without a residual). x: [M, K]. ``rope``: a ``skinny_gemm.RopeCacheOut``
+    for the qkv projection, only where ``fuses_rope`` said so."""
     M, (N, K) = x.shape[0], weight.shape
     fp8 = weight_scale is not None
-    if FUSE_NORM and M > 0 and x.dim() == 2 and route(M, N, K, weight.dtype, x.device, fp8) == "skinny":
+    skinny = M > 0 and x.dim() == 2 and route(M, N, K, weight.dtype, x.device, fp8) == "skinny"
+    if rope is not None and not (skinny and fuses_rope(M, weight, weight_scale, x.device)):
+        raise ValueError("norm_linear: rope= only on the skinny route (linear.fuses_rope)")
+    if FUSE_NORM and skinny:
         sk = _skinny()
         out, new_res = sk.skinny_norm_linear(x, sk.RMSNormIn(residual, norm_weight, eps), weight, weight_scale,
-                                             bias)
+                                             bias, rope=rope)
         return out, (x if residual is None else new_res)
     h, new_res = rms_norm(x, norm_weight, eps, residual, x.dim() == 2 and takes_fp8_rows(M, weight, weight_scale,
                                                                                           x.device))
-    return linear(h, weight, bias, weight_scale), (x if residual is None else new_res)
+    out = _skinny().skinny_linear(h, weight, weight_scale, bias, rope=rope) if rope is not None \
+        else linear(h, weight, bias, weight_scale)
+    return out, (x if residual is None else new_res)
 
 
 # Rows up to which silu_mul_linear fuses the activation into the skinny GEMM. H200, 2026-12-03

@@ -37,7 +37,8 @@ from ..attention.metadata import AttentionMetadata
 from .config import ModelArgs
 from .fp8 import FP8
 from .fused_ops import rms_norm
-from .linear import linear, norm_linear, silu_mul_linear
+from .linear import fuses_rope, linear, norm_linear, silu_mul_linear
+from .skinny_gemm import RopeCacheOut
 from .sharding import TPShard, local_args, vocab_range
 
 
@@ -94,10 +95,20 @@ class Attention(nn.Module):
 
     def forward(self, x, residual, norm: RMSNorm, kv_cache, cos_sin, meta: AttentionMetadata,
                 backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention output of ``norm(x + residual)``, the new residual): the norm goes with the qkv matmul."""
+        """(attention output of ``norm(x + residual)``, the new residual): the norm goes with the qkv matmul,
+        and so do the rotary embedding and the cache write where the matmul can take them (linear.fuses_rope)
+        and the backend attends over a cache already written (its ``attends_written_cache``)."""
+        rope = None
+        if self.q_norm is None and getattr(backend, "attends_written_cache", False) \
+                and fuses_rope(x.shape[0], self.qkv_proj_weight, self.qkv_proj_weight_scale, x.device):
+            rope = RopeCacheOut(cos_sin, meta.positions, meta.slot_mapping, kv_cache[0], kv_cache[1], self.kv_scale,
+                                self.q_size, self.kv_size)
         qkv, residual = norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj_weight, self.qkv_proj_bias,
-                                    self.qkv_proj_weight_scale)
-        return self.attend(qkv, kv_cache, cos_sin, meta, backend), residual
+                                    self.qkv_proj_weight_scale, rope=rope)
+        if rope is None:
+            return self.attend(qkv, kv_cache, cos_sin, meta, backend), residual
+        q = qkv[:, :self.q_size].view(-1, self.num_heads, self.head_dim)  # rotated; k and v are in the cache
+        return self._o_proj(backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale, self.kv_scale)), residual
 
     def attend(self, qkv, kv_cache, cos_sin, meta: AttentionMetadata, backend: AttentionBackend):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -112,6 +123,9 @@ class Attention(nn.Module):
         else:
             q, k = self.q_norm(q), self.k_norm(k)
             o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], cos_sin, meta, self.scale, self.kv_scale)
+        return self._o_proj(o)
+
+    def _o_proj(self, o):
         # Without TP the bias goes inside the matmul, as transformers adds it; with TP after the sum.
         out = linear(o.reshape(-1, self.q_size), self.o_proj_weight, self.o_proj_bias if self.comm is None else None,
                      self.o_proj_weight_scale)

@@ -91,6 +91,7 @@ try:
     import triton
     import triton.language as tl
 
+    from ..attention.triton_kernels import _quantize
     from ..pdl import release_dependents, wait_for_producer
 except ImportError:  # the CPU-only install has no Triton; nothing here is used then
     triton = None
@@ -388,10 +389,47 @@ class RMSNormIn:
     eps: float
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeCacheOut:
+    """The rotary embedding and KV-cache write a qkv matmul can do in its epilogue (``rope=``): what
+    ``attention.triton_kernels.rotary_cache_write`` does with the matmul's output, for the rows' tokens."""
+
+    cos_sin: torch.Tensor  # [max_positions, head_dim] float32: cos, then sin
+    positions: torch.Tensor  # [M] int64
+    slot_mapping: torch.Tensor  # [M] int64 flat cache slots; negative: not written
+    k_cache: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim], head_dim contiguous
+    v_cache: torch.Tensor  # the same logical shape, any strides
+    kv_scale: Optional[torch.Tensor]  # [k_scale, v_scale] float32 for an fp8 cache, else None
+    q_size: int  # output columns [0, q_size) are q, then kv_size of k, then kv_size of v
+    kv_size: int
+
+
+def _check_rope(rope: RopeCacheOut, M: int, N: int) -> tuple:
+    from ..attention.kv_quant import checked_scale
+    from ..attention.triton_kernels import _check_head_dim, check_k_cache
+
+    kc, vc = rope.k_cache, rope.v_cache
+    check_k_cache(kc)
+    D = kc.shape[3]
+    _check_head_dim(D)
+    if vc.shape != kc.shape or rope.q_size % D or rope.kv_size != kc.shape[2] * D \
+            or N != rope.q_size + 2 * rope.kv_size:
+        raise ValueError(f"skinny_linear: rope= needs q_size + 2 * kv_size = {N} output columns of whole heads "
+                         f"and caches of kv_size // head_dim heads, got q_size {rope.q_size}, kv_size "
+                         f"{rope.kv_size}, caches {tuple(kc.shape)} / {tuple(vc.shape)}")
+    if rope.positions.shape[0] < M or rope.slot_mapping.shape[0] < M:
+        raise ValueError(f"skinny_linear: rope= needs positions and slots for {M} rows")
+    cs = rope.cos_sin
+    if cs.dtype != torch.float32 or cs.stride(-1) != 1 or cs.shape[-1] != D:
+        raise ValueError(f"skinny_linear: rope= needs a float32 [positions, {D}] cos/sin table with contiguous rows")
+    return D, checked_scale(kc, rope.kv_scale)
+
+
 def skinny_norm_linear(x: torch.Tensor, norm: RMSNormIn, weight: torch.Tensor,
                        weight_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
                        config: Optional[SkinnyConfig] = None, out: Optional[torch.Tensor] = None,
-                       residual_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                       residual_out: Optional[torch.Tensor] = None,
+                       rope: Optional[RopeCacheOut] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``skinny_linear(rms_norm(x + residual), ...)`` in one kernel, and the new residual ``x + residual``
     (None without a residual). x: [M, K] with contiguous rows.
 
@@ -400,7 +438,7 @@ def skinny_norm_linear(x: torch.Tensor, norm: RMSNormIn, weight: torch.Tensor,
     for "fma", rounded once to bf16/fp16 for the tensor-core kinds) and each output row by its 1/rms in the
     epilogue, where the unfused pair rounds the row twice to x's dtype; results differ from it by about one
     such rounding of the operand, and are closer to the float32 norm + matmul (a GPU test pins both).
-    residual_out: optional [M, K] buffer for the new residual.
+    residual_out: optional [M, K] buffer for the new residual. rope: as ``skinny_linear``'s.
     """
     if x.dim() != 2:
         raise ValueError(f"skinny_norm_linear: x must be [M, K], got {tuple(x.shape)}")
@@ -419,26 +457,30 @@ def skinny_norm_linear(x: torch.Tensor, norm: RMSNormIn, weight: torch.Tensor,
     elif residual_out.shape != x.shape or residual_out.dtype != x.dtype or residual_out.stride(-1) != 1:
         raise ValueError(f"skinny_norm_linear: residual_out must be a {x.dtype} [{M}, {K}] tensor with "
                          f"contiguous rows")
-    y = _skinny(x, weight, weight_scale, bias, None, config, out, (norm, residual_out))
+    y = _skinny(x, weight, weight_scale, bias, None, config, out, (norm, residual_out), rope)
     return y, residual_out
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None, *, act: Optional[str] = None,
-                  config: Optional[SkinnyConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  config: Optional[SkinnyConfig] = None, out: Optional[torch.Tensor] = None,
+                  rope: Optional[RopeCacheOut] = None) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None]).T + bias``, accumulated in float32, returned in ``x.dtype``.
 
     x: [..., K] (``act="silu_mul"``: [..., 2K], the gate_up output; the kernel multiplies by
     ``silu(gate) * up``), last dim contiguous. weight: [N, K] contiguous, x's dtype or
     torch.float8_e4m3fn. weight_scale: [N] float32, required for fp8 weights, else None.
     bias: [N] or None. config: overrides the tuned/heuristic choice. out: optional [M, N] output.
+    rope: a qkv projection's rotary embedding and cache write, done in the epilogue (``RopeCacheOut``): the
+    output's q and k columns come back rotated and the caches hold this step's k and v, as after
+    ``rotary_cache_write``; one launch fewer. (Column tiles then hold (d, d + head_dim / 2) pairs.)
     CUDA-graph capturable: no host syncs; the only allocations are the output and, with split-K,
     an fp32 workspace of [split_k, M, N].
     """
-    return _skinny(x, weight, weight_scale, bias, act, config, out, None)
+    return _skinny(x, weight, weight_scale, bias, act, config, out, None, rope)
 
 
-def _skinny(x, weight, weight_scale, bias, act, config, out, norm) -> torch.Tensor:
+def _skinny(x, weight, weight_scale, bias, act, config, out, norm, rope=None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("skinny_linear needs Triton")
     N, K = weight.shape
@@ -479,7 +521,10 @@ def _skinny(x, weight, weight_scale, bias, act, config, out, norm) -> torch.Tens
         config = _default_config(m_bucket(M), N, K, _wkind(weight.dtype), act, _device_sms(x.device) or 132)
         if config.kind == "dotH" and x.dtype == torch.float32:
             config = dataclasses.replace(config, kind="dot")  # fp16 would round float32 activations
-    _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config, norm)
+    if rope is not None and out.stride(0) != N:
+        raise ValueError("skinny_linear: rope= needs a contiguous output")
+    _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config, norm,
+            None if rope is None else (rope, *_check_rope(rope, M, N)))
     return out.view(*lead, N)
 
 
@@ -490,7 +535,7 @@ def split_plan(K: int, cfg: SkinnyConfig) -> tuple[int, int]:
     return per_split, -(-n_iters // per_split)
 
 
-def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig, norm=None) -> None:
+def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig, norm=None, rope=None) -> None:
     per_split, split = split_plan(K, cfg)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     locks = _lock_buffer(x.device)  # also when unused: created at the first (warm-up) call, never in a capture
@@ -509,10 +554,19 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig, norm=N
         norm_args = (r, ro, rms.weight, wsq, float(rms.eps), r.stride(0), ro.stride(0))
     else:
         has_res, norm_args = False, (out, out, out, wsq, 0.0, 0, 0)
+    if rope is not None:
+        (r, D, kv_scale), (kc, vc) = (rope[0], rope[1], rope[2]), (rope[0].k_cache, rope[0].v_cache)
+        rope_args = (r.cos_sin, r.positions, r.slot_mapping, kc, vc, kv_scale if kv_scale is not None else out,
+                     r.q_size, r.kv_size, r.cos_sin.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+                     vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3))
+        rope_const = dict(ROPE=True, HALF=D // 2, CACHE_BLOCK=kc.shape[1], KV_SCALED=kv_scale is not None,
+                          EXACT_MUL=x.is_cuda)
+    else:
+        rope_args, rope_const = (out, out, out, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), {}
     _skinny_kernel[grid](
         x, w, scale if scale is not None else out, bias if bias is not None else out, out, ws, locks,
         M, N, K, per_split, x.stride(0), out.stride(0), _DOTH_X_SCALE[x.dtype] if f16_dot else 1.0,
-        *norm_args, NORM=norm is not None, HAS_RES=has_res,
+        *norm_args, *rope_args, NORM=norm is not None, HAS_RES=has_res, **rope_const,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=f16_dot, W_FP8=w.dtype == FP8,
         HAS_BIAS=bias is not None,
@@ -631,32 +685,114 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8: tl.constexpr,
-                HAS_BIAS: tl.constexpr, rstd, NORM: tl.constexpr):
+    def _finish(acc, S, B, rn_c, x_scale, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, rstd, NORM: tl.constexpr):
+        """The output tile in float32: 1/rms (NORM), the channel scales (fp8), the bias."""
         if NORM:  # each row's 1 / rms, which factors out of the K sum
             acc = acc * rstd[:, None]
         if W_FP8:
             acc = acc * (tl.load(S + rn_c) / x_scale)[None, :]  # x_scale: dotH's 2**-8, else 1 (exact)
         if HAS_BIAS:
             acc = acc + tl.load(B + rn_c).to(tl.float32)[None, :]
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+        return acc
 
-    @triton.jit(do_not_specialize=["M", "per_split"])
+    @triton.jit
+    def _mul_rn(a, b, EXACT: tl.constexpr):
+        # A product the compiler cannot contract into a multiply-add with the sum after it (PTX mul.rn):
+        # the rotation then rounds as torch's and rotary_cache_write's (which runs without contraction).
+        if EXACT:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return a * b
+
+    @triton.jit
+    def _store_rope(acc, Y, rm, rm_c, rn, M, N, stride_ym, CS, POS, SLOT, KC, VC, KVS, q_cols, kv_cols, s_cs,
+                    s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HALF: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_SCALED: tl.constexpr,
+                    EXACT_MUL: tl.constexpr):
+        """ROPE's store: the tile's columns are (d, d + HALF) pairs of one head (see the kernel); q and k are
+        rotated at each row's position, k and v also written to the cache at its slot (negative: none), as
+        ``rotary_cache_write`` does with the rounded qkv output."""
+        y = acc.to(Y.dtype.element_ty).to(tl.float32)  # the qkv output rotary_cache_write would read
+        x1, x2 = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+        c1, c2 = tl.split(tl.reshape(rn, (BLOCK_N // 2, 2)))
+        d = c1 % (2 * HALF)
+        pos = tl.load(POS + rm_c).to(tl.int64)
+        cs = CS + pos[:, None] * s_cs + d[None, :]
+        cos = tl.load(cs)
+        sin = tl.load(cs + HALF)
+        r1 = _mul_rn(x1, cos, EXACT_MUL) - _mul_rn(x2, sin, EXACT_MUL)
+        r2 = _mul_rn(x2, cos, EXACT_MUL) + _mul_rn(x1, sin, EXACT_MUL)
+        rot = (c1 < q_cols + kv_cols)[None, :]
+        rows = (rm < M)[:, None]
+        yrow = Y + rm.to(tl.int64)[:, None] * stride_ym
+        ok = rows & (c1 < N)[None, :]
+        tl.store(yrow + c1[None, :], tl.where(rot, r1, x1).to(Y.dtype.element_ty), mask=ok)
+        tl.store(yrow + c2[None, :], tl.where(rot, r2, x2).to(Y.dtype.element_ty), mask=ok)
+        slot = tl.load(SLOT + rm_c)
+        cached = ok & (slot >= 0)[:, None]
+        blk = (slot // CACHE_BLOCK).to(tl.int64)[:, None]
+        row = (slot % CACHE_BLOCK).to(tl.int64)[:, None]
+        is_k = (c1 >= q_cols) & (c1 < q_cols + kv_cols)
+        is_v = c1 >= q_cols + kv_cols
+        kh = ((c1 - q_cols) // (2 * HALF))[None, :]
+        vh = ((c1 - q_cols - kv_cols) // (2 * HALF))[None, :]
+        k1, k2, v1, v2 = r1, r2, x1, x2
+        if KV_SCALED:
+            k_scale = tl.load(KVS)
+            v_scale = tl.load(KVS + 1)
+            k_inv = tl.math.div_rn(1.0, k_scale)
+            v_inv = tl.math.div_rn(1.0, v_scale)
+            k1 = _quantize(k1, k_scale, k_inv)
+            k2 = _quantize(k2, k_scale, k_inv)
+            v1 = _quantize(v1, v_scale, v_inv)
+            v2 = _quantize(v2, v_scale, v_inv)
+        k_dst = KC + blk * s_kcb + row * s_kcs + kh * s_kch + d[None, :]
+        tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=cached & is_k[None, :])
+        tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=cached & is_k[None, :])
+        v_dst = VC + blk * s_vcb + row * s_vcs + vh * s_vch + d[None, :] * s_vcd
+        tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=cached & is_v[None, :])
+        tl.store(v_dst + HALF * s_vcd, v2.to(VC.dtype.element_ty), mask=cached & is_v[None, :])
+
+    @triton.jit
+    def _store(acc, Y, rm, rm_c, rn, M, N, stride_ym, CS, POS, SLOT, KC, VC, KVS, q_cols, kv_cols, s_cs,
+               s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               ROPE: tl.constexpr, HALF: tl.constexpr, CACHE_BLOCK: tl.constexpr, KV_SCALED: tl.constexpr,
+               EXACT_MUL: tl.constexpr):
+        if ROPE:
+            _store_rope(acc, Y, rm, rm_c, rn, M, N, stride_ym, CS, POS, SLOT, KC, VC, KVS, q_cols, kv_cols, s_cs,
+                        s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, BLOCK_M, BLOCK_N, HALF, CACHE_BLOCK,
+                        KV_SCALED, EXACT_MUL)
+        else:
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            tl.store(Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+    # The step's positions and slots are slices of one packed input buffer (see rotary_cache_write).
+    @triton.jit(do_not_specialize=["M", "per_split", "POS", "SLOT"])
     def _skinny_kernel(X, W, S, B, Y, WS, LOCKS, M, N, K, per_split, stride_xm, stride_ym, x_scale,
                        R, RO, NW, WSQ, eps, stride_rm, stride_rom,
+                       CS, POS, SLOT, KC, VC, KVS, q_cols, kv_cols, s_cs, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch,
+                       s_vcd,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT: tl.constexpr, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, F16_DOT: tl.constexpr,
                        W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IEEE: tl.constexpr,
                        NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+                       ROPE: tl.constexpr = False, HALF: tl.constexpr = 1, CACHE_BLOCK: tl.constexpr = 1,
+                       KV_SCALED: tl.constexpr = False, EXACT_MUL: tl.constexpr = False,
                        PF_LINES: tl.constexpr = 0, PF_PAD: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
                        PDL: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            # Column tiles of (d, d + HALF) pairs of one head, interleaved: the epilogue rotates each pair.
+            # Each weight row is its own contiguous run, so the loads coalesce as with adjacent rows.
+            j = tl.arange(0, BLOCK_N)
+            g = pid_n * (BLOCK_N // 2) + j // 2
+            rn = (g // HALF) * (2 * HALF) + g % HALF + (j % 2) * HALF
+        else:
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # Rows past M or N re-read the last real row instead of being masked:
         # the loads stay unpredicated (and pipelinable); those rows are never stored.
         rm_c = tl.minimum(rm, M - 1)
@@ -752,10 +888,16 @@ if triton is not None:
                         ssq_t += tl.load(WSQ + (s * tl.num_programs(0) + pid_n) * M + rm, mask=rm < M, other=0.0,
                                          cache_modifier=".cg")
                     rstd_t = 1.0 / tl.sqrt(ssq_t / K + eps)
-                _finish(total, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS, rstd_t, NORM)
+                total = _finish(total, S, B, rn_c, x_scale, W_FP8, HAS_BIAS, rstd_t, NORM)
+                _store(total, Y, rm, rm_c, rn, M, N, stride_ym, CS, POS, SLOT, KC, VC, KVS, q_cols, kv_cols, s_cs,
+                       s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, BLOCK_M, BLOCK_N, ROPE, HALF, CACHE_BLOCK,
+                       KV_SCALED, EXACT_MUL)
                 tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call / graph replay
         else:
             rstd = x_scale  # unused without NORM
             if NORM:
                 rstd = 1.0 / tl.sqrt(ssq_m / K + eps)  # fused_ops' rms_norm formula
-            _finish(acc, S, B, Y, rm, rn, rn_c, M, N, stride_ym, x_scale, W_FP8, HAS_BIAS, rstd, NORM)
+            acc = _finish(acc, S, B, rn_c, x_scale, W_FP8, HAS_BIAS, rstd, NORM)
+            _store(acc, Y, rm, rm_c, rn, M, N, stride_ym, CS, POS, SLOT, KC, VC, KVS, q_cols, kv_cols, s_cs,
+                   s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, BLOCK_M, BLOCK_N, ROPE, HALF, CACHE_BLOCK,
+                   KV_SCALED, EXACT_MUL)
