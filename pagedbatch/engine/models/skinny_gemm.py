@@ -66,6 +66,12 @@ norm_weight`` while it sums the squares, and the epilogue scales by 1/rms
 the last arriver sums them). Programs of the first column tile store the
 new residual. Two kernels a layer fewer in a decode step.
 
+``rope=`` (``RopeCacheOut``) does the attention backend's rotary + cache
+write in the qkv projection's epilogue: column tiles hold (d, d + head_dim/2)
+pairs of one head, so each program can rotate its q and k columns at the
+row's position and store k and v into the KV cache at the row's slot. One
+kernel a layer fewer again.
+
 Programmatic dependent launch (Hopper, ``engine/pdl.py``): each program
 loads its first weight tile, then waits for the kernel that produces x; the
 next kernel may launch once every program is past the main loop.
