@@ -110,6 +110,18 @@ def _fp8_to_f16(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def quantize_kv(k1, k2, v1, v2, KV_SCALE):
+    """Two halves each of rotated keys and of values (float32) as an fp8 cache stores them: divided by the
+    layer's [k_scale, v_scale] (``_quantize``), saturated. Also the skinny GEMM's rope epilogue's."""
+    k_scale = tl.load(KV_SCALE)
+    v_scale = tl.load(KV_SCALE + 1)
+    k_inv = tl.math.div_rn(1.0, k_scale)
+    v_inv = tl.math.div_rn(1.0, v_scale)
+    return (_quantize(k1, k_scale, k_inv), _quantize(k2, k_scale, k_inv), _quantize(v1, v_scale, v_inv),
+            _quantize(v2, v_scale, v_inv))
+
+
+@triton.jit
 def _quantize(x, scale, inv_scale):
     # kv_quant.quantize: IEEE division, then saturation. ``inv_scale`` is div_rn(1, scale), the correctly
     # rounded reciprocal; one multiply and Markstein's correction (remainder by an exact fma, then
@@ -202,14 +214,7 @@ def _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, kb, slot_mapping, cos
     v1 = tl.load(src, mask=hmask, other=0.0)
     v2 = tl.load(src + HALF, mask=hmask, other=0.0)
     if KV_SCALED:
-        k_scale = tl.load(KV_SCALE)
-        v_scale = tl.load(KV_SCALE + 1)
-        k_inv = tl.math.div_rn(1.0, k_scale)
-        v_inv = tl.math.div_rn(1.0, v_scale)
-        k1 = _quantize(k1, k_scale, k_inv)
-        k2 = _quantize(k2, k_scale, k_inv)
-        v1 = _quantize(v1.to(tl.float32), v_scale, v_inv)
-        v2 = _quantize(v2.to(tl.float32), v_scale, v_inv)
+        k1, k2, v1, v2 = quantize_kv(k1, k2, v1.to(tl.float32), v2.to(tl.float32), KV_SCALE)
     k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
     tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
     tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)

@@ -97,7 +97,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ..attention.triton_kernels import _quantize
+    from ..attention.triton_kernels import quantize_kv
     from ..pdl import release_dependents, wait_for_producer
 except ImportError:  # the CPU-only install has no Triton; nothing here is used then
     triton = None
@@ -744,14 +744,7 @@ if triton is not None:
         vh = ((c1 - q_cols - kv_cols) // (2 * HALF))[None, :]
         k1, k2, v1, v2 = r1, r2, x1, x2
         if KV_SCALED:
-            k_scale = tl.load(KVS)
-            v_scale = tl.load(KVS + 1)
-            k_inv = tl.math.div_rn(1.0, k_scale)
-            v_inv = tl.math.div_rn(1.0, v_scale)
-            k1 = _quantize(k1, k_scale, k_inv)
-            k2 = _quantize(k2, k_scale, k_inv)
-            v1 = _quantize(v1, v_scale, v_inv)
-            v2 = _quantize(v2, v_scale, v_inv)
+            k1, k2, v1, v2 = quantize_kv(k1, k2, v1, v2, KVS)
         k_dst = KC + blk * s_kcb + row * s_kcs + kh * s_kch + d[None, :]
         tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=cached & is_k[None, :])
         tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=cached & is_k[None, :])
