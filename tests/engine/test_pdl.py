@@ -68,25 +68,28 @@ def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
-@pytest.mark.gpu
-def test_gpu_pdl_kernel_chain_in_a_cuda_graph_gives_the_bits_of_the_chain_without_pdl(monkeypatch):
+L, D, F = 6, 2048, 5632  # the GPU chains' layers, hidden and intermediate sizes
+
+
+def _chain_weights(seed: int):
+    """(rnd, norm weights [2L + 1], qkv, o, gate_up, down [L each]): random bf16 layers for a PDL chain."""
     if not _hopper() or pdl.gdc_wait is None:
         pytest.skip("PDL needs compute capability 9.0+ and Triton with grid dependency control")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    return (rnd, [1 + rnd(D) for _ in range(2 * L + 1)], [rnd(D + 512, D) for _ in range(L)],
+            [rnd(D, D) for _ in range(L)], [rnd(2 * F, D) for _ in range(L)], [rnd(D, F) for _ in range(L)])
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_kernel_chain_in_a_cuda_graph_gives_the_bits_of_the_chain_without_pdl(monkeypatch):
+    rnd, norm_w, qkv, o, up, down = _chain_weights(0)
     from pagedbatch.engine.models import skinny_gemm as sg
     from pagedbatch.engine.models.fused_ops import rms_norm, silu_and_mul
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    L, D, F = 6, 2048, 5632
-    bf = torch.bfloat16
-
-    def rnd(*shape, scale=0.02):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(bf)
-
-    norm_w = [1 + rnd(D) for _ in range(2 * L + 1)]
-    qkv = [rnd(D + 512, D) for _ in range(L)]
-    o = [rnd(D, D) for _ in range(L)]
-    up = [rnd(2 * F, D) for _ in range(L)]
-    down = [rnd(D, F) for _ in range(L)]
     split = sg.SkinnyConfig.parse("fma bm1 bn8 bk256 sk4 w4 st4")  # the split-K counters under PDL too
 
     def chain(x):
@@ -109,20 +112,9 @@ def test_gpu_pdl_kernel_chain_in_a_cuda_graph_gives_the_bits_of_the_chain_withou
 def test_gpu_pdl_chain_of_norm_fused_matmuls_gives_the_bits_without_pdl(monkeypatch):
     """skinny_norm_linear's residual add, its stored residual and its split sums of squares under PDL: every
     kernel reads x and the residual only after its wait."""
-    if not _hopper() or pdl.gdc_wait is None:
-        pytest.skip("PDL needs compute capability 9.0+ and Triton with grid dependency control")
+    rnd, norm_w, qkv, o, up, down = _chain_weights(1)
     from pagedbatch.engine.models import skinny_gemm as sg
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    L, D, F = 6, 2048, 5632
-    bf = torch.bfloat16
-
-    def rnd(*shape, scale=0.02):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(bf)
-
-    norm_w = [1 + rnd(D) for _ in range(2 * L)]
-    qkv, o = [rnd(D + 512, D) for _ in range(L)], [rnd(D, D) for _ in range(L)]
-    up, down = [rnd(2 * F, D) for _ in range(L)], [rnd(D, F) for _ in range(L)]
     split = sg.SkinnyConfig.parse("fma bm1 bn8 bk256 sk4 w4 st4")
 
     def chain(x):

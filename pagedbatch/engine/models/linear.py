@@ -189,7 +189,7 @@ def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: 
     M, (N, K) = x.shape[0], weight.shape
     fp8 = weight_scale is not None
     skinny = M > 0 and x.dim() == 2 and route(M, N, K, weight.dtype, x.device, fp8) == "skinny"
-    if rope is not None and not (skinny and fuses_rope(M, weight, weight_scale, x.device)):
+    if rope is not None and not (skinny and FUSE_ROPE):  # fuses_rope's condition
         raise ValueError("norm_linear: rope= only on the skinny route (linear.fuses_rope)")
     if FUSE_NORM and skinny:
         sk = _skinny()

@@ -92,12 +92,13 @@ from typing import Optional
 import torch
 
 from .. import pdl
+from ..attention.kv_quant import checked_scale
 
 try:
     import triton
     import triton.language as tl
 
-    from ..attention.triton_kernels import quantize_kv
+    from ..attention.triton_kernels import _check_head_dim, check_k_cache, quantize_kv
     from ..pdl import release_dependents, wait_for_producer
 except ImportError:  # the CPU-only install has no Triton; nothing here is used then
     triton = None
@@ -410,10 +411,8 @@ class RopeCacheOut:
     kv_size: int
 
 
-def _check_rope(rope: RopeCacheOut, M: int, N: int) -> tuple:
-    from ..attention.kv_quant import checked_scale
-    from ..attention.triton_kernels import _check_head_dim, check_k_cache
-
+def _check_rope(rope: RopeCacheOut, M: int, N: int) -> tuple[RopeCacheOut, int, Optional[torch.Tensor]]:
+    """(rope, head_dim, the fp8 cache's scales or None) after checking that the epilogue can do it."""
     kc, vc = rope.k_cache, rope.v_cache
     check_k_cache(kc)
     D = kc.shape[3]
@@ -428,7 +427,7 @@ def _check_rope(rope: RopeCacheOut, M: int, N: int) -> tuple:
     cs = rope.cos_sin
     if cs.dtype != torch.float32 or cs.stride(-1) != 1 or cs.shape[-1] != D:
         raise ValueError(f"skinny_linear: rope= needs a float32 [positions, {D}] cos/sin table with contiguous rows")
-    return D, checked_scale(kc, rope.kv_scale)
+    return rope, D, checked_scale(kc, rope.kv_scale)
 
 
 def skinny_norm_linear(x: torch.Tensor, norm: RMSNormIn, weight: torch.Tensor,
@@ -530,7 +529,7 @@ def _skinny(x, weight, weight_scale, bias, act, config, out, norm, rope=None) ->
     if rope is not None and out.stride(0) != N:
         raise ValueError("skinny_linear: rope= needs a contiguous output")
     _launch(x2, weight, weight_scale, bias, out, M, N, K, silu_mul, config, norm,
-            None if rope is None else (rope, *_check_rope(rope, M, N)))
+            None if rope is None else _check_rope(rope, M, N))
     return out.view(*lead, N)
 
 
@@ -555,13 +554,15 @@ def _launch(x, w, scale, bias, out, M, N, K, silu_mul, cfg: SkinnyConfig, norm=N
             wsq = _new_workspace(split, grid[0], M, x.device)
     f16_dot = cfg.kind == "dotH"
     if norm is not None:
-        (rms, res_out), has_res = norm, norm[0].residual is not None
+        rms, res_out = norm
+        has_res = rms.residual is not None
         r, ro = (rms.residual, res_out) if has_res else (x, x)
         norm_args = (r, ro, rms.weight, wsq, float(rms.eps), r.stride(0), ro.stride(0))
     else:
         has_res, norm_args = False, (out, out, out, wsq, 0.0, 0, 0)
     if rope is not None:
-        (r, D, kv_scale), (kc, vc) = (rope[0], rope[1], rope[2]), (rope[0].k_cache, rope[0].v_cache)
+        r, D, kv_scale = rope  # _check_rope's
+        kc, vc = r.k_cache, r.v_cache
         rope_args = (r.cos_sin, r.positions, r.slot_mapping, kc, vc, kv_scale if kv_scale is not None else out,
                      r.q_size, r.kv_size, r.cos_sin.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
                      vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3))
