@@ -21,6 +21,8 @@ the same order and later replays the same bucket for the same step.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .attention.metadata import AttentionMetadata
@@ -79,9 +81,10 @@ class DecodeGraphs(_BucketGraphs):
                          capture_error_mode=capture_error_mode)
         self.max_batch = self.buckets[-1]
         n = self.max_batch
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=device)
+        # ids, positions and slots as the rows of one buffer: a step's three arrive in one copy (run's ``ips``).
+        self.ips = torch.zeros(3, n, dtype=torch.int64, device=device)
+        self.ids, self.positions, self.slots = self.ips.unbind(0)
+        self.slots.fill_(self.scratch_slot)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
@@ -103,13 +106,22 @@ class DecodeGraphs(_BucketGraphs):
                 reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device, kv_dtype)
         self._capture_buckets()
 
-    def run(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, meta: AttentionMetadata, ips: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The step's hidden states [b, hidden] (a view of the graphs' output buffer).
+
+        ``ips``: the step's ids, positions and slots as one [3, b] tensor (``StepInputs.ids_positions_slots``),
+        copied in one kernel; seq_lens and block_tables may be int64 (``unpack(int32=False)``): the copies
+        convert them. Each op before the replay costs the GPU an idle gap of ~1-5 us at one row (H100,
+        2026-12-05, bench/profile_steps.py --timeline)."""
         b = meta.num_seqs
         size = self.bucket_for(b)
         w = meta.block_tables.shape[1]
-        self.ids[:b].copy_(ids)
-        self.positions[:b].copy_(meta.positions)
-        self.slots[:b].copy_(meta.slot_mapping)
+        if ips is not None:
+            self.ips[:, :b].copy_(ips)
+        else:
+            self.ids[:b].copy_(ids)
+            self.positions[:b].copy_(meta.positions)
+            self.slots[:b].copy_(meta.slot_mapping)
         self.seq_lens[:b].copy_(meta.seq_lens)
         self.block_tables[:b, :w].copy_(meta.block_tables)
         if size > b:  # padding rows: attend to the scratch block only

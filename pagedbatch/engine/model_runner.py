@@ -320,7 +320,8 @@ class ModelRunner:
 
     def _launch_forward(self, plan: SchedulerOutput, prev: Optional["InFlightStep"]) -> "InFlightStep":
         t0 = time.perf_counter()
-        inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None)
+        inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None,
+                                   int32=not self._decode_graph_step(len(plan.seqs), sum(plan.num_new_tokens)))
         seqs = inputs.sample_seqs
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1
@@ -393,7 +394,7 @@ class ModelRunner:
         hidden = self._forward(inputs)
         if not inputs.logits_index.numel():
             return None
-        return self._logits(hidden.index_select(0, inputs.logits_index))
+        return self._logits(hidden if inputs.logits_all_rows else hidden.index_select(0, inputs.logits_index))
 
     def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         # Copy-on-write of blocks shared by forked samples: K and V of every layer, in one gather and one
@@ -401,11 +402,15 @@ class ModelRunner:
         # step is still read as it was).
         self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
 
+    def _decode_graph_step(self, num_seqs: int, num_tokens: int) -> bool:
+        """Whether a step runs a decode graph; its inputs then stay int64 (``unpack(int32=False)``)."""
+        return self.graphs is not None and num_tokens == num_seqs <= self.graphs.max_batch
+
     def _forward(self, inputs) -> torch.Tensor:
         ids, meta = inputs.input_ids, inputs.meta
         # Every rank takes the same branch: it depends only on the broadcast header.
-        if self.graphs is not None and meta.is_decode_only and meta.num_seqs <= self.graphs.max_batch:
-            return self.graphs.run(ids, meta)
+        if self._decode_graph_step(meta.num_seqs, meta.num_tokens):
+            return self.graphs.run(ids, meta, inputs.ids_positions_slots())
         if self.prefill_graphs is not None and self.prefill_graphs.fits(meta):
             return self.prefill_graphs.run(ids, meta)
         return self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)
@@ -422,7 +427,7 @@ class ModelRunner:
         """A worker rank's loop: run each step rank 0 broadcasts, for as long as the process lives."""
         while True:
             header, packed = self.tp.recv_step()
-            self._run_step(unpack(packed, header))
+            self._run_step(unpack(packed, header, int32=not self._decode_graph_step(header[0], header[1])))
 
     def _suppressed(self, seq) -> list[int]:
         p = seq.params

@@ -70,6 +70,14 @@ class StepInputs:
     packed: torch.Tensor  # the one int64 device buffer all the tensors above are views of
     # (B, T, S, W, P, C, max_query_len, max_seq_len): what unpacking ``packed`` needs
     header: tuple[int, ...]
+    # Every token's row samples, in order (logits_index is arange(T)): the hidden states need no gather.
+    # Set by the builder on rank 0; False after unpack (a worker gathers the same rows).
+    logits_all_rows: bool = False
+
+    def ids_positions_slots(self) -> torch.Tensor:
+        """[3, T] int64: input ids, positions and slots, one view (they sit back to back in ``packed``)."""
+        T = self.header[1]
+        return self.packed[: 3 * T].view(3, T)
 
 
 def _offsets(B: int, T: int, S: int, W: int, P: int, C: int) -> np.ndarray:
@@ -82,14 +90,18 @@ def packed_length(header) -> int:
     return int(_offsets(*header[:6])[-1])
 
 
-def unpack(packed: torch.Tensor, header) -> StepInputs:
-    """The step's tensors as views of ``packed`` (``sample_seqs`` is None: the plan is rank 0's)."""
+def unpack(packed: torch.Tensor, header, int32: bool = True) -> StepInputs:
+    """The step's tensors as views of ``packed`` (``sample_seqs`` is None: the plan is rank 0's).
+
+    ``int32`` False leaves query_start_loc, seq_lens and block_tables int64 views too, for a step whose
+    consumer converts them as it copies them (``cuda_graphs.DecodeGraphs.run``): three kernels fewer."""
     B, T, S, W, P, C, max_q, max_seq = header
     off = _offsets(B, T, S, W, P, C)
+    conv = (lambda t: t.to(torch.int32)) if int32 else (lambda t: t)
     meta = AttentionMetadata(
         positions=packed[off[1] : off[2]], slot_mapping=packed[off[2] : off[3]],
-        query_start_loc=packed[off[4] : off[5]].to(torch.int32), seq_lens=packed[off[5] : off[6]].to(torch.int32),
-        block_tables=packed[off[6] : off[7]].view(B, W).to(torch.int32),
+        query_start_loc=conv(packed[off[4] : off[5]]), seq_lens=conv(packed[off[5] : off[6]]),
+        block_tables=conv(packed[off[6] : off[7]].view(B, W)),
         num_seqs=B, num_tokens=T, max_query_len=max_q, max_seq_len=max_seq)
     return StepInputs(packed[: off[1]], meta, None, packed[off[3] : off[4]], packed[off[9] : off[10]],
                       packed[off[10] : off[11]], packed, tuple(header))
@@ -195,8 +207,10 @@ class StepInputBuilder:
         sample_rows = [i for i, (s, c) in enumerate(zip(seqs, ctx_list)) if c + 1 == len(s.token_ids)]
         return ids, ctx_list, sample_rows, pending_at, pending_from
 
-    def build(self, plan: SchedulerOutput, prev_tokens: Optional[torch.Tensor] = None) -> StepInputs:
-        """``prev_tokens``: the device output of the step in flight, for inputs still ``PENDING``."""
+    def build(self, plan: SchedulerOutput, prev_tokens: Optional[torch.Tensor] = None,
+              int32: bool = True) -> StepInputs:
+        """``prev_tokens``: the device output of the step in flight, for inputs still ``PENDING``.
+        ``int32``: as ``unpack``'s."""
         seqs, q_lens_list = plan.seqs, plan.num_new_tokens
         B = len(seqs)
         if sum(q_lens_list) == B:
@@ -245,8 +259,9 @@ class StepInputBuilder:
         if self._pin:
             self._copied = torch.cuda.Event()
             self._copied.record()
-        inputs = unpack(dev, (B, T, S, W, P, C, int(q_lens.max()), int(seq_lens.max())))
+        inputs = unpack(dev, (B, T, S, W, P, C, int(q_lens.max()), int(seq_lens.max())), int32)
         inputs.sample_seqs = [seqs[i] for i in sample_rows] + [child for _, child in plan.forks]
+        inputs.logits_all_rows = not plan.forks and len(sample_rows) == T  # sample rows ascend: arange(T)
         if P:
             inputs.input_ids.index_copy_(0, dev[off[7] : off[8]], prev_tokens.index_select(0, dev[off[8] : off[9]]))
         return inputs

@@ -42,8 +42,8 @@ def _capture_logits(engine):
     runner, rows, seen = engine.engine.runner, [], []
     build, logits_fn = runner.inputs.build, runner.model.compute_logits
 
-    def build_and_note(plan, prev=None):
-        inputs = build(plan, prev)
+    def build_and_note(plan, prev=None, **kw):
+        inputs = build(plan, prev, **kw)
         # A sampling row's logits follow all of its sequence's tokens (the step computes its last one).
         seen.append([(s.request_id, s.num_tokens) for s in inputs.sample_seqs])
         return inputs

@@ -1,6 +1,6 @@
 """CUDA graphs for steps with prefill (engine/cuda_graphs.PrefillGraphs): a step padded to its token bucket
 computes exactly what it computes unpadded, and the engine's outputs do not depend on whether its small
-prefill steps replay graphs."""
+prefill steps replay graphs. Also what a decode graph's static inputs hold when it replays (DecodeGraphs.run)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ triton = pytest.importorskip("triton")
 
 from pagedbatch.config import EngineConfig  # noqa: E402
 from pagedbatch.engine.attention.triton_paged import TritonAttentionBackend  # noqa: E402
-from pagedbatch.engine.cuda_graphs import PrefillGraphs, prefill_buckets  # noqa: E402
+from pagedbatch.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets  # noqa: E402
 from test_triton_paged import DEV, make_batch  # noqa: E402
 
 
@@ -25,6 +25,48 @@ def test_prefill_graph_max_tokens_must_be_a_non_negative_integer():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="prefill_graph_max_tokens"):
             EngineConfig(model="m", prefill_graph_max_tokens=bad)
+
+
+def test_a_decode_graph_sees_the_steps_inputs_from_one_copy_of_ids_positions_slots_and_int64_tables():
+    """DecodeGraphs.run with the step's [3, b] ids/positions/slots view and int64 seq_lens and block tables
+    (StepInputBuilder.build(int32=False)) fills the static buffers exactly as the three copies of int32 inputs
+    do, padding rows pointed at the scratch block; no model is needed to check what the graph would see."""
+    import random
+
+    from pagedbatch.engine.scheduler import SchedulerOutput
+    from pagedbatch.engine.step_inputs import StepInputBuilder
+    from test_step_inputs import _seq
+
+    class Seen:  # a captured graph's stand-in: what the static buffers hold at replay
+        def __init__(self, g):
+            self.g, self.seen = g, None
+
+        def replay(self):
+            g = self.g
+            self.seen = [t.clone() for t in (g.ids, g.positions, g.slots, g.seq_lens, g.block_tables, g.qsl)]
+
+    rng, bs = random.Random(3), 16
+    seqs = [_seq(i, rng.randint(2, 90), 0, bs, rng) for i in range(5)]
+    for s in seqs:
+        s.num_computed_tokens = s.num_tokens - 1
+    plan = SchedulerOutput(seqs=seqs, num_new_tokens=[1] * 5)
+    runs = []
+    for int32 in (True, False):
+        g = DecodeGraphs(None, None, None, None, max_batch=16, max_blocks_per_seq=8, max_model_len=128,
+                         scratch_block=99, block_size=bs, hidden_size=1, dtype=torch.float32, device=DEV)
+        g.block_tables.fill_(-7)  # stale columns past the step's width must stay as they were
+        g.graphs = {b: Seen(g) for b in g.buckets}
+        inputs = StepInputBuilder(torch.device(DEV), bs, max_blocks_per_seq=8).build(plan, int32=int32)
+        g.run(inputs.input_ids, inputs.meta, None if int32 else inputs.ids_positions_slots())
+        runs.append(g.graphs[8].seen)
+        assert not any(v.seen for b, v in g.graphs.items() if b != 8)  # 5 rows replay bucket 8
+    for want, got in zip(*runs):
+        assert want.dtype == got.dtype and torch.equal(want, got)
+    ids, pos, slots, seq_lens, tables, _ = runs[1]
+    assert ids[:5].tolist() == [s.token_ids[-1] for s in seqs] and pos[:5].tolist() == [s.num_tokens - 1 for s in seqs]
+    assert (slots[5:8] == 99 * bs).all() and (pos[5:8] == 0).all() and (seq_lens[5:8] == 1).all()
+    assert (tables[5:8, 0] == 99).all() and tables.dtype == seq_lens.dtype == torch.int32
+    assert tables[0, : len(seqs[0].block_table)].tolist() == seqs[0].block_table
 
 
 def _graphs(max_tokens, max_seqs, width, scratch_block, block_size):

@@ -73,3 +73,30 @@ def test_forked_samples_reuse_their_parents_logits_row_and_copies_travel_in_the_
     assert len(got.header) == 8 and got.header[5] == 2
     unpacked = unpack(got.packed, got.header)  # what a tensor-parallel worker rebuilds
     assert unpacked.copy_dst.tolist() == [3, 4] and unpacked.logits_index.tolist() == [0, 20, 21, 20, 20]
+
+
+def test_a_graph_steps_inputs_stay_int64_views_and_say_when_every_row_samples():
+    rng, bs = random.Random(2), 16
+    seqs = [_seq(i, rng.randint(2, 60), 0, bs, rng) for i in range(5)]
+    for s in seqs:
+        s.num_computed_tokens = s.num_tokens - 1
+    plan = SchedulerOutput(seqs=seqs, num_new_tokens=[1] * 5)
+    want = StepInputBuilder(torch.device("cpu"), bs).build(plan)
+    got = StepInputBuilder(torch.device("cpu"), bs).build(plan, int32=False)
+    for name in ("query_start_loc", "seq_lens", "block_tables"):
+        a, b = getattr(want.meta, name), getattr(got.meta, name)
+        assert a.dtype == torch.int32 and b.dtype == torch.int64 and torch.equal(a.long(), b), name
+        assert b.untyped_storage().data_ptr() == got.packed.untyped_storage().data_ptr()  # a view, not a copy
+    assert want.logits_all_rows and got.logits_all_rows and got.logits_index.tolist() == list(range(5))
+    ips = got.ids_positions_slots()
+    assert ips.tolist() == [got.input_ids.tolist(), got.meta.positions.tolist(), got.meta.slot_mapping.tolist()]
+    assert not unpack(got.packed, got.header).logits_all_rows  # a worker gathers its rows as before
+
+    # A row that does not sample (a one-token prefill chunk) or a fork: the rows are gathered.
+    seqs[1].num_computed_tokens = seqs[1].num_tokens - 2
+    assert not StepInputBuilder(torch.device("cpu"), bs).build(plan).logits_all_rows
+    seqs[1].num_computed_tokens = seqs[1].num_tokens - 1
+    child = Sequence("c", seqs[2].token_ids, SamplingParams(max_tokens=4), 0.0)
+    forked = SchedulerOutput(seqs=seqs, num_new_tokens=[1] * 5, forks=[(2, child)])
+    got = StepInputBuilder(torch.device("cpu"), bs).build(forked)
+    assert not got.logits_all_rows and got.logits_index.tolist() == [0, 1, 2, 3, 4, 2]

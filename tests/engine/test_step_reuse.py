@@ -22,11 +22,11 @@ def _checked(eng):
     counts = {"steps": 0, "batches": 0, "decode_only": 0}
     build = runner.inputs.build
 
-    def checked_build(plan, prev_tokens=None):
+    def checked_build(plan, prev_tokens=None, int32=True):
         if all(n == 1 for n in plan.num_new_tokens):  # the decode-only comprehensions agree with the general loop
             assert StepInputBuilder._decode_rows(plan.seqs) == StepInputBuilder._rows(plan.seqs, plan.num_new_tokens)
             counts["decode_only"] += 1
-        got = build(plan, prev_tokens)
+        got = build(plan, prev_tokens, int32)
         want = StepInputBuilder(runner.device, runner.block_size, runner.inputs.max_blocks_per_seq).build(plan, prev_tokens)
         assert got.header == want.header
         assert torch.equal(got.packed, want.packed), "incrementally updated step inputs differ from a rebuild"
@@ -103,9 +103,9 @@ def test_reused_steps_give_the_tokens_of_an_engine_that_rebuilds_every_step(mode
     runner = eng.engine.runner
     build, get = runner.inputs.build, runner.sampling_batches.get
 
-    def fresh_build(plan, prev_tokens=None):
+    def fresh_build(plan, prev_tokens=None, **kw):
         runner.inputs._table = None
-        return build(plan, prev_tokens)
+        return build(plan, prev_tokens, **kw)
 
     def fresh_get(*a):
         runner.sampling_batches._batch = None
