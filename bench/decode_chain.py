@@ -88,8 +88,8 @@ def main(argv=None) -> int:
                          "PDL off runs with the first")
     ap.add_argument("--fuse-norm", default=None, metavar="off,on",
                     help="the norms as kernels of their own (off) and/or inside the qkv / gate_up GEMMs (on, "
-                         "skinny_norm_linear, as the engine runs them with linear.FUSE_NORM), each timed with PDL "
-                         "on; PDL off runs with the first (default: as the engine, linear.FUSE_NORM)")
+                         "skinny_norm_linear), each timed with PDL on; PDL off runs with the first (default: as "
+                         "the engine runs each weight kind, linear.fuses_norm: bf16 on, fp8 off)")
     ap.add_argument("--configs", default="", metavar="NAME=CONFIG[;NAME=CONFIG...]",
                     help="also time the chain with one matmul's skinny config replaced (NAME: qkv, o, gate_up, "
                          "down; e.g. 'qkv=fma bm1 bn4 bk512 sk1 w4 st4'), each against the defaults in the same "
@@ -110,8 +110,7 @@ def main(argv=None) -> int:
         if len(v) != 2 or v[0] not in ("qkv", "o", "gate_up", "down"):
             ap.error(f"--configs: expected NAME=CONFIG with NAME one of qkv, o, gate_up, down, got {'='.join(v)!r}")
         sg.SkinnyConfig.parse(v[1])
-    fusions = ([{"off": False, "on": True}[f] for f in args.fuse_norm.split(",")] if args.fuse_norm
-               else [linear.FUSE_NORM])
+    given = [{"off": False, "on": True}[f] for f in args.fuse_norm.split(",")] if args.fuse_norm else None
 
     dev = torch.device("cuda")
     if not pdl.enabled(dev):
@@ -128,6 +127,7 @@ def main(argv=None) -> int:
     for kind in args.kinds.split(","):
         weights, norms, nbytes = build(shapes, layers, kind, dev, gen)
         roof_us = nbytes / ceilings["copy_bw"] * 1e6
+        fusions = given or [linear.fuses_norm(kind == "fp8")]  # default: as the engine runs these weights
         for r in range(args.rounds):
             for b in budgets:
                 sg.L2_PREFETCH_BYTES = b

@@ -272,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fuse-norm", action="store_true",
                     help="run each layer's RMSNorms as kernels of their own, not inside the skinny GEMM after them "
                          "(linear.FUSE_NORM off; this process only)")
+    ap.add_argument("--fuse-norm-fp8", action="store_true",
+                    help="also fuse the norms into the skinny GEMM in front of fp8 weights (linear.FUSE_NORM_FP8 on; "
+                         "this process only)")
     ap.add_argument("--no-fuse-rope", action="store_true",
                     help="rotate q, k and write the KV cache in the attention backend's kernel, not in the qkv "
                          "skinny GEMM's epilogue (linear.FUSE_ROPE off; this process only)")
@@ -304,6 +307,8 @@ def main(argv=None) -> int:
         linear_mod.FUSE_FP8_QUANT = True
     if args.no_fuse_norm:
         linear_mod.FUSE_NORM = False
+    if args.fuse_norm_fp8:
+        linear_mod.FUSE_NORM_FP8 = True
     if args.no_fuse_rope:
         linear_mod.FUSE_ROPE = False
     from pagedbatch.engine.models import skinny_gemm as skinny_mod
@@ -401,7 +406,7 @@ def main(argv=None) -> int:
         "pdl": _pdl_enabled(device),
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
-        "fuse_norm": linear_mod.FUSE_NORM,
+        "fuse_norm": linear_mod.fuses_norm(args.quantization == "fp8"),
         "fuse_rope": linear_mod.FUSE_ROPE,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
     }

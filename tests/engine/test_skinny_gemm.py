@@ -187,7 +187,8 @@ def test_decoder_layers_fuse_both_norms_into_skinny_matmuls_with_the_same_greedy
                                                                                        tiny_model):
     """linear.norm_linear through the whole model: with the GPU's routing stood in for (the skinny kernel,
     interpreted, up to 4 rows), each layer's two norms run inside the qkv and gate_up matmuls of every decode
-    step, and greedy decoding gives the tokens of the unfused norm + matmul."""
+    step, and greedy decoding gives the tokens of the unfused norm + matmul; with fp8 weights only where
+    FUSE_NORM_FP8 asks for it."""
     from pagedbatch import InferenceEngine, SamplingParams
     from pagedbatch.engine.models import linear as linear_mod
 
@@ -210,6 +211,9 @@ def test_decoder_layers_fuse_both_norms_into_skinny_matmuls_with_the_same_greedy
     want, layers = run()
     assert not calls
     monkeypatch.setattr(linear_mod, "FUSE_NORM", True)
+    if quantization == "fp8":  # not fused in front of fp8 weights unless asked (linear.FUSE_NORM_FP8)
+        assert run()[0] == want and not calls
+        monkeypatch.setattr(linear_mod, "FUSE_NORM_FP8", True)
     got, _ = run()
     assert got == want
     steps = len(calls) // (2 * layers)

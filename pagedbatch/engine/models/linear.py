@@ -35,9 +35,9 @@ kernel that produces a linear's input (RMSNorm, SiLU·mul) and, on the
 
 ``norm_linear(x, residual, norm_weight, eps, weight, bias, weight_scale)`` is
 an RMSNorm (the residual add folded in) and the linear after it: on the
-skinny route, with ``FUSE_NORM``, one kernel (the residual add and the sum
-of squares ride along the operand loads, 1/rms scales the output);
-elsewhere ``rms_norm`` and then ``linear``.
+skinny route, with ``FUSE_NORM`` (fp8 weights: and ``FUSE_NORM_FP8``), one
+kernel (the residual add and the sum of squares ride along the operand
+loads, 1/rms scales the output); elsewhere ``rms_norm`` and then ``linear``.
 
 With ``FUSE_ROPE`` the qkv projection on the skinny route also rotates q and
 k and writes this step's k and v to the KV cache in its epilogue
@@ -169,6 +169,18 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
 # decode's few rows. The normalised row is not rounded to the model dtype before the matmul (1/rms scales
 # the float32 output instead), so results differ from the unfused pair by about one bf16 rounding.
 FUSE_NORM = True
+# ... but not in front of fp8 weights. The one-row fp8 GEMM is bound by its instruction issue on the H200 (its
+# fma loop takes ~0.16 warp-instructions a weight; streaming e4m3 at 4.2 TB/s asks for ~63% of the GPU's issue
+# rate, bf16 ~43%), and the norm adds its operand work to that loop (130 -> 160 instructions a tile, sm_90).
+# Single stream on the H200 (2026-12-05, bench/throughput.py --workload single --quantization fp8, twice each,
+# alternated): norm fused 405 / 405 tok/s, not fused 418 / 418 (rope fused either way); bf16 gains from it (267
+# -> 270). On the H100, with less bandwidth a cycle, the fp8 fusion gained 1% (319 -> 322, 2026-12-05).
+FUSE_NORM_FP8 = False
+
+
+def fuses_norm(fp8: bool) -> bool:
+    """Whether ``norm_linear`` on the skinny route runs the norm inside the matmul, for these weights."""
+    return FUSE_NORM and (FUSE_NORM_FP8 or not fp8)
 # Rotate q and k and write the KV cache in the epilogue of the qkv matmul on the skinny route (the model asks
 # fuses_rope), instead of in the attention backend's rotary_cache_write kernel: one launch a layer fewer.
 FUSE_ROPE = True
@@ -191,7 +203,7 @@ def norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: 
     skinny = M > 0 and x.dim() == 2 and route(M, N, K, weight.dtype, x.device, fp8) == "skinny"
     if rope is not None and not (skinny and FUSE_ROPE):  # fuses_rope's condition
         raise ValueError("norm_linear: rope= only on the skinny route (linear.fuses_rope)")
-    if FUSE_NORM and skinny:
+    if skinny and fuses_norm(fp8):
         sk = _skinny()
         out, new_res = sk.skinny_norm_linear(x, sk.RMSNormIn(residual, norm_weight, eps), weight, weight_scale,
                                              bias, rope=rope)
