@@ -321,7 +321,7 @@ class ModelRunner:
     def _launch_forward(self, plan: SchedulerOutput, prev: Optional["InFlightStep"]) -> "InFlightStep":
         t0 = time.perf_counter()
         inputs = self.inputs.build(plan, prev.token_ids if prev is not None else None,
-                                   int32=not self._decode_graph_step(len(plan.seqs), sum(plan.num_new_tokens)))
+                                   int32=not self._decode_graph_step(len(plan.seqs), plan.num_tokens))
         seqs = inputs.sample_seqs
         self.prepare_s += time.perf_counter() - t0
         self.steps += 1

@@ -170,8 +170,8 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
 # the float32 output instead), so results differ from the unfused pair by about one bf16 rounding.
 FUSE_NORM = True
 # ... but not in front of fp8 weights. The one-row fp8 GEMM is bound by its instruction issue on the H200 (its
-# fma loop takes ~0.16 warp-instructions a weight; streaming e4m3 at 4.2 TB/s asks for ~63% of the GPU's issue
-# rate, bf16 ~43%), and the norm adds its operand work to that loop (130 -> 160 instructions a tile, sm_90).
+# fma loop takes ~0.13 warp-instructions a weight, so streaming e4m3 at 4.2 TB/s asks for ~51% of the GPU's issue
+# rate, bf16 ~42%), and the norm adds its operand work to that loop (130 -> 160 instructions a tile, sm_90: ~63%).
 # Single stream on the H200 (2026-12-05, bench/throughput.py --workload single --quantization fp8, twice each,
 # alternated): norm fused 405 / 405 tok/s, not fused 418 / 418 (rope fused either way); bf16 gains from it (267
 # -> 270). On the H100, with less bandwidth a cycle, the fp8 fusion gained 1% (319 -> 322, 2026-12-05).
@@ -181,6 +181,8 @@ FUSE_NORM_FP8 = False
 def fuses_norm(fp8: bool) -> bool:
     """Whether ``norm_linear`` on the skinny route runs the norm inside the matmul, for these weights."""
     return FUSE_NORM and (FUSE_NORM_FP8 or not fp8)
+
+
 # Rotate q and k and write the KV cache in the epilogue of the qkv matmul on the skinny route (the model asks
 # fuses_rope), instead of in the attention backend's rotary_cache_write kernel: one launch a layer fewer.
 FUSE_ROPE = True
