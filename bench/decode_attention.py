@@ -339,9 +339,14 @@ def main(argv=None) -> int:
                     help="the K cache as the engine stores it ([block, slot, kv_head, d]) or with each block's kv "
                          "heads outermost ([block, kv_head, slot, d], a permuted view): one head's keys of a block "
                          "adjacent in memory")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="the KV cache's block size for every case (the engine's --block-size; default: the "
+                         "case's, 16)")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
+        ap.error(f"--block-size must be a power of two, got {args.block_size}")
     if args.device == "cpu":
         if not args.quick:
             ap.error("--device cpu runs the interpreter: only --quick (correctness at tiny sizes) makes sense")
@@ -359,6 +364,8 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(DECODE_CONFIGS)}")
     cases = QUICK_CASES if args.quick else CASES
+    if args.block_size is not None:
+        cases = {k: dataclasses.replace(c, block_size=args.block_size) for k, c in cases.items()}
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     t0 = time.perf_counter()
     ceilings = measure_ceilings(device) if device.type == "cuda" and not args.quick else {}
