@@ -107,7 +107,7 @@ def skinny_spec(args):
     const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
                  USE_DOT=cfg.kind != "fma", SWAP_AB=cfg.kind == "dotT", F16_DOT=cfg.kind == "dotH",
                  W_FP8=args.kv == "fp8", HAS_BIAS=False,
-                 SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
+                 SILU_MUL=False, EVEN_K=args.k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages, UNROLL=cfg.unroll,
                  DOT_IEEE=args.q == "fp32", PDL=args.pdl, NORM=args.norm, HAS_RES=args.norm,
                  ROPE=args.rope, HALF=64 if args.rope else 1, CACHE_BLOCK=16 if args.rope else 1, KV_SCALED=False,
                  EXACT_MUL=args.rope,

@@ -96,8 +96,9 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
     mb = sg.m_bucket(M)
     tiles = []
     if mb <= 4:
-        for bn1, kbytes, warps, stages in FMA_TILES[: 3 if quick else None] + list(extra_fma):
-            tiles.append(sg.SkinnyConfig("fma", mb, max(warps, bn1 // mb), kbytes // itemsize, 1, warps, stages))
+        for bn1, kbytes, warps, stages, *unroll in FMA_TILES[: 3 if quick else None] + list(extra_fma):
+            tiles.append(sg.SkinnyConfig("fma", mb, max(warps, bn1 // mb), kbytes // itemsize, 1, warps, stages,
+                                         *unroll))
     for kind, bn, kbytes, warps, stages in (DOT_TILES[: 3 if quick else None]
                                             + (DOTH_TILES[: 3 if quick else None] if wkind == "fp8" else [])):
         tiles.append(sg.SkinnyConfig(kind, max(16, mb), bn, kbytes // itemsize, 1, warps, stages))
@@ -112,7 +113,7 @@ def candidates(sg, M: int, N: int, K: int, wkind: str, act, num_sms: int, quick:
         # Split only toward 1-8 programs per SM, each split keeping >= 2 K tiles to pipeline.
         splits = [1] + [s for s in (2, 4, 8, 16) if iters // s >= 2 and num_sms <= n_tiles * s <= 8 * num_sms]
         for s in splits[: 2 if quick else None]:
-            cfg = sg.SkinnyConfig(t.kind, t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages)
+            cfg = sg.SkinnyConfig(t.kind, t.block_m, t.block_n, t.block_k, s, t.num_warps, t.num_stages, t.unroll)
             key = (t, sg.split_plan(K, cfg)[1])
             if key not in seen:
                 seen.add(key)
@@ -573,8 +574,9 @@ def main(argv=None) -> int:
                                                    "chain needs all but down+silu")
     ap.add_argument("--layers", type=int, default=0, help="layers in the chain (0: the model's)")
     ap.add_argument("--quick", action="store_true", help="3 fma + 3 tensor-core tiles, at most 2 split counts")
-    ap.add_argument("--extra-fma", default="", help="more fma tiles, 'block_n:K bytes:warps:stages' comma-separated "
-                                                     "(e.g. 4:512:4:4,8:512:4:8), tried besides FMA_TILES")
+    ap.add_argument("--extra-fma", default="", help="more fma tiles, 'block_n:K bytes:warps:stages[:unroll]' "
+                                                     "comma-separated (e.g. 4:512:4:4,8:512:4:4:2), tried besides "
+                                                     "FMA_TILES")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--chain-reps", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")

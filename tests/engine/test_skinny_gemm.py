@@ -416,11 +416,14 @@ def test_bad_calls_raise_errors_that_say_what_was_expected():
         sg.SkinnyConfig(block_n=24)
     with pytest.raises(ValueError, match="not a skinny config"):
         C("fma bn16")
+    with pytest.raises(ValueError, match="unroll must be >= 1"):
+        C("fma bm1 bn8 bk512 sk1 w4 st4 u0")
 
 
 def test_config_strings_round_trip():
-    for text in ("fma bm1 bn16 bk256 sk4 w4 st4", "dotT bm16 bn128 bk128 sk1 w8 st3"):
+    for text in ("fma bm1 bn16 bk256 sk4 w4 st4", "dotT bm16 bn128 bk128 sk1 w8 st3", "fma bm1 bn8 bk512 sk1 w4 st4 u2"):
         assert str(C(text)) == text
+    assert C("fma bm1 bn8 bk512 sk1 w4 st4 u1") == C("fma bm1 bn8 bk512 sk1 w4 st4")
 
 
 def _decode_shapes(config_name: str, tp: int = 1):
@@ -556,6 +559,7 @@ def test_gpu_default_config_at_other_batch_sizes(wdtype, M, poisoned_workspace):
 
 
 GPU_PATHS = ["fma bm1 bn16 bk256 sk1 w4 st4", "fma bm1 bn16 bk512 sk4 w8 st3", "fma bm4 bn4 bk256 sk2 w4 st4",
+             "fma bm1 bn8 bk512 sk1 w4 st4 u2", "fma bm1 bn16 bk512 sk4 w8 st3 u2",
              "fma bm4 bn4 bk256 sk1 w4 st1", "dot bm16 bn64 bk128 sk4 w4 st4", "dot bm16 bn32 bk256 sk1 w4 st3",
              "dotT bm16 bn64 bk128 sk1 w4 st4", "dotT bm16 bn128 bk128 sk8 w4 st3", "dot bm64 bn64 bk128 sk2 w4 st3"]
 
