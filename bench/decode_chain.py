@@ -92,8 +92,8 @@ def main(argv=None) -> int:
                          "the engine runs each weight kind, linear.fuses_norm: bf16 on, fp8 off)")
     ap.add_argument("--configs", default="", metavar="NAME=CONFIG[;NAME=CONFIG...]",
                     help="also time the chain with one matmul's skinny config replaced (NAME: qkv, o, gate_up, "
-                         "down; e.g. 'qkv=fma bm1 bn4 bk512 sk1 w4 st4'), each against the defaults in the same "
-                         "round, PDL on, with the first --fuse-norm mode")
+                         "down, or all four; e.g. 'qkv=fma bm1 bn4 bk512 sk1 w4 st4'), each against the defaults in "
+                         "the same round, PDL on, with the first --fuse-norm mode")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -107,8 +107,9 @@ def main(argv=None) -> int:
 
     variants = [tuple(v.strip().split("=", 1)) for v in args.configs.split(";") if v.strip()]
     for v in variants:
-        if len(v) != 2 or v[0] not in ("qkv", "o", "gate_up", "down"):
-            ap.error(f"--configs: expected NAME=CONFIG with NAME one of qkv, o, gate_up, down, got {'='.join(v)!r}")
+        if len(v) != 2 or v[0] not in ("qkv", "o", "gate_up", "down", "all"):
+            ap.error(f"--configs: expected NAME=CONFIG with NAME one of qkv, o, gate_up, down, all, "
+                     f"got {'='.join(v)!r}")
         sg.SkinnyConfig.parse(v[1])
     given = [{"off": False, "on": True}[f] for f in args.fuse_norm.split(",")] if args.fuse_norm else None
 
@@ -142,8 +143,9 @@ def main(argv=None) -> int:
                                  "weight_bytes": nbytes})
             sg.L2_PREFETCH_BYTES = engine_budget
             for name, text in variants:
-                us = graph_ms(lambda: chain(x, weights, norms, q_size, fusions[0], {name: sg.SkinnyConfig.parse(text)}),
-                              args.reps) * 1e3
+                names = ("qkv", "o", "gate_up", "down") if name == "all" else (name,)
+                cfgs = {n: sg.SkinnyConfig.parse(text) for n in names}
+                us = graph_ms(lambda: chain(x, weights, norms, q_size, fusions[0], cfgs), args.reps) * 1e3
                 rows.append({"kind": kind, "round": r, "l2_prefetch": engine_budget, "fuse_norm": fusions[0],
                              "config": f"{name}={text}", "pdl_off_us": None, "pdl_on_us": us, "roofline_us": roof_us,
                              "weight_bytes": nbytes})
