@@ -23,9 +23,7 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -35,8 +33,11 @@ sys.path.insert(0, HERE)
 @functools.lru_cache(maxsize=None)
 def probe_kernel():
     """The probe's kernel, defined at the first call: the CPU run sets TRITON_INTERPRET before triton is imported."""
+    global split_tiles  # a module global: Triton's interpreter does not see a nested kernel's closure
     import triton
     import triton.language as tl
+
+    from pagedbatch.engine.attention.triton_decode import split_tiles
 
     @triton.jit
     def _stream(K, V, Y, block_tables, seq_lens, num_splits, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt,
@@ -48,15 +49,7 @@ def probe_kernel():
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens + seq)
-        n_tiles = tl.cdiv(seq_len, BLOCK_N)
-        if SPLIT:
-            per_split = tl.cdiv(n_tiles, num_splits)
-            t_lo = split * per_split
-            t_hi = tl.minimum(t_lo + per_split, n_tiles)
-        else:
-            t_lo = seq_len * 0
-            t_hi = n_tiles
-        t_full = tl.minimum(t_hi, seq_len // BLOCK_N)
+        t_lo, t_hi, t_full = split_tiles(seq_len, split, num_splits, BLOCK_N, SPLIT)  # the engine's split
         NB: tl.constexpr = BLOCK_N // BLOCK_SIZE  # blocks a tile spans (tiles start on block boundaries)
         offs_n = tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, KW)
@@ -156,6 +149,7 @@ def run_case(case, fp8: bool, device, num_sms: int, quick: bool, reps: int, stag
 
     import decode_attention as da
     from pagedbatch.engine.attention.triton_decode import DEFAULT_DECODE_CONFIG, DECODE_CONFIGS
+    from skinny_gemm import graph_ms
 
     name = DEFAULT_DECODE_CONFIG[1 if fp8 else 2]
     cfg = DECODE_CONFIGS[name]
@@ -200,7 +194,8 @@ def run_case(case, fp8: bool, device, num_sms: int, quick: bool, reps: int, stag
         if not quick:
             row["registers"] = getattr(kernel, "n_regs", None)
             row["smem_kb"] = getattr(getattr(kernel, "metadata", None), "shared", 0) / 1024
-            row["us"] = graph_us(lambda st=st: [call(i, st) for i in range(layers)], reps) / layers
+            # Warm replays first: the first config of a case ran ~5% slower (bench/decode_attention.py).
+            row["us"] = graph_ms(lambda st=st: [call(i, st) for i in range(layers)], reps, warm_s=0.3) * 1e3 / layers
             row["tb_s"] = data["kv_bytes"] / (row["us"] * 1e-6) / 1e12
         rows.append(row)
     views.clear(), ys.clear(), data.clear()  # free this case's caches before the engine's run builds its own
@@ -210,31 +205,6 @@ def run_case(case, fp8: bool, device, num_sms: int, quick: bool, reps: int, stag
                          tb_s=eng.get("tb_s"), registers=eng.get("regs"), smem_kb=eng.get("smem_kb"),
                          status=eng.get("status")))
     return rows
-
-
-def graph_us(fn, reps: int) -> float:
-    """Median µs of one replay of ``fn`` captured in a CUDA graph, after 0.3 s of warm replays."""
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    t_end = time.perf_counter() + 0.3
-    while time.perf_counter() < t_end:
-        g.replay()
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    del g
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

@@ -179,8 +179,8 @@ def precompile(specs: list, jobs: int, worker=None) -> dict:
 
 # ---------------------------------------------------------------- timing and checking
 
-def graph_ms(fn, reps: int) -> float:
-    """Median ms of one replay of ``fn`` captured in a CUDA graph."""
+def graph_ms(fn, reps: int, warm_s: float = 0.0) -> float:
+    """Median ms of one replay of ``fn`` captured in a CUDA graph (after ``warm_s`` seconds of untimed replays)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -192,6 +192,10 @@ def graph_ms(fn, reps: int) -> float:
         fn()
     g.replay()
     torch.cuda.synchronize()
+    t_end = time.perf_counter() + warm_s
+    while time.perf_counter() < t_end:
+        g.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -357,6 +357,22 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def split_tiles(seq_len, split, num_splits, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """(first tile, end tile, end of the full tiles) of one program's split of a sequence's keys: the
+    sequence's own tiles are divided among the splits (a short one in a long bucket finishes early); tiles
+    below the third hold BLOCK_N keys and need no masks. Also bench/decode_stream_probe.py's."""
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    if SPLIT:
+        per_split = tl.cdiv(n_tiles, num_splits)
+        t_lo = split * per_split
+        t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    else:
+        t_lo = seq_len * 0
+        t_hi = n_tiles
+    return t_lo, t_hi, tl.minimum(t_hi, seq_len // BLOCK_N)
+
+
+@triton.jit
 def _tile_blocks(bt_row, t, seq_len, offs_n, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     # Block ids of tile t: one scalar when the tile lies inside one block, else
     # one per key (repeated entries are one transaction per warp). Masked: past
@@ -488,16 +504,7 @@ def _decode_v2_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
-    n_tiles = tl.cdiv(seq_len, BLOCK_N)
-    if SPLIT:
-        # The sequence's own tiles are divided among the splits (a short one in a long bucket finishes early).
-        per_split = tl.cdiv(n_tiles, num_splits)
-        t_lo = split * per_split
-        t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    else:
-        t_lo = seq_len * 0
-        t_hi = n_tiles
-    t_full = tl.minimum(t_hi, seq_len // BLOCK_N)  # tiles below it hold BLOCK_N keys: no masks
+    t_lo, t_hi, t_full = split_tiles(seq_len, split, num_splits, BLOCK_N, SPLIT)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D)
