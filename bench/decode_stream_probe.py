@@ -19,6 +19,7 @@ the cache. Its time is a ceiling for the structure; the engine's kernel is timed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -156,7 +157,8 @@ def run_case(case, fp8: bool, device, num_sms: int, quick: bool, reps: int, stag
     group = case.heads // case.kv_heads
     tile = cfg.tile(group)
     if tile % case.block_size:
-        raise SystemExit(f"decode_stream_probe: the {tile}-key tile of {name} does not start on block boundaries")
+        raise SystemExit(f"decode_stream_probe: the {tile}-key tile of {name} spans part of a {case.block_size}-token "
+                         f"block; the probe reads whole blocks (block sizes up to the tile)")
     splits = cfg.num_splits(case.batch, case.kv_heads, group, case.max_model_len, num_sms)
     v_layout = da.engine_v_layout(fp8)
     key_contig = v_layout == "key-contiguous"
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="wnano,w1", help="of bench/decode_attention.py's cases")
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--stages", default=None, help="pipeline stages to try (default: the engine config's)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="the KV cache's block size for every case (default: the case's, 16; a power of two)")
     ap.add_argument("--num-sms", type=int, default=None,
                     help="split counts as on a GPU of this many SMs (default: this GPU's; the CPU run: 132)")
     ap.add_argument("--reps", type=int, default=20)
@@ -231,6 +235,10 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("decode_stream_probe: needs a CUDA GPU (or --device cpu for correctness only)")
     cases = da.QUICK_CASES if quick else da.CASES
+    if args.block_size is not None:
+        if args.block_size < 16 or args.block_size & (args.block_size - 1):
+            ap.error(f"--block-size must be a power of two >= 16, got {args.block_size}")
+        cases = {k: dataclasses.replace(c, block_size=args.block_size) for k, c in cases.items()}
     num_sms = args.num_sms or (torch.cuda.get_device_properties(device).multi_processor_count
                                if device.type == "cuda" else 132)
     ceilings = da.measure_ceilings(device) if not quick else {}

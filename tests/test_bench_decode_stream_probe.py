@@ -10,11 +10,13 @@ pytest.importorskip("triton")
 from bench_scripts import load_bench  # noqa: E402
 
 
-@pytest.mark.parametrize("case,num_sms,stages", [("wnano", "1", "1,3"), ("w1", "132", "3")],
-                         ids=["unsplit", "split"])
-def test_decode_stream_probe_reads_the_bytes_the_engine_reads(capsys, case, num_sms, stages):
+@pytest.mark.parametrize("case,num_sms,stages,block", [("wnano", "1", "1,3", "16"), ("w1", "132", "3", "16"),
+                                                      ("wnano", "1", "3", "64")],
+                         ids=["unsplit", "split", "block64"])
+def test_decode_stream_probe_reads_the_bytes_the_engine_reads(capsys, case, num_sms, stages, block):
     bench = load_bench("decode_stream_probe")
-    assert bench.main(["--device", "cpu", "--cases", case, "--num-sms", num_sms, "--stages", stages]) == 0
+    assert bench.main(["--device", "cpu", "--cases", case, "--num-sms", num_sms, "--stages", stages,
+                       "--block-size", block]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^(\w+)\s+(bf16|fp8)\s+probe .* splits\s+(\d+) .* stages (\d)\s+checksum ok$", out, re.M)
     assert {(c, d, s) for c, d, _, s in rows} == {(case, d, s) for d in ("bf16", "fp8") for s in stages.split(",")}, out
