@@ -87,7 +87,8 @@ def run_job(w: Workload, size: int, model_dir: str, tmp: str, args, tag: str) ->
     write_input(w, src, args.text_tokenizer)
     cmd = [sys.executable, os.path.join(ROOT, "run_batch.py"), "--input", src, "--output", out, "--model", model_dir,
            "--load-format", "dummy", "--device", args.device, "--dtype", args.dtype, "--quiet",
-           "--temperature", str(w.temperature), "--engine-seed", "0", "--block-size", str(args.block_size),
+           "--temperature", str(w.temperature), "--engine-seed", "0",
+           *(["--block-size", str(args.block_size)] if args.block_size else []),
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--data-parallel-size", str(size), "--commit-interval-s", "600"]
     if args.device == "cpu":
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text-prompts", action="store_true",
                     help="give prompts as text (decoded ids), so the parent tokenizes every row as in a real job")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per worker (needs the TP engine)")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size (default: the engine's, 64 on a GPU)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)

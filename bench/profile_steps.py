@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size (default: the engine's, 64 on a GPU)")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--quantization", choices=["fp8"], default=None)

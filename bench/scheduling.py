@@ -40,7 +40,8 @@ def parse_run(spec: str) -> dict:
             or not set(extra) <= {"bs", "kv"} or not all(v.isdigit() for v in extra.values())):
         raise SystemExit(f"bad run {spec!r}: want policy/cache|nocache/order[/bsN][/kvN]")
     return {"policy": parts[0], "cache": parts[1] == "cache", "order": parts[2],
-            "block_size": int(extra.get("bs", 16)), "num_kv_blocks": int(extra["kv"]) if "kv" in extra else None}
+            "block_size": int(extra["bs"]) if "bs" in extra else None,  # None: the engine's default
+            "num_kv_blocks": int(extra["kv"]) if "kv" in extra else None}
 
 
 def pct(xs, q):

@@ -98,7 +98,8 @@ _RUN_OPTIONS = [
          "(quantized at load; GPU: compute capability >= 8.9) [none; fp8 checkpoints imply fp8]."),
     _opt(MODEL, "--engine-seed", type=int, help="Seed for random weights (dummy) and unseeded sampling [0]."),
     # Engine
-    _opt(ENGINE, "--block-size", type=int, help="KV-cache block size in tokens [16]."),
+    _opt(ENGINE, "--block-size", type=int,
+         help="KV-cache block size in tokens [64 on a GPU under the Triton attention backend, else 16]."),
     _opt(ENGINE, "--kv-cache-memory-gb", type=float, help="CPU: KV-cache memory budget in GB [1.0]."),
     _opt(ENGINE, "--gpu-memory-utilization", type=float, help="GPU: fraction of memory the engine may use [0.9]."),
     _opt(ENGINE, "--num-kv-blocks", type=int, help="Exact number of KV blocks (overrides the memory budgets)."),

@@ -17,12 +17,13 @@ outputs, told apart by ``RequestOutput.sample_index``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from typing import Optional, Union
 
-from ..config import EngineConfig
+from ..config import EngineConfig, default_block_size
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_output
@@ -63,6 +64,9 @@ class LLMEngine:
         self.eos_ids = eos_token_ids(config.model, self.tokenizer, self.model_args.eos_token_id)
         self.max_model_len = self._max_model_len()
         self.device = resolve_device(config)
+        if config.block_size is None:  # before the runner and any tensor-parallel worker see the config
+            config = self.config = dataclasses.replace(
+                config, block_size=default_block_size(config.attention_backend, self.device.type))
         # Checked here, before any tensor-parallel worker starts: fp8 on a GPU without it, or a checkpoint
         # quantized in a way we cannot load (an fp8 checkpoint turns quantization "fp8" on).
         self.quantization = resolve_quantization(config.quantization, self.model_args,

@@ -49,7 +49,8 @@ _OPTIONS = [
                  help="fp8: linear weights in float8 e4m3 (GPU: compute capability >= 8.9) [none; fp8 checkpoints "
                  "imply fp8]."),
     click.option("--engine-seed", type=int, default=None, help="Seed for dummy weights and unseeded sampling [0]."),
-    click.option("--block-size", type=int, default=None, help="KV-cache block size in tokens [16]."),
+    click.option("--block-size", type=int, default=None,
+                 help="KV-cache block size in tokens [64 on a GPU under the Triton attention backend, else 16]."),
     click.option("--kv-cache-memory-gb", type=float, default=None, help="CPU: KV-cache budget in GB [1.0]."),
     click.option("--gpu-memory-utilization", type=float, default=None, help="GPU: memory fraction to use [0.9]."),
     click.option("--num-kv-blocks", type=int, default=None, help="Exact number of KV blocks."),
