@@ -130,8 +130,9 @@ class SkinnyConfig:
     split_k: how many programs share one column tile's K range (1: no workspace, no counters).
     unroll: the K loop's body repeated this many times per iteration (Triton's ``loop_unroll_factor``; 1: not
     unrolled). Offline on sm_90 (bench/kernel_sass.py, Triton 3.6) twice takes the one-row fp8 fma loop from
-    131 to ~115 instructions a tile (64 -> 78 registers, 8 -> 6 programs per SM) and bf16's from 85 to ~69;
-    not measured on a GPU yet, so no tuned entry uses it.
+    131 to ~115 instructions a tile (64 -> 78 registers, 8 -> 6 programs per SM) and bf16's from 85 to ~69. On an
+    H100 (2026-12-05, bench/decode_chain.py) the one-row chain ran 3% slower with every matmul unrolled, fp8 and
+    bf16 alike: no tuned entry uses it; the H200, where fp8's loop asks more of the issue rate, is untested.
     """
 
     kind: str = "fma"
