@@ -204,6 +204,11 @@ DECODE_CONFIGS: dict[str, DecodeConfig] = {
     # time is not latency that more warps hide (docs/benchmarks.md, seventh session).
     "v2-f8mma-s2-r80": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, defer_l_sum=True, max_registers=80,
                                            resident_per_sm=6),
+    # With 64-token KV blocks (the GPU default since the nineteenth session) the packed kernel takes 80 registers:
+    # two stages then fit six programs per SM without a register cap (sm_90: 35 KB of shared memory). Not yet
+    # measured (a device call for it got no machine).
+    "v2-f8mma-pack-vtail-s2-waves6": dataclasses.replace(_V2, num_stages=2, fp8_mma=True, fp8_pack=True,
+                                                         defer_l_sum=True, whole_v_tail=True, resident_per_sm=6),
 }
 # The configuration the engine uses, by bytes per cached element (bf16/fp16: 2, fp8: 1, float32: 4).
 # bench/decode_attention.py prints the best per case: change these names to switch.
