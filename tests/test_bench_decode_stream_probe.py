@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from bench_scripts import load_bench  # noqa: E402
 
 
-@pytest.mark.parametrize("case,num_sms,stages,block", [("wnano", "1", "1,3", "16"), ("w1", "132", "3", "16"),
+@pytest.mark.parametrize("case,num_sms,stages,block", [("wnano", "1", "1,3", "16"), ("w1", "2", "3", "16"),
                                                       ("wnano", "1", "3", "64")],
                          ids=["unsplit", "split", "block64"])
 def test_decode_stream_probe_reads_the_bytes_the_engine_reads(capsys, case, num_sms, stages, block):
