@@ -183,6 +183,13 @@ def launch_key(cfg, case: Case, splits: int, q_dtype, fp8: bool, paired_fp8_cvt:
     return ("v2", tuple(sorted(const.items())), cfg.num_warps, cfg.num_stages, cfg.max_registers, splits)
 
 
+def graph_layers(case: Case, fp8: bool, quick: bool) -> int:
+    """Calls (each over its own cache) per timed graph: enough that their KV is >= 4x L2 (1 when quick)."""
+    mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
+    bytes_per_call = case.batch * mean_len * case.kv_heads * case.head_dim * 2 * (1 if fp8 else 2)
+    return 1 if quick else max(2, min(256, -(-4 * L2_BYTES // bytes_per_call)))
+
+
 def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, reps: int,
              v_layout: str = "keys-last", k_layout: str = "slot-major") -> list[dict]:
     import torch
@@ -191,9 +198,7 @@ def run_case(case: Case, fp8: bool, names, device, num_sms: int, quick: bool, re
     from pagedbatch.engine.attention.triton_kernels import fp8_mma_runs, fp8_tile_convert
 
     group = case.heads // case.kv_heads
-    mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
-    bytes_per_call = case.batch * mean_len * case.kv_heads * case.head_dim * 2 * (1 if fp8 else 2)
-    layers = 1 if quick else max(2, min(256, -(-4 * L2_BYTES // bytes_per_call)))
+    layers = graph_layers(case, fp8, quick)
     data = build_case(case, fp8, layers, device, v_layout=v_layout, k_layout=k_layout)
     refs = {}
     rows, seen = [], {}

@@ -31,6 +31,8 @@ sys.path.insert(0, HERE)
 from skinny_gemm import graph_ms, model_shapes  # noqa: E402
 from throughput import measure_ceilings  # noqa: E402
 
+MATMULS = ("qkv", "o", "gate_up", "down")  # a layer's, in chain order
+
 
 def build(shapes: dict, layers: int, kind: str, dev, gen) -> tuple[list, list, int]:
     """(per-layer {name: (weight, scale)}, norm weights, weight bytes) with random weights of one kind."""
@@ -40,7 +42,7 @@ def build(shapes: dict, layers: int, kind: str, dev, gen) -> tuple[list, list, i
     weights, nbytes = [], 0
     for _ in range(layers):
         layer = {}
-        for name in ("qkv", "o", "gate_up", "down"):
+        for name in MATMULS:
             n, k = shapes[name][:2]
             w = (torch.randn(n, k, generator=gen, device=dev) * 0.02).to(torch.bfloat16)
             layer[name] = quantize_rows(w) if kind == "fp8" else (w, None)
@@ -56,7 +58,7 @@ def chain(x, weights, norms, q_size: int, fuse_norm: bool = False, cfg: dict = {
     from pagedbatch.engine.models import skinny_gemm as sg
     from pagedbatch.engine.models.fused_ops import rms_norm
 
-    c = {k: cfg.get(k) for k in ("qkv", "o", "gate_up", "down")}
+    c = {k: cfg.get(k) for k in MATMULS}
     res = x  # values do not matter here: the kernels and bytes are the engine's
     for i, layer in enumerate(weights):
         if fuse_norm:  # linear.norm_linear's route: the norm inside the qkv / gate_up kernel
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
 
     variants = [tuple(v.strip().split("=", 1)) for v in args.configs.split(";") if v.strip()]
     for v in variants:
-        if len(v) != 2 or v[0] not in ("qkv", "o", "gate_up", "down", "all"):
+        if len(v) != 2 or v[0] not in (*MATMULS, "all"):
             ap.error(f"--configs: expected NAME=CONFIG with NAME one of qkv, o, gate_up, down, all, "
                      f"got {'='.join(v)!r}")
         sg.SkinnyConfig.parse(v[1])
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
                                  "weight_bytes": nbytes})
             sg.L2_PREFETCH_BYTES = engine_budget
             for name, text in variants:
-                names = ("qkv", "o", "gate_up", "down") if name == "all" else (name,)
+                names = MATMULS if name == "all" else (name,)
                 cfgs = {n: sg.SkinnyConfig.parse(text) for n in names}
                 us = graph_ms(lambda: chain(x, weights, norms, q_size, fusions[0], cfgs), args.reps) * 1e3
                 rows.append({"kind": kind, "round": r, "l2_prefetch": engine_budget, "fuse_norm": fusions[0],

@@ -162,9 +162,7 @@ def run_case(case, fp8: bool, device, num_sms: int, quick: bool, reps: int, stag
     splits = cfg.num_splits(case.batch, case.kv_heads, group, case.max_model_len, num_sms)
     v_layout = da.engine_v_layout(fp8)
     key_contig = v_layout == "key-contiguous"
-    mean_len = (case.ctx[0] + case.ctx[1]) // 2 + 1
-    bytes_per_call = case.batch * mean_len * case.kv_heads * case.head_dim * 2 * (1 if fp8 else 2)
-    layers = 1 if quick else max(2, min(256, -(-4 * da.L2_BYTES // bytes_per_call)))
+    layers = da.graph_layers(case, fp8, quick)
     data = da.build_case(case, fp8, layers, device, v_layout=v_layout)
     views = [word_views(data["k"][i], data["v"][i], key_contig) for i in range(layers)]
     k32, v32 = views[0]
@@ -194,8 +192,8 @@ def run_case(case, fp8: bool, device, num_sms: int, quick: bool, reps: int, stag
                              f"(sequence, head) pairs): the probe does not read what the engine reads")
         row = dict(info, kernel="probe", stages=st, warps=cfg.num_warps)
         if not quick:
-            row["registers"] = getattr(kernel, "n_regs", None)
-            row["smem_kb"] = getattr(getattr(kernel, "metadata", None), "shared", 0) / 1024
+            occ = da.occupancy(kernel, cfg.num_warps)
+            row.update(registers=occ.get("regs"), smem_kb=occ.get("smem_kb"))
             # Warm replays first: the first config of a case ran ~5% slower (bench/decode_attention.py).
             row["us"] = graph_ms(lambda st=st: [call(i, st) for i in range(layers)], reps, warm_s=0.3) * 1e3 / layers
             row["tb_s"] = data["kv_bytes"] / (row["us"] * 1e-6) / 1e12

@@ -21,8 +21,6 @@ the same order and later replays the same bucket for the same step.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .attention.metadata import AttentionMetadata
@@ -106,22 +104,17 @@ class DecodeGraphs(_BucketGraphs):
                 reserve(b, a.num_heads, a.num_kv_heads, a.head_dim, self.max_model_len, self.ids.device, kv_dtype)
         self._capture_buckets()
 
-    def run(self, ids: torch.Tensor, meta: AttentionMetadata, ips: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run(self, ips: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The step's hidden states [b, hidden] (a view of the graphs' output buffer).
 
-        ``ips``: the step's ids, positions and slots as one [3, b] tensor (``StepInputs.ids_positions_slots``),
-        copied in one kernel; seq_lens and block_tables may be int64 (``unpack(int32=False)``): the copies
-        convert them. Each op before the replay costs the GPU an idle gap of ~1-5 us at one row (H100,
-        2026-12-05, bench/profile_steps.py --timeline)."""
+        ``ips``: the step's ids, positions and slots as one [3, b] int64 tensor
+        (``StepInputs.ids_positions_slots``), copied in one kernel; seq_lens and block_tables may be int64
+        (``unpack(int32=False)``): the copies convert them. Each op before the replay costs the GPU an idle gap
+        of ~1-5 us at one row (H100, 2026-12-05, bench/profile_steps.py --timeline)."""
         b = meta.num_seqs
         size = self.bucket_for(b)
         w = meta.block_tables.shape[1]
-        if ips is not None:
-            self.ips[:, :b].copy_(ips)
-        else:
-            self.ids[:b].copy_(ids)
-            self.positions[:b].copy_(meta.positions)
-            self.slots[:b].copy_(meta.slot_mapping)
+        self.ips[:, :b].copy_(ips)
         self.seq_lens[:b].copy_(meta.seq_lens)
         self.block_tables[:b, :w].copy_(meta.block_tables)
         if size > b:  # padding rows: attend to the scratch block only

@@ -410,7 +410,7 @@ class ModelRunner:
         ids, meta = inputs.input_ids, inputs.meta
         # Every rank takes the same branch: it depends only on the broadcast header.
         if self._decode_graph_step(meta.num_seqs, meta.num_tokens):
-            return self.graphs.run(ids, meta, inputs.ids_positions_slots())
+            return self.graphs.run(inputs.ids_positions_slots(), meta)
         if self.prefill_graphs is not None and self.prefill_graphs.fits(meta):
             return self.prefill_graphs.run(ids, meta)
         return self.model(ids, self.kv_caches, self.cos_sin, meta, self.backend)

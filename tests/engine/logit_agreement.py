@@ -68,8 +68,8 @@ def forced_logits(engine, prompts: list[list[int]], tokens: torch.Tensor, decode
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_tables=tables.to(dev),
             num_seqs=n, num_tokens=qsl[-1], max_query_len=max(q_lens), max_seq_len=max(seq_lens))
         flat = torch.tensor([t for x in ids for t in x], device=dev)
-        # No packed step buffer here: a decode graph takes the three tensors in three copies (ips None).
-        hidden = runner._forward(types.SimpleNamespace(input_ids=flat, meta=meta, ids_positions_slots=lambda: None))
+        ips = lambda: torch.stack((flat, meta.positions, meta.slot_mapping))  # noqa: E731 (no packed step buffer)
+        hidden = runner._forward(types.SimpleNamespace(input_ids=flat, meta=meta, ids_positions_slots=ips))
         rows = torch.tensor([e - keep + j for e in qsl[1:] for j in range(keep)], device=dev)
         return runner._logits(hidden.index_select(0, rows)).float().view(n, keep, -1).cpu()
 

@@ -29,8 +29,8 @@ def test_prefill_graph_max_tokens_must_be_a_non_negative_integer():
 
 def test_a_decode_graph_sees_the_steps_inputs_from_one_copy_of_ids_positions_slots_and_int64_tables():
     """DecodeGraphs.run with the step's [3, b] ids/positions/slots view and int64 seq_lens and block tables
-    (StepInputBuilder.build(int32=False)) fills the static buffers exactly as the three copies of int32 inputs
-    do, padding rows pointed at the scratch block; no model is needed to check what the graph would see."""
+    (StepInputBuilder.build(int32=False)) fills the static buffers exactly as with int32 inputs, padding rows
+    pointed at the scratch block; no model is needed to check what the graph would see."""
     import random
 
     from pagedbatch.engine.scheduler import SchedulerOutput
@@ -57,7 +57,7 @@ def test_a_decode_graph_sees_the_steps_inputs_from_one_copy_of_ids_positions_slo
         g.block_tables.fill_(-7)  # stale columns past the step's width must stay as they were
         g.graphs = {b: Seen(g) for b in g.buckets}
         inputs = StepInputBuilder(torch.device(DEV), bs, max_blocks_per_seq=8).build(plan, int32=int32)
-        g.run(inputs.input_ids, inputs.meta, None if int32 else inputs.ids_positions_slots())
+        g.run(inputs.ids_positions_slots(), inputs.meta)
         runs.append(g.graphs[8].seen)
         assert not any(v.seen for b, v in g.graphs.items() if b != 8)  # 5 rows replay bucket 8
     for want, got in zip(*runs):
