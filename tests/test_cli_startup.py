@@ -1,0 +1,27 @@
+"""The command line starts fast: `--help` and argument errors do not import the engine's or the server's stacks."""
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "pyarrow", "fastapi", "uvicorn", "triton")
+
+
+def test_the_command_line_imports_no_heavy_module_until_a_command_runs():
+    probe = ("import sys; from click.testing import CliRunner; from pagedbatch.cli import cli; "
+             "r = CliRunner().invoke(cli, ['run', '--help']); assert r.exit_code == 0, r.output; "
+             "r = CliRunner().invoke(cli, ['serve', '--help']); assert r.exit_code == 0, r.output; "
+             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"imported at start-up: {done.stdout.strip()}"
+
+
+def test_the_server_package_still_exports_its_names_on_first_use():
+    import pagedbatch.server as server
+
+    assert {n: callable(getattr(server, n)) for n in server.__all__} == dict.fromkeys(server.__all__, True)
+    try:
+        server.no_such_name
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
