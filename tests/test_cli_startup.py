@@ -1,4 +1,4 @@
-"""The command line starts fast: `--help` and argument errors do not import the engine's or the server's stacks."""
+"""The command line starts fast: `run --help` and `serve --help` import neither the engine's nor the server's stacks."""
 import subprocess
 import sys
 
