@@ -208,3 +208,25 @@ def test_an_id_field_typo_is_refused_past_the_first_thousand_records_and_a_late_
     r = run_cli(["--input", src, "--output", tmp_path / "o2", "--model", llama_dir, *FAST, "--id-field", "key",
                  "--max-rows", "1"])
     assert r.exit_code == 0, r.output
+
+
+def test_report_png_leaves_a_users_pyplot_backend_and_figures_alone(jsonl_run):
+    # A job run from a notebook (the dataset API) must not switch its pyplot backend or leave figures open.
+    import subprocess
+    import sys
+
+    out, _ = jsonl_run
+    code = (
+        "import json, sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "from pagedbatch.jobs.report import write_png\n"
+        f"write_png(json.load(open({str(out / 'report.json')!r})), {str(out)!r})\n"
+        "import matplotlib.pyplot as plt\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n"
+    )
+    os.remove(out / "report.png")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["svg", "0"]
+    with open(out / "report.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
