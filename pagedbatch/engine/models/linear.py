@@ -169,10 +169,10 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
 # decode's few rows. The normalised row is not rounded to the model dtype before the matmul (1/rms scales
 # the float32 output instead), so results differ from the unfused pair by about one bf16 rounding.
 FUSE_NORM = True
-# ... but not in front of fp8 weights. The one-row fp8 GEMM is bound by its instruction issue on the H200 (its
-# fma loop takes ~0.13 warp-instructions a weight, so streaming e4m3 at 4.2 TB/s asks for ~51% of the GPU's issue
-# rate, bf16 ~42%), and the norm adds its operand work to that loop (130 -> 160 instructions a tile, sm_90: ~63%).
-# Single stream on the H200 (2026-12-05, bench/throughput.py --workload single --quantization fp8, twice each,
+# ... but not in front of fp8 weights: the norm adds its operand work to the one-row fp8 loop (130 -> 160
+# instructions a tile, sm_90), which costs there although that loop without the norm is not bound by its math
+# (H200 2026-12-06, bench/skinny_stream_probe.py: with every multiply-add taken out gate_up's fp8 call is 4% faster,
+# the others no faster). Single stream on the H200 (2026-12-05, bench/throughput.py --workload single --quantization fp8, twice each,
 # alternated): norm fused 405 / 405 tok/s, not fused 418 / 418 (rope fused either way); bf16 gains from it (267
 # -> 270). On the H100, with less bandwidth a cycle, the fp8 fusion gained 1% (319 -> 322, 2026-12-05).
 FUSE_NORM_FP8 = False

@@ -132,7 +132,8 @@ class SkinnyConfig:
     unrolled). Offline on sm_90 (bench/kernel_sass.py, Triton 3.6) twice takes the one-row fp8 fma loop from
     131 to ~115 instructions a tile (64 -> 78 registers, 8 -> 6 programs per SM) and bf16's from 85 to ~69. On an
     H100 (2026-12-05, bench/decode_chain.py) the one-row chain ran 3% slower with every matmul unrolled, fp8 and
-    bf16 alike: no tuned entry uses it; the H200, where fp8's loop asks more of the issue rate, is untested.
+    bf16 alike: no tuned entry uses it. Fewer instructions are unlikely to pay on the H200 either: there the
+    loop with its multiply-adds taken out is at most 4% faster (bench/skinny_stream_probe.py, 2026-12-06).
     """
 
     kind: str = "fma"
