@@ -162,8 +162,6 @@ def run_ray_job(opts: JobOptions, fmt: str, engine_config, carried: CarriedColum
                 resume_command: str):
     """Run (or resume) one shard of the job through Ray Data; returns its JobResult.
     Raises ImportError without Ray and ValueError for an input or size it cannot run."""
-    from .runner import finish_job, new_run_id
-
     if fmt not in RAY_FORMATS:
         raise ValueError(f"--executor ray reads {', '.join(RAY_FORMATS)} inputs, not {fmt!r}; convert the input "
                          "(e.g. to Parquet) or use --executor local")
@@ -171,6 +169,16 @@ def run_ray_job(opts: JobOptions, fmt: str, engine_config, carried: CarriedColum
     started = not ray.is_initialized()
     if started:
         ray.init(address=opts.ray_address, log_to_driver=True, include_dashboard=False)
+    # Entered after ray.init, which installs a SIGTERM handler of its own (``sys.exit(15)``), and held until the
+    # report is written: a SIGTERM at any point of the run (Slurm's preemption) stops it the job's way.
+    with StopRequest() as stop:
+        return _run_ray_job(ray, started, stop, opts, fmt, engine_config, carried, done, err, resume_command)
+
+
+def _run_ray_job(ray, started: bool, stop: StopRequest, opts: JobOptions, fmt: str, engine_config,
+                 carried: CarriedColumns, done: set[int], err: TextIO, resume_command: str):
+    from .runner import finish_job, new_run_id
+
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the job's own display counts rows
@@ -189,8 +197,7 @@ def run_ray_job(opts: JobOptions, fmt: str, engine_config, carried: CarriedColum
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
                                 max_restarts=_ACTOR_RETRIES, max_task_retries=_ACTOR_RETRIES)
         driver = _Driver(opts, fmt, carried, done, err, new_run_id(), actors)
-        with StopRequest() as stop:
-            status = driver.run(ds, stop)
+        status = driver.run(ds, stop)
     finally:
         if started:
             ray.shutdown()

@@ -128,6 +128,27 @@ def _actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
+def test_a_sigterm_while_the_ray_job_writes_its_report_ends_it_complete_not_by_rays_exit(tmp_path, ray_cluster, job,
+                                                                                          monkeypatch):
+    # ray.init installs a SIGTERM handler that calls sys.exit(15); the job's own handler must hold until the end.
+    from pagedbatch.jobs import runner
+
+    src, base, _ = job
+    out = tmp_path / "out"
+    original = runner.finish_job
+
+    def finish_job(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, in this (the main) thread
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "finish_job", finish_job)
+    r = run_cli(["--input", src, "--output", out, *base, *RAY])
+    assert r.exit_code == 0, r.output
+    assert check_exactly_once(str(out / "results"), range(N)) == ([], [])
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
 def _after_the_first_commit(monkeypatch, action) -> None:
     """Run ``action(rows committed)`` once, in the driver's (main) thread, right after the job's first part is
     committed. A watcher thread polling the results folder raced the job: on an idle machine warm actors ran
