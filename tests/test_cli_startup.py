@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "transformers", "pyarrow", "fastapi", "uvicorn", "triton")
 
 
@@ -19,9 +21,5 @@ def test_the_server_package_still_exports_its_names_on_first_use():
     import pagedbatch.server as server
 
     assert {n: callable(getattr(server, n)) for n in server.__all__} == dict.fromkeys(server.__all__, True)
-    try:
+    with pytest.raises(AttributeError, match="no_such_name"):
         server.no_such_name
-    except AttributeError as e:
-        assert "no_such_name" in str(e)
-    else:
-        raise AssertionError("an unknown name must raise AttributeError")

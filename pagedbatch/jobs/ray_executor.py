@@ -162,6 +162,8 @@ def run_ray_job(opts: JobOptions, fmt: str, engine_config, carried: CarriedColum
                 resume_command: str):
     """Run (or resume) one shard of the job through Ray Data; returns its JobResult.
     Raises ImportError without Ray and ValueError for an input or size it cannot run."""
+    from .runner import finish_job, new_run_id
+
     if fmt not in RAY_FORMATS:
         raise ValueError(f"--executor ray reads {', '.join(RAY_FORMATS)} inputs, not {fmt!r}; convert the input "
                          "(e.g. to Parquet) or use --executor local")
@@ -172,38 +174,31 @@ def run_ray_job(opts: JobOptions, fmt: str, engine_config, carried: CarriedColum
     # Entered after ray.init, which installs a SIGTERM handler of its own (``sys.exit(15)``), and held until the
     # report is written: a SIGTERM at any point of the run (Slurm's preemption) stops it the job's way.
     with StopRequest() as stop:
-        return _run_ray_job(ray, started, stop, opts, fmt, engine_config, carried, done, err, resume_command)
-
-
-def _run_ray_job(ray, started: bool, stop: StopRequest, opts: JobOptions, fmt: str, engine_config,
-                 carried: CarriedColumns, done: set[int], err: TextIO, resume_command: str):
-    from .runner import finish_job, new_run_id
-
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # the job's own display counts rows
-        ctx.print_on_execution_start = False
-        actors, num_gpus = _actors(ray, opts, getattr(engine_config, "tensor_parallel_size", 1))
-        source = _datasource_class()(input_files(opts.input, fmt), fmt, opts, sorted(done))
-        # Read tasks only parse: they must not wait for CPUs the engine actors hold.
-        ds = ray.data.read_datasource(source, **_read_task_cpus(ray, 0))
-        with warnings.catch_warnings():
-            # Bounded retries have no named parameter yet (Ray 2.60 deprecates the generic
-            # remote arguments that carry them); without them Ray retries for ever.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = ds.map_batches(JobActor, fn_constructor_kwargs={"opts": opts, "engine_config": engine_config,
-                                                                 "input_format": fmt, "carried": carried},
-                                batch_size=opts.effective_max_in_flight, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
-                                max_restarts=_ACTOR_RETRIES, max_task_retries=_ACTOR_RETRIES)
-        driver = _Driver(opts, fmt, carried, done, err, new_run_id(), actors)
-        status = driver.run(ds, stop)
-    finally:
-        if started:
-            ray.shutdown()
-    driver.log.write("end", status=status, error=driver.failure or None, counters=driver.counters.as_dict())
-    return finish_job(opts, opts.output, status, driver.counters, len(done), first_errors=driver.first_errors,
-                      dropped=None, stop=stop, resume_command=resume_command, failure=driver.failure)
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # the job's own display counts rows
+            ctx.print_on_execution_start = False
+            actors, num_gpus = _actors(ray, opts, getattr(engine_config, "tensor_parallel_size", 1))
+            source = _datasource_class()(input_files(opts.input, fmt), fmt, opts, sorted(done))
+            # Read tasks only parse: they must not wait for CPUs the engine actors hold.
+            ds = ray.data.read_datasource(source, **_read_task_cpus(ray, 0))
+            with warnings.catch_warnings():
+                # Bounded retries have no named parameter yet (Ray 2.60 deprecates the generic
+                # remote arguments that carry them); without them Ray retries for ever.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                ds = ds.map_batches(JobActor, fn_constructor_kwargs={"opts": opts, "engine_config": engine_config,
+                                                                     "input_format": fmt, "carried": carried},
+                                    batch_size=opts.effective_max_in_flight, batch_format="pyarrow",
+                                    compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=num_gpus,
+                                    max_restarts=_ACTOR_RETRIES, max_task_retries=_ACTOR_RETRIES)
+            driver = _Driver(opts, fmt, carried, done, err, new_run_id(), actors)
+            status = driver.run(ds, stop)
+        finally:
+            if started:
+                ray.shutdown()
+        driver.log.write("end", status=status, error=driver.failure or None, counters=driver.counters.as_dict())
+        return finish_job(opts, opts.output, status, driver.counters, len(done), first_errors=driver.first_errors,
+                          dropped=None, stop=stop, resume_command=resume_command, failure=driver.failure)
 
 
 def _read_task_cpus(ray, n: float) -> dict:

@@ -217,7 +217,7 @@ def test_report_png_leaves_a_users_pyplot_backend_and_figures_alone(jsonl_run):
 
     out, _ = jsonl_run
     code = (
-        "import json, sys, matplotlib\n"
+        "import json, matplotlib\n"
         "matplotlib.use('svg')\n"
         "from pagedbatch.jobs.report import write_png\n"
         f"write_png(json.load(open({str(out / 'report.json')!r})), {str(out)!r})\n"

@@ -171,10 +171,11 @@ def linear(x: Union[torch.Tensor, Fp8Rows], weight: torch.Tensor, bias: Optional
 FUSE_NORM = True
 # ... but not in front of fp8 weights: the norm adds its operand work to the one-row fp8 loop (130 -> 160
 # instructions a tile, sm_90), which costs there although that loop without the norm is not bound by its math
-# (H200 2026-12-06, bench/skinny_stream_probe.py: with every multiply-add taken out gate_up's fp8 call is 4% faster,
-# the others no faster). Single stream on the H200 (2026-12-05, bench/throughput.py --workload single --quantization fp8, twice each,
-# alternated): norm fused 405 / 405 tok/s, not fused 418 / 418 (rope fused either way); bf16 gains from it (267
-# -> 270). On the H100, with less bandwidth a cycle, the fp8 fusion gained 1% (319 -> 322, 2026-12-05).
+# (H200 2026-12-06, bench/skinny_stream_probe.py: with every multiply-add taken out gate_up's fp8 call is 4%
+# faster, the others no faster). Single stream on the H200 (2026-12-05, bench/throughput.py --workload single
+# --quantization fp8, twice each, alternated): norm fused 405 / 405 tok/s, not fused 418 / 418 (rope fused
+# either way); bf16 gains from it (267 -> 270). On the H100, with less bandwidth a cycle, the fp8 fusion gained
+# 1% (319 -> 322, 2026-12-05).
 FUSE_NORM_FP8 = False
 
 
