@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
                     help="also run the workload's first N steps again, one at a time with a sync after each, and "
                          "print each step's shape, host time and GPU wait, then profile those steps' kernels")
-    ap.add_argument("--fuse-fp8-quant", action="store_true",
-                    help="fp8 weights: quantize activations inside the norm / SiLU kernels (linear.FUSE_FP8_QUANT)")
+    ap.add_argument("--fuse-fp8-quant", action=argparse.BooleanOptionalAction, default=None,
+                    help="fp8 weights: whether the norm / SiLU kernels quantize the activations "
+                         "(linear.FUSE_FP8_QUANT, on by default)")
     ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
                     help="also run the workload's first N steps again under torch.cuda.set_sync_debug_mode and "
                          "print where the host synchronized with the GPU (stack, count)")
@@ -90,9 +91,9 @@ def main(argv=None) -> int:
                          "kernels (where, how long) against kernels slower than in a short burst")
     args = ap.parse_args(argv)
 
-    if args.fuse_fp8_quant:
+    if args.fuse_fp8_quant is not None:
         from pagedbatch.engine.models import linear as linear_mod
-        linear_mod.FUSE_FP8_QUANT = True
+        linear_mod.FUSE_FP8_QUANT = args.fuse_fp8_quant
     w = WORKLOADS[args.workload]()
     tmp = tempfile.mkdtemp()
     eng = InferenceEngine(model_dir_for(w, tmp), load_format="dummy", skip_tokenizer_init=True, device=args.device,

@@ -266,9 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--v-layout", choices=["keys-last", "key-contiguous"], default=None,
                     help="with --kv-cache-dtype fp8 and the Triton backend: how V blocks are stored "
                          "(kv_quant.FP8_V_KEY_CONTIGUOUS, this process only; default: the engine's)")
-    ap.add_argument("--fuse-fp8-quant", action="store_true",
-                    help="with --quantization fp8: the norms and SiLU·mul quantize the activations of the fp8 "
-                         "linears they feed (linear.FUSE_FP8_QUANT; this process only)")
+    ap.add_argument("--fuse-fp8-quant", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --quantization fp8: whether the norms and SiLU·mul quantize the activations of the "
+                         "fp8 linears they feed (linear.FUSE_FP8_QUANT, on by default; this process only)")
     ap.add_argument("--no-fuse-norm", action="store_true",
                     help="run each layer's RMSNorms as kernels of their own, not inside the skinny GEMM after them "
                          "(linear.FUSE_NORM off; this process only)")
@@ -303,8 +303,8 @@ def main(argv=None) -> int:
     from pagedbatch.engine.attention import kv_quant
     from pagedbatch.engine.models import linear as linear_mod
 
-    if args.fuse_fp8_quant:
-        linear_mod.FUSE_FP8_QUANT = True
+    if args.fuse_fp8_quant is not None:
+        linear_mod.FUSE_FP8_QUANT = args.fuse_fp8_quant
     if args.no_fuse_norm:
         linear_mod.FUSE_NORM = False
     if args.fuse_norm_fp8:

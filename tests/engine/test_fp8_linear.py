@@ -171,6 +171,7 @@ def test_rows_quantized_by_the_producing_kernel_change_nothing_but_the_kernel_co
     prompts = [[5, 9, 13, 2, 7], [3, 3, 8, 1, 4, 6, 2], [11, 12]]
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     monkeypatch.setattr(linear_mod, "_scaled_mm", fake_scaled_mm)
+    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", False)
     want = [o.token_ids for o in InferenceEngine(d, quantization="fp8", skip_tokenizer_init=True)
             .generate(prompts, greedy)]
     monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", True)

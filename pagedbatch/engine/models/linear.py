@@ -74,12 +74,12 @@ log = logging.getLogger(__name__)
 USE_SKINNY_BF16 = True
 
 # Quantize an fp8 linear's activation in the kernel that produces it (RMSNorm before qkv and gate_up,
-# SiLU·mul before down) instead of in a kernel of its own before the fp8 GEMM. The same bits either way
-# (tests/engine/test_fused_ops.py). Off: no clear gain measured on the H200 (bench/throughput.py
-# --fuse-fp8-quant): W-nano with fp8 weights and cache 20,624 against 21,901 out tok/s (2026-12-04, before
-# mid_gemm and the PDL-launched quantization kernel); after them 29,030 against 28,820 and 27,999 in one call,
-# W1 at batch 32 6,230 against 6,500 in another (run-to-run spread of a few percent).
-FUSE_FP8_QUANT = False
+# SiLU·mul before down) instead of in a kernel of its own before the fp8 GEMM: three fewer small kernels a
+# layer above skinny_max_m rows, the same bits (tests/engine/test_fused_ops.py). On since 2026-12-06: at 64-token
+# blocks, alternated on an H100 (bench/throughput.py --[no-]fuse-fp8-quant), it won every pair: W-nano with fp8
+# weights and cache +1.0-2.7% (4 pairs), W1 with fp8 weights +2.9-3.5% (3 pairs). Earlier H200 runs at 16-token
+# blocks, before mid_gemm and the PDL-launched quantization kernel, had it 4-7% slower (fused first each time).
+FUSE_FP8_QUANT = True
 
 
 @functools.lru_cache(maxsize=None)
