@@ -247,6 +247,35 @@ def test_sigterm_to_the_parent_has_every_worker_commit_its_finished_rows_and_say
     assert sum(w["rows"] for w in report["workers"]) == len(partial)
 
 
+def test_a_sigterm_while_the_parent_writes_the_report_is_the_jobs_to_handle_and_the_job_ends_complete(
+        tmp_path, job, monkeypatch):
+    from pagedbatch.jobs import runner
+
+    base, reference = job
+    out = tmp_path / "out"
+    original = runner.finish_job
+
+    def finish_job(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, in this (the main) thread
+        return original(*args, **kwargs)
+
+    class KilledOutsideTheJob(Exception):
+        pass
+
+    def outside(signum, frame):  # stands in for SIGTERM's default action, which would end pytest itself
+        raise KilledOutsideTheJob
+
+    monkeypatch.setattr(runner, "finish_job", finish_job)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        r = run_cli([*base, *DP2, *FULL_SPEED, "--output", out])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.exit_code == 0 and r.exception is None, (r.exception, r.output)
+    assert _by_index(results(out)) == reference
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
 def test_a_worker_that_cannot_load_the_model_stops_the_job_before_any_work(tmp_path, llama_dir):
     # config.json and the tokenizer are fine (the parent reads those), the weights are not.
     broken = tmp_path / "broken-model"
