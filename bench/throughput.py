@@ -269,6 +269,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-fp8-quant", action=argparse.BooleanOptionalAction, default=None,
                     help="with --quantization fp8: whether the norms and SiLU·mul quantize the activations of the "
                          "fp8 linears they feed (linear.FUSE_FP8_QUANT, on by default; this process only)")
+    ap.add_argument("--fuse-fp8-quant-min-rows", type=int, default=None, metavar="M",
+                    help="with --quantization fp8: fuse the quantization only into steps of at least M rows "
+                         "(linear.FUSE_FP8_QUANT_MIN_ROWS; this process only)")
     ap.add_argument("--no-fuse-norm", action="store_true",
                     help="run each layer's RMSNorms as kernels of their own, not inside the skinny GEMM after them "
                          "(linear.FUSE_NORM off; this process only)")
@@ -305,6 +308,8 @@ def main(argv=None) -> int:
 
     if args.fuse_fp8_quant is not None:
         linear_mod.FUSE_FP8_QUANT = args.fuse_fp8_quant
+    if args.fuse_fp8_quant_min_rows is not None:
+        linear_mod.FUSE_FP8_QUANT_MIN_ROWS = args.fuse_fp8_quant_min_rows
     if args.no_fuse_norm:
         linear_mod.FUSE_NORM = False
     if args.fuse_norm_fp8:
@@ -405,6 +410,7 @@ def main(argv=None) -> int:
         "roofline_output_tok_s": roof_tps, "rows": rows, "args": vars(args),
         "pdl": _pdl_enabled(device),
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
+        "fuse_fp8_quant_min_rows": linear_mod.FUSE_FP8_QUANT_MIN_ROWS if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
         "fuse_norm": linear_mod.fuses_norm(args.quantization == "fp8"),
         "fuse_rope": linear_mod.FUSE_ROPE,

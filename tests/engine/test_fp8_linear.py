@@ -175,6 +175,7 @@ def test_rows_quantized_by_the_producing_kernel_change_nothing_but_the_kernel_co
     want = [o.token_ids for o in InferenceEngine(d, quantization="fp8", skip_tokenizer_init=True)
             .generate(prompts, greedy)]
     monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", True)
+    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT_MIN_ROWS", 3)  # this test's few rows
     eng = InferenceEngine(d, quantization="fp8", skip_tokenizer_init=True)
     real_linear_rows = linear_mod.linear
 
@@ -191,6 +192,19 @@ def test_rows_quantized_by_the_producing_kernel_change_nothing_but_the_kernel_co
     layers = eng.engine.runner.model.args.num_layers
     assert calls["rows"] > 0 and calls["rows"] == 3 * calls["own"], calls  # qkv, gate_up, down vs o_proj
     assert calls["own"] % layers == 0, calls
+
+
+def test_producing_kernels_quantize_only_from_the_row_count_where_that_measured_faster(monkeypatch):
+    # One program a row in the fused SiLU·mul + quantize kernel: too few rows leave the GPU idle.
+    monkeypatch.setattr(linear_mod, "route", lambda M, N, K, dt, dev, fp8: "scaled_mm" if fp8 else "linear")
+    w, ws = quantize_rows(torch.randn(32, 64))
+    cpu = torch.device("cpu")
+    m = linear_mod.FUSE_FP8_QUANT_MIN_ROWS
+    assert linear_mod.FUSE_FP8_QUANT and 16 < m <= 64
+    assert linear_mod.takes_fp8_rows(m, w, ws, cpu) and not linear_mod.takes_fp8_rows(m - 1, w, ws, cpu)
+    assert not linear_mod.takes_fp8_rows(m, w.float(), None, cpu)  # bf16 weights take bf16 rows
+    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", False)
+    assert not linear_mod.takes_fp8_rows(512, w, ws, cpu)
 
 
 def test_pre_quantized_rows_go_only_to_the_scaled_mm_route():

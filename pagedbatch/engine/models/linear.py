@@ -29,8 +29,9 @@ syncs with the host:
 
 With ``FUSE_FP8_QUANT`` the model asks ``takes_fp8_rows`` before the
 kernel that produces a linear's input (RMSNorm, SiLU·mul) and, on the
-``_scaled_mm`` route, has that kernel quantize its output per token
-(``fp8.Fp8Rows``, the same bits): one kernel fewer per linear layer.
+``_scaled_mm`` or mid route and from ``FUSE_FP8_QUANT_MIN_ROWS`` rows, has
+that kernel quantize its output per token (``fp8.Fp8Rows``, the same
+bits): one kernel fewer per linear layer.
 ``linear`` takes such rows as ``x``.
 
 ``norm_linear(x, residual, norm_weight, eps, weight, bias, weight_scale)`` is
@@ -75,11 +76,14 @@ USE_SKINNY_BF16 = True
 
 # Quantize an fp8 linear's activation in the kernel that produces it (RMSNorm before qkv and gate_up,
 # SiLU·mul before down) instead of in a kernel of its own before the fp8 GEMM: three fewer small kernels a
-# layer above skinny_max_m rows, the same bits (tests/engine/test_fused_ops.py). On since 2026-12-06: at 64-token
-# blocks, alternated on an H100 (bench/throughput.py --[no-]fuse-fp8-quant), it won every pair: W-nano with fp8
-# weights and cache +1.0-2.7% (4 pairs), W1 with fp8 weights +2.9-3.5% (3 pairs). Earlier H200 runs at 16-token
-# blocks, before mid_gemm and the PDL-launched quantization kernel, had it 4-7% slower (fused first each time).
+# layer, the same bits (tests/engine/test_fused_ops.py). On since 2026-12-06, from FUSE_FP8_QUANT_MIN_ROWS
+# rows: at 64-token blocks, alternated on an H100 (bench/throughput.py --[no-]fuse-fp8-quant), it won every
+# pair at full batches, W-nano with fp8 weights and cache +1.0-2.7% (4 pairs), W1 at 512 with fp8 weights
+# +2.9-3.5% (3 pairs), but W1 at 32 rows ran 3.8% slower fused (2 pairs): the fused SiLU·mul + quantize kernel
+# runs one program per row, too few to fill the GPU. Earlier H200 runs at 16-token blocks, before mid_gemm and
+# the PDL-launched quantization kernel, had it 4-7% slower on W-nano (fused first each time).
 FUSE_FP8_QUANT = True
+FUSE_FP8_QUANT_MIN_ROWS = 33
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +139,7 @@ def skinny_variant_rows(weight: torch.Tensor, device: torch.device) -> list[int]
 
 def takes_fp8_rows(M: int, weight: torch.Tensor, weight_scale: Optional[torch.Tensor], device: torch.device) -> bool:
     """Whether ``linear`` wants its M-row input as ``Fp8Rows``, quantized by the kernel that produces it."""
-    return (FUSE_FP8_QUANT and weight_scale is not None
+    return (FUSE_FP8_QUANT and M >= FUSE_FP8_QUANT_MIN_ROWS and weight_scale is not None
             and route(M, weight.shape[0], weight.shape[1], weight.dtype, device, True) in ("scaled_mm", "mid"))
 
 
