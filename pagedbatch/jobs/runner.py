@@ -301,7 +301,7 @@ def _run_data_parallel(opts: JobOptions, slots: list, fmt: str, engine_config, c
             job.close()
         if status == "failed" and not job.dealing:
             raise JobError(job.failure)  # no worker started work: like a model that fails to load
-        # Still under the job's handlers: a SIGTERM while the report is written must not kill it half-written.
+        # Still under the job's handlers: a SIGTERM now must not end the process before the report is written.
         log_end(log, status=status, error=job.failure or None, counters=job.counters.as_dict())
         return finish_job(opts, opts.output, status, job.counters, len(done), first_errors=job.first_errors,
                           dropped=job.dropped, stop=stop, resume_command=resume_command, failure=job.failure)

@@ -247,7 +247,7 @@ def test_fp8_engine_with_quantization_fused_into_the_norms_gives_the_same_logits
     want = forced_logits(eng, prompts, tokens, decode=True)
     del eng
     monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT", True)
-    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT_MIN_ROWS", 17)  # every fp8-quantized step of 32 rows or fewer
+    monkeypatch.setattr(linear_mod, "FUSE_FP8_QUANT_MIN_ROWS", 17)  # fused at these 17-32-row decode steps too
     fused = InferenceEngine(d, **kw)
     assert fused.engine.runner.graphs is not None
     assert torch.equal(greedy_tokens(fused, prompts, 16), tokens)
