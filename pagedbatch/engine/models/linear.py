@@ -79,9 +79,10 @@ USE_SKINNY_BF16 = True
 # layer, the same bits (tests/engine/test_fused_ops.py). On since 2026-12-06, from FUSE_FP8_QUANT_MIN_ROWS
 # rows: at 64-token blocks, alternated on an H100 (bench/throughput.py --[no-]fuse-fp8-quant), it won every
 # pair at full batches, W-nano with fp8 weights and cache +1.1-2.6% (4 pairs), W1 at 512 with fp8 weights
-# +2.9-3.5% (3 pairs), but W1 at 32 rows ran 3.8% slower fused (2 pairs): the fused SiLU·mul + quantize kernel
-# runs one program per row, too few to fill the GPU. Earlier H200 runs at 16-token blocks, before mid_gemm and
-# the PDL-launched quantization kernel, had it 4-7% slower on W-nano (fused first each time).
+# +2.9-3.5% (3 pairs), but W1 at 32 rows ran 3.8% slower fused (2 pairs). Not the SiLU·mul + quantize kernel's
+# width alone: at 8 warps and up to 8,192 columns a pass it still lost 2.7% there (2026-12-06, H100, 2 pairs;
+# bench/results/profiles/session22-silu-quant-8warps.patch). Earlier H200 runs at 16-token blocks, before mid_gemm
+# and the PDL-launched quantization kernel, had it 4-7% slower on W-nano (fused first each time).
 FUSE_FP8_QUANT = True
 FUSE_FP8_QUANT_MIN_ROWS = 33
 
