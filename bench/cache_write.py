@@ -1,13 +1,16 @@
 """The fused rotary + KV-cache write kernel alone, per cache layout: µs per call.
 
     python bench/cache_write.py                 # decode and prefill shapes of W-nano and W1
+    python bench/cache_write.py --v-tiles 0,32,64 --cases wnano-prefill   # prefill's V by token tiles
     python bench/cache_write.py --device cpu    # smoke test (Triton's interpreter, tiny shapes)
 
 An fp8 cache with key-contiguous V (the engine's layout) writes each token's V
 as one byte in each of head_dim rows of its block; this measures what that
 costs against V stored like K, and against a bf16 cache. Slots are those of a
 real step: decode writes one token into each sequence's own block, prefill
-writes whole runs of blocks.
+writes whole runs of blocks. ``--v-tiles`` adds, for the key-contiguous
+layout, V written by tiles of that many consecutive tokens (``v_tile``, what
+steps with prefill use when ``triton_backend.PREFILL_V_TILE`` is set).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ CASES = {
 TINY = {"tiny-decode": (8, 4, 2, 32, True, True), "tiny-prefill": (40, 4, 2, 32, False, False)}
 
 
-def make(case, layout: str, device, block_size: int = 16):
+def make(case, layout: str, device, block_size: int = 16, v_tile: int = 0):
     T, H, KVH, D, norm, decode = case
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fp8 = layout != "bf16"
@@ -51,7 +54,7 @@ def make(case, layout: str, device, block_size: int = 16):
     norms = (torch.ones(D, device=device, dtype=dtype), torch.ones(D, device=device, dtype=dtype), 1e-6) if norm else None
     scale = torch.tensor([0.05, 0.05], device=device) if fp8 else None
     args = (q, k, v, k_cache, v_cache, cos_sin, pos.to(device), slots.to(device))
-    return lambda: rotary_cache_write(*args, kv_scale=scale, qk_norm=norms), T * (H + 2 * KVH) * D
+    return lambda: rotary_cache_write(*args, kv_scale=scale, qk_norm=norms, v_tile=v_tile), T * (H + 2 * KVH) * D
 
 
 def main(argv=None) -> int:
@@ -59,15 +62,22 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default=None, help="comma-separated names (default: all for the device)")
     ap.add_argument("--layouts", default="bf16,fp8-keys-last,fp8-key-contiguous")
+    ap.add_argument("--block-size", type=int, default=64, help="KV block size (the engine's GPU default: 64)")
+    ap.add_argument("--v-tiles", default="", help="comma-separated v_tile values to add as columns for the "
+                                                   "key-contiguous layout (e.g. 32,64)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cases = CASES if device.type == "cuda" else TINY
     names = args.cases.split(",") if args.cases else list(cases)
-    print(f"{'case':>14} " + " ".join(f"{x:>20}" for x in args.layouts.split(",")) + "   (us per call)")
+    columns = [(layout, 0) for layout in args.layouts.split(",")]
+    columns += [("fp8-key-contiguous", int(t)) for t in args.v_tiles.split(",") if t and int(t)]
+    heads = [f"{lay}/t{t}" if t else lay for lay, t in columns]
+    print(f"block size {args.block_size}")
+    print(f"{'case':>14} " + " ".join(f"{x:>20}" for x in heads) + "   (us per call)")
     for name in names:
         row = []
-        for layout in args.layouts.split(","):
-            fn, _ = make(cases[name], layout, device)
+        for layout, tile in columns:
+            fn, _ = make(cases[name], layout, device, args.block_size, tile)
             if device.type == "cuda":
                 # Replayed from a CUDA graph: a decode-sized call is shorter than its Python launch.
                 from triton.testing import do_bench_cudagraph

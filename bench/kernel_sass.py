@@ -83,7 +83,7 @@ def rotary_spec(args):
     block_h = min(triton.next_power_of_2(max(h, kvh)), max(1, 2048 // d))
     const = dict(H=h, KVH=kvh, NUM_Q_BLOCKS=triton.cdiv(h, block_h), BLOCK_SIZE=args.block_size, HALF=d // 2,
                  BLOCK_H=block_h, BLOCK_KVH=min(triton.next_power_of_2(kvh), block_h), KV_SCALED=args.kv == "fp8", QK_NORM=args.group == 2, PDL=args.pdl,
-                 **({"s_vcs": 1} if args.v_layout == "key-contiguous" else {"s_vcd": 1}))
+                 V_TILE=args.v_tile, **({"s_vcs": 1} if args.v_layout == "key-contiguous" else {"s_vcd": 1}))
     return tk_rotary(), const, 4 if block_h * d >= 2048 else 2, 3
 
 
@@ -197,6 +197,17 @@ def loops(sass: str) -> list[tuple[int, collections.Counter]]:
     return out
 
 
+def store_layouts(ttgir: str) -> str:
+    """One line per ``tt.store``: its pointer tensor's shape and element type, and its blocked layout
+    (sizePerThread, threadsPerWarp, warpsPerCTA, order: the first axis in ``order`` is the one a warp's
+    consecutive lanes walk)."""
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*?)\}>", ttgir, re.M))
+    lines = []
+    for m in re.finditer(r"tt\.store .*?: tensor<([0-9x]+)x!tt\.ptr<(\w+)>, (#\w+)>", ttgir):
+        lines.append(f"store {m.group(1)} {m.group(2)}: {layouts.get(m.group(3), m.group(3))}")
+    return "\n".join(lines) or "no tensor stores"
+
+
 def pdl_order(sass: str) -> str:
     """Where the grid-dependency wait falls (``griddepcontrol.wait`` is SASS ``ACQBULK``, ``launch_dependents``
     ``PREEXIT``): the global loads issued before it may read constants only (engine/pdl.py's rule)."""
@@ -245,9 +256,14 @@ def main(argv=None) -> int:
                     "(rope=, head_dim 128, block size 16)")
     ap.add_argument("--pdl", action="store_true", help="decode, skinny: as launched with programmatic dependent "
                                                         "launch (engine/pdl.py); prints where the wait falls")
+    ap.add_argument("--v-tile", type=int, default=0, help="rotary: V written by tiles of this many tokens (prefill's "
+                                                          "PREFILL_V_TILE; 0: token by token)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--top", type=int, default=14, help="opcodes shown per loop")
     ap.add_argument("--out", default=None, help="also write the PTX and SASS here")
+    ap.add_argument("--store-layouts", action="store_true",
+                    help="also print each global store's tensor type and layout (TTGIR): which axis a warp's lanes "
+                         "walk decides how many memory sectors a store instruction touches")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's default; silences Triton >= 3.9
     import triton
@@ -289,6 +305,8 @@ def main(argv=None) -> int:
           f"{progs} (registers {by_regs}, shared memory {by_smem})")
     if args.pdl:
         print(pdl_order(sass))
+    if args.store_layouts:
+        print(store_layouts(compiled.asm["ttgir"]))
     found = loops(sass)
     if not found:
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", m.group(1).strip()).split()[0]

@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-fp8-quant", action=argparse.BooleanOptionalAction, default=None,
                     help="fp8 weights: whether the norm / SiLU kernels quantize the activations "
                          "(linear.FUSE_FP8_QUANT, on by default)")
+    ap.add_argument("--prefill-v-tile", type=int, default=None, metavar="N",
+                    help="fp8 KV cache: steps with prefill write V by tiles of N tokens "
+                         "(triton_backend.PREFILL_V_TILE; 0 = token by token)")
     ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
                     help="also run the workload's first N steps again under torch.cuda.set_sync_debug_mode and "
                          "print where the host synchronized with the GPU (stack, count)")
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
     if args.fuse_fp8_quant is not None:
         from pagedbatch.engine.models import linear as linear_mod
         linear_mod.FUSE_FP8_QUANT = args.fuse_fp8_quant
+    if args.prefill_v_tile is not None:
+        from pagedbatch.engine.attention import triton_backend
+        triton_backend.PREFILL_V_TILE = args.prefill_v_tile
     w = WORKLOADS[args.workload]()
     tmp = tempfile.mkdtemp()
     eng = InferenceEngine(model_dir_for(w, tmp), load_format="dummy", skip_tokenizer_init=True, device=args.device,

@@ -272,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-fp8-quant-min-rows", type=int, default=None, metavar="M",
                     help="with --quantization fp8: fuse the quantization only into steps of at least M rows "
                          "(linear.FUSE_FP8_QUANT_MIN_ROWS; this process only)")
+    ap.add_argument("--prefill-v-tile", type=int, default=None, metavar="N",
+                    help="with an fp8 KV cache (key-contiguous V): steps with prefill write V by tiles of N "
+                         "consecutive tokens (triton_backend.PREFILL_V_TILE, 0 = token by token; this process only)")
     ap.add_argument("--no-fuse-norm", action="store_true",
                     help="run each layer's RMSNorms as kernels of their own, not inside the skinny GEMM after them "
                          "(linear.FUSE_NORM off; this process only)")
@@ -310,6 +313,9 @@ def main(argv=None) -> int:
         linear_mod.FUSE_FP8_QUANT = args.fuse_fp8_quant
     if args.fuse_fp8_quant_min_rows is not None:
         linear_mod.FUSE_FP8_QUANT_MIN_ROWS = args.fuse_fp8_quant_min_rows
+    from pagedbatch.engine.attention import triton_backend as triton_backend_mod
+    if args.prefill_v_tile is not None:
+        triton_backend_mod.PREFILL_V_TILE = args.prefill_v_tile
     if args.no_fuse_norm:
         linear_mod.FUSE_NORM = False
     if args.fuse_norm_fp8:
@@ -415,6 +421,7 @@ def main(argv=None) -> int:
         "fuse_norm": linear_mod.fuses_norm(args.quantization == "fp8"),
         "fuse_rope": linear_mod.FUSE_ROPE,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
+        "prefill_v_tile": triton_backend_mod.PREFILL_V_TILE if args.kv_cache_dtype != "auto" else None,
     }
     try:
         import transformers, triton  # noqa: E401

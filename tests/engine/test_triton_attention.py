@@ -53,6 +53,60 @@ def test_rotary_cache_write_matches_reference_for_strided_q_and_skips_negative_s
     assert torch.equal(q2, q_rot)
 
 
+@pytest.mark.parametrize("v_tile,block_size", [(4, 16), (16, 8), (64, 16)])
+def test_v_written_by_token_tiles_gives_the_same_cache_bytes_as_token_by_token(v_tile, block_size):
+    """``v_tile`` (prefill into a key-contiguous fp8 V cache): V written a tile of consecutive tokens at a time
+    must store the bytes of the token-by-token write, K and q too, across block boundaries, two sequences
+    (one starting mid-block, one at slot 0), a padding token between them (slot -1: nothing written) and a
+    last partial tile."""
+    from pagedbatch.engine.attention import kv_quant
+
+    T, H, KVH, D = 37, 4, 2, 32
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g) * 4
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=1))
+    a = torch.arange(21) + 3 * block_size + 5  # a sequence resuming mid-block
+    b = torch.arange(15)  # a fresh one, from slot 0
+    slots = torch.cat([a, torch.tensor([-1]), b])
+    positions = torch.cat([torch.arange(21) + 5, torch.tensor([0]), torch.arange(15)])
+    f = torch.arange(64).float()[:, None] / (10000 ** (torch.arange(0, D, 2).float() / D))[None]
+    cos_sin = torch.cat((f.cos(), f.sin()), -1)
+    scale = torch.tensor([0.05, 0.03])
+    caches = []
+    for tile in (0, v_tile):
+        cache = torch.full((2, 1, 8, block_size, KVH, D), 0x7F, dtype=torch.uint8).view(kv_quant.FP8_KV_DTYPE)
+        (kc, vc), = kv_quant.layer_caches(cache, key_contiguous=True)
+        assert vc.stride(1) == 1
+        q_rot = rotary_cache_write(q, k, v, kc, vc, cos_sin, positions, slots, kv_scale=scale, v_tile=tile)
+        caches.append((cache.view(torch.uint8), q_rot))
+    (c0, q0), (c1, q1) = caches
+    assert torch.equal(q0, q1)
+    assert torch.equal(c0[0], c1[0]), "K bytes differ"
+    assert torch.equal(c0[1], c1[1]), f"{(c0[1] != c1[1]).sum().item()} V bytes differ"
+    # Both wrote what was asked: every token's V (stored in [kv_heads, head_dim, block_size] blocks) and
+    # nothing else.
+    v_blocks = c1[1, 0].view(8, KVH, D, block_size)
+    written = (v_blocks != 0x7F).any(2).any(1).flatten()
+    assert written.nonzero().flatten().tolist() == sorted(slots[slots >= 0].tolist())
+    keep = slots >= 0
+    got = v_blocks.permute(0, 3, 1, 2).reshape(-1, KVH, D)[slots[keep]].view(kv_quant.FP8_KV_DTYPE).float()
+    # Each token's own values, loosely: the interpreter's fp8 cast is not the GPU's (it stored -127.95 as -64;
+    # the GPU test pins the bytes), but a token or head written to another's place is caught.
+    assert torch.allclose(got, (v[keep] / scale[1]).clamp(-448, 448), rtol=0.5, atol=2 ** -9)
+
+
+def test_v_tile_must_be_a_power_of_two():
+    from pagedbatch.engine.attention import kv_quant
+
+    T, H, KVH, D = 4, 4, 2, 32
+    q, k, v = torch.zeros(T, H, D), torch.zeros(T, KVH, D), torch.zeros(T, KVH, D)
+    cache = torch.zeros((2, 1, 2, 16, KVH, D), dtype=kv_quant.FP8_KV_DTYPE)
+    (kc, vc), = kv_quant.layer_caches(cache, key_contiguous=True)
+    with pytest.raises(ValueError, match="power of two"):
+        rotary_cache_write(q, k, v, kc, vc, torch.zeros(8, D), torch.arange(T), torch.arange(T),
+                           kv_scale=torch.ones(2), v_tile=48)
+
+
 def _near_fp8_ties(scale: float, n: int, g: torch.Generator) -> torch.Tensor:
     """float32 values whose quotients by ``scale`` lie within a few ulps of e4m3 rounding ties (and some
     random ones): where a quotient one ulp off stores a different byte."""

@@ -413,6 +413,33 @@ def test_gpu_fp8_kernels_contexts_1_to_8192_with_bit_exact_writes(group, block_s
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("v_tile", [0, 16, 64])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_gpu_prefill_v_by_token_tiles_into_a_key_contiguous_cache_stores_torchs_cast(v_tile, block_size):
+    """Prefill's V written by tiles of consecutive tokens (``v_tile``, triton_backend.PREFILL_V_TILE) into a
+    key-contiguous fp8 V cache stores exactly torch's cast, K too, at the written slots only, and the
+    attention over it reads them (mixed prefill and decode rows, sequences resuming mid-block)."""
+    scale = 128**-0.5
+    for group in (2, 7):
+        b = make_batch([0, 1000, 37, 5, 700], [700, 96, 33, 1, 130], 4 * group, 4, 128, block_size,
+                       torch.bfloat16, seed=group + v_tile, kv_scale=SCALES)
+        ref, kc_ref, vc_ref = reference(b, scale)  # on a copy in the logical layout
+        b = dataclasses.replace(b, v_cache=_key_contiguous(b.v_cache))
+        q_rot = rotary_cache_write(b.q, b.k, b.v, b.k_cache, b.v_cache, b.cos_sin, b.meta.positions,
+                                   b.meta.slot_mapping, kv_scale=b.kv_scale, v_tile=v_tile)
+        for cache, cache_ref in ((b.k_cache, kc_ref), (b.v_cache, vc_ref)):
+            flat = cache.reshape(-1, *cache.shape[2:])  # the logical order (a copy for the permuted V)
+            flat_ref = cache_ref.reshape(-1, *cache_ref.shape[2:])
+            slots = b.expected_slots
+            assert torch.equal(flat.view(torch.uint8)[slots], flat_ref.view(torch.uint8)[slots]), \
+                f"fp8 bytes differ from torch's cast (group {group})"
+            assert torch.isnan(flat[~slots].float()).all(), "the write touched other slots"
+        out = TritonAttentionBackend().attend(q_rot, b.k_cache, b.v_cache, b.meta, scale, b.kv_scale,
+                                              out=torch.full_like(q_rot, float("nan")))
+        assert (out - ref).abs().max().item() <= GPU_TOL
+
+
+@pytest.mark.gpu
 def test_gpu_fp8_decode_graph_reads_scales_from_the_device_tensor():
     """A captured decode graph reads kv_scale from its device tensor: changing it after capture changes the
     result as the reference says (nothing host-side was baked in)."""

@@ -28,6 +28,13 @@ from .triton_decode import DecodeConfig, decode_workspace_shape, paged_decode, r
 from .prefill_tile import DEFAULT_PREFILL_TILE, PrefillTile
 from .triton_kernels import paged_prefill, rotary_cache_write
 
+# Steps with prefill write a key-contiguous (fp8) V cache by tiles of this many consecutive tokens
+# (``rotary_cache_write``'s ``v_tile``; 0: token by token, as decode always does). The same bytes; whether
+# it is faster on a GPU is not measured yet (2026-12-06: on an H100 at 64-token blocks the token-by-token
+# write took 130 us a layer in W-nano's 8,192-token prefill steps with an fp8 cache, against 49 for bf16),
+# so it stays off until bench/cache_write.py and bench/throughput.py --prefill-v-tile have run.
+PREFILL_V_TILE = 0
+
 
 class _SplitWorkspace:
     def __init__(self) -> None:
@@ -133,7 +140,8 @@ class TritonAttentionBackend:
                 kv_scale: Optional[torch.Tensor] = None, qk_norm=None) -> torch.Tensor:
         """``qk_norm``: (q_norm weight, k_norm weight, eps) to apply to q and k before rotary (Qwen3)."""
         q_rot = rotary_cache_write(q, k, v, k_cache, v_cache, cos_sin, meta.positions, meta.slot_mapping,
-                                   kv_scale=kv_scale, qk_norm=qk_norm)
+                                   kv_scale=kv_scale, qk_norm=qk_norm,
+                                   v_tile=0 if meta.is_decode_only else PREFILL_V_TILE)
         return self.attend(q_rot, k_cache, v_cache, meta, scale, kv_scale)
 
     def attend(self, q_rot, k_cache, v_cache, meta: AttentionMetadata, scale: float,

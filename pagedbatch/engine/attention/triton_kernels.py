@@ -153,18 +153,30 @@ def _head_rms_norm(x1, x2, W, eps, HALF: tl.constexpr, DTYPE: tl.constexpr):
 
 # The step's positions and slots are slices of one packed input buffer: their addresses' alignment
 # changes with the step's size, and a pointer specialized on it would compile a variant mid-job.
-@triton.jit(do_not_specialize=["positions", "slot_mapping"])
+@triton.jit(do_not_specialize=["positions", "slot_mapping", "T"])
 def _rotary_cache_write_kernel(
-    Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE, QW, KW, eps,
+    Q, K, V, QO, KC, VC, cos_sin, positions, slot_mapping, KV_SCALE, QW, KW, eps, T,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_qot, s_qoh,
     s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd, s_cs,
     H: tl.constexpr, KVH: tl.constexpr, NUM_Q_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, KV_SCALED: tl.constexpr,
-    QK_NORM: tl.constexpr, BLOCK_KVH: tl.constexpr, PDL: tl.constexpr = False,
+    QK_NORM: tl.constexpr, BLOCK_KVH: tl.constexpr, PDL: tl.constexpr = False, V_TILE: tl.constexpr = 0,
 ):
     wait_for_producer(PDL)
-    tok = tl.program_id(0)
-    hb = tl.program_id(1)
+    if V_TILE:
+        # A flat grid: T x (q + kv head blocks) programs as below, whose kv programs write K only, then one
+        # program per V_TILE consecutive tokens and kv head writing V (_write_v_tile).
+        pid = tl.program_id(0)
+        heads_blocks: tl.constexpr = NUM_Q_BLOCKS + tl.cdiv(KVH, BLOCK_KVH)
+        if pid >= T * heads_blocks:
+            _write_v_tile(V, VC, KV_SCALE, slot_mapping, T, pid - T * heads_blocks, s_vt, s_vh,
+                          s_vcb, s_vcs, s_vch, s_vcd, KVH, BLOCK_SIZE, 2 * HALF, V_TILE, KV_SCALED)
+            return
+        tok = pid // heads_blocks
+        hb = pid % heads_blocks
+    else:
+        tok = tl.program_id(0)
+        hb = tl.program_id(1)
     pos = tl.load(positions + tok)
     offs_d = tl.arange(0, HALF)
     offs_h = tl.arange(0, BLOCK_H)
@@ -184,14 +196,54 @@ def _rotary_cache_write_kernel(
     else:
         _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, hb - NUM_Q_BLOCKS, slot_mapping, cos, sin, offs_d,
                          s_kt, s_kh, s_vt, s_vh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd,
-                         KVH, BLOCK_SIZE, HALF, BLOCK_KVH, KV_SCALED, QK_NORM)
+                         KVH, BLOCK_SIZE, HALF, BLOCK_KVH, KV_SCALED, QK_NORM, V_TILE == 0)
+
+
+@triton.jit
+def _write_v_tile(V, VC, KV_SCALE, slot_mapping, T, idx, s_vt, s_vh, s_vcb, s_vcs, s_vch, s_vcd,
+                  KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, V_TILE: tl.constexpr,
+                  KV_SCALED: tl.constexpr):
+    # V of V_TILE consecutive tokens of one kv head, for a key-contiguous V cache (a block's bytes are
+    # [kv_heads, head_dim, block_size]). Written token by token, each of a token's head_dim bytes is a memory
+    # sector of its own. Where the tile's tokens have consecutive slots in one block (a prompt filling it),
+    # the store's addresses are written as that run, which Triton can see: a warp's lanes then walk the
+    # tokens, adjacent bytes of one head_dim row (bench/kernel_sass.py --store-layouts). Other tiles store
+    # element by element. The values and their rounding are _rotate_write_kv's (quantize_kv's V half).
+    # In head_dim chunks of 1,024 elements a tile: a whole [64, 128] tile held 64 values and 64 pointers a
+    # thread (sm_90: 255 registers and spills, for every program of the kernel).
+    DC: tl.constexpr = min(D, max(16, 1024 // V_TILE))
+    tile = idx // KVH
+    head = idx % KVH
+    lane = tl.arange(0, V_TILE)
+    offs_t = tile * V_TILE + lane
+    tmask = offs_t < T
+    slot = tl.load(slot_mapping + offs_t, mask=tmask, other=-1)
+    first = tl.load(slot_mapping + tile * V_TILE)
+    run = (first >= 0) & (first % BLOCK_SIZE + V_TILE <= BLOCK_SIZE) & (tl.sum((slot == first + lane).to(tl.int32)) == V_TILE)
+    run_dst = VC + (first // BLOCK_SIZE).to(tl.int64) * s_vcb + (first % BLOCK_SIZE) * s_vcs + head * s_vch
+    dst_t = VC + (slot // BLOCK_SIZE).to(tl.int64) * s_vcb + (slot % BLOCK_SIZE) * s_vcs + head * s_vch
+    wmask = (slot >= 0)[:, None]
+    src_t = V + offs_t.to(tl.int64) * s_vt + head * s_vh
+    if KV_SCALED:
+        v_scale = tl.load(KV_SCALE + 1)
+        v_inv = tl.math.div_rn(1.0, v_scale)
+    for d0 in tl.static_range(0, D, DC):
+        offs_d = d0 + tl.arange(0, DC)
+        v = tl.load(src_t[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        if KV_SCALED:
+            v = _quantize(v.to(tl.float32), v_scale, v_inv)
+        v = v.to(VC.dtype.element_ty)
+        if run:
+            tl.store(run_dst + lane[:, None] * s_vcs + offs_d[None, :] * s_vcd, v)
+        else:
+            tl.store(dst_t[:, None] + offs_d[None, :] * s_vcd, v, mask=wmask)
 
 
 @triton.jit
 def _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, kb, slot_mapping, cos, sin, offs_d,
                      s_kt, s_kh, s_vt, s_vh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch, s_vcd,
                      KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
-                     KV_SCALED: tl.constexpr, QK_NORM: tl.constexpr):
+                     KV_SCALED: tl.constexpr, QK_NORM: tl.constexpr, WRITE_V: tl.constexpr = True):
     # KV heads in blocks of their own size (a function of its own: the compiler refuses a name whose shape
     # differs between the kernel's two branches). In a block of the query heads' 16 rows Qwen2.5-7B's 4
     # (W-nano's 8) KV heads left 3/4 (1/2) of the rows, and of an fp8 write's divisions, masked.
@@ -210,17 +262,23 @@ def _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, kb, slot_mapping, cos
         x1, x2 = _head_rms_norm(x1, x2, KW, eps, HALF, K.dtype.element_ty)
     k1 = x1 * cos - x2 * sin
     k2 = x2 * cos + x1 * sin
-    src = V + tok * s_vt + heads[:, None] * s_vh + offs_d[None, :]
-    v1 = tl.load(src, mask=hmask, other=0.0)
-    v2 = tl.load(src + HALF, mask=hmask, other=0.0)
-    if KV_SCALED:
-        k1, k2, v1, v2 = quantize_kv(k1, k2, v1.to(tl.float32), v2.to(tl.float32), KV_SCALE)
+    if WRITE_V:
+        src = V + tok * s_vt + heads[:, None] * s_vh + offs_d[None, :]
+        v1 = tl.load(src, mask=hmask, other=0.0)
+        v2 = tl.load(src + HALF, mask=hmask, other=0.0)
+        if KV_SCALED:
+            k1, k2, v1, v2 = quantize_kv(k1, k2, v1.to(tl.float32), v2.to(tl.float32), KV_SCALE)
+    elif KV_SCALED:  # V is _write_v_tile's
+        k_scale = tl.load(KV_SCALE)
+        k_inv = tl.math.div_rn(1.0, k_scale)
+        k1, k2 = _quantize(k1, k_scale, k_inv), _quantize(k2, k_scale, k_inv)
     k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
     tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
     tl.store(k_dst + HALF, k2.to(KC.dtype.element_ty), mask=wmask)
-    v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :] * s_vcd
-    tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=wmask)
-    tl.store(v_dst + HALF * s_vcd, v2.to(VC.dtype.element_ty), mask=wmask)
+    if WRITE_V:
+        v_dst = VC + blk * s_vcb + row * s_vcs + heads[:, None] * s_vch + offs_d[None, :] * s_vcd
+        tl.store(v_dst, v1.to(VC.dtype.element_ty), mask=wmask)
+        tl.store(v_dst + HALF * s_vcd, v2.to(VC.dtype.element_ty), mask=wmask)
 
 
 def rotary_cache_write(
@@ -235,12 +293,16 @@ def rotary_cache_write(
     q_out: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    v_tile: int = 0,
 ) -> torch.Tensor:
     """Rotate q (into ``q_out``, which may be ``q`` itself) and k at ``positions``;
     write rotated k and raw v into the caches at ``slot_mapping`` (negative slots are skipped).
     An fp8 cache stores them divided by ``kv_scale`` ([k_scale, v_scale]). Returns the rotated q.
     ``qk_norm`` (q weight [D], k weight [D], eps): Qwen3's per-head RMSNorm of q and k first, in the
-    same pass (two kernel launches per layer fewer than norming them apart)."""
+    same pass (two kernel launches per layer fewer than norming them apart).
+    ``v_tile`` (a power of two, or 0): into a key-contiguous V cache, write V by tiles of that many
+    consecutive tokens (``_write_v_tile``; for prefill, whose consecutive tokens fill blocks); the same
+    bytes. Ignored for a V cache laid out like K."""
     T, H, D = q.shape
     KVH = k.shape[1]
     _check_head_dim(D)
@@ -258,16 +320,24 @@ def rotary_cache_write(
     block_h = min(triton.next_power_of_2(max(H, KVH)), max(1, 2048 // D))
     block_kvh = min(triton.next_power_of_2(KVH), block_h)
     nqb, nkb = triton.cdiv(H, block_h), triton.cdiv(KVH, block_kvh)
-    _rotary_cache_write_kernel[(T, nqb + nkb)](
+    if v_tile and v_cache.stride(1) == 1:
+        if v_tile & (v_tile - 1):
+            raise ValueError(f"v_tile must be a power of two, got {v_tile}")
+        v_tile = min(v_tile, k_cache.shape[1])  # a run of consecutive slots ends with its block
+        grid = (T * (nqb + nkb) + triton.cdiv(T, v_tile) * KVH,)
+    else:
+        v_tile, grid = 0, (T, nqb + nkb)
+    _rotary_cache_write_kernel[grid](
         q, k, v, q_out, k_cache, v_cache, cos_sin, positions, slot_mapping,
         kv_scale if kv_scale is not None else cos_sin,  # unused for an unscaled cache
         *(qk_norm if qk_norm is not None else (cos_sin, cos_sin, 0.0)),  # unused without the norms
+        T,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), cos_sin.stride(0),
         H=H, KVH=KVH, NUM_Q_BLOCKS=nqb, BLOCK_SIZE=k_cache.shape[1], HALF=D // 2, BLOCK_H=block_h,
-        KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, BLOCK_KVH=block_kvh,
+        KV_SCALED=kv_scale is not None, QK_NORM=qk_norm is not None, BLOCK_KVH=block_kvh, V_TILE=v_tile,
         num_warps=4 if block_h * D >= 2048 else 2,
         # Unfused multiply-adds for the fp8 write: the rotated key then rounds exactly as torch's does,
         # so the stored fp8 bytes equal torch's cast (a 1-ulp fp32 difference can flip an fp8 rounding).
