@@ -54,7 +54,8 @@ def make(case, layout: str, device, block_size: int = 16, v_tile: int = 0):
     norms = (torch.ones(D, device=device, dtype=dtype), torch.ones(D, device=device, dtype=dtype), 1e-6) if norm else None
     scale = torch.tensor([0.05, 0.05], device=device) if fp8 else None
     args = (q, k, v, k_cache, v_cache, cos_sin, pos.to(device), slots.to(device))
-    return lambda: rotary_cache_write(*args, kv_scale=scale, qk_norm=norms, v_tile=v_tile), T * (H + 2 * KVH) * D
+    fn = lambda: rotary_cache_write(*args, kv_scale=scale, qk_norm=norms, v_tile=v_tile)  # noqa: E731
+    return fn, T * (H + 2 * KVH) * D
 
 
 def main(argv=None) -> int:

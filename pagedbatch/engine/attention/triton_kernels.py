@@ -219,7 +219,8 @@ def _write_v_tile(V, VC, KV_SCALE, slot_mapping, T, idx, s_vt, s_vh, s_vcb, s_vc
     tmask = offs_t < T
     slot = tl.load(slot_mapping + offs_t, mask=tmask, other=-1)
     first = tl.load(slot_mapping + tile * V_TILE)
-    run = (first >= 0) & (first % BLOCK_SIZE + V_TILE <= BLOCK_SIZE) & (tl.sum((slot == first + lane).to(tl.int32)) == V_TILE)
+    in_order = tl.sum((slot == first + lane).to(tl.int32)) == V_TILE
+    run = (first >= 0) & (first % BLOCK_SIZE + V_TILE <= BLOCK_SIZE) & in_order
     run_dst = VC + (first // BLOCK_SIZE).to(tl.int64) * s_vcb + (first % BLOCK_SIZE) * s_vcs + head * s_vch
     dst_t = VC + (slot // BLOCK_SIZE).to(tl.int64) * s_vcb + (slot % BLOCK_SIZE) * s_vcs + head * s_vch
     wmask = (slot >= 0)[:, None]
