@@ -31,6 +31,7 @@ class Timers:
     def __init__(self):
         self.s = collections.defaultdict(float)
         self.n = collections.defaultdict(int)
+        self.max = collections.defaultdict(float)
 
     def wrap(self, obj, name, key):
         fn = getattr(obj, name)
@@ -40,8 +41,10 @@ class Timers:
             try:
                 return fn(*a, **k)
             finally:
-                self.s[key] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.s[key] += dt
                 self.n[key] += 1
+                self.max[key] = max(self.max[key], dt)
 
         setattr(obj, name, timed)
 
@@ -80,6 +83,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=0, metavar="N",
                     help="also run the whole workload N more times (fresh ids), one line each: wall, its steps with "
                          "prefill and its decode-only steps, and the time Python's garbage collector took")
+    ap.add_argument("--time-parts", action="store_true",
+                    help="also time the forward's parts on the host (the layer's linears, norms, attention, the fp8 "
+                         "GEMM routes): total, calls and the longest call. Decode steps replay graphs, so these "
+                         "count the steps with prefill; a longest call of milliseconds is a launch that blocked")
+    ap.add_argument("--runs-v-tiles", default=None, metavar="N,M,...",
+                    help="with --runs: run i sets triton_backend.PREFILL_V_TILE to the list's (i mod its length)-th "
+                         "entry, so tiles alternate within one process (prefill graphs keep the tile they were "
+                         "captured with)")
     ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
     ap.add_argument("--warm-lm-head", action="store_true",
                     help="before the timed run, also run the LM head once at every row count up to --max-num-seqs "
@@ -130,6 +141,15 @@ def main(argv=None) -> int:
     t.wrap(r, "sampler", "  sampler (launches)")
     t.wrap(e.scheduler, "cache_blocks", "  scheduler.cache_blocks")
     t.wrap(e.runner, "collect", "runner.collect (waits for GPU)")
+    if args.time_parts:
+        from pagedbatch.engine.models import linear as linear_mod, llama as llama_mod
+        for name in ("norm_linear", "linear", "silu_mul_linear"):
+            t.wrap(llama_mod, name, f"  part: llama.{name}")
+        for name in ("_scaled_mm", "_fp8_matmul", "quantize_per_token", "route"):
+            if hasattr(linear_mod, name):
+                t.wrap(linear_mod, name, f"  part: linear.{name}")
+        t.wrap(llama_mod.Attention, "attend", "  part: Attention.attend (with o_proj)")
+        t.wrap(r.backend, "forward", "  part: backend.forward")
     kinds = collections.Counter()
     kind_s = collections.defaultdict(float)
     for i, p in enumerate(w.prompts):
@@ -189,14 +209,16 @@ def main(argv=None) -> int:
         print(f"    {_bucket_name(lo):>9}: {n:5d} steps, {wall_s:6.2f} s, {1e3 * wall_s / n:6.2f} ms/step, "
               f"wait {1e3 * wait_s / n:6.2f}")
     for k in t.s:
-        print(f"  {k:>32}: {t.s[k]:7.3f} s over {t.n[k]} calls, {1e3 * t.s[k] / max(1, t.n[k]):.3f} ms/call")
+        print(f"  {k:>32}: {t.s[k]:7.3f} s over {t.n[k]} calls, {1e3 * t.s[k] / max(1, t.n[k]):.3f} ms/call, "
+              f"longest {1e3 * t.max[k]:.3f} ms")
     # inside launch_forward / launch_sampling / engine._collect
     nested = ("prepare inputs", "runner.collect (waits for GPU)") + tuple(k for k in t.s if k.startswith("  "))
     print(f"  engine step outside launch/collect/schedule: "
           f"{wall - sum(t.s[k] for k in t.s if k not in nested):.3f} s")
 
     if args.runs:
-        repeat_runs(eng, w, args.runs, sync, t, args.device)
+        tiles = [int(x) for x in args.runs_v_tiles.split(",")] if args.runs_v_tiles else None
+        repeat_runs(eng, w, args.runs, sync, t, args.device, tiles)
     if args.cprofile:
         host_profile(eng, w, args)
     if args.cprofile_prefill:
@@ -351,7 +373,7 @@ def triton_variants():
         return None
 
 
-def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str) -> None:
+def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str, v_tiles=None) -> None:
     """The whole workload n more times as the engine runs it (fresh ids each time, so no prefix-cache hits):
     where one run's time goes against another's (W-nano on the H200, 2026-12-04: its 18 steps with prefill
     took 0.34-0.94 s between runs of the same code, its decode-only steps 4.11-4.15 s), Python's garbage
@@ -362,6 +384,11 @@ def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str) -> None:
     params = [SamplingParams(max_tokens=m, temperature=w.temperature, ignore_eos=True) for m in w.max_tokens]
     print(f"\n== {n} more runs of the whole workload ==")
     for r in range(n):
+        tile = ""
+        if v_tiles:
+            from pagedbatch.engine.attention import triton_backend
+            triton_backend.PREFILL_V_TILE = v_tiles[r % len(v_tiles)]
+            tile = f" (prefill V tile {triton_backend.PREFILL_V_TILE})"
         for i, p in enumerate(w.prompts):
             eng.add_request(f"run{r}-{i}", [(x + 11 + r) % 10000 for x in p], params[i])
         probe = StepProbe(timers, e, device, 0, prefill=True)
@@ -384,7 +411,7 @@ def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str) -> None:
             wall = time.perf_counter() - t0 - probe.overhead_s
         finally:
             probe.close()
-        print(f"  run {r + 1}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
+        print(f"  run {r + 1}{tile}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
               f"with prefill {kind_s['prefill']:.3f} s, {kinds['decode']} decode-only {kind_s['decode']:.3f} s; "
               f"gc {1e3 * probe.gc_s:.0f} ms in {probe.gc_n} collections", flush=True)
         print(f"    {probe.prefill_summary()}", flush=True)

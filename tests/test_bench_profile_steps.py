@@ -32,3 +32,35 @@ def test_profile_steps_lists_the_first_steps_one_by_one_with_their_shape_and_par
     for r in rows:
         wall, fwd, prep, lm = (float(x) for x in r[5].split()[:4])
         assert 0 < lm <= fwd <= wall and prep <= fwd  # the LM head and inputs inside the forward's launches
+
+
+def test_profile_steps_times_the_forwards_parts_per_call_with_the_longest(capsys):
+    bench = load_bench("profile_steps")
+    assert bench.main(["--workload", "tiny", "--device", "cpu", "--profile-steps", "1", "--step-detail", "0",
+                       "--time-parts"]) == 0
+    out = capsys.readouterr().out
+    parts = {m[0]: (int(m[2]), float(m[3]), float(m[4])) for m in re.findall(
+        r"^ +part: ([\w.]+(?: \(with o_proj\))?): +([\d.]+) s over (\d+) calls, ([\d.]+) ms/call, longest ([\d.]+) ms$",
+        out, re.M)}
+    attend = parts.pop("Attention.attend (with o_proj)")
+    assert attend[0] > 0
+    # Every layer of every step: one attention (o_proj inside it), qkv's and gate_up's norm_linear, one down.
+    assert parts["llama.norm_linear"][0] == 2 * attend[0]
+    assert parts["llama.silu_mul_linear"][0] == attend[0]
+    assert parts["backend.forward"][0] == attend[0]
+    for calls, per_call, longest in parts.values():
+        assert longest >= per_call > 0
+
+
+def test_profile_steps_repeated_runs_alternate_the_prefill_v_tile_in_one_process(capsys):
+    from pagedbatch.engine.attention import triton_backend
+
+    bench = load_bench("profile_steps")
+    before = triton_backend.PREFILL_V_TILE
+    try:
+        assert bench.main(["--workload", "tiny", "--device", "cpu", "--runs", "3", "--runs-v-tiles", "0,16",
+                           "--profile-steps", "1", "--step-detail", "0"]) == 0
+    finally:
+        triton_backend.PREFILL_V_TILE = before
+    out = capsys.readouterr().out
+    assert re.findall(r"run (\d) \(prefill V tile (\d+)\): [\d.]+ s", out) == [("1", "0"), ("2", "16"), ("3", "0")]
