@@ -107,6 +107,25 @@ def test_v_tile_must_be_a_power_of_two():
                            kv_scale=torch.ones(2), v_tile=48)
 
 
+def test_backend_writes_prefill_v_by_token_tiles_and_decode_token_by_token(monkeypatch):
+    """Steps with prefill pass ``PREFILL_V_TILE`` (16: measured faster into the fp8 cache) to the cache write,
+    decode-only steps 0 (one token a sequence: no run of slots to store along)."""
+    from pagedbatch.engine.attention import triton_backend
+
+    seen = []
+    real = triton_backend.rotary_cache_write
+
+    def spy(*a, **k):
+        seen.append(k["v_tile"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(triton_backend, "rotary_cache_write", spy)
+    for ctx_lens, q_lens in (([0, 17], [5, 3]), ([9, 20], [1, 1])):
+        b = make_batch(ctx_lens, q_lens, 4, 2, 32, 16, torch.float32)
+        TritonAttentionBackend().forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.cos_sin, b.meta, 32**-0.5)
+    assert seen == [16, 0]
+
+
 def _near_fp8_ties(scale: float, n: int, g: torch.Generator) -> torch.Tensor:
     """float32 values whose quotients by ``scale`` lie within a few ulps of e4m3 rounding ties (and some
     random ones): where a quotient one ulp off stores a different byte."""

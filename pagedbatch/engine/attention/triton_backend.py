@@ -29,11 +29,13 @@ from .prefill_tile import DEFAULT_PREFILL_TILE, PrefillTile
 from .triton_kernels import paged_prefill, rotary_cache_write
 
 # Steps with prefill write a key-contiguous (fp8) V cache by tiles of this many consecutive tokens
-# (``rotary_cache_write``'s ``v_tile``; 0: token by token, as decode always does). The same bytes; whether
-# it is faster on a GPU is not measured yet (2026-12-06: on an H100 at 64-token blocks the token-by-token
-# write took 130 us a layer in W-nano's 8,192-token prefill steps with an fp8 cache, against 49 for bf16),
-# so it stays off until bench/cache_write.py and bench/throughput.py --prefill-v-tile have run.
-PREFILL_V_TILE = 0
+# (``rotary_cache_write``'s ``v_tile``; 0: token by token, as decode always does, one token a sequence). The
+# same bytes. Token by token, each of a token's V bytes lands in a memory sector of its own; by tiles a warp
+# stores adjacent tokens' bytes. H100, 2026-12-06 (bench/cache_write.py, W-nano's 8,192-token prefill step at
+# 64-token blocks): 46 us a layer at 16 (47-48 at 32 and 64) against 127 token by token and 50 for a bf16 cache;
+# W-nano with an fp8 cache, tiles 0 and 16 alternated in one process: its steps with prefill 0.35-0.37 s
+# against 0.38 (bench/profile_steps.py --runs-v-tiles 0,16).
+PREFILL_V_TILE = 16
 
 
 class _SplitWorkspace:
