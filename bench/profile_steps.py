@@ -91,6 +91,10 @@ def main(argv=None) -> int:
                     help="with --runs: run i sets triton_backend.PREFILL_V_TILE to the list's (i mod its length)-th "
                          "entry, so tiles alternate within one process (prefill graphs keep the tile they were "
                          "captured with)")
+    ap.add_argument("--runs-kernels", type=int, default=0, metavar="N",
+                    help="with --runs: record each run's first N steps' kernels (torch.profiler, CUDA only) and "
+                         "print their wall time against the GPU's kernel time, with the largest kernels: a slow "
+                         "run whose kernels took no longer was slow on the host")
     ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
     ap.add_argument("--warm-lm-head", action="store_true",
                     help="before the timed run, also run the LM head once at every row count up to --max-num-seqs "
@@ -218,7 +222,8 @@ def main(argv=None) -> int:
 
     if args.runs:
         tiles = [int(x) for x in args.runs_v_tiles.split(",")] if args.runs_v_tiles else None
-        repeat_runs(eng, w, args.runs, sync, t, args.device, tiles)
+        repeat_runs(eng, w, args.runs, sync, t, args.device, tiles,
+                    args.runs_kernels if args.device != "cpu" else 0)
     if args.cprofile:
         host_profile(eng, w, args)
     if args.cprofile_prefill:
@@ -373,7 +378,7 @@ def triton_variants():
         return None
 
 
-def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str, v_tiles=None) -> None:
+def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str, v_tiles=None, kernel_steps: int = 0) -> None:
     """The whole workload n more times as the engine runs it (fresh ids each time, so no prefix-cache hits):
     where one run's time goes against another's (W-nano on the H200, 2026-12-04: its 18 steps with prefill
     took 0.34-0.94 s between runs of the same code, its decode-only steps 4.11-4.15 s), Python's garbage
@@ -392,12 +397,26 @@ def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str, v_tiles=None)
         for i, p in enumerate(w.prompts):
             eng.add_request(f"run{r}-{i}", [(x + 11 + r) % 10000 for x in p], params[i])
         probe = StepProbe(timers, e, device, 0, prefill=True)
+        prof = kernels = None
+        if kernel_steps:
+            from torch.profiler import ProfilerActivity, profile
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
         try:
             sync()
             kind_s = collections.defaultdict(float)
             kinds = collections.Counter()
             t0 = time.perf_counter()
+            step = 0
             while eng.has_unfinished_requests():
+                if prof is not None and step == kernel_steps:
+                    sync()
+                    t_k = time.perf_counter() - t0
+                    prof.__exit__(None, None, None)
+                    kernels = (t_k, prof)
+                    prof = None
+                    t0 += time.perf_counter() - t0 - t_k  # the profiler's teardown is not the run's time
+                step += 1
                 before = e.scheduler.stats.prefill_tokens
                 probe.before()
                 s0 = time.perf_counter()
@@ -411,10 +430,20 @@ def repeat_runs(eng, w, n: int, sync, timers: Timers, device: str, v_tiles=None)
             wall = time.perf_counter() - t0 - probe.overhead_s
         finally:
             probe.close()
+            if prof is not None:
+                prof.__exit__(None, None, None)
         print(f"  run {r + 1}{tile}: {wall:.3f} s, {sum(w.max_tokens) / wall:,.0f} output tok/s; {kinds['prefill']} steps "
               f"with prefill {kind_s['prefill']:.3f} s, {kinds['decode']} decode-only {kind_s['decode']:.3f} s; "
               f"gc {1e3 * probe.gc_s:.0f} ms in {probe.gc_n} collections", flush=True)
         print(f"    {probe.prefill_summary()}", flush=True)
+        if kernels is not None:
+            t_k, kp = kernels
+            avg = [a for a in kp.key_averages() if getattr(a, "self_device_time_total", 0) > 0]
+            total = sum(a.self_device_time_total for a in avg) / 1e3
+            top = sorted(avg, key=lambda a: -a.self_device_time_total)[:6]
+            print(f"    first {kernel_steps} steps: wall {1e3 * t_k:.0f} ms (profiled), kernels {total:.0f} ms; "
+                  + ", ".join(f"{a.key[:40]} {a.self_device_time_total / 1e3:.1f} ms/{a.count}" for a in top),
+                  flush=True)
 
 
 def trace_steps(eng, w, args, sync) -> None:
