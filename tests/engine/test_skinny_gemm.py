@@ -294,6 +294,19 @@ def same(a, b):
         else torch.equal(a, b)
 
 
+def same_sums(a, b, cfg):
+    """``same`` where the two results come from the same sums: on the GPU, and on the fma paths anywhere. The
+    interpreter's tl.dot is numpy's matmul, whose summation order can change with a tile's column order (the
+    rope epilogue's tiles interleave rotary pairs: numpy 2.4.6's matmul then differs in the last bit on 27 of
+    the v columns' 96 values, which no rotation touches), so on the CPU the dot paths agree to a few fp32 ulps,
+    and an fp8 cache to one e4m3 step where such an ulp crossed a rounding boundary."""
+    if DEV == "cuda" or cfg.startswith("fma"):
+        return same(a, b)
+    fp8 = a.dtype == torch.float8_e4m3fn
+    a, b = a.float(), b.float()
+    return torch.allclose(a, b, rtol=0.125 if fp8 else 1e-6, atol=2 ** -9 if fp8 else 1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("cache", ["fp32", "fp8"])
 @pytest.mark.parametrize("cfg", ROPE_PATHS)
@@ -323,11 +336,11 @@ def test_rope_epilogue_equals_the_matmul_then_rotary_cache_write(cfg, cache, nor
     kc, vc = dev["kc"].clone(), dev["vc"].clone()
     rope = sg.RopeCacheOut(dev["cos_sin"], dev["positions"], dev["slots"], kc, vc, dev["kv_scale"], qs, kvs)
     fused = matmul(rope=rope)
-    assert torch.equal(fused[:, :qs], q_rot.reshape(M, qs)), "rotated q"
-    assert torch.equal(fused[:, qs + kvs:], y[:, qs + kvs:]), "v"
-    assert same(kc, kc_ref) and same(vc, vc_ref), "cache contents"
+    assert same_sums(fused[:, :qs], q_rot.reshape(M, qs), cfg), "rotated q"
+    assert same_sums(fused[:, qs + kvs:], y[:, qs + kvs:], cfg), "v"
+    assert same_sums(kc, kc_ref, cfg) and same_sums(vc, vc_ref, cfg), "cache contents"
     assert not same(kc, dev["kc"]), "nothing was written"
-    if cache == "fp32":  # the output's k columns come back rotated too (the cached keys)
+    if cache == "fp32":  # the output's k columns come back rotated too (the cached keys): the same values
         keep = dev["slots"] >= 0
         k_out = fused[:, qs:qs + kvs].reshape(M, -1, D)[keep]
         assert torch.equal(k_out, kc.view(-1, *kc.shape[2:])[dev["slots"][keep]]), "rotated k in the output"
