@@ -113,12 +113,17 @@ def _fp8_to_f16(x, ASM: tl.constexpr):
 def quantize_kv(k1, k2, v1, v2, KV_SCALE):
     """Two halves each of rotated keys and of values (float32) as an fp8 cache stores them: divided by the
     layer's [k_scale, v_scale] (``_quantize``), saturated. Also the skinny GEMM's rope epilogue's."""
-    k_scale = tl.load(KV_SCALE)
-    v_scale = tl.load(KV_SCALE + 1)
-    k_inv = tl.math.div_rn(1.0, k_scale)
-    v_inv = tl.math.div_rn(1.0, v_scale)
+    k_scale, k_inv = _scale_at(KV_SCALE, 0)
+    v_scale, v_inv = _scale_at(KV_SCALE, 1)
     return (_quantize(k1, k_scale, k_inv), _quantize(k2, k_scale, k_inv), _quantize(v1, v_scale, v_inv),
             _quantize(v2, v_scale, v_inv))
+
+
+@triton.jit
+def _scale_at(KV_SCALE, i: tl.constexpr):
+    """The layer's k (i = 0) or v (i = 1) scale and its correctly rounded reciprocal, as ``_quantize`` takes them."""
+    scale = tl.load(KV_SCALE + i)
+    return scale, tl.math.div_rn(1.0, scale)
 
 
 @triton.jit
@@ -226,8 +231,7 @@ def _write_v_tile(V, VC, KV_SCALE, slot_mapping, T, idx, s_vt, s_vh, s_vcb, s_vc
     wmask = (slot >= 0)[:, None]
     src_t = V + offs_t.to(tl.int64) * s_vt + head * s_vh
     if KV_SCALED:
-        v_scale = tl.load(KV_SCALE + 1)
-        v_inv = tl.math.div_rn(1.0, v_scale)
+        v_scale, v_inv = _scale_at(KV_SCALE, 1)
     for d0 in tl.static_range(0, D, DC):
         offs_d = d0 + tl.arange(0, DC)
         v = tl.load(src_t[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
@@ -270,8 +274,7 @@ def _rotate_write_kv(K, V, KC, VC, KV_SCALE, KW, eps, tok, kb, slot_mapping, cos
         if KV_SCALED:
             k1, k2, v1, v2 = quantize_kv(k1, k2, v1.to(tl.float32), v2.to(tl.float32), KV_SCALE)
     elif KV_SCALED:  # V is _write_v_tile's
-        k_scale = tl.load(KV_SCALE)
-        k_inv = tl.math.div_rn(1.0, k_scale)
+        k_scale, k_inv = _scale_at(KV_SCALE, 0)
         k1, k2 = _quantize(k1, k_scale, k_inv), _quantize(k2, k_scale, k_inv)
     k_dst = KC + blk * s_kcb + row * s_kcs + heads[:, None] * s_kch + offs_d[None, :]
     tl.store(k_dst, k1.to(KC.dtype.element_ty), mask=wmask)
