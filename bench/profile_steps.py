@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from pagedbatch.config import EngineConfig  # noqa: E402
 from throughput import model_dir_for  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
                     help="with --runs: record each run's first N steps' kernels (torch.profiler, CUDA only) and "
                          "print their wall time against the GPU's kernel time, with the largest kernels: a slow "
                          "run whose kernels took no longer was slow on the host")
-    ap.add_argument("--prefill-graph-max-tokens", type=int, default=512)
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=EngineConfig.prefill_graph_max_tokens)
     ap.add_argument("--warm-lm-head", action="store_true",
                     help="before the timed run, also run the LM head once at every row count up to --max-num-seqs "
                          "(do its slow launches in steps with prefill come from kernels first used at a new count?)")

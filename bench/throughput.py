@@ -39,6 +39,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from pagedbatch.config import EngineConfig  # noqa: E402
 from roofline import Shape, roofline_seconds  # noqa: E402
 from workloads import WORKLOADS, Workload  # noqa: E402
 
@@ -235,8 +236,9 @@ def free(device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
-    ap.add_argument("--prefill-graph-max-tokens", type=int, default=512,
-                    help="steps with prefill of up to this many tokens replay CUDA graphs (0: none)")
+    ap.add_argument("--prefill-graph-max-tokens", type=int, default=EngineConfig.prefill_graph_max_tokens,
+                    help="steps with prefill of up to this many tokens replay CUDA graphs (0: none) [the "
+                         "engine's default, %(default)s]")
     ap.add_argument("--sustained-s", type=float, default=3.0, metavar="S",
                     help="also measure the bf16 matmul rate over S seconds of back-to-back matmuls (the GPU at "
                          "its power cap) and report SOL%% against that roofline too (0: skip)")

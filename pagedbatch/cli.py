@@ -114,7 +114,7 @@ _RUN_OPTIONS = [
     _opt(ENGINE, "--attention-backend", type=click.Choice(ATTENTION_BACKENDS), help="Attention backend [auto]."),
     _flag(ENGINE, "enforce-eager", "GPU: disable CUDA graphs."),
     _opt(ENGINE, "--prefill-graph-max-tokens", type=int, help="GPU: steps with prefill of up to this many tokens "
-         "replay CUDA graphs too; 0: only decode steps do [512]."),
+         "replay CUDA graphs too; 0: only decode steps do [8192]."),
     _opt(ENGINE, "--tensor-parallel-size", type=int, help="Split the model over N GPUs (cuda:0..N-1) or N CPU "
          "processes; N must divide the attention heads [1]."),
     _opt(ENGINE, "--tp-timeout-s", type=float, help="Tensor parallel: seconds rank 0 waits on a worker in a step "

@@ -68,10 +68,15 @@ class EngineConfig:
     # None: its default). For tuning and A/B benchmarks (bench/throughput.py --prefill-config).
     prefill_attention_config: Optional[str] = None
     enforce_eager: bool = False  # GPU: disable CUDA graphs
-    # GPU: steps with prefill of up to this many tokens also replay CUDA graphs (0: only decode steps do).
-    # Such steps are bound by eager launches, larger ones by the GPU; the graphs' activations take
-    # about this share of the largest step's from the KV cache's budget.
-    prefill_graph_max_tokens: int = 512
+    # GPU: steps with prefill of up to this many tokens also replay CUDA graphs (0: only decode steps do);
+    # the graphs' activations take about this share of the largest step's from the KV cache's budget.
+    # 8192 since 2026-12-06 (was 512): run eagerly, W-nano's 8,192-token steps with fp8 weights take ~14 ms
+    # of host launches against ~18 ms of GPU work, and on a slower host they became host-bound: in one
+    # process on an H100 their GPU kernels took 362 ms in every run while their wall time went 0.46-0.93 s;
+    # replayed as graphs, 0.310-0.312 s in all six runs, and bench/throughput.py W-nano fp8 weights + fp8 KV
+    # 28,268 / 28,269 tok/s against 26,035 / 26,778 eager (alternated). On hosts fast enough to keep up the
+    # two were within 1% (H200 and H100, twenty-third session).
+    prefill_graph_max_tokens: int = 8192
     # Split the model over this many processes (GPUs cuda:0..N-1, or CPU ranks
     # over gloo); must divide the attention heads. See docs/parallel.md.
     tensor_parallel_size: int = 1

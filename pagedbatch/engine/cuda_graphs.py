@@ -9,11 +9,13 @@ block that no sequence owns and attend to it alone.
 The attention backend must size its launches from host ints that are fixed
 per bucket: the graphs are captured with ``max_seq_len = max_model_len``.
 
-Prefill and mixed steps of up to ``prefill_graph_max_tokens`` tokens run as
-graphs too (``PrefillGraphs``): a single-stream job's first step, 128 tokens
-of a 7B model, is ~5 ms of GPU work behind ~30 ms of eager launches (H200,
-2026-12-04: Triton's Python launch path and cuBLAS's per-call heuristics cost
-40-80 us each, ~250 of them). Larger steps are GPU-bound and stay eager.
+Prefill and mixed steps of up to ``prefill_graph_max_tokens`` tokens (8192)
+run as graphs too (``PrefillGraphs``): a single-stream job's first step, 128
+tokens of a 7B model, is ~5 ms of GPU work behind ~30 ms of eager launches
+(H200, 2026-12-04: Triton's Python launch path and cuBLAS's per-call
+heuristics cost 40-80 us each, ~250 of them), and a small model's full
+8,192-token step with fp8 weights is ~18 ms of GPU work behind ~14 ms of
+launches, which a slower host turns host-bound (config.py has the numbers).
 
 Tensor parallel: the model's NCCL all-reduces are captured into the graphs
 (NCCL kernels are capturable), so every rank captures the same buckets in
@@ -126,12 +128,18 @@ class DecodeGraphs(_BucketGraphs):
         return self.out[:b]
 
 
+# Above this many tokens the prefill buckets step by it instead of doubling: a step pads to its bucket, and
+# at thousands of tokens the padding is GPU work (a 7B's 5,000-token step would run 8,192 tokens' matmuls).
+PREFILL_BUCKET_STEP = 1024
+
+
 def prefill_buckets(max_tokens: int) -> list[int]:
-    """Token counts the prefill graphs are captured for: powers of two from 16, and ``max_tokens`` itself."""
+    """Token counts the prefill graphs are captured for: powers of two from 16 up to ``PREFILL_BUCKET_STEP``,
+    then its multiples, and ``max_tokens`` itself (a step pads by less than ``PREFILL_BUCKET_STEP`` tokens)."""
     out, t = [], 16
     while t < max_tokens:
         out.append(t)
-        t *= 2
+        t = t * 2 if t < PREFILL_BUCKET_STEP else t + PREFILL_BUCKET_STEP
     return out + [max_tokens]
 
 

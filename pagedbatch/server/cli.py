@@ -67,7 +67,7 @@ _OPTIONS = [
     click.option("--enforce-eager/--no-enforce-eager", default=None, help="GPU: disable CUDA graphs."),
     click.option("--prefill-graph-max-tokens", type=int, default=None,
                  help="GPU: steps with prefill of up to this many tokens replay CUDA graphs too; 0: only decode "
-                      "steps do [512]."),
+                      "steps do [8192]."),
     click.option("--tensor-parallel-size", type=int, default=None,
                  help="Split the model over N GPUs (cuda:0..N-1) or N CPU processes [1]."),
     click.option("--tp-timeout-s", type=float, default=None,

@@ -13,11 +13,20 @@ from pagedbatch.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_b
 from test_triton_paged import DEV, make_batch  # noqa: E402
 
 
-def test_prefill_buckets_are_powers_of_two_from_16_up_to_the_cap():
+def test_prefill_buckets_double_from_16_then_step_by_1024_up_to_the_cap():
     assert prefill_buckets(512) == [16, 32, 64, 128, 256, 512]
     assert prefill_buckets(300) == [16, 32, 64, 128, 256, 300]
     assert prefill_buckets(16) == [16]
     assert prefill_buckets(5) == [5]
+    assert prefill_buckets(8192) == [16, 32, 64, 128, 256, 512, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192]
+    assert prefill_buckets(3000) == [16, 32, 64, 128, 256, 512, 1024, 2048, 3000]
+
+
+def test_by_default_every_step_with_prefill_replays_a_graph():
+    """The default cap covers the default step size: no step of a default engine launches eagerly (eager
+    8,192-token steps with fp8 weights were host-bound on a slow host; config.py)."""
+    c = EngineConfig(model="m")
+    assert c.prefill_graph_max_tokens >= c.max_num_batched_tokens
 
 
 def test_prefill_graph_max_tokens_must_be_a_non_negative_integer():
@@ -107,6 +116,33 @@ def test_a_step_padded_to_its_bucket_attends_and_writes_the_cache_as_unpadded(ct
     real = slice(0, scratch)
     assert torch.equal(kc2[real].nan_to_num(7.0), kc1[real].nan_to_num(7.0))
     assert torch.equal(vc2[real].nan_to_num(7.0), vc1[real].nan_to_num(7.0))
+
+
+def test_a_step_padded_to_a_bucket_past_the_doubling_ones_attends_as_unpadded(monkeypatch):
+    """Above PREFILL_BUCKET_STEP the buckets are its multiples, not powers of two: a 70-token step (buckets
+    16, 32, 64, 96, 128 at a step of 32) pads to 96 and attends and writes the cache as unpadded."""
+    from pagedbatch.engine import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "PREFILL_BUCKET_STEP", 32)
+    bs = 16
+    q, k, v, kc, vc, cs, meta = make_batch([10, 0], [40, 30], heads=2, kv_heads=1, head_dim=32, block_size=bs,
+                                           dtype=torch.float32)
+    scratch = kc.shape[0]
+    kc = torch.cat([kc, torch.zeros_like(kc[:1])])
+    vc = torch.cat([vc, torch.zeros_like(vc[:1])])
+    g = _graphs(128, 4, meta.block_tables.shape[1] + 3, scratch, bs)
+    assert g.buckets == [16, 32, 64, 96, 128]
+    size, pmeta = g.stage(torch.arange(70, device=DEV), meta)
+    assert size == 96 and pmeta.num_tokens == 96 and pmeta.num_seqs == 4
+    pad = torch.full((26,) + q.shape[1:], float("nan"), device=q.device)
+    be = TritonAttentionBackend()
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    want = be.forward(q, k, v, kc1, vc1, cs, meta, 32**-0.5)
+    got = be.forward(torch.cat([q, pad]), torch.cat([k, pad[:, :1]]), torch.cat([v, pad[:, :1]]), kc2, vc2, cs,
+                     pmeta, 32**-0.5)
+    torch.testing.assert_close(got[:70], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kc2[:scratch].nan_to_num(7.0), kc1[:scratch].nan_to_num(7.0))
+    assert torch.equal(vc2[:scratch].nan_to_num(7.0), vc1[:scratch].nan_to_num(7.0))
 
 
 def test_a_step_larger_than_the_last_bucket_is_not_the_graphs():
