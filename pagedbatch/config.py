@@ -74,8 +74,9 @@ class EngineConfig:
     # of host launches against ~18 ms of GPU work, and on a slower host they became host-bound: in one
     # process on an H100 their GPU kernels took 362 ms in every run while their wall time went 0.46-0.93 s;
     # replayed as graphs, 0.310-0.312 s in all six runs, and bench/throughput.py W-nano fp8 weights + fp8 KV
-    # 28,268 / 28,269 tok/s against 26,035 / 26,778 eager (alternated). On hosts fast enough to keep up the
-    # two were within 1% (H200 and H100, twenty-third session).
+    # 28,268 / 28,269 tok/s against 26,035 / 26,778 eager (alternated); on the next H100, W-nano bf16
+    # 20,110-20,507 against 19,129 and W1 bf16 16,738 against 16,597 (docs/benchmarks.md, twenty-fifth
+    # session). On hosts fast enough to keep up the two were within 1% (H200 and H100, twenty-third session).
     prefill_graph_max_tokens: int = 8192
     # Split the model over this many processes (GPUs cuda:0..N-1, or CPU ranks
     # over gloo); must divide the attention heads. See docs/parallel.md.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 25, call A (an H200, needs_h200): issue 16's W-nano target on the current default (prefill's V by
+# Session 25, call A (unrun: the H200 was refused; call B ran its profile part on an H100): issue 16's W-nano target on the current default (prefill's V by
 # 16-token tiles): bf16 against fp8 weights + fp8 KV alternated three times, fp8 KV alone once, fp8 weights +
 # fp8 KV with 8,192-token prefill graphs once; then eight repeated runs of fp8 weights + fp8 KV in one process
 # with each run's first 24 steps' kernels recorded (--runs-kernels) and the forward's host time by part
