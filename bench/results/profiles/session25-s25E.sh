@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 25, call E (unrun: the last H100 call was refused too; for the next session): what 8,192-token prefill graphs cost at start-up
+# Session 25, call E (an H100, after one refused try): what 8,192-token prefill graphs cost at start-up
 # and in KV blocks (load_s, num_blocks from each run's JSON), W1 (a 7B shape) and W-nano (0.6B), new default
 # against 512, alternated.
 export PYTHONUNBUFFERED=1
