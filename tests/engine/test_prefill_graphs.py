@@ -85,22 +85,20 @@ def _graphs(max_tokens, max_seqs, width, scratch_block, block_size):
                          dtype=torch.float32, device=DEV)
 
 
-@pytest.mark.parametrize("ctx_lens,q_lens", [([30, 0, 45], [18, 9, 1]), ([0], [20]), ([3, 0], [1, 2])])
-def test_a_step_padded_to_its_bucket_attends_and_writes_the_cache_as_unpadded(ctx_lens, q_lens):
-    """The Triton backend (prefill kernel and fused rotary + cache write) on the padded batch the graph replays:
-    padding tokens (NaN q/k/v) and empty sequences change no real row and no cache slot but the scratch block's."""
-    bs = 16
-    q, k, v, kc, vc, cs, meta = make_batch(ctx_lens, q_lens, heads=4, kv_heads=2, head_dim=32, block_size=bs,
-                                           dtype=torch.float32)
-    scratch = kc.shape[0]  # one block past the batch's own: the scratch block
+def _batch_with_scratch(ctx_lens, q_lens, heads, kv_heads, bs=16):
+    """make_batch's fp32 batch with one more cache block past the batch's own, the scratch block (its id last)."""
+    q, k, v, kc, vc, cs, meta = make_batch(ctx_lens, q_lens, heads=heads, kv_heads=kv_heads, head_dim=32,
+                                           block_size=bs, dtype=torch.float32)
+    scratch = kc.shape[0]
     kc = torch.cat([kc, torch.zeros_like(kc[:1])])
     vc = torch.cat([vc, torch.zeros_like(vc[:1])])
-    g = _graphs(64, 8, meta.block_tables.shape[1] + 3, scratch, bs)
-    T = meta.num_tokens
-    size, pmeta = g.stage(torch.arange(T, device=DEV), meta)
-    assert size == max(16, 1 << (T - 1).bit_length()) and pmeta.num_tokens == size and pmeta.num_seqs == min(size, 8)
-    assert g.qsl[: pmeta.num_seqs + 1].tolist() == meta.query_start_loc.tolist() + [T] * (pmeta.num_seqs - meta.num_seqs)
-    assert (g.slots[T:size] == scratch * bs).all() and (g.positions[T:size] == 0).all()
+    return q, k, v, kc, vc, cs, meta, scratch
+
+
+def _assert_padded_attends_as_unpadded(q, k, v, kc, vc, cs, meta, pmeta, scratch):
+    """The Triton backend on the step padded to ``pmeta`` (NaN q/k/v in the padding rows) gives the unpadded
+    step's rows and writes no cache slot outside the scratch block differently."""
+    T, size = meta.num_tokens, pmeta.num_tokens
 
     def pad(x):
         return torch.cat([x, torch.full((size - T,) + x.shape[1:], float("nan"), dtype=x.dtype, device=x.device)])
@@ -118,31 +116,33 @@ def test_a_step_padded_to_its_bucket_attends_and_writes_the_cache_as_unpadded(ct
     assert torch.equal(vc2[real].nan_to_num(7.0), vc1[real].nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("ctx_lens,q_lens", [([30, 0, 45], [18, 9, 1]), ([0], [20]), ([3, 0], [1, 2])])
+def test_a_step_padded_to_its_bucket_attends_and_writes_the_cache_as_unpadded(ctx_lens, q_lens):
+    """The Triton backend (prefill kernel and fused rotary + cache write) on the padded batch the graph replays:
+    padding tokens (NaN q/k/v) and empty sequences change no real row and no cache slot but the scratch block's."""
+    bs = 16
+    q, k, v, kc, vc, cs, meta, scratch = _batch_with_scratch(ctx_lens, q_lens, heads=4, kv_heads=2, bs=bs)
+    g = _graphs(64, 8, meta.block_tables.shape[1] + 3, scratch, bs)
+    T = meta.num_tokens
+    size, pmeta = g.stage(torch.arange(T, device=DEV), meta)
+    assert size == max(16, 1 << (T - 1).bit_length()) and pmeta.num_tokens == size and pmeta.num_seqs == min(size, 8)
+    assert g.qsl[: pmeta.num_seqs + 1].tolist() == meta.query_start_loc.tolist() + [T] * (pmeta.num_seqs - meta.num_seqs)
+    assert (g.slots[T:size] == scratch * bs).all() and (g.positions[T:size] == 0).all()
+    _assert_padded_attends_as_unpadded(q, k, v, kc, vc, cs, meta, pmeta, scratch)
+
+
 def test_a_step_padded_to_a_bucket_past_the_doubling_ones_attends_as_unpadded(monkeypatch):
     """Above PREFILL_BUCKET_STEP the buckets are its multiples, not powers of two: a 70-token step (buckets
     16, 32, 64, 96, 128 at a step of 32) pads to 96 and attends and writes the cache as unpadded."""
     from pagedbatch.engine import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "PREFILL_BUCKET_STEP", 32)
-    bs = 16
-    q, k, v, kc, vc, cs, meta = make_batch([10, 0], [40, 30], heads=2, kv_heads=1, head_dim=32, block_size=bs,
-                                           dtype=torch.float32)
-    scratch = kc.shape[0]
-    kc = torch.cat([kc, torch.zeros_like(kc[:1])])
-    vc = torch.cat([vc, torch.zeros_like(vc[:1])])
-    g = _graphs(128, 4, meta.block_tables.shape[1] + 3, scratch, bs)
+    q, k, v, kc, vc, cs, meta, scratch = _batch_with_scratch([10, 0], [40, 30], heads=2, kv_heads=1)
+    g = _graphs(128, 4, meta.block_tables.shape[1] + 3, scratch, 16)
     assert g.buckets == [16, 32, 64, 96, 128]
     size, pmeta = g.stage(torch.arange(70, device=DEV), meta)
     assert size == 96 and pmeta.num_tokens == 96 and pmeta.num_seqs == 4
-    pad = torch.full((26,) + q.shape[1:], float("nan"), device=q.device)
-    be = TritonAttentionBackend()
-    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-    want = be.forward(q, k, v, kc1, vc1, cs, meta, 32**-0.5)
-    got = be.forward(torch.cat([q, pad]), torch.cat([k, pad[:, :1]]), torch.cat([v, pad[:, :1]]), kc2, vc2, cs,
-                     pmeta, 32**-0.5)
-    torch.testing.assert_close(got[:70], want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(kc2[:scratch].nan_to_num(7.0), kc1[:scratch].nan_to_num(7.0))
-    assert torch.equal(vc2[:scratch].nan_to_num(7.0), vc1[:scratch].nan_to_num(7.0))
+    _assert_padded_attends_as_unpadded(q, k, v, kc, vc, cs, meta, pmeta, scratch)
 
 
 def test_a_step_larger_than_the_last_bucket_is_not_the_graphs():
