@@ -72,7 +72,7 @@ class EngineConfig:
     # the graphs' activations take about this share of the largest step's from the KV cache's budget.
     # 8192 since 2026-12-06 (was 512): run eagerly, W-nano's 8,192-token steps with fp8 weights take ~14 ms
     # of host launches against ~18 ms of GPU work, and on a slower host they became host-bound: in one
-    # process on an H100 their GPU kernels took 362 ms in every run while their wall time went 0.46-0.93 s;
+    # process on an H100 their GPU kernels took 362 ms in every run while their wall time went 0.46-0.89 s;
     # replayed as graphs, 0.310-0.312 s in all six runs, and bench/throughput.py W-nano fp8 weights + fp8 KV
     # 28,268 / 28,269 tok/s against 26,035 / 26,778 eager (alternated); on the next H100, W-nano bf16
     # 20,110-20,507 against 19,129 and W1 bf16 16,738 against 16,597 (docs/benchmarks.md, twenty-fifth
