@@ -274,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-fp8-quant-min-rows", type=int, default=None, metavar="M",
                     help="with --quantization fp8: fuse the quantization only into steps of at least M rows "
                          "(linear.FUSE_FP8_QUANT_MIN_ROWS; this process only)")
+    ap.add_argument("--silu-quant-max-block", type=int, default=None, metavar="N",
+                    help="with --quantization fp8: the fused SiLU·mul + quantize kernel keeps rows of up to N columns "
+                         "in registers, longer ones in passes of N (fused_ops.SILU_QUANT_MAX_BLOCK; this process only)")
     ap.add_argument("--prefill-v-tile", type=int, default=None, metavar="N",
                     help="with an fp8 KV cache (key-contiguous V): steps with prefill write V by tiles of N "
                          "consecutive tokens (triton_backend.PREFILL_V_TILE, 0 = token by token; this process only)")
@@ -315,6 +318,9 @@ def main(argv=None) -> int:
         linear_mod.FUSE_FP8_QUANT = args.fuse_fp8_quant
     if args.fuse_fp8_quant_min_rows is not None:
         linear_mod.FUSE_FP8_QUANT_MIN_ROWS = args.fuse_fp8_quant_min_rows
+    from pagedbatch.engine.models import fused_ops as fused_ops_mod
+    if args.silu_quant_max_block is not None:
+        fused_ops_mod.SILU_QUANT_MAX_BLOCK = args.silu_quant_max_block
     from pagedbatch.engine.attention import triton_backend as triton_backend_mod
     if args.prefill_v_tile is not None:
         triton_backend_mod.PREFILL_V_TILE = args.prefill_v_tile
@@ -419,6 +425,7 @@ def main(argv=None) -> int:
         "pdl": _pdl_enabled(device),
         "fuse_fp8_quant": linear_mod.FUSE_FP8_QUANT if args.quantization else None,
         "fuse_fp8_quant_min_rows": linear_mod.FUSE_FP8_QUANT_MIN_ROWS if args.quantization else None,
+        "silu_quant_max_block": fused_ops_mod.SILU_QUANT_MAX_BLOCK if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
         "fuse_norm": linear_mod.fuses_norm(args.quantization == "fp8"),
         "fuse_rope": linear_mod.FUSE_ROPE,

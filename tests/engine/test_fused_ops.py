@@ -120,8 +120,10 @@ def test_rms_norm_quantized_output_is_the_norm_then_the_quantize_kernel(dtype, w
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-@pytest.mark.parametrize("n", [1500, 3000])  # one block; two blocks, the second partial
-def test_silu_and_mul_quantized_output_is_the_activation_then_the_quantize_kernel(dtype, n):
+@pytest.mark.parametrize("max_block, n", [(2048, 1500), (2048, 3000), (4096, 3000), (4096, 4096), (4096, 9000)])
+def test_silu_and_mul_quantized_output_is_the_activation_then_the_quantize_kernel(dtype, max_block, n, monkeypatch):
+    """One block (partial or full, the row kept in registers) and two or three passes (the last partial)."""
+    monkeypatch.setattr(fused_ops, "SILU_QUANT_MAX_BLOCK", max_block)
     x = (torch.randn(5, 2 * n, generator=torch.Generator().manual_seed(n)) * 4).to(dtype).to(DEV)
     x[1] = 0.0
     got = fused_ops._silu_and_mul_quant_triton(x)

@@ -127,23 +127,31 @@ if triton is not None:
 
     @triton.jit
     def _silu_and_mul_quant_kernel(X, Q, S, s_xt, s_qt, N: tl.constexpr, BLOCK: tl.constexpr,
-                                   PDL: tl.constexpr = False):
-        # One program per row, two passes over it: the row's largest magnitude, then its e4m3 values
-        # (recomputed: the second read of gate_up comes from L2). Rounded to X's dtype at the points of
-        # _silu_and_mul_kernel, so the bits are those of that kernel followed by fp8's _quant_rows_kernel.
+                                   ONE_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
+        # One program per row: the row's largest magnitude, then its e4m3 values. ONE_BLOCK (BLOCK >= N): the
+        # row stays in registers between the two; else two passes over it (the second recomputes, reading
+        # gate_up again from L2). Rounded to X's dtype at the points of _silu_and_mul_kernel, so the bits are
+        # those of that kernel followed by fp8's _quant_rows_kernel.
         wait_for_producer(PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k in range(0, N, BLOCK):
-            y = _silu_mul(X + t * s_xt, k + offs, k + offs < N, N).to(X.dtype.element_ty).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(y))
-        scale = fp8_row_scale(tl.max(amax, 0))
-        tl.store(S + t, scale)
-        for k in range(0, N, BLOCK):
-            mask = k + offs < N
-            y = _silu_mul(X + t * s_xt, k + offs, mask, N).to(X.dtype.element_ty).to(tl.float32)
-            tl.store(Q + t * s_qt + k + offs, fp8_row_values(y, scale).to(Q.dtype.element_ty), mask=mask)
+        if ONE_BLOCK:
+            mask = offs < N
+            y = _silu_mul(X + t * s_xt, offs, mask, N).to(X.dtype.element_ty).to(tl.float32)
+            scale = fp8_row_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), 0))
+            tl.store(S + t, scale)
+            tl.store(Q + t * s_qt + offs, fp8_row_values(y, scale).to(Q.dtype.element_ty), mask=mask)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k in range(0, N, BLOCK):
+                y = _silu_mul(X + t * s_xt, k + offs, k + offs < N, N).to(X.dtype.element_ty).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(y))
+            scale = fp8_row_scale(tl.max(amax, 0))
+            tl.store(S + t, scale)
+            for k in range(0, N, BLOCK):
+                mask = k + offs < N
+                y = _silu_mul(X + t * s_xt, k + offs, mask, N).to(X.dtype.element_ty).to(tl.float32)
+                tl.store(Q + t * s_qt + k + offs, fp8_row_values(y, scale).to(Q.dtype.element_ty), mask=mask)
 
 
 def _rms_norm_triton(x, weight, eps, residual, quant: bool = False):
@@ -185,6 +193,17 @@ def _silu_and_mul_triton(gate_up):
     return y
 
 
+# The SiLU·mul + quantize kernel's columns a pass (one program per row): a row of up to this many
+# (intermediate) columns is read once and kept in registers; longer rows take two passes of this width.
+# The lead's switch: bench/silu_quant.py times the kernel at each.
+SILU_QUANT_MAX_BLOCK = 2048
+
+
+def silu_quant_warps(block: int) -> int:
+    """Warps for a SiLU·mul + quantize program that takes ``block`` columns a pass (16 or more a thread)."""
+    return 4 if block <= 2048 else 8
+
+
 def _silu_and_mul_quant_triton(gate_up):
     if gate_up.stride(-1) != 1:
         gate_up = gate_up.contiguous()
@@ -193,7 +212,8 @@ def _silu_and_mul_quant_triton(gate_up):
     q = torch.empty((T, n), dtype=FP8, device=gate_up.device)
     scales = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
     if T:
-        _silu_and_mul_quant_kernel[(T,)](gate_up, q, scales, gate_up.stride(0), q.stride(0), N=n,
-                                         BLOCK=min(triton.next_power_of_2(n), 2048), num_warps=4,
+        block = min(triton.next_power_of_2(n), SILU_QUANT_MAX_BLOCK)
+        _silu_and_mul_quant_kernel[(T,)](gate_up, q, scales, gate_up.stride(0), q.stride(0), N=n, BLOCK=block,
+                                         ONE_BLOCK=block >= n, num_warps=silu_quant_warps(block),
                                          **pdl.launch_kwargs(gate_up.device))
     return Fp8Rows(q, scales, gate_up.dtype)
