@@ -149,8 +149,8 @@ def test_cpu_quantized_outputs_are_the_torch_rule():
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [17, 512])
 def test_gpu_quantized_outputs_at_7b_widths(M):
-    """bf16, Qwen2.5-7B's hidden size (3,584) and intermediate size (18,944: ten 2,048-wide blocks, the last
-    partial), outlier columns: the same bits as the unfused kernels followed by the quantize kernel."""
+    """bf16, Qwen2.5-7B's hidden size (3,584) and intermediate size (18,944: five passes of the default 4,096
+    columns, the last partial), outlier columns: the same bits as the unfused kernels followed by the quantize kernel."""
     g = torch.Generator(device="cuda").manual_seed(M)
     x = torch.randn(M, 3584, device="cuda", generator=g, dtype=torch.bfloat16)
     x[:, ::97] *= 30

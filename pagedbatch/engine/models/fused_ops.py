@@ -195,8 +195,12 @@ def _silu_and_mul_triton(gate_up):
 
 # The SiLU·mul + quantize kernel's columns a pass (one program per row): a row of up to this many
 # (intermediate) columns is read once and kept in registers; longer rows take two passes of this width.
-# The lead's switch: bench/silu_quant.py times the kernel at each.
-SILU_QUANT_MAX_BLOCK = 2048
+# 4096 since 2026-12-06 (H100, bench/silu_quant.py, µs a call replayed from a CUDA graph, 2048 -> 4096):
+# Qwen3-0.6B's 3,072 columns at 64 / 256 / 512 rows 5.66 -> 3.86, 6.51 -> 4.49, 8.22 -> 5.59 (one pass instead
+# of two); Qwen2.5-7B's 18,944 at 64 / 256 rows 19.5 -> 12.4, 23.0 -> 16.2, at 512 rows 39.5 -> 40.6. End to end,
+# alternated: W-nano fp8 weights + fp8 KV 27,191 / 27,298 -> 27,683 / 27,781 out tok/s (+1.8%), W1 at 512 with
+# fp8 weights level (21,631 / 21,383 -> 21,504 / 21,491). 8192 is no faster on 0.6B and slower on 7B.
+SILU_QUANT_MAX_BLOCK = 4096
 
 
 def silu_quant_warps(block: int) -> int:
