@@ -40,7 +40,7 @@ TINY = {"tiny": (64, 96, 64)}
 
 
 def cases(model: str, rows: list[int], dims: tuple[int, int, int], device, max_blocks: list[int]):
-    """(label, fn) for every kernel at each row count."""
+    """(case, kernel, fn) for every kernel at each row count; each fused width checked against the unfused bits."""
     from pagedbatch.engine.models import fused_ops
     from pagedbatch.engine.models.fp8 import quantize_per_token_triton as quantize_per_token
 

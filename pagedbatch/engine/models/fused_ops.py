@@ -127,15 +127,15 @@ if triton is not None:
 
     @triton.jit
     def _silu_and_mul_quant_kernel(X, Q, S, s_xt, s_qt, N: tl.constexpr, BLOCK: tl.constexpr,
-                                   ONE_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
-        # One program per row: the row's largest magnitude, then its e4m3 values. ONE_BLOCK (BLOCK >= N): the
-        # row stays in registers between the two; else two passes over it (the second recomputes, reading
-        # gate_up again from L2). Rounded to X's dtype at the points of _silu_and_mul_kernel, so the bits are
-        # those of that kernel followed by fp8's _quant_rows_kernel.
+                                   PDL: tl.constexpr = False):
+        # One program per row: the row's largest magnitude, then its e4m3 values. A row of at most BLOCK
+        # columns stays in registers between the two; a longer one is gone over twice in BLOCK-wide steps (the
+        # second recomputes, reading gate_up again from L2). Rounded to X's dtype at the points of
+        # _silu_and_mul_kernel, so the bits are those of that kernel followed by fp8's _quant_rows_kernel.
         wait_for_producer(PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
-        if ONE_BLOCK:
+        if BLOCK >= N:
             mask = offs < N
             y = _silu_mul(X + t * s_xt, offs, mask, N).to(X.dtype.element_ty).to(tl.float32)
             scale = fp8_row_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), 0))
@@ -194,7 +194,8 @@ def _silu_and_mul_triton(gate_up):
 
 
 # The SiLU·mul + quantize kernel's columns a pass (one program per row): a row of up to this many
-# (intermediate) columns is read once and kept in registers; longer rows take two passes of this width.
+# (intermediate) columns is read once and kept in registers; a longer row is gone over twice, this many
+# columns a step.
 # 4096 since 2026-12-06 (H100, bench/silu_quant.py, µs a call replayed from a CUDA graph, 2048 -> 4096):
 # Qwen3-0.6B's 3,072 columns at 64 / 256 / 512 rows 5.66 -> 3.86, 6.51 -> 4.49, 8.22 -> 5.59 (one pass instead
 # of two); Qwen2.5-7B's 18,944 at 64 / 256 rows 19.5 -> 12.4, 23.0 -> 16.2, at 512 rows 39.5 -> 40.6. End to end,
@@ -218,6 +219,6 @@ def _silu_and_mul_quant_triton(gate_up):
     if T:
         block = min(triton.next_power_of_2(n), SILU_QUANT_MAX_BLOCK)
         _silu_and_mul_quant_kernel[(T,)](gate_up, q, scales, gate_up.stride(0), q.stride(0), N=n, BLOCK=block,
-                                         ONE_BLOCK=block >= n, num_warps=silu_quant_warps(block),
+                                         num_warps=silu_quant_warps(block),
                                          **pdl.launch_kwargs(gate_up.device))
     return Fp8Rows(q, scales, gate_up.dtype)
