@@ -291,6 +291,9 @@ def main(argv=None) -> int:
                          "skinny GEMM's epilogue (linear.FUSE_ROPE off; this process only)")
     ap.add_argument("--skinny-l2-prefetch", type=int, default=None, metavar="BYTES",
                     help="skinny_gemm.L2_PREFETCH_BYTES for this process (each skinny-GEMM program's L2 prefetch)")
+    ap.add_argument("--skinny-fp8-max-m", type=int, default=None, metavar="M",
+                    help="with --quantization fp8: fp8 matmuls of up to M rows run on the skinny GEMM, activations "
+                         "kept in bf16 (skinny_gemm.MAX_M['fp8']; this process only)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (A/B of engine/pdl.py; this "
                          "process only: tensor-parallel workers keep it on)")
@@ -333,6 +336,8 @@ def main(argv=None) -> int:
     from pagedbatch.engine.models import skinny_gemm as skinny_mod
     if args.skinny_l2_prefetch is not None:
         skinny_mod.L2_PREFETCH_BYTES = args.skinny_l2_prefetch
+    if args.skinny_fp8_max_m is not None:
+        skinny_mod.MAX_M["fp8"] = args.skinny_fp8_max_m
 
     if args.v_layout is not None:
         kv_quant.FP8_V_KEY_CONTIGUOUS = args.v_layout == "key-contiguous"
@@ -427,6 +432,7 @@ def main(argv=None) -> int:
         "fuse_fp8_quant_min_rows": linear_mod.FUSE_FP8_QUANT_MIN_ROWS if args.quantization else None,
         "silu_quant_max_block": fused_ops_mod.SILU_QUANT_MAX_BLOCK if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
+        "skinny_fp8_max_m": skinny_mod.MAX_M["fp8"] if args.quantization else None,
         "fuse_norm": linear_mod.fuses_norm(args.quantization == "fp8"),
         "fuse_rope": linear_mod.FUSE_ROPE,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,
