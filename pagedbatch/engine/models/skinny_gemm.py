@@ -182,7 +182,10 @@ class SkinnyConfig:
 
 # Largest M each weight kind is meant for (skinny_max_m). Above it cuBLAS
 # (bf16) or torch._scaled_mm (fp8, large M) is the better kernel.
-MAX_M = {"bf16": 16, "fp8": 16}  # H200 sweep 2026-12-03: fp8 at M 64 loses to _scaled_mm
+# H200 sweep 2026-12-03: fp8 at M 64 loses to _scaled_mm. End to end on an H100 (2026-12-06, W-nano with fp8
+# weights + fp8 KV, bench/throughput.py --skinny-fp8-max-m): fp8 up to 256 rows here, activations unquantized,
+# 16% slower (23,862 / 23,577 against 27,805 / 28,384 out tok/s), up to 64 rows 2-3% slower (27,381).
+MAX_M = {"bf16": 16, "fp8": 16}
 
 # Measured best configs: (M bucket, N, K, "bf16" | "fp8") -> config string,
 # and (M bucket, N, K, "bf16" | "fp8", "silu_mul") for the fused-activation
