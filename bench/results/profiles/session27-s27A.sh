@@ -18,7 +18,7 @@ W1="--workload W1 --max-num-seqs 512"
 t $W1; t $W1 --quantization fp8; t $W1
 date | tee -a $L
 (cd $OUT && tar cf s27A-results.tar res && rm -rf res)
-LEFT=$(( 450 - ($(date +%s) - T0) ))
+LEFT=$(( 380 - ($(date +%s) - T0) ))
 if [ $LEFT -gt 90 ]; then
   PYTHONPATH=$PWD timeout $LEFT python -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gpu_end_to_end.py \
     tests/engine/test_gpu_fp8.py tests/engine/test_prefill_graphs.py tests/engine/test_fp8_kv_cache.py \
