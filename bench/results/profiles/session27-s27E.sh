@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 27, call E (2026-12-06, an H200, needs_h200; call A cut to the device time left after nine refusals):
+# Session 27, call E (2026-12-06, an H200, needs_h200; call A cut to the device time left):
 # issue 16's W-nano target on the engine's defaults, bf16 against fp8 weights + fp8 KV alternated twice (the device time left after thirteen refusals).
 export PYTHONUNBUFFERED=1
 R=$OUT/res; mkdir -p $R
