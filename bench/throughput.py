@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skinny-fp8-max-m", type=int, default=None, metavar="M",
                     help="with --quantization fp8: fp8 matmuls of up to M rows run on the skinny GEMM, activations "
                          "kept in bf16 (skinny_gemm.MAX_M['fp8']; this process only)")
+    ap.add_argument("--skinny-tuned", default=None, metavar="KEY=CONFIG[;...]",
+                    help="replace skinny-GEMM tuning entries for this process, e.g. '1,37888,3584,fp8=fma bm1 bn16 "
+                         "bk256 sk1 w4 st4' (skinny_gemm.override_tuned: KEY is M bucket,N,K,bf16|fp8[,silu_mul])")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (A/B of engine/pdl.py; this "
                          "process only: tensor-parallel workers keep it on)")
@@ -338,6 +341,11 @@ def main(argv=None) -> int:
         skinny_mod.L2_PREFETCH_BYTES = args.skinny_l2_prefetch
     if args.skinny_fp8_max_m is not None:
         skinny_mod.MAX_M["fp8"] = args.skinny_fp8_max_m
+    if args.skinny_tuned:
+        try:
+            skinny_mod.override_tuned(args.skinny_tuned)
+        except ValueError as e:
+            ap.error(f"--skinny-tuned: {e}")
 
     if args.v_layout is not None:
         kv_quant.FP8_V_KEY_CONTIGUOUS = args.v_layout == "key-contiguous"
@@ -433,6 +441,7 @@ def main(argv=None) -> int:
         "silu_quant_max_block": fused_ops_mod.SILU_QUANT_MAX_BLOCK if args.quantization else None,
         "skinny_l2_prefetch": skinny_mod.L2_PREFETCH_BYTES,
         "skinny_fp8_max_m": skinny_mod.MAX_M["fp8"] if args.quantization else None,
+        "skinny_tuned_overrides": args.skinny_tuned,
         "fuse_norm": linear_mod.fuses_norm(args.quantization == "fp8"),
         "fuse_rope": linear_mod.FUSE_ROPE,
         "fp8_v_key_contiguous": kv_quant.FP8_V_KEY_CONTIGUOUS if args.kv_cache_dtype != "auto" else None,

@@ -439,6 +439,40 @@ def test_config_strings_round_trip():
     assert C("fma bm1 bn8 bk512 sk1 w4 st4 u1") == C("fma bm1 bn8 bk512 sk1 w4 st4")
 
 
+@pytest.fixture
+def scratch_tuned(monkeypatch):
+    """sg.TUNED as a copy for one test, the config cache cleared on both sides."""
+    monkeypatch.setattr(sg, "TUNED", dict(sg.TUNED))
+    sg._default_config.cache_clear()
+    yield sg.TUNED
+    sg._default_config.cache_clear()
+
+
+def test_override_tuned_replaces_entries_the_default_config_then_uses(scratch_tuned):
+    before = sg.default_config(1, 37888, 3584, FP8)
+    new = "fma bm1 bn16 bk256 sk1 w4 st6"
+    assert str(before) != new
+    set_ = sg.override_tuned(f"1,37888,3584,fp8={new} ; 1,3584,18944,fp8,silu_mul=fma bm1 bn8 bk512 sk1 w4 st4")
+    assert set_ == {(1, 37888, 3584, "fp8"): new, (1, 3584, 18944, "fp8", "silu_mul"): "fma bm1 bn8 bk512 sk1 w4 st4"}
+    assert str(sg.default_config(1, 37888, 3584, FP8)) == new
+    assert str(sg.default_config(1, 3584, 18944, FP8, "silu_mul")) == "fma bm1 bn8 bk512 sk1 w4 st4"
+    assert sg.default_config(1, 37888, 3584, torch.bfloat16) == sg.SkinnyConfig.parse(scratch_tuned[(1, 37888, 3584,
+                                                                                                     "bf16")])
+
+
+@pytest.mark.parametrize("spec", ["3,37888,3584,fp8=fma bm1 bn8 bk512 sk1 w4 st4",  # 3 is not a bucket
+                                  "1,37888,3584,int8=fma bm1 bn8 bk512 sk1 w4 st4",
+                                  "1,37888,3584,fp8,gelu=fma bm1 bn8 bk512 sk1 w4 st4",
+                                  "1,37888,fp8=fma bm1 bn8 bk512 sk1 w4 st4",
+                                  "1,37888,3584,fp8 fma bm1 bn8 bk512 sk1 w4 st4",
+                                  "1,37888,3584,fp8=fma bm1 bn8"])
+def test_override_tuned_rejects_bad_items_and_changes_nothing(scratch_tuned, spec):
+    before = dict(scratch_tuned)
+    with pytest.raises(ValueError, match="not a tuned entry|not a skinny config"):
+        sg.override_tuned("1,3584,3584,fp8=fma bm1 bn4 bk512 sk1 w4 st4;" + spec)
+    assert scratch_tuned == before
+
+
 def _decode_shapes(config_name: str, tp: int = 1):
     import json
     from pathlib import Path

@@ -376,6 +376,26 @@ def _default_config(mb: int, N: int, K: int, wkind: str, act: Optional[str], num
     return _heuristic_config(mb, N, K, wkind, num_sms)
 
 
+def override_tuned(spec: str) -> dict[tuple, str]:
+    """Replace TUNED entries for this process (benchmarks' A/B runs): ``spec`` is ``KEY=CONFIG`` items joined by
+    ``;``, each KEY ``M,N,K,kind`` or ``M,N,K,kind,silu_mul`` as in the table (M a bucket). Returns the entries
+    set; raises ValueError naming the bad item before changing anything."""
+    entries = {}
+    for item in (s.strip() for s in spec.split(";")):
+        if not item:
+            continue
+        key_text, sep, cfg_text = item.partition("=")
+        parts = [p.strip() for p in key_text.split(",")]
+        ok = sep and len(parts) in (4, 5) and all(p.isdigit() for p in parts[:3]) and int(parts[0]) in _M_BUCKETS
+        if not ok or parts[3] not in ("bf16", "fp8") or parts[4:] not in ([], ["silu_mul"]):
+            raise ValueError(f"not a tuned entry: {item!r} (expected 'M,N,K,bf16|fp8[,silu_mul]=CONFIG' with M one "
+                             f"of {_M_BUCKETS}, e.g. '1,37888,3584,fp8=fma bm1 bn16 bk256 sk1 w4 st4')")
+        entries[(int(parts[0]), int(parts[1]), int(parts[2]), *parts[3:])] = str(SkinnyConfig.parse(cfg_text))
+    TUNED.update(entries)
+    _default_config.cache_clear()
+    return entries
+
+
 _locks: dict[tuple[str, int], torch.Tensor] = {}
 
 
