@@ -386,8 +386,9 @@ def override_tuned(spec: str) -> dict[tuple, str]:
             continue
         key_text, sep, cfg_text = item.partition("=")
         parts = [p.strip() for p in key_text.split(",")]
-        ok = sep and len(parts) in (4, 5) and all(p.isdigit() for p in parts[:3]) and int(parts[0]) in _M_BUCKETS
-        if not ok or parts[3] not in ("bf16", "fp8") or parts[4:] not in ([], ["silu_mul"]):
+        valid = (sep and len(parts) in (4, 5) and all(p.isdigit() for p in parts[:3]) and int(parts[0]) in _M_BUCKETS
+                 and parts[3] in ("bf16", "fp8") and parts[4:] in ([], ["silu_mul"]))
+        if not valid:
             raise ValueError(f"not a tuned entry: {item!r} (expected 'M,N,K,bf16|fp8[,silu_mul]=CONFIG' with M one "
                              f"of {_M_BUCKETS}, e.g. '1,37888,3584,fp8=fma bm1 bn16 bk256 sk1 w4 st4')")
         entries[(int(parts[0]), int(parts[1]), int(parts[2]), *parts[3:])] = str(SkinnyConfig.parse(cfg_text))
